@@ -1,0 +1,225 @@
+"""Reading and writing medical volumes with their geometry.
+
+NIfTI (``.nii``/``.nii.gz``) goes through nibabel; MetaImage (``.mha``/``.mhd``,
+SynthRAD2025) through SimpleITK when it is installed. Arrays are kept in the file's
+voxel order (NIfTI: ``(X, Y, Z)``, ``Z`` axial) together with the 4x4 voxel-to-world
+affine in RAS+ millimetres, so a prediction can be written back on the MR's grid.
+
+Every failure raises :class:`sct_jax.errors.DataError` with a one-line message that
+names the file. Saving is atomic: the volume is written to a temporary file in the
+target folder and renamed, so a crash never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from sct_jax.errors import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+METAIMAGE_SUFFIXES = (".mha", ".mhd")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES
+# nibabel/SimpleITK LPS <-> RAS: flip the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclasses.dataclass
+class Volume:
+    """A 3D image with its geometry.
+
+    Attributes:
+      data: ``(X, Y, Z)`` array in file voxel order (CT in HU, MR in scanner units).
+      affine: ``(4, 4)`` float64 voxel-index -> RAS+ world (mm) transform.
+      header: the source nibabel header (kept so a saved prediction carries the MR's
+        header fields), or ``None``.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each array axis (column norms of the affine)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    def with_data(self, data: np.ndarray) -> "Volume":
+        """The same geometry around another array of the same spatial shape."""
+        if tuple(data.shape[:3]) != self.shape[:3]:
+            raise ValueError(f"shape {data.shape} does not match volume {self.shape}")
+        return Volume(data, self.affine.copy(), self.header)
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The recognised suffix of ``path`` (``.nii.gz`` counts as one), or ``""``."""
+    name = str(path).lower()
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def load_volume(path: str | os.PathLike, *, dtype=np.float32, ndim: int = 3,
+                check_finite: bool = True) -> Volume:
+    """Loads a volume and checks it is usable.
+
+    Args:
+      path: a ``.nii``, ``.nii.gz``, ``.mha`` or ``.mhd`` file.
+      dtype: dtype of the returned array (scaling slope/intercept applied).
+      ndim: required number of dimensions (a trailing singleton 4th axis is dropped).
+      check_finite: reject NaN/Inf voxels.
+
+    Returns:
+      The :class:`Volume`.
+
+    Raises:
+      DataError: missing, unreadable or truncated file, wrong dimensionality,
+        non-finite voxels. The message names ``path``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    suffix = volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        data, affine, header = _load_nifti(path, dtype)
+    elif suffix in METAIMAGE_SUFFIXES:
+        data, affine, header = _load_metaimage(path, dtype)
+    else:
+        raise DataError(f"{path}: unsupported file type (expected one of "
+                        f"{', '.join(VOLUME_SUFFIXES)})")
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise DataError(f"{path}: expected a {ndim}D volume, got shape {data.shape}")
+    if check_finite and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise DataError(f"{path}: {bad} non-finite (NaN/Inf) voxels")
+    return Volume(data, affine, header)
+
+
+def _load_nifti(path: Path, dtype):
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+            nib.filebasedimages.ImageFileError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: unreadable or truncated NIfTI ({first_line})") from e
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _load_metaimage(path: Path, dtype):
+    try:
+        import SimpleITK as sitk
+    except ImportError as e:
+        raise DataError(f"{path}: reading .mha/.mhd needs SimpleITK "
+                        "(pip install 'sct_jax[mha]')") from e
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise DataError(f"{path}: unreadable MetaImage") from e
+    # SimpleITK arrays are (Z, Y, X); transpose to the NIfTI-like (X, Y, Z).
+    data = np.asarray(sitk.GetArrayFromImage(img), dtype=dtype).transpose(2, 1, 0)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing[None, :]
+    lps[:3, 3] = img.GetOrigin()
+    return data, _LPS_TO_RAS @ lps, None
+
+
+def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
+                header: Any = None, dtype=None) -> Path:
+    """Writes ``data`` with ``affine`` (and the fields of ``header``) atomically.
+
+    Args:
+      path: target ``.nii``/``.nii.gz`` (or ``.mha`` with SimpleITK).
+      data: ``(X, Y, Z)`` array.
+      affine: ``(4, 4)`` voxel -> RAS+ mm.
+      header: a nibabel header to copy fields from (e.g. the MR's), or ``None``.
+      dtype: on-disk dtype; default: that of ``data``.
+
+    Returns:
+      The written path.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise DataError(f"{path}: unsupported output type (expected one of "
+                        f"{', '.join(VOLUME_SUFFIXES)})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+            img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
+            img.header.set_data_dtype(data.dtype)
+            # Write raw values: a copied header's scl_slope would rescale them again.
+            img.header.set_slope_inter(1.0, 0.0)
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, tmp)
+        else:
+            _save_metaimage(tmp, data, affine)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _save_metaimage(tmp: str, data: np.ndarray, affine: np.ndarray) -> None:
+    try:
+        import SimpleITK as sitk
+    except ImportError as e:
+        raise DataError(f"{tmp}: writing .mha needs SimpleITK") from e
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.asarray(data).transpose(2, 1, 0))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
+    img.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    sitk.WriteImage(img, tmp, True)
+
+
+def save_like(path: str | os.PathLike, data: np.ndarray, reference: Volume,
+              dtype=None) -> Path:
+    """Writes ``data`` on the grid (affine and header) of ``reference``."""
+    if tuple(data.shape) != reference.shape:
+        raise DataError(f"{path}: shape {tuple(data.shape)} differs from the reference "
+                        f"grid {reference.shape}")
+    return save_volume(path, data, reference.affine, reference.header, dtype=dtype)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes a text file (CSV, JSON) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
