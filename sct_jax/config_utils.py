@@ -1,0 +1,79 @@
+"""Config helpers: the base config every experiment starts from, and variant parsing.
+
+A config file is ``configs/<experiment>.py`` with ``get_config(arg)`` returning an
+``ml_collections.ConfigDict``; ``arg`` is a comma-separated list of variant words
+(``"tiny"``, ``"controlnet,tiny"``). Unknown words fail at start-up.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sct_jax.errors import ConfigError
+
+
+def parse_variants(arg: str | None, allowed: set[str] | frozenset[str]) -> set[str]:
+    """``"a,b"`` -> ``{"a", "b"}``; words outside ``allowed`` raise ``ConfigError``."""
+    words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+    unknown = sorted(words - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown config variant(s) {unknown}; allowed: {sorted(allowed)}")
+    return words
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields shared by every experiment; each config overrides what it needs."""
+    c = ml_collections.ConfigDict()
+    c.method = ""
+    c.name = ""
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # empty: the built-in phantom dataset (generated and cached)
+    c.data.region = "pelvis"
+    c.data.cache_dir = ""  # empty: $SCT_JAX_CACHE or ~/.cache/sct_jax
+    c.data.split = (0.8, 0.1, 0.1)  # train, val, test fractions of the cases
+    c.data.split_seed = 0
+    c.data.mode = "slices"  # slices | patches | unpaired_slices
+    c.data.crop = (320, 192)
+    c.data.context = 0  # 2.5D: number of MR neighbours on each side
+    c.data.patch = (64, 64, 32)
+    c.data.mr_percentiles = (0.5, 99.5)
+    c.data.phantom = ml_collections.ConfigDict()
+    c.data.phantom.cases = 20
+    c.data.phantom.seed = 0
+    c.data.phantom.misalign = 0.0
+    c.data.phantom.shape = ()  # empty: the generator's default for the region
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 1  # global batch, split over the mesh's data axis
+    c.train.log_every = 50
+    c.train.ckpt_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.tensorboard = True
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict({"data": -1})
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"
+    c.eval.batch_size = 8
+    c.eval.overlap = 0.5  # 3D sliding windows
+    c.eval.max_cases = 0  # 0: all
+    c.eval.panels = True
+    return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:variants]`` the way ``--config`` does."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -1,0 +1,91 @@
+"""From a config to cases, splits and the per-process training iterator.
+
+``config.data.root`` empty means the built-in phantom dataset: it is generated once
+into the cache (``$SCT_JAX_CACHE`` or ``~/.cache/sct_jax``) under a name that encodes
+its parameters, written to a temporary folder and renamed, so an interrupted generation
+never leaves a half dataset that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+
+from sct_jax.data import pipeline, synthrad
+from sct_jax.errors import ConfigError
+
+
+def cache_root(config) -> Path:
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir).expanduser()
+    env = os.environ.get("SCT_JAX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sct_jax"
+
+
+def phantom_root(config) -> Path:
+    """Where the phantom dataset of this config lives (generated if missing)."""
+    p = config.data.phantom
+    shape = "x".join(str(int(s)) for s in p.shape) if p.shape else "default"
+    name = (f"phantom_{config.data.region}_n{p.cases}_seed{p.seed}"
+            f"_mis{float(p.misalign):g}_{shape}")
+    root = cache_root(config) / "datasets" / name
+    if not (root / "Task1" / config.data.region / "manifest.json").exists():
+        from sct_jax.data import phantom
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
+        try:
+            phantom.write_dataset(tmp, config.data.region, p.cases, p.seed,
+                                  misalign_mm=float(p.misalign),
+                                  shape=tuple(p.shape) if p.shape else None)
+            if root.exists():  # another process finished first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return root
+
+
+def dataset_root(config) -> Path:
+    return Path(config.data.root).expanduser() if config.data.root else phantom_root(config)
+
+
+def case_splits(config) -> dict[str, list[synthrad.Case]]:
+    """Discovers, validates and splits the config's cases into train/val/test."""
+    cases = synthrad.discover_cases(dataset_root(config), region=config.data.region or None)
+    synthrad.validate_cases(cases)
+    return synthrad.split_cases(cases, fractions=tuple(config.data.split),
+                                seed=config.data.split_seed)
+
+
+def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:
+    return pipeline.prepare_cases(cases, cache_root(config) / "prepared",
+                                  mr_percentiles=tuple(config.data.mr_percentiles))
+
+
+def train_dataset(config, local_batch_size: int):
+    """The per-process training dataset (a grain ``IterDataset`` of numpy batches)."""
+    splits = case_splits(config)
+    prepared = prepare(config, splits["train"])
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    mode = config.data.mode
+    seed = config.seed
+    if mode == "slices":
+        return pipeline.slice_dataset(prepared, crop=tuple(config.data.crop),
+                                      batch_size=local_batch_size, seed=seed,
+                                      context=config.data.context, train=True, **shard)
+    if mode == "patches":
+        return pipeline.patch_dataset(prepared, patch=tuple(config.data.patch),
+                                      batch_size=local_batch_size, seed=seed, train=True,
+                                      **shard)
+    if mode == "unpaired_slices":
+        return pipeline.unpaired_slice_dataset(prepared, crop=tuple(config.data.crop),
+                                               batch_size=local_batch_size, seed=seed,
+                                               context=config.data.context, **shard)
+    raise ConfigError(f"config.data.mode={mode!r}: expected slices, patches or "
+                      "unpaired_slices")

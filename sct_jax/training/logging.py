@@ -1,0 +1,81 @@
+"""Metric logging: JSON lines + TensorBoard event files, written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def tree_norm(tree: Any) -> jax.Array:
+    """Global L2 norm of every leaf of a pytree (parameters, gradients, updates)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jax.numpy.zeros(())
+    return jax.numpy.sqrt(sum(jax.numpy.sum(jax.numpy.square(x.astype(jax.numpy.float32)))
+                              for x in leaves))
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device scalars -> Python floats (one host transfer for the whole dict)."""
+    host = jax.device_get(dict(metrics))
+    return {k: float(np.asarray(v)) for k, v in host.items() if np.ndim(v) == 0}
+
+
+def first_non_finite(metrics: Mapping[str, float]) -> str | None:
+    for k, v in metrics.items():
+        if not math.isfinite(v):
+            return k
+    return None
+
+
+class MetricWriter:
+    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
+
+    Args:
+      workdir: the run directory.
+      tensorboard: also write TensorBoard event files.
+    """
+
+    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.workdir = Path(workdir)
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.workdir / "tb"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """``images``: name -> ``(H, W)`` float array (min-max scaled for display)."""
+        if not self.enabled or self._tb is None:
+            return
+        for k, img in images.items():
+            img = np.asarray(img, np.float32)
+            lo, hi = float(img.min()), float(img.max())
+            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            self._tb.add_image(k, img[None], int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

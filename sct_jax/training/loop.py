@@ -1,0 +1,249 @@
+"""The generic training loop every method plugs into.
+
+``train(config, workdir)``:
+  1. builds the mesh and the per-process data iterator;
+  2. creates the method's state directly in its shardings (``jax.eval_shape`` first,
+     then ``jax.jit(create_state, out_shardings=...)``), or restores the latest
+     checkpoint (state and data-iterator position);
+  3. compiles ``train_step`` ahead of time with in/out shardings and donation, logging
+     compile time and XLA's memory estimate;
+  4. steps, logging JSON lines / TensorBoard / tqdm, checkpointing every N steps, and
+     stopping at the first non-finite metric with the step and the last good checkpoint.
+
+The step is called through the compiled executable, so a second call can never
+recompile. Metrics are fetched one step late so that the host never waits on the
+device between dispatches (the check still names the step that went wrong).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from sct_jax import methods
+from sct_jax.errors import SctError
+from sct_jax.training import checkpoint, sharding
+from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(SctError):
+    """A loss or norm became NaN/Inf."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    step: int
+    metrics: dict[str, float]
+    compile_s: float
+    workdir: Path
+
+
+def save_config(config, workdir: Path) -> None:
+    """Stores the resolved config next to the checkpoints (``evaluate.py`` reads it)."""
+    from sct_jax.data.io import atomic_write_text
+    if jax.process_index() == 0:
+        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+
+
+def save_batch_spec(spec: dict[str, jax.ShapeDtypeStruct], workdir: Path) -> None:
+    """Records the training batch shapes: prediction rebuilds the state from them."""
+    from sct_jax.data.io import atomic_write_text
+    if jax.process_index() == 0:
+        record = {k: {"shape": list(v.shape), "dtype": np.dtype(v.dtype).name}
+                  for k, v in spec.items()}
+        atomic_write_text(workdir / "batch_spec.json", json.dumps(record, indent=2))
+
+
+def load_batch_spec(workdir: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    path = Path(workdir) / "batch_spec.json"
+    if not path.exists():
+        raise SctError(f"{path}: missing; is {workdir} a training run directory?")
+    record = json.loads(path.read_text())
+    return {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"]))
+            for k, v in record.items()}
+
+
+def build_step(method, config, mesh, abstract_state, spec):
+    """Jits ``method.train_step`` with shardings and donation and compiles it AOT.
+
+    Returns:
+      ``(compiled, state_shardings, compile_seconds)``.
+    """
+    repl = sharding.replicated(mesh)
+    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in spec}
+    jitted = jax.jit(functools.partial(method.train_step, config),
+                     in_shardings=(state_shardings, batch_shardings, repl),
+                     out_shardings=(state_shardings, repl),
+                     donate_argnums=(0,))
+    abs_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             abstract_state, state_shardings)
+    abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+                 for k, v in spec.items()}
+    abs_rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(abs_state, abs_batch, abs_rng).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            log.info("train_step compiled in %.1fs; temp %.1f MB, args %.1f MB", compile_s,
+                     mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
+    except (AttributeError, NotImplementedError):
+        pass
+    return compiled, state_shardings, compile_s
+
+
+def train(config, workdir: str | Path,
+          make_dataset: Callable[[Any, int], Any] | None = None) -> TrainResult:
+    """Trains ``config.method`` into ``workdir``, resuming from its latest checkpoint.
+
+    Args:
+      config: the experiment's ``ConfigDict``.
+      workdir: run directory (checkpoints, metrics, TensorBoard, config.json).
+      make_dataset: ``(config, local_batch_size) -> IterDataset``; defaults to the
+        config's data pipeline (tests substitute their own).
+
+    Returns:
+      A :class:`TrainResult` with the final state and the last logged metrics.
+
+    Raises:
+      ConfigError: a config value that cannot work (at start-up, before any compile).
+      TrainingDiverged: a non-finite loss or norm.
+    """
+    sharding.maybe_initialize_distributed()
+    workdir = Path(workdir)
+    method = methods.get_method(config.method)
+    if hasattr(method, "validate_config"):
+        method.validate_config(config)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+
+    if make_dataset is None:
+        from sct_jax.training.data import train_dataset as make_dataset
+    dataset = make_dataset(config, local_batch)
+    iterator = iter(dataset)
+    start_position = iterator.get_state()
+    spec = sharding.batch_spec(next(iterator))
+    iterator.set_state(start_position)
+    save_batch_spec(spec, workdir)
+
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    init_rng, base_rng = jax.random.split(rng)
+    create = functools.partial(method.create_state, config, batch_spec=spec)
+    abstract_state = jax.eval_shape(create, init_rng)
+    compiled, state_shardings, compile_s = build_step(method, config, mesh, abstract_state, spec)
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                   every=config.train.ckpt_every)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                abstract_state, state_shardings)
+        start_step, state = ckpt.restore(abstract, iterator)
+        log.info("resumed from step %d", start_step)
+    else:
+        state = jax.jit(create, out_shardings=state_shardings)(init_rng)
+    base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
+
+    writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+    total = int(config.train.steps)
+    bar = _progress(config, start_step, total)
+    last_metrics: dict[str, float] = {}
+    pending = None  # (step, device metrics) of the previous step, checked one step late
+
+    def check(step_and_metrics):
+        nonlocal last_metrics
+        step, device_metrics = step_and_metrics
+        values = to_python(device_metrics)
+        bad = first_non_finite(values)
+        if bad is not None:
+            ckpt.wait()
+            good = ckpt.latest_step()
+            where = (f"last good checkpoint: step {good} in {ckpt.directory}" if good is not None
+                     else "no checkpoint was saved yet")
+            raise TrainingDiverged(f"non-finite {bad}={values[bad]} at step {step}; {where}")
+        last_metrics = values
+        if step % config.train.log_every == 0 or step == total:
+            writer.write_scalars(step, {**values, "compile_s": compile_s})
+            if bar is not None:
+                bar.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "mae_hu") if k in values})
+        return values
+
+    try:
+        for step in range(start_step + 1, total + 1):
+            batch = sharding.global_batch(next(iterator), mesh)
+            state, metrics = compiled(state, batch, base_rng)
+            if pending is not None:
+                check(pending)
+            pending = (step, metrics)
+            if step % config.train.ckpt_every == 0 or step == total:
+                check(pending)  # never checkpoint a diverged state
+                pending = None
+                ckpt.save(step, state, iterator, force=True)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            check(pending)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+    return TrainResult(state=state, step=total, metrics=last_metrics, compile_s=compile_s,
+                       workdir=workdir)
+
+
+def _progress(config, start: int, total: int):
+    if not config.train.progress or jax.process_index() != 0 or start >= total:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc=config.name or config.method,
+                unit="step", dynamic_ncols=True)
+
+
+def load_state(config, workdir: str | Path, step: int | None = None) -> tuple[int, Any]:
+    """Restores a trained state (for prediction) without a data iterator.
+
+    Args:
+      config: the experiment config.
+      workdir: the run directory.
+      step: which checkpoint; default the latest.
+
+    Returns:
+      ``(step, state)`` on the default device(s), replicated.
+    """
+    method = methods.get_method(config.method)
+    spec = load_batch_spec(Path(workdir))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    abstract_state = jax.eval_shape(
+        functools.partial(method.create_state, config, batch_spec=spec), rng)
+    repl = sharding.replicated(mesh)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                            abstract_state)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    if ckpt.latest_step() is None:
+        raise SctError(f"{ckpt.directory}: no checkpoint found; train first with "
+                       f"python train.py --config ... --workdir {workdir}")
+    try:
+        return ckpt.restore(abstract, step=step)
+    finally:
+        ckpt.close()
+
+
+def read_config_json(workdir: Path) -> dict:
+    return json.loads((Path(workdir) / "config.json").read_text())

@@ -1,0 +1,134 @@
+"""Device mesh, shardings and multi-host set-up.
+
+Parallelism lives in the config (``config.mesh``), not in the code: the mesh has a
+``"data"`` axis that shards the batch (its size ``-1`` means all devices) and an optional
+``"model"`` axis reserved for parameter sharding. Batches are
+``NamedSharding(mesh, P("data"))``; the train state is replicated.
+
+Multi-host: :func:`maybe_initialize_distributed` calls ``jax.distributed.initialize()``
+when the environment asks for it (SLURM, Open MPI, TPU pods, or the explicit
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``); each process
+reads its own shard of the data and :func:`global_batch` assembles the global array with
+``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sct_jax.errors import ConfigError
+
+_initialized = False
+
+
+def maybe_initialize_distributed() -> bool:
+    """Initialises ``jax.distributed`` once, only where a multi-process launch is detected.
+
+    Returns:
+      True when a multi-process runtime was initialised.
+    """
+    global _initialized
+    if _initialized:
+        return True
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ompi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if not (explicit or slurm or ompi):
+        return False
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:  # SLURM / Open MPI: jax.distributed detects the cluster itself.
+        jax.distributed.initialize()
+    _initialized = True
+    return True
+
+
+def make_mesh(mesh_config: Mapping[str, int] | None = None,
+              devices: list | None = None) -> Mesh:
+    """Builds the device mesh described by the config.
+
+    Args:
+      mesh_config: axis name -> size, e.g. ``{"data": -1}`` (one ``-1`` allowed: the
+        remaining devices). Defaults to pure data parallelism over all devices.
+      devices: devices to use (default ``jax.devices()``, every process's).
+
+    Returns:
+      A :class:`jax.sharding.Mesh` whose first axis is ``"data"``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = dict(mesh_config or {"data": -1})
+    if "data" not in sizes:
+        raise ConfigError(f"config.mesh needs a 'data' axis, got {sorted(sizes)}")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError("config.mesh: at most one axis may be -1")
+    for name, size in sizes.items():
+        if size == -1:
+            sizes[name] = len(devices) // known
+    total = int(np.prod(list(sizes.values())))
+    if total != len(devices):
+        raise ConfigError(f"config.mesh {dict(mesh_config or {})} needs {total} devices, "
+                          f"{len(devices)} available")
+    names = ("data",) + tuple(n for n in sizes if n != "data")
+    shape = tuple(sizes[n] for n in names)
+    return Mesh(np.asarray(devices).reshape(shape), names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``"data"``; other axes replicated."""
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """Validates the global batch against the mesh and processes; returns the per-process batch."""
+    n_data = mesh.shape["data"]
+    if global_batch_size % n_data:
+        raise ConfigError(f"config.train.batch_size={global_batch_size} is not divisible by "
+                          f"the {n_data} devices of the mesh's data axis")
+    if global_batch_size % jax.process_count():
+        raise ConfigError(f"config.train.batch_size={global_batch_size} is not divisible by "
+                          f"the {jax.process_count()} processes")
+    return global_batch_size // jax.process_count()
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles this process's rows into globally batch-sharded arrays.
+
+    Args:
+      local_batch: name -> ``(B_local, ...)`` numpy array read by this process.
+      mesh: the mesh; the global batch is ``B_local * process_count``.
+
+    Returns:
+      name -> ``(B_global, ...)`` ``jax.Array`` sharded as ``P("data")``.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for name, value in local_batch.items():
+        value = np.asarray(value)
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+def batch_spec(local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of the *global* batch, for ahead-of-time compilation and ``create_state``."""
+    return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:],
+                                    np.asarray(v).dtype)
+            for k, v in local_batch.items()}
+
+
+def tree_replicated_shardings(tree: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda _: replicated(mesh), tree)
