@@ -1,0 +1,434 @@
+"""The built-in phantom dataset: procedural pelvis and head MR/CT pairs, no download needed.
+
+Writes the SynthRAD2023 Task 1 layout so everything downstream runs on it unchanged::
+
+    python -m sct_jax.data.phantom --out data/phantom --region pelvis --cases 20 --seed 0 \\
+        [--misalign 4] [--shape 256 160 64] [--panel docs/images/phantom_pelvis.png]
+
+gives ``data/phantom/Task1/pelvis/<id>/{mr,ct,mask}.nii.gz`` (ids like ``1PA001``: task
+1, P(elvis)/B(rain), centre A/B/C, number) and ``manifest.json`` next to the cases.
+
+Each case draws a random anatomy (:mod:`sct_jax.data.phantom_anatomy`), renders the CT
+in HU (tissue values, texture, partial volume, noise) and a T1-weighted MR (cortical bone
+and air both dark, fat and marrow bright, bias field, Rician noise, per-centre gain,
+offset and contrast), then moves the MR against the CT by a rigid transform plus a
+smooth elastic field whose size is set by ``misalign_mm`` (0: perfectly aligned); the
+displacement actually applied inside the body is measured and recorded. Generation is
+deterministic: the same seed gives byte-identical arrays. The direction of the
+misalignment does not depend on its size, so one seed at 0, 4 and 8 mm gives the same
+motion, scaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from sct_jax.data import phantom_anatomy as anatomy
+from sct_jax.data.io import atomic_write_text, load_volume, save_volume
+from sct_jax.errors import DataError
+
+REGIONS = ("pelvis", "brain")
+SPACING_MM = {"pelvis": (1.0, 1.0, 2.5), "brain": (1.0, 1.0, 1.0)}
+DEFAULT_SHAPE = {"pelvis": (256, 160, 64), "brain": (128, 160, 128)}
+MIN_SHAPE = (16, 16, 4)
+CENTRES = "ABC"
+_REGION_CODE = {"pelvis": 1, "brain": 2}
+_STREAM_ANATOMY, _STREAM_APPEARANCE, _STREAM_MOTION = 0, 1, 2
+_PARTIAL_VOLUME_VOX = (0.6, 0.6, 0.5)  # tissue borders blur by this much before sampling
+
+# Per tissue (index = anatomy label): CT mean HU, CT texture std, case-to-case CT spread,
+# T1 signal relative to fat, T1 texture std (DESIGN.md section 4).
+_TISSUE_TABLE = np.array([
+    # ct_hu, ct_tex, ct_jitter, t1, t1_tex
+    [-1000.0, 0.0, 0.0, 0.00, 0.00],   # air, bowel gas, sinuses: void in MR
+    [-100.0, 10.0, 8.0, 1.00, 0.04],   # fat: bright
+    [50.0, 8.0, 5.0, 0.32, 0.03],      # muscle / skin: low-intermediate
+    [8.0, 3.0, 3.0, 0.10, 0.01],       # fluid (urine, vitreous): dark
+    [-40.0, 90.0, 20.0, 0.30, 0.10],   # stool: mottled
+    [260.0, 70.0, 40.0, 0.80, 0.08],   # cancellous bone with fatty marrow: bright
+    [1500.0, 150.0, 120.0, 0.04, 0.01],  # cortical bone: void, like air
+    [650.0, 120.0, 60.0, 0.65, 0.08],  # diploe
+    [10.0, 3.0, 2.0, 0.08, 0.01],      # CSF: dark
+    [40.0, 3.0, 2.0, 0.48, 0.02],      # grey matter
+    [27.0, 3.0, 2.0, 0.68, 0.02],      # white matter: brighter than grey in T1
+    [40.0, 6.0, 4.0, 0.40, 0.04],      # organ (prostate, bowel wall, septum)
+], dtype=np.float32)
+
+# Scanner differences between centres: T1 signal s -> gain * s**gamma + offset.
+_CENTRE_SCALING = {"A": (1000.0, 0.0, 1.0), "B": (1600.0, 30.0, 0.8), "C": (700.0, 0.0, 1.25)}
+
+
+def case_id(region: str, index: int) -> tuple[str, str]:
+    """The SynthRAD-style id and centre of case ``index`` (0-based): ``("1PA001", "A")``."""
+    centre = CENTRES[index % len(CENTRES)]
+    return f"1{region[0].upper()}{centre}{index + 1:03d}", centre
+
+
+def _check_args(region, index, seed, misalign_mm, shape) -> tuple[int, ...]:
+    """Validates the arguments of :func:`generate_case`; returns the shape to use."""
+    if region not in REGIONS:
+        raise DataError(f"region {region!r}: unknown (expected one of {', '.join(REGIONS)})")
+    if not 0 <= int(index) <= 998:
+        raise DataError(f"case index {index}: out of range 0..998 (ids have 3 digits)")
+    if int(seed) < 0:
+        raise DataError(f"seed {seed}: must be >= 0")
+    if not (np.isfinite(misalign_mm) and 0.0 <= misalign_mm <= 50.0):
+        raise DataError(f"misalign {misalign_mm} mm: must be in [0, 50]")
+    shape = DEFAULT_SHAPE[region] if shape is None else tuple(int(n) for n in shape)
+    if len(shape) != 3 or any(n < m for n, m in zip(shape, MIN_SHAPE)):
+        raise DataError(f"shape {shape}: need 3 sizes of at least {MIN_SHAPE}")
+    return shape
+
+
+def _rng(seed: int, region: str, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(
+        [int(seed), _REGION_CODE[region], int(index), stream]))
+
+
+def affine_for(shape, spacing) -> np.ndarray:
+    """A RAS+ voxel -> mm affine with the volume centred on the world origin; ``(4, 4)``."""
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
+    return affine
+
+
+def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
+                  shape=None) -> dict:
+    """One phantom case.
+
+    Args:
+      region: ``"pelvis"`` or ``"brain"``.
+      index: 0-based case number (sets the id and centre; varies the anatomy).
+      seed: dataset seed (>= 0).
+      misalign_mm: scale of the MR-to-CT misalignment in mm (0 = aligned).
+      shape: ``(X, Y, Z)`` voxels (default :data:`DEFAULT_SHAPE`); the anatomy is
+        stretched to the field of view.
+
+    Returns:
+      ``dict(mr, ct, mask, labels, affine, info)``:
+
+      - ``mr``: ``(X, Y, Z)`` float32, integer scanner units in [0, 32767];
+      - ``ct``: ``(X, Y, Z)`` float32, integer HU in [-1024, 3071];
+      - ``mask``: ``(X, Y, Z)`` uint8 body mask (dilated ~3 mm) on the CT grid;
+      - ``labels``: ``(X, Y, Z)`` uint8 tissue classes of the CT
+        (:data:`phantom_anatomy.TISSUE_NAMES`), for tests and analysis;
+      - ``affine``: ``(4, 4)`` voxel -> RAS+ mm, volume centred on the origin;
+      - ``info``: the JSON-ready record written to the manifest.
+
+    Raises:
+      DataError: unknown region, bad index, seed, misalignment or shape.
+    """
+    shape = _check_args(region, index, seed, misalign_mm, shape)
+    spacing = SPACING_MM[region]
+    grid = anatomy.make_grid(region, shape, spacing)
+    build = anatomy.build_pelvis if region == "pelvis" else anatomy.build_brain
+    anatomy_rng = _rng(seed, region, index, _STREAM_ANATOMY)
+    # A gentler bend for the head: a skull is smoother than a pelvic outline.
+    amplitude, cell = (2.0, 18.0) if region == "pelvis" else (0.8, 30.0)
+    labels, body = _organic_warp(*build(grid, anatomy_rng), grid, anatomy_rng, amplitude, cell)
+
+    rng = _rng(seed, region, index, _STREAM_APPEARANCE)
+    table = _TISSUE_TABLE.copy()
+    table[:, 0] += table[:, 2] * rng.standard_normal(len(table)).astype(np.float32)
+    table[:, 3] *= 1.0 + 0.05 * rng.standard_normal(len(table)).astype(np.float32)
+    # One texture field for both modalities: the same trabeculae show in CT and MR.
+    texture = _unit_field(ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), (0.8, 0.8, 0.5)))
+    ct, ct_noise_hu = _render_ct(labels, table, texture, rng)
+    t1 = np.maximum(table[labels, 3] + table[labels, 4] * texture, 0.0)
+    t1 = ndimage.gaussian_filter(t1, _PARTIAL_VOLUME_VOX)
+    motion = _misalignment(_rng(seed, region, index, _STREAM_MOTION), shape, spacing,
+                           float(misalign_mm), body)
+    if motion["field"] is not None:
+        t1 = ndimage.map_coordinates(t1, motion["field"], order=1, mode="nearest",
+                                     output=np.float32)
+    case, centre = case_id(region, index)
+    mr, scaling = _render_mr(t1, centre, rng, spacing)
+
+    xy_steps = max(1, int(round(3.0 / spacing[0])))  # dilate ~3 mm in-plane
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    mask = ndimage.binary_dilation(body, in_plane, iterations=xy_steps).astype(np.uint8)
+    info = {
+        "id": case, "centre": centre, "index": int(index), "seed": int(seed),
+        "region": region, "shape": list(shape), "spacing_mm": list(spacing),
+        "misalign_mm": float(misalign_mm),
+        "rotation_deg": motion["rotation_deg"], "translation_mm": motion["translation_mm"],
+        "elastic_amplitude_mm": motion["elastic_mm"],
+        "displacement_mm": motion["displacement_mm"],
+        "mr_scaling": scaling, "ct_noise_hu": ct_noise_hu,
+    }
+    return dict(mr=mr, ct=ct, mask=mask, labels=labels, affine=affine_for(shape, spacing),
+                info=info)
+
+
+def _render_ct(labels, table, texture, rng) -> tuple[np.ndarray, float]:
+    """CT in HU: tissue values + texture, blurred borders, correlated noise, integers.
+
+    Returns:
+      ``(ct, noise_std_hu)`` with ``ct`` ``(X, Y, Z)`` float32 in [-1024, 3071].
+    """
+    ct = ndimage.gaussian_filter(table[labels, 0] + table[labels, 1] * texture,
+                                 _PARTIAL_VOLUME_VOX)
+    noise_hu = float(rng.uniform(10.0, 18.0))
+    ct += noise_hu * _unit_field(ndimage.gaussian_filter(
+        rng.standard_normal(labels.shape, dtype=np.float32), 0.5))
+    return np.clip(np.rint(ct), -1024, 3071).astype(np.float32), noise_hu
+
+
+def _render_mr(t1, centre, rng, spacing) -> tuple[np.ndarray, dict]:
+    """Scanner MR from relative T1 signal: centre contrast, bias field, Rician noise.
+
+    Args:
+      t1: ``(X, Y, Z)`` float32 relative T1 signal (fat ~1, bone and air ~0).
+      centre: ``"A"``, ``"B"`` or ``"C"`` (gain, offset and contrast exponent).
+      rng: appearance generator.
+      spacing: voxel size in mm (the bias field varies over ~60 mm).
+
+    Returns:
+      ``(mr, scaling)``: ``(X, Y, Z)`` float32 integers in [0, 32767] and the record of
+      gain, offset, gamma and noise std.
+    """
+    gain, offset, gamma = _CENTRE_SCALING[centre]
+    gain *= float(rng.uniform(0.9, 1.1))
+    bias = np.exp(rng.uniform(0.1, 0.2) * anatomy.smooth_noise(
+        rng, t1.shape, 60.0 / np.asarray(spacing)))
+    signal = gain * bias * np.power(t1, gamma, dtype=np.float32)
+    sigma = gain * float(rng.uniform(0.015, 0.025))
+    real = signal + sigma * rng.standard_normal(t1.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(t1.shape, dtype=np.float32)
+    # Rician magnitude, kept as integers like scanner output (lossless as int16).
+    mr = np.clip(np.rint(np.sqrt(real * real + imag * imag) + offset), 0, 32767)
+    return mr.astype(np.float32), {"gain": gain, "offset": offset, "gamma": gamma,
+                                   "noise": sigma}
+
+
+def _organic_warp(labels: np.ndarray, body: np.ndarray, grid: anatomy.Grid,
+                  rng: np.random.Generator, amplitude: float = 2.0,
+                  cell: float = 18.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bends the ellipsoidal anatomy with a smooth random displacement.
+
+    Args:
+      labels: ``(X, Y, Z)`` uint8 tissue labels (< 128).
+      body: ``(X, Y, Z)`` bool body outline.
+      grid: the design grid.
+      rng: generator for the displacement.
+      amplitude: RMS displacement per axis in design mm.
+      cell: correlation length in design mm.
+
+    Returns:
+      The warped ``(labels, body)`` (nearest-neighbour resampling keeps labels discrete).
+    """
+    packed = labels | (body.astype(np.uint8) << 7)  # one resampling for both
+    cell_vox = cell / grid.voxel
+    coords = []
+    for axis in range(3):
+        shift = anatomy.smooth_noise(rng, grid.shape, cell_vox)
+        shift *= np.float32(amplitude / grid.voxel[axis])
+        index = np.arange(grid.shape[axis], dtype=np.float32).reshape(
+            [-1 if a == axis else 1 for a in range(3)])
+        coords.append(shift + index)
+    packed = ndimage.map_coordinates(packed, coords, order=0, mode="nearest")
+    return packed & 127, packed >= 128
+
+
+def _unit_field(field: np.ndarray) -> np.ndarray:
+    """``field`` rescaled to zero mean and unit standard deviation (in place)."""
+    field -= field.mean()
+    field /= max(float(field.std()), 1e-6)
+    return field
+
+
+def _rotation(angles_deg) -> np.ndarray:
+    """``(3, 3)`` rotation about x, then y, then z by ``angles_deg``."""
+    ax, ay, az = np.radians(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _misalignment(rng, shape, spacing, misalign_mm, body) -> dict:
+    """A rigid + elastic displacement of the MR relative to the CT.
+
+    The unit draws come first and do not depend on ``misalign_mm``, so the same seed
+    gives the same motion at every magnitude. The MR is resampled at ``p + u(p)``:
+    rotation about the volume centre (std ``0.25 * misalign_mm`` degrees per axis),
+    translation (std ``0.5 * misalign_mm`` mm per axis) and a smooth elastic field
+    (correlation ~40 mm, RMS ``0.5 * misalign_mm`` mm).
+
+    Returns:
+      dict with ``field`` (``(3, X, Y, Z)`` float32 voxel sampling coordinates, or None
+      when there is no motion), the parameters, and ``displacement_mm`` (mean and max of
+      ``|u|`` over the body).
+    """
+    rotation_unit, translation_unit = rng.standard_normal(3), rng.standard_normal(3)
+    rotation_deg = 0.25 * misalign_mm * rotation_unit
+    translation_mm = 0.5 * misalign_mm * translation_unit
+    elastic_mm = 0.5 * misalign_mm
+    record = {"rotation_deg": [float(v) for v in rotation_deg],
+              "translation_mm": [float(v) for v in translation_mm],
+              "elastic_mm": float(elastic_mm),
+              "displacement_mm": {"mean": 0.0, "max": 0.0}, "field": None}
+    if misalign_mm == 0.0:
+        return record
+    spacing = np.asarray(spacing, dtype=np.float64)
+    coords = [((np.arange(n) - (n - 1) / 2.0) * s).astype(np.float32).reshape(
+        [-1 if a == axis else 1 for a in range(3)])
+        for axis, (n, s) in enumerate(zip(shape, spacing))]
+    rot_minus_eye = (_rotation(rotation_deg) - np.eye(3)).astype(np.float32)
+    cell = 40.0 / spacing
+    field, magnitude_sq = [], np.zeros(shape, dtype=np.float32)
+    for a in range(3):
+        u = anatomy.smooth_noise(rng, shape, cell) * np.float32(elastic_mm / np.sqrt(3.0))
+        u += np.float32(translation_mm[a]) + sum(rot_minus_eye[a, b] * coords[b] for b in range(3))
+        magnitude_sq += u * u
+        field.append((coords[a] + u) / np.float32(spacing[a]) + np.float32((shape[a] - 1) / 2.0))
+    magnitude = np.sqrt(magnitude_sq[body])
+    record["displacement_mm"] = {"mean": float(magnitude.mean()), "max": float(magnitude.max())}
+    record["field"] = np.stack(field)
+    return record
+
+
+def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 0.0,
+                  shape=None) -> Path:
+    """Writes ``cases`` phantom cases and a manifest in the SynthRAD2023 layout.
+
+    Args:
+      out: dataset root; cases go to ``out/Task1/<region>/<id>/{mr,ct,mask}.nii.gz``.
+      region, seed, misalign_mm, shape: as in :func:`generate_case`.
+      cases: number of cases (1..999).
+
+    Returns:
+      The region folder ``out/Task1/<region>``.
+
+    Raises:
+      DataError: bad arguments, or an unwritable output folder.
+    """
+    if not 1 <= int(cases) <= 999:
+        raise DataError(f"cases {cases}: must be in 1..999")
+    shape = _check_args(region, 0, seed, misalign_mm, shape)
+    region_dir = Path(out) / "Task1" / region
+    try:
+        region_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{region_dir}: cannot create the output folder ({e.strerror})") from e
+    records = []
+    for index in range(int(cases)):
+        case = generate_case(region, index, seed, misalign_mm, shape)
+        case_dir = region_dir / case["info"]["id"]
+        save_volume(case_dir / "mr.nii.gz", case["mr"], case["affine"], dtype=np.int16)
+        save_volume(case_dir / "ct.nii.gz", case["ct"], case["affine"], dtype=np.int16)
+        save_volume(case_dir / "mask.nii.gz", case["mask"], case["affine"])
+        records.append(case["info"])
+    manifest = {"generator": "sct_jax.data.phantom", "task": 1, "region": region,
+                "seed": int(seed), "misalign_mm": float(misalign_mm), "shape": list(shape),
+                "spacing_mm": list(SPACING_MM[region]), "cases": records}
+    atomic_write_text(region_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return region_dir
+
+
+def save_phantom_panel(case_dir, out_png) -> Path:
+    """Saves a figure of one case: MR | CT | mask, axial (top) and coronal (bottom).
+
+    Args:
+      case_dir: a case folder with ``mr``, ``ct`` and ``mask`` volumes.
+      out_png: the PNG to write (atomically).
+
+    Returns:
+      The written path.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    case_dir, out_png = Path(case_dir), Path(out_png)
+    vols = {name: load_volume(case_dir / f"{name}.nii.gz") for name in ("mr", "ct", "mask")}
+    spacing = vols["ct"].spacing
+    mask = vols["mask"].data > 0
+    mr_top = float(np.percentile(vols["mr"].data[mask], 99.5)) if mask.any() else None
+    style = {"mr": dict(cmap="gray", vmin=0.0, vmax=mr_top),
+             "ct": dict(cmap="gray", vmin=-300.0, vmax=1200.0),
+             "mask": dict(cmap="gray", vmin=0.0, vmax=1.0)}
+    x, y, z = (n // 2 for n in vols["ct"].shape)
+    views = [("axial", lambda a: a[:, :, z].T, spacing[1] / spacing[0]),
+             ("coronal", lambda a: a[:, y, :].T, spacing[2] / spacing[0])]
+    fig = Figure(figsize=(10.0, 7.0), dpi=110)
+    axes = fig.subplots(2, 3)
+    for row, (view, cut, aspect) in enumerate(views):
+        for col, name in enumerate(("mr", "ct", "mask")):
+            ax = axes[row, col]
+            ax.imshow(cut(vols[name].data), origin="lower", aspect=aspect,
+                      interpolation="nearest", **style[name])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = {"mr": "MR (T1)", "ct": "CT [-300, 1200] HU", "mask": "mask"}[name]
+            ax.set_title(f"{label}, {view}", fontsize=9)
+    fig.suptitle(f"phantom case {case_dir.name}", fontsize=10)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out_png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_png
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m sct_jax.data.phantom",
+        description="Write the built-in phantom MR/CT dataset in the SynthRAD2023 layout.")
+    parser.add_argument("--out", required=True, help="dataset root folder")
+    parser.add_argument("--region", choices=REGIONS, default="pelvis")
+    parser.add_argument("--cases", type=int, default=20, help="number of cases (1..999)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (>= 0)")
+    parser.add_argument("--misalign", type=float, default=0.0, metavar="MM",
+                        help="MR/CT misalignment scale in mm (0 = aligned)")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="volume size in voxels (default: pelvis 256 160 64, "
+                             "brain 128 160 128)")
+    parser.add_argument("--panel", metavar="PNG", help="also save a figure of the first case")
+    args = parser.parse_args(argv)
+    if not 1 <= args.cases <= 999:
+        parser.error(f"--cases {args.cases}: must be in 1..999")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: must be >= 0")
+    if not (np.isfinite(args.misalign) and 0.0 <= args.misalign <= 50.0):
+        parser.error(f"--misalign {args.misalign}: must be in [0, 50] mm")
+    if args.shape is not None and any(n < m for n, m in zip(args.shape, MIN_SHAPE)):
+        parser.error(f"--shape {' '.join(map(str, args.shape))}: each size must be at least "
+                     f"{' '.join(map(str, MIN_SHAPE))}")
+    return args
+
+
+def main(argv=None) -> int:
+    """Command line entry point; returns the exit status (argparse exits 2 on bad flags)."""
+    args = _parse_args(argv)
+    try:
+        region_dir = write_dataset(args.out, args.region, args.cases, args.seed,
+                                   args.misalign, args.shape)
+        print(f"wrote {args.cases} {args.region} cases to {region_dir}")
+        if args.panel:
+            first = case_id(args.region, 0)[0]
+            print(f"wrote {save_phantom_panel(region_dir / first, args.panel)}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
