@@ -178,6 +178,7 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
             nib.save(img, tmp)
         else:
             _save_metaimage(tmp, data, affine)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -217,6 +218,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

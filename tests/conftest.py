@@ -1,0 +1,26 @@
+"""Shared test set-up.
+
+JAX compilation dominates this suite's time, and several tests build the same
+programs (the tiny pix2pix step, say) from fresh processes or loops: a persistent
+compilation cache in a per-session folder makes the repeats cache hits.
+"""
+
+import os
+import tempfile
+
+import jax
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="sct_jax_jit_cache_")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Subprocess tests (sharding, CLIs) share the cache through the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_cwd(monkeypatch):
+    """Tests refer to configs/... relative to the repository root."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
