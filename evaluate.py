@@ -1,0 +1,58 @@
+"""Scores synthetic CTs with the SynthRAD2023 metrics (MAE, PSNR, SSIM, and more).
+
+Predict the evaluation split of a trained run, then score it (sCT NIfTIs, metrics
+CSV/JSON, a PNG panel per case)::
+
+  python evaluate.py --config configs/pix2pix_pelvis.py:small --workdir runs/pix2pix_pelvis_small
+
+Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
+``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
+
+  python evaluate.py --pred runs/pix2pix/predictions --data data/synthrad \
+      [--region pelvis] [--out results/pix2pix.json]
+
+Writes the JSON summary (default ``PRED/metrics.json``) and the per-case CSV next to
+it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
+status 2, before anything is written.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sct_jax.cli import guarded
+from sct_jax.errors import ConfigError
+from sct_jax.evaluation import scoring
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("pred", None, "Folder of predicted sCT volumes to score.")
+flags.DEFINE_string("data", None, "SynthRAD-layout data root holding the reference cases.")
+flags.DEFINE_string("out", None, "JSON summary path (default: PRED/metrics.json); the "
+                    "per-case CSV is written next to it with the same stem.")
+flags.DEFINE_string("region", None, "Score only cases of this region (brain, pelvis).")
+config_flags.DEFINE_config_file("config", None, "The run's config (path.py[:variants]): "
+                                "predict its evaluation split with --workdir's checkpoint.",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Training run directory (with --config).")
+
+
+def score_predictions() -> None:
+    """The ``--pred DIR --data ROOT`` mode: score an existing prediction folder."""
+    if not FLAGS.pred or not FLAGS.data:
+        raise ConfigError("--pred and --data are both required to score predictions")
+    scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out, region=FLAGS.region)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is not None:
+        if not FLAGS.workdir:
+            raise ConfigError("--config needs --workdir (the training run to evaluate)")
+        from sct_jax import run
+        run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out)
+        return
+    score_predictions()
+
+
+if __name__ == "__main__":
+    app.run(guarded(main))

@@ -1,0 +1,336 @@
+"""Scores a folder of synthetic CTs against SynthRAD-layout reference cases.
+
+A prediction folder holds one volume per case, named by the case id in any of these
+ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
+
+    PRED/<id>/sct.nii.gz     PRED/<id>.nii.gz     PRED/<id>_sct.nii.gz
+
+Each is scored against ``ct`` and ``mask`` of the case with that id under the data
+root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
+:func:`sct_jax.evaluation.metrics.synthrad_metrics`. Everything is computed before
+anything is written, so a bad prediction (unreadable, wrong shape, no reference case)
+stops the run with a one-line :class:`~sct_jax.errors.DataError` naming the file and
+leaves no partial results. The results are a per-case CSV and a JSON summary (per
+metric mean, std, n, plus the per-case rows), both written atomically.
+
+References without a prediction are not scored (the summary counts and lists them).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from sct_jax.data import synthrad
+from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, volume_suffix
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
+
+# Metric -> (table header, number format).
+_TABLE_COLUMNS = {
+    "mae": ("MAE", "{:.2f}"), "psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
+    "me": ("ME", "{:.2f}"), "mae_air": ("MAE air", "{:.1f}"),
+    "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
+    "dice_bone": ("Dice bone", "{:.4f}"),
+}
+# Geometry tolerance (mm) below which a prediction's affine counts as the CT's.
+_AFFINE_ATOL_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseScore:
+    """The metrics of one scored case (values as in :data:`METRIC_NAMES`)."""
+
+    id: str
+    region: str
+    prediction: Path
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreReport:
+    """The result of scoring a prediction folder.
+
+    Attributes:
+      cases: one :class:`CaseScore` per prediction, sorted by id.
+      unscored: ids of reference cases (with a CT) that have no prediction.
+      skipped: ids of predictions whose case belongs to a region filtered out.
+      pred_dir, data_root, region: what was scored.
+    """
+
+    cases: tuple[CaseScore, ...]
+    unscored: tuple[str, ...]
+    skipped: tuple[str, ...]
+    pred_dir: Path
+    data_root: Path
+    region: str | None
+
+    def summary(self) -> dict[str, dict[str, float | int]]:
+        """Per metric ``{"mean", "std", "n"}`` over the cases.
+
+        NaN values (a tissue class absent from a case) are left out and not counted
+        in ``n``; ``std`` is the population standard deviation (numpy's default).
+        """
+        out = {}
+        for name in METRIC_NAMES:
+            values = np.array([c.metrics[name] for c in self.cases], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                out[name] = {"mean": math.nan, "std": math.nan, "n": 0}
+                continue
+            with np.errstate(invalid="ignore"):  # inf PSNR: std is NaN, mean inf
+                out[name] = {"mean": float(values.mean()), "std": float(values.std()),
+                             "n": int(values.size)}
+        return out
+
+
+def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
+    """Maps case id -> prediction volume in ``pred_dir``.
+
+    Accepts ``<id>/sct.<ext>``, ``<id>.<ext>`` and ``<id>_sct.<ext>``; other files
+    (the metrics themselves, logs, hidden temporary files) are ignored.
+
+    Raises:
+      DataError: the folder is missing, holds no prediction, or holds two predictions
+        for one id.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found")
+    found: dict[str, Path] = {}
+
+    def add(case_id: str, path: Path) -> None:
+        if case_id in found:
+            raise DataError(f"{path}: a second prediction for case {case_id} "
+                            f"(also {found[case_id]})")
+        found[case_id] = path
+
+    for entry in sorted(pred_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            for suffix in VOLUME_SUFFIXES:
+                if (entry / f"sct{suffix}").is_file():
+                    add(entry.name, entry / f"sct{suffix}")
+        elif (suffix := volume_suffix(entry)):
+            stem = entry.name[: -len(suffix)]
+            add(stem[: -len("_sct")] if stem.endswith("_sct") else stem, entry)
+    if not found:
+        raise DataError(f"{pred_dir}: no predictions found (expected <id>/sct.nii.gz, "
+                        "<id>.nii.gz or <id>_sct.nii.gz)")
+    return found
+
+
+def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, float]:
+    """Loads one prediction and its reference and computes all metrics.
+
+    Only the CT and the mask are read (not the MR): scoring needs nothing else.
+
+    Args:
+      case: the reference case; ``case.ct`` must exist. Without a mask the whole
+        volume is scored (as the challenge code does with no mask).
+      prediction: the sCT volume in HU on the CT's grid.
+
+    Returns:
+      :func:`~sct_jax.evaluation.metrics.synthrad_metrics` of the case.
+
+    Raises:
+      DataError: unreadable volume, no reference CT, or shapes that differ (the
+        message names the file and both shapes).
+    """
+    prediction = Path(prediction)
+    if case.ct is None:
+        raise DataError(f"{prediction}: reference case {case.id} has no CT ({case.dir})")
+    ct = load_volume(case.ct)
+    sct = load_volume(prediction)
+    if sct.shape != ct.shape:
+        raise DataError(f"{prediction}: shape {sct.shape} differs from the reference CT "
+                        f"{ct.shape} ({case.ct})")
+    if case.mask is None:
+        logging.warning("%s: case %s has no mask; scoring every voxel", case.dir, case.id)
+        mask = np.ones(ct.shape, dtype=bool)
+    else:
+        mask_volume = load_volume(case.mask)
+        if mask_volume.shape != ct.shape:
+            raise DataError(f"{case.mask}: shape {mask_volume.shape} differs from the CT "
+                            f"{ct.shape} ({case.ct})")
+        mask = mask_volume.data > 0
+        if not mask.any():
+            raise DataError(f"{case.mask}: empty mask (no voxel > 0)")
+    if not np.allclose(sct.affine, ct.affine, atol=_AFFINE_ATOL_MM):
+        # The challenge compares arrays voxel by voxel and ignores geometry; a differing
+        # affine usually means a prediction written on the wrong grid, so say so.
+        logging.warning("%s: affine differs from the reference CT %s", prediction, case.ct)
+    return synthrad_metrics(ct.data, sct.data, mask)
+
+
+def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
+                 region: str | None = None, *, progress: bool = True) -> ScoreReport:
+    """Scores every prediction in ``pred_dir`` against its case under ``data_root``.
+
+    Args:
+      pred_dir: folder of predictions (see :func:`find_predictions`).
+      data_root: SynthRAD-layout data root (see :mod:`sct_jax.data.synthrad`).
+      region: score only cases of this region (``"brain"``, ``"pelvis"``);
+        predictions of other regions are skipped and listed. Cases of a bare
+        layout have no region and are always kept.
+      progress: show a progress bar (only on a terminal).
+
+    Returns:
+      The :class:`ScoreReport`; nothing is written.
+
+    Raises:
+      DataError: missing folders, a prediction without a reference case, any bad
+        volume. Raised before any result exists, so no partial output can follow.
+      ConfigError: an unknown region.
+    """
+    pred_dir, data_root = Path(pred_dir), Path(data_root)
+    if not data_root.is_dir():
+        raise DataError(f"{data_root}: data root not found")
+    predictions = find_predictions(pred_dir)
+    all_cases = {case.id: case for case in synthrad.discover_cases(data_root)}
+    unknown = sorted(set(predictions) - set(all_cases))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DataError(f"{predictions[unknown[0]]}: no reference case {unknown[0]} under "
+                        f"{data_root}{more}")
+    if region is not None and region not in synthrad.REGIONS:
+        raise ConfigError(f"--region {region!r}: unknown region (expected one of "
+                          f"{', '.join(synthrad.REGIONS)})")
+    # Cases of a bare layout (<root>/<id>/) have no region and match any filter.
+    cases = {i: c for i, c in all_cases.items()
+             if region is None or c.region in (region, "")}
+    if not cases:
+        regions = sorted({c.region for c in all_cases.values()})
+        raise DataError(f"{data_root}: no cases of region {region!r} (found: "
+                        f"{', '.join(regions)})")
+    to_score = sorted(set(predictions) & set(cases))
+    skipped = tuple(sorted(set(predictions) - set(cases)))
+    if not to_score:
+        raise DataError(f"{pred_dir}: no prediction for a {region} case "
+                        f"({len(skipped)} of other regions)")
+    scores = []
+    for case_id in tqdm(to_score, desc="scoring", unit="case",
+                        disable=None if progress else True):
+        case = cases[case_id]
+        scores.append(CaseScore(case_id, case.region, predictions[case_id],
+                                score_case(case, predictions[case_id])))
+    unscored = tuple(sorted(i for i, c in cases.items()
+                            if i not in predictions and c.ct is not None))
+    return ScoreReport(tuple(scores), unscored, skipped, pred_dir, data_root, region)
+
+
+def _json_value(value):
+    """Strict JSON: NaN -> null, +-inf -> "inf"/"-inf" (a perfect PSNR is inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def report_json(report: ScoreReport) -> str:
+    """The summary JSON: per-metric mean/std/n, counts and the per-case rows."""
+    doc = {
+        "pred_dir": str(report.pred_dir),
+        "data_root": str(report.data_root),
+        "region": report.region,
+        "n_scored": len(report.cases),
+        "n_unscored": len(report.unscored),
+        "unscored": list(report.unscored),
+        "skipped_other_region": list(report.skipped),
+        "metrics": {name: {k: _json_value(v) for k, v in stats.items()}
+                    for name, stats in report.summary().items()},
+        "cases": [{"id": c.id, "region": c.region, "prediction": str(c.prediction),
+                   **{k: _json_value(v) for k, v in c.metrics.items()}}
+                  for c in report.cases],
+    }
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def report_csv(report: ScoreReport) -> str:
+    """One row per case: ``id, region, <metrics...>`` (full precision; nan, inf)."""
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("id", "region") + METRIC_NAMES)
+    for c in report.cases:
+        writer.writerow([c.id, c.region] + [repr(c.metrics[n]) for n in METRIC_NAMES])
+    return buffer.getvalue()
+
+
+def format_table(report: ScoreReport) -> str:
+    """A plain-text table: one line per case, then ``mean`` and ``std`` lines and a
+    line that counts the scored and unscored cases."""
+    def fmt(name: str, value: float) -> str:
+        return _TABLE_COLUMNS[name][1].format(value)
+
+    header = ["id", "region"] + [_TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
+    rows = [[c.id, c.region] + [fmt(n, c.metrics[n]) for n in METRIC_NAMES]
+            for c in report.cases]
+    summary = report.summary()
+    stats = [[stat, ""] + [fmt(n, summary[n][stat]) for n in METRIC_NAMES]
+             for stat in ("mean", "std")]
+    widths = [max(len(r[i]) for r in [header] + rows + stats) for i in range(len(header))]
+
+    def line(cells: Iterable[str]) -> str:
+        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(header))
+    n_refs = len(report.cases) + len(report.unscored)
+    counts = f"scored {len(report.cases)} of {n_refs} reference cases"
+    if report.unscored:
+        counts += f" ({len(report.unscored)} without a prediction)"
+    if report.skipped:
+        counts += f"; skipped {len(report.skipped)} predictions of other regions"
+    return "\n".join([line(header), rule] + [line(r) for r in rows] + [rule]
+                     + [line(r) for r in stats] + [counts])
+
+
+def output_paths(pred_dir: str | os.PathLike,
+                 out: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``(json_path, csv_path)``: ``out`` (default ``pred_dir/metrics.json``) and the
+    CSV next to it with the same stem (``metrics.csv`` by default)."""
+    json_path = Path(out) if out else Path(pred_dir) / "metrics.json"
+    if json_path.suffix.lower() == ".csv":
+        raise ConfigError(f"--out {json_path}: names the JSON summary; the CSV is "
+                          "written next to it")
+    return json_path, json_path.with_suffix(".csv")
+
+
+def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
+                    out: str | os.PathLike | None = None, region: str | None = None,
+                    echo: Callable[[str], None] = print) -> ScoreReport:
+    """Scores a prediction folder, writes the CSV and JSON, and echoes the table.
+
+    Args:
+      pred_dir: folder of predictions (see :func:`find_predictions`).
+      data_root: SynthRAD-layout data root.
+      out: path of the JSON summary; default ``pred_dir/metrics.json``. The CSV goes
+        next to it with the same stem.
+      region: score only this region.
+      echo: where the table goes (``print`` for the CLI).
+
+    Returns:
+      The :class:`ScoreReport`.
+
+    Raises:
+      DataError, ConfigError: one-line messages naming the file; nothing is written.
+    """
+    json_path, csv_path = output_paths(pred_dir, out)
+    report = score_folder(pred_dir, data_root, region)
+    # Both texts are built before either file is written; JSON last marks completion.
+    json_text, csv_text = report_json(report), report_csv(report)
+    atomic_write_text(csv_path, csv_text)
+    atomic_write_text(json_path, json_text)
+    echo(format_table(report))
+    echo(f"wrote {json_path} and {csv_path}")
+    return report

@@ -1,0 +1,214 @@
+"""evaluate.py and sct_jax.evaluation.scoring on a tiny SynthRAD-layout dataset."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sct_jax.cli import guarded
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.evaluation import scoring
+from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (24, 20, 10)
+AFFINE = np.diag([1.0, 1.0, 2.5, 1.0])
+PELVIS_IDS = ("1PA001", "1PB002", "1PC003")
+BRAIN_ID = "1BA001"
+
+
+def _save(path: Path, data: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """3 pelvis cases + 1 brain case; predictions (CT + noise) for the pelvis ones,
+    in the three accepted namings."""
+    base = tmp_path_factory.mktemp("eval")
+    root, pred = base / "data", base / "pred"
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij"))
+    body = (grid[0] ** 2 + grid[1] ** 2) < 0.8
+    for case_id in PELVIS_IDS + (BRAIN_ID,):
+        region = "brain" if case_id == BRAIN_ID else "pelvis"
+        ct = rng.choice([-1000.0, -80.0, 40.0, 400.0, 1200.0], size=SHAPE)
+        ct = np.where(body, ct + rng.normal(0, 20, SHAPE), -1000.0).astype(np.float32)
+        case_dir = root / "Task1" / region / case_id
+        _save(case_dir / "ct.nii.gz", ct)
+        _save(case_dir / "mr.nii.gz", rng.random(SHAPE).astype(np.float32))
+        _save(case_dir / "mask.nii.gz", body.astype(np.uint8))
+    names = {PELVIS_IDS[0]: f"{PELVIS_IDS[0]}/sct.nii.gz",
+             PELVIS_IDS[1]: f"{PELVIS_IDS[1]}.nii.gz",
+             PELVIS_IDS[2]: f"{PELVIS_IDS[2]}_sct.nii.gz"}
+    for case_id, name in names.items():
+        ct = _load(root / "Task1" / "pelvis" / case_id / "ct.nii.gz")
+        _save(pred / name, (ct + rng.normal(0, 60, SHAPE)).astype(np.float32))
+    return root, pred, names
+
+
+def _expected(root: Path, pred: Path, names: dict) -> dict:
+    """Metrics recomputed from the files, independently of the scoring module."""
+    out = {}
+    for case_id, name in names.items():
+        case_dir = root / "Task1" / "pelvis" / case_id
+        out[case_id] = synthrad_metrics(_load(case_dir / "ct.nii.gz"), _load(pred / name),
+                                        _load(case_dir / "mask.nii.gz"))
+    return out
+
+
+def _run_cli(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_cli_scores_every_prediction(dataset, tmp_path):
+    root, pred, names = dataset
+    out = tmp_path / "results" / "run.json"
+    result = _run_cli("--pred", pred, "--data", root, "--out", out)
+    assert result.returncode == 0, result.stderr
+    expected = _expected(root, pred, names)
+
+    doc = json.loads(out.read_text())
+    assert doc["n_scored"] == 3 and doc["unscored"] == [BRAIN_ID]
+    assert [c["id"] for c in doc["cases"]] == sorted(PELVIS_IDS)
+    for row in doc["cases"]:
+        for name in METRIC_NAMES:
+            assert row[name] == pytest.approx(expected[row["id"]][name], rel=1e-12)
+    for name in METRIC_NAMES:
+        values = [expected[i][name] for i in PELVIS_IDS]
+        assert doc["metrics"][name]["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+        assert doc["metrics"][name]["std"] == pytest.approx(np.std(values), rel=1e-9)
+        assert doc["metrics"][name]["n"] == 3
+
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == sorted(PELVIS_IDS)
+    for row in rows:
+        assert row["region"] == "pelvis"
+        for name in METRIC_NAMES:
+            assert float(row[name]) == expected[row["id"]][name]  # full precision
+
+    table = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+             if line.strip()}
+    for case_id in PELVIS_IDS:
+        assert table[case_id][2] == f"{expected[case_id]['mae']:.2f}"
+    mean_mae = np.mean([expected[i]["mae"] for i in PELVIS_IDS])
+    std_mae = np.std([expected[i]["mae"] for i in PELVIS_IDS])
+    assert table["mean"][1] == f"{mean_mae:.2f}" and table["std"][1] == f"{std_mae:.2f}"
+    assert "scored 3 of 4 reference cases (1 without a prediction)" in result.stdout
+    assert not (pred / "metrics.json").exists()  # --out was given
+
+
+def test_cli_wrong_shape_names_the_file_and_writes_nothing(dataset, tmp_path):
+    root, pred, names = dataset
+    bad_pred = tmp_path / "pred"
+    shutil.copytree(pred, bad_pred)
+    bad_file = bad_pred / names[PELVIS_IDS[1]]
+    _save(bad_file, np.zeros((24, 20, 9), np.float32))
+    line = _one_error_line(_run_cli("--pred", bad_pred, "--data", root))
+    assert str(bad_file) in line and "(24, 20, 9)" in line and "(24, 20, 10)" in line
+    assert not (bad_pred / "metrics.json").exists()
+    assert not (bad_pred / "metrics.csv").exists()
+
+
+def test_cli_missing_data_root(dataset, tmp_path):
+    _, pred, _ = dataset
+    missing = tmp_path / "no_such_root"
+    line = _one_error_line(_run_cli("--pred", pred, "--data", missing))
+    assert str(missing) in line
+
+
+def test_truncated_prediction_names_the_file(dataset, tmp_path):
+    root, pred, names = dataset
+    bad_pred = tmp_path / "pred"
+    shutil.copytree(pred, bad_pred)
+    bad_file = bad_pred / names[PELVIS_IDS[2]]
+    data = bad_file.read_bytes()
+    bad_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=str(bad_file)):
+        scoring.evaluate_folder(bad_pred, root, echo=lambda _: None)
+    assert not (bad_pred / "metrics.json").exists()
+
+
+def test_prediction_without_reference_and_duplicates(dataset, tmp_path):
+    root, pred, _ = dataset
+    bad_pred = tmp_path / "pred"
+    shutil.copytree(pred, bad_pred)
+    stray = bad_pred / "1PA999.nii.gz"
+    _save(stray, np.zeros(SHAPE, np.float32))
+    with pytest.raises(DataError, match=f"{stray}.*1PA999"):
+        scoring.score_folder(bad_pred, root, progress=False)
+    stray.unlink()
+    duplicate = bad_pred / f"{PELVIS_IDS[0]}.nii.gz"  # besides <id>/sct.nii.gz
+    shutil.copy(bad_pred / PELVIS_IDS[0] / "sct.nii.gz", duplicate)
+    with pytest.raises(DataError, match=f"second prediction for case {PELVIS_IDS[0]}"):
+        scoring.find_predictions(bad_pred)
+
+
+def test_region_filter(dataset):
+    root, pred, _ = dataset
+    report = scoring.score_folder(pred, root, region="pelvis", progress=False)
+    assert [c.id for c in report.cases] == sorted(PELVIS_IDS)
+    assert report.unscored == () and report.skipped == ()
+    with pytest.raises(DataError, match="no prediction for a brain case"):
+        scoring.score_folder(pred, root, region="brain", progress=False)
+    with pytest.raises(ConfigError, match="'abdomen': unknown region"):
+        scoring.score_folder(pred, root, region="abdomen", progress=False)
+
+
+def test_perfect_prediction_writes_strict_json(dataset, tmp_path):
+    root, _, _ = dataset
+    pred = tmp_path / "perfect"
+    case_dir = root / "Task1" / "pelvis" / PELVIS_IDS[0]
+    pred.mkdir()
+    shutil.copy(case_dir / "ct.nii.gz", pred / f"{PELVIS_IDS[0]}.nii.gz")
+    printed = []
+    scoring.evaluate_folder(pred, root, region="pelvis", echo=printed.append)
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    doc = json.loads((pred / "metrics.json").read_text(), parse_constant=reject)
+    assert doc["cases"][0]["psnr"] == "inf" and doc["cases"][0]["mae"] == 0.0
+    assert doc["metrics"]["psnr"]["mean"] == "inf"
+    assert doc["metrics"]["psnr"]["std"] is None  # std of [inf] is undefined
+    assert doc["unscored"] == sorted(PELVIS_IDS[1:])
+    assert "scored 1 of 3 reference cases (2 without a prediction)" in printed[0]
+    assert (pred / "metrics.csv").read_text().splitlines()[1].split(",")[3] == "inf"
+
+
+def test_guarded_prints_one_line_and_exits_2(capsys):
+    def failing_main(argv):
+        raise DataError("x.nii.gz: first\nsecond")
+
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(failing_main)(["prog"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: x.nii.gz: first second\n"
+
+    def buggy_main(argv):
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        guarded(buggy_main)(["prog"])
