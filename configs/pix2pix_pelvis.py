@@ -41,7 +41,7 @@ def get_config(arg=None):
     if "tiny" in variants:
         c.name = "pix2pix_pelvis_tiny"
         c.data.phantom.cases = 4
-        c.data.phantom.shape = (48, 32, 6)
+        c.data.phantom.shape = (48, 32, 8)
         c.data.crop = (32, 32)
         c.model.gen.ngf = 4
         c.model.gen.num_downs = 3

@@ -5,13 +5,16 @@ programs (the tiny pix2pix step, say) from fresh processes or loops: a persisten
 compilation cache in a per-session folder makes the repeats cache hits.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
 import pytest
 
 _CACHE = tempfile.mkdtemp(prefix="sct_jax_jit_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

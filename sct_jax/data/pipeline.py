@@ -1,0 +1,265 @@
+"""grain input pipelines over prepared cases: 2D/2.5D slices, 3D patches, unpaired slices.
+
+Each case is decoded and normalised once by :func:`prepare_cases` into ``.npy`` files
+that later runs memory-map, so a slice costs a memory copy, never a gzip decode. The
+datasets are grain ``MapDataset`` chains (index -> shuffle -> repeat -> random map ->
+batch) turned into ``IterDataset``s whose iterators checkpoint their position
+(``get_state``/``set_state``; orbax saves them through ``grain.checkpoint``).
+
+Multi-host: every process passes its ``shard_index``/``shard_count`` and reads only its
+own part of the slice (or case) index; ``batch_size`` is the per-process batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from sct_jax.data import preprocess, synthrad
+from sct_jax.errors import DataError
+
+_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class PreparedCase:
+    """A case normalised for training; arrays are read-only memory maps.
+
+    Attributes:
+      id: case id.
+      mr: ``(X, Y, Z)`` float32 in [-1, 1].
+      ct: ``(X, Y, Z)`` float32 in [-1, 1], or ``None``.
+      mask: ``(X, Y, Z)`` uint8 body mask.
+      affine: ``(4, 4)`` voxel -> world.
+    """
+
+    id: str
+    mr: np.ndarray
+    ct: np.ndarray | None
+    mask: np.ndarray
+    affine: np.ndarray
+
+
+def _cache_key(case: synthrad.Case, mr_percentiles: Sequence[float]) -> str:
+    parts = [str(_CACHE_VERSION), repr(tuple(float(p) for p in mr_percentiles))]
+    for path in (case.mr, case.ct, case.mask):
+        if path is None:
+            parts.append("-")
+        else:
+            st = os.stat(path)
+            parts.append(f"{Path(path).absolute()}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_case(case: synthrad.Case, cache_dir: str | Path,
+                 mr_percentiles: Sequence[float] = (0.5, 99.5)) -> PreparedCase:
+    """Normalises one case once and memory-maps the cached result."""
+    folder = Path(cache_dir) / f"{case.id}-{_cache_key(case, mr_percentiles)}"
+    done = folder / "meta.json"
+    if not done.exists():
+        data = synthrad.load_case(case)
+        folder.mkdir(parents=True, exist_ok=True)
+        lo, hi = mr_percentiles
+        _save_npy_atomic(folder / "mr.npy", preprocess.mr_to_unit(data.mr.data, data.mask, lo, hi))
+        if data.ct is not None:
+            _save_npy_atomic(folder / "ct.npy", preprocess.ct_to_unit(data.ct.data))
+        _save_npy_atomic(folder / "mask.npy", data.mask.astype(np.uint8))
+        _save_npy_atomic(folder / "affine.npy", data.mr.affine)
+        meta = {"id": case.id, "has_ct": data.ct is not None, "source": str(case.dir)}
+        from sct_jax.data.io import atomic_write_text
+        atomic_write_text(done, json.dumps(meta))  # written last: marks the entry complete
+    meta = json.loads(done.read_text())
+    return PreparedCase(
+        id=meta["id"],
+        mr=np.load(folder / "mr.npy", mmap_mode="r"),
+        ct=np.load(folder / "ct.npy", mmap_mode="r") if meta["has_ct"] else None,
+        mask=np.load(folder / "mask.npy", mmap_mode="r"),
+        affine=np.load(folder / "affine.npy"))
+
+
+def prepare_cases(cases: Sequence[synthrad.Case], cache_dir: str | Path,
+                  mr_percentiles: Sequence[float] = (0.5, 99.5)) -> list[PreparedCase]:
+    """:func:`prepare_case` for every case (decoded only the first time)."""
+    return [prepare_case(c, cache_dir, mr_percentiles) for c in cases]
+
+
+def _shard(shard_index, shard_count) -> tuple[int, int]:
+    index = jax.process_index() if shard_index is None else int(shard_index)
+    count = jax.process_count() if shard_count is None else int(shard_count)
+    return index, count
+
+
+def slice_index(prepared: Sequence[PreparedCase]) -> np.ndarray:
+    """``(N, 2)`` int array of (case, z) for every axial slice with body in it."""
+    rows = []
+    for i, case in enumerate(prepared):
+        zs = np.nonzero(np.asarray(case.mask).any(axis=(0, 1)))[0]
+        rows.extend((i, int(z)) for z in zs)
+    if not rows:
+        raise DataError("no slice with a non-empty mask among "
+                        f"{[c.id for c in prepared]}")
+    return np.asarray(rows, np.int64)
+
+
+def _slice(volume: np.ndarray, z: int, context: int) -> np.ndarray:
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, volume.shape[2] - 1)
+    return np.stack([volume[:, :, k] for k in zs], axis=-1)
+
+
+def _source(index: np.ndarray, shard_index, shard_count) -> grain.MapDataset:
+    i, n = _shard(shard_index, shard_count)
+    ds = grain.MapDataset.source(index)
+    if n > 1:
+        if len(index) < n:
+            raise DataError(f"{len(index)} items cannot be sharded over {n} processes")
+        ds = ds[i::n]
+    return ds
+
+
+def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batch_size: int,
+                  seed: int, context: int = 0, train: bool = True, shard_index=None,
+                  shard_count=None) -> grain.IterDataset:
+    """Axial (2D or 2.5D) slice batches.
+
+    Args:
+      prepared: cases from :func:`prepare_cases` (with CT).
+      crop: ``(H, W)``; slices are centre-cropped/padded (MR/CT with -1, mask with 0).
+      batch_size: per-process batch.
+      seed: shuffle and augmentation seed.
+      context: MR neighbours on each side: ``mr`` has ``2*context+1`` channels.
+      train: shuffle every epoch, repeat forever, random left-right flips, drop the
+        last partial batch; otherwise one ordered pass without flips.
+
+    Returns:
+      An ``IterDataset`` of dicts: ``mr (B, H, W, 2c+1)``, ``ct (B, H, W, 1)``,
+      ``mask (B, H, W, 1)``, all float32.
+    """
+    crop = tuple(int(c) for c in crop)
+    ds = _source(slice_index(prepared), shard_index, shard_count)
+
+    def load(row, rng=None):
+        case = prepared[int(row[0])]
+        z = int(row[1])
+        mr = crop_or_pad_hw(_slice(case.mr, z, context), crop, -1.0)
+        ct = crop_or_pad_hw(np.asarray(case.ct[:, :, z])[..., None], crop, -1.0)
+        mask = crop_or_pad_hw(np.asarray(case.mask[:, :, z], np.float32)[..., None], crop, 0.0)
+        if rng is not None and rng.random() < 0.5:
+            # NIfTI X runs left-right: flip it (axis 0 of the (X, Y) slice).
+            mr, ct, mask = mr[::-1], ct[::-1], mask[::-1]
+        return {"mr": np.ascontiguousarray(mr), "ct": np.ascontiguousarray(ct),
+                "mask": np.ascontiguousarray(mask)}
+
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None).random_map(load, seed=seed + 1)
+    else:
+        ds = ds.map(load)
+    return ds.batch(batch_size, drop_remainder=train).to_iter_dataset()
+
+
+def crop_or_pad_hw(arr: np.ndarray, crop: tuple[int, int], value: float) -> np.ndarray:
+    return preprocess.crop_or_pad(np.asarray(arr, np.float32), crop, axes=(0, 1), value=value)
+
+
+def patch_dataset(prepared: Sequence[PreparedCase], *, patch: Sequence[int], batch_size: int,
+                  seed: int, train: bool = True, shard_index=None,
+                  shard_count=None) -> grain.IterDataset:
+    """Random 3D patches centred inside the body's bounding box.
+
+    Returns:
+      An ``IterDataset`` of dicts ``mr``, ``ct``, ``mask``: ``(B, D, H, W, 1)`` float32.
+    """
+    patch = tuple(int(p) for p in patch)
+    # Many draws per case per epoch: the index is just case numbers, repeated.
+    draws_per_case = 64
+    index = np.repeat(np.arange(len(prepared)), draws_per_case)
+    ds = _source(index, shard_index, shard_count)
+    boxes = []
+    for case in prepared:
+        nz = [np.nonzero(np.asarray(case.mask).any(axis=tuple(a for a in range(3) if a != ax)))[0]
+              for ax in range(3)]
+        boxes.append([(int(n[0]), int(n[-1])) if len(n) else (0, s - 1)
+                      for n, s in zip(nz, case.mask.shape)])
+
+    def load(case_index, rng):
+        case = prepared[int(case_index)]
+        starts = []
+        for (lo, hi), size, p in zip(boxes[int(case_index)], case.mr.shape, patch):
+            centre = int(rng.integers(lo, hi + 1))
+            starts.append(int(np.clip(centre - p // 2, 0, max(size - p, 0))))
+        sl = tuple(slice(s, s + p) for s, p in zip(starts, patch))
+
+        def cut(vol, value):
+            return preprocess.crop_or_pad(np.asarray(vol[sl], np.float32), patch,
+                                          axes=(0, 1, 2), value=value)[..., None]
+
+        out = {"mr": cut(case.mr, -1.0), "ct": cut(case.ct, -1.0), "mask": cut(case.mask, 0.0)}
+        if train and rng.random() < 0.5:
+            out = {k: np.ascontiguousarray(v[::-1]) for k, v in out.items()}
+        return out
+
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    return ds.random_map(load, seed=seed + 1).batch(batch_size, drop_remainder=train) \
+        .to_iter_dataset()
+
+
+def unpaired_slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int],
+                           batch_size: int, seed: int, context: int = 0, shard_index=None,
+                           shard_count=None) -> grain.IterDataset:
+    """MR and CT slices from different cases (CycleGAN's unpaired training).
+
+    Returns:
+      An ``IterDataset`` of dicts ``mr (B, H, W, 2c+1)``, ``mr_mask``, ``ct (B, H, W, 1)``,
+      ``ct_mask``; the MR and the CT of a pair never come from the same case when
+      there is more than one case.
+    """
+    crop = tuple(int(c) for c in crop)
+    index = slice_index(prepared)
+    ds = _source(index, shard_index, shard_count)
+    n_cases = len(prepared)
+
+    def load(row, rng):
+        mr_case, z = int(row[0]), int(row[1])
+        # An independent draw of the CT slice, from any other case.
+        while True:
+            other = index[int(rng.integers(len(index)))]
+            if n_cases == 1 or int(other[0]) != mr_case:
+                break
+        ct_case, zc = int(other[0]), int(other[1])
+        flip_mr, flip_ct = rng.random() < 0.5, rng.random() < 0.5
+        mr = crop_or_pad_hw(_slice(prepared[mr_case].mr, z, context), crop, -1.0)
+        mr_mask = crop_or_pad_hw(np.asarray(prepared[mr_case].mask[:, :, z], np.float32)[..., None],
+                                 crop, 0.0)
+        ct = crop_or_pad_hw(np.asarray(prepared[ct_case].ct[:, :, zc])[..., None], crop, -1.0)
+        ct_mask = crop_or_pad_hw(np.asarray(prepared[ct_case].mask[:, :, zc], np.float32)[..., None],
+                                 crop, 0.0)
+        if flip_mr:
+            mr, mr_mask = mr[::-1], mr_mask[::-1]
+        if flip_ct:
+            ct, ct_mask = ct[::-1], ct_mask[::-1]
+        return {k: np.ascontiguousarray(v) for k, v in
+                (("mr", mr), ("mr_mask", mr_mask), ("ct", ct), ("ct_mask", ct_mask))}
+
+    ds = ds.shuffle(seed=seed).repeat(None).random_map(load, seed=seed + 1)
+    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()

@@ -1,0 +1,205 @@
+"""Cases in the SynthRAD2023 Task 1 layout: discovery, validation, loading, splits.
+
+Accepted layouts (each case a folder holding ``mr``, ``ct`` and ``mask`` volumes as
+``.nii.gz``, ``.nii`` or ``.mha``):
+
+- ``<root>/Task1/{brain,pelvis}/<id>/``  (the challenge's release)
+- ``<root>/{brain,pelvis}/<id>/``
+- ``<root>/<id>/``                        (a bare folder of cases)
+
+Ids look like ``1PA001`` (task, B/P region, centre A/B/C, number). A case needs at
+least an MR; the CT is needed for training and scoring, the mask is made from the MR
+when absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from sct_jax.data.io import VOLUME_SUFFIXES, Volume, load_volume
+from sct_jax.data.preprocess import body_mask_from_mr
+from sct_jax.errors import DataError
+
+REGIONS = ("brain", "pelvis")
+_ROLES = ("mr", "ct", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case's files.
+
+    Attributes:
+      id: case id (the folder name).
+      region: ``"brain"``, ``"pelvis"`` or ``""`` (bare layout).
+      dir: the case folder.
+      mr, ct, mask: volume paths (``ct``/``mask`` ``None`` when absent).
+    """
+
+    id: str
+    region: str
+    dir: Path
+    mr: Path
+    ct: Path | None
+    mask: Path | None
+
+
+@dataclasses.dataclass
+class CaseData:
+    """A loaded case: MR and CT volumes (HU), and the body mask ``(X, Y, Z)`` bool."""
+
+    id: str
+    mr: Volume
+    ct: Volume | None
+    mask: np.ndarray
+
+
+def _find_role(case_dir: Path, role: str) -> Path | None:
+    for suffix in VOLUME_SUFFIXES:
+        p = case_dir / f"{role}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _case_from_dir(case_dir: Path, region: str) -> Case | None:
+    mr = _find_role(case_dir, "mr")
+    if mr is None:
+        return None
+    return Case(id=case_dir.name, region=region, dir=case_dir, mr=mr,
+                ct=_find_role(case_dir, "ct"), mask=_find_role(case_dir, "mask"))
+
+
+def _scan(parent: Path, region: str) -> list[Case]:
+    cases = []
+    for d in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        case = _case_from_dir(d, region)
+        if case is not None:
+            cases.append(case)
+    return cases
+
+
+def discover_cases(root: str | Path, region: str | None = None) -> list[Case]:
+    """Finds every case under ``root``.
+
+    Args:
+      root: data root in one of the accepted layouts.
+      region: keep only this region (``"brain"``/``"pelvis"``); bare layouts have no
+        region and are always kept.
+
+    Returns:
+      Cases sorted by id.
+
+    Raises:
+      DataError: ``root`` is missing or holds no case.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    if region is not None and region not in REGIONS:
+        raise DataError(f"{root}: unknown region {region!r} (expected one of {REGIONS})")
+    cases: list[Case] = []
+    for base in (root / "Task1", root):
+        for r in REGIONS:
+            if (base / r).is_dir() and (region is None or region == r):
+                cases.extend(_scan(base / r, r))
+        if cases:
+            break
+    if not cases:
+        cases = _scan(root, "")
+    if not cases:
+        want = f" for region {region!r}" if region else ""
+        raise DataError(f"{root}: no cases found{want} (expected <root>/Task1/<region>/<id>/mr.nii.gz, "
+                        "<root>/<region>/<id>/mr.nii.gz or <root>/<id>/mr.nii.gz)")
+    return sorted(cases, key=lambda c: c.id)
+
+
+def validate_case(case: Case, affine_atol: float = 1e-3) -> list[str]:
+    """Every problem of one case, each as ``"PATH: problem"`` (empty list: valid)."""
+    problems: list[str] = []
+    volumes: dict[str, Volume] = {}
+    for role in _ROLES:
+        path = getattr(case, role)
+        if path is None:
+            if role == "mr":
+                problems.append(f"{case.dir}: no mr volume")
+            continue
+        try:
+            volumes[role] = load_volume(path)
+        except DataError as e:
+            problems.append(str(e))
+    mr = volumes.get("mr")
+    for role in ("ct", "mask"):
+        vol = volumes.get(role)
+        if mr is None or vol is None:
+            continue
+        if vol.shape != mr.shape:
+            problems.append(f"{getattr(case, role)}: shape {vol.shape} differs from "
+                            f"{case.mr.name} {mr.shape}")
+        elif not np.allclose(vol.affine, mr.affine, atol=affine_atol):
+            diff = float(np.abs(vol.affine - mr.affine).max())
+            problems.append(f"{getattr(case, role)}: affine differs from {case.mr.name} "
+                            f"(max difference {diff:.3g})")
+    if "mask" in volumes and not np.any(volumes["mask"].data > 0):
+        problems.append(f"{case.mask}: empty mask")
+    return problems
+
+
+def validate_cases(cases: list[Case]) -> None:
+    """Raises one ``DataError`` listing every bad case (one line, ``; ``-separated)."""
+    problems = [p for case in cases for p in validate_case(case)]
+    if problems:
+        bad = len({p.split(":")[0] for p in problems})
+        raise DataError(f"{len(problems)} problem(s) in {bad} file(s): " + "; ".join(problems))
+
+
+def load_case(case: Case) -> CaseData:
+    """Loads a case (mask from the file, or made from the MR when there is none)."""
+    mr = load_volume(case.mr)
+    ct = load_volume(case.ct) if case.ct is not None else None
+    if ct is not None and ct.shape != mr.shape:
+        raise DataError(f"{case.ct}: shape {ct.shape} differs from {case.mr.name} {mr.shape}")
+    if case.mask is not None:
+        mask_vol = load_volume(case.mask)
+        if mask_vol.shape != mr.shape:
+            raise DataError(f"{case.mask}: shape {mask_vol.shape} differs from "
+                            f"{case.mr.name} {mr.shape}")
+        mask = mask_vol.data > 0
+        if not mask.any():
+            raise DataError(f"{case.mask}: empty mask")
+    else:
+        mask = body_mask_from_mr(mr.data)
+    return CaseData(id=case.id, mr=mr, ct=ct, mask=mask)
+
+
+def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0
+                ) -> dict[str, list[Case]]:
+    """Deterministic train/val/test split by id.
+
+    Args:
+      cases: the cases.
+      fractions: train, val, test fractions (sum 1).
+      seed: permutation seed (fixed: the same seed gives the same split everywhere).
+
+    Returns:
+      ``{"train", "val", "test"}`` -> cases sorted by id; with >= 3 cases none is empty.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise DataError(f"split fractions {fractions} must be three non-negative numbers "
+                        "summing to 1")
+    ordered = sorted(cases, key=lambda c: c.id)
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    n = len(ordered)
+    n_val = int(round(fractions[1] * n))
+    n_test = int(round(fractions[2] * n))
+    if n >= 3:
+        n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+        n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+    n_train = max(n - n_val - n_test, 0)
+    parts = np.split(perm, [n_train, n_train + n_val])
+    return {name: sorted((ordered[i] for i in idx), key=lambda c: c.id)
+            for name, idx in zip(("train", "val", "test"), parts)}
+
