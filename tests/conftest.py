@@ -18,6 +18,10 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Phantom datasets and prepared arrays go to a per-session folder, not ~/.cache.
+_DATA_CACHE = tempfile.mkdtemp(prefix="sct_jax_data_cache_")
+atexit.register(shutil.rmtree, _DATA_CACHE, ignore_errors=True)
+os.environ["SCT_JAX_CACHE"] = _DATA_CACHE
 # Subprocess tests (sharding, CLIs) share the cache through the environment.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
