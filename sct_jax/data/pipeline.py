@@ -27,7 +27,7 @@ import numpy as np
 from sct_jax.data import preprocess, synthrad
 from sct_jax.errors import DataError
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -56,7 +56,8 @@ def _cache_key(case: synthrad.Case, mr_percentiles: Sequence[float]) -> str:
             parts.append("-")
         else:
             st = os.stat(path)
-            parts.append(f"{Path(path).absolute()}|{st.st_size}|{st.st_mtime_ns}")
+            # The inode catches a file replaced atomically within the mtime resolution.
+            parts.append(f"{Path(path).absolute()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -64,7 +65,10 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
     os.close(fd)
     try:
-        np.save(tmp, array)
+        # Fortran order: an axial slice arr[:, :, z] is then one contiguous block of the
+        # memory map (C order would gather X*Y values strided by Z).
+        np.save(tmp, np.asfortranarray(array))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -156,6 +160,7 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
       ``mask (B, H, W, 1)``, all float32.
     """
     crop = tuple(int(c) for c in crop)
+    _require_ct(prepared)
     ds = _source(slice_index(prepared), shard_index, shard_count)
 
     def load(row, rng=None):
@@ -177,7 +182,14 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
     return ds.batch(batch_size, drop_remainder=train).to_iter_dataset()
 
 
+def _require_ct(prepared: Sequence[PreparedCase]) -> None:
+    missing = [c.id for c in prepared if c.ct is None]
+    if missing:
+        raise DataError(f"cases without a CT cannot be used for training: {missing}")
+
+
 def crop_or_pad_hw(arr: np.ndarray, crop: tuple[int, int], value: float) -> np.ndarray:
+    """Centred crop/pad of the first two axes of ``(X, Y, ...)`` to ``crop``, as float32."""
     return preprocess.crop_or_pad(np.asarray(arr, np.float32), crop, axes=(0, 1), value=value)
 
 
@@ -190,6 +202,7 @@ def patch_dataset(prepared: Sequence[PreparedCase], *, patch: Sequence[int], bat
       An ``IterDataset`` of dicts ``mr``, ``ct``, ``mask``: ``(B, D, H, W, 1)`` float32.
     """
     patch = tuple(int(p) for p in patch)
+    _require_ct(prepared)
     # Many draws per case per epoch: the index is just case numbers, repeated.
     draws_per_case = 64
     index = np.repeat(np.arange(len(prepared)), draws_per_case)
@@ -235,9 +248,12 @@ def unpaired_slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[i
       there is more than one case.
     """
     crop = tuple(int(c) for c in crop)
+    _require_ct(prepared)
     index = slice_index(prepared)
     ds = _source(index, shard_index, shard_count)
-    n_cases = len(prepared)
+    # Cases with slices, not len(prepared): a case whose mask is empty has no rows, and
+    # counting it would make the draw below loop forever when only one case is left.
+    n_cases = len(np.unique(index[:, 0]))
 
     def load(row, rng):
         mr_case, z = int(row[0]), int(row[1])
