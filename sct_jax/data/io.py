@@ -116,8 +116,11 @@ def _load_nifti(path: Path, dtype):
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=dtype)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-            nib.filebasedimages.ImageFileError) as e:
+    except (OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
+            gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as e:
+        # A corrupt header raises HeaderDataError (bad data code), OverflowError (negative
+        # dims) or MemoryError (absurd dims): all are "this file is broken" to the user.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: unreadable or truncated NIfTI ({first_line})") from e
     return data, np.asarray(img.affine, dtype=np.float64), img.header
@@ -133,6 +136,12 @@ def _load_metaimage(path: Path, dtype):
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise DataError(f"{path}: unreadable MetaImage") from e
+    # The axis and direction handling below assumes a scalar 3D image; anything else
+    # (2D, 4D, vector pixels) is reported instead of failing in a transpose.
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: expected a 3D scalar volume, got a {img.GetDimension()}D "
+                        f"image of size {img.GetSize()} with "
+                        f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
     # SimpleITK arrays are (Z, Y, X); transpose to the NIfTI-like (X, Y, Z).
     data = np.asarray(sitk.GetArrayFromImage(img), dtype=dtype).transpose(2, 1, 0)
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -152,32 +161,38 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
       data: ``(X, Y, Z)`` array.
       affine: ``(4, 4)`` voxel -> RAS+ mm.
       header: a nibabel header to copy fields from (e.g. the MR's), or ``None``.
-      dtype: on-disk dtype; default: that of ``data``.
+      dtype: on-disk dtype; default: that of ``data`` (bool is written as uint8).
 
     Returns:
       The written path.
     """
     path = Path(path)
     suffix = volume_suffix(path)
-    if not suffix:
+    # .mhd is left out: its voxels go to a separate .raw file named after the temporary
+    # header, which the atomic rename would leave behind under the temporary name.
+    writable = NIFTI_SUFFIXES + (".mha",)
+    if suffix not in writable:
         raise DataError(f"{path}: unsupported output type (expected one of "
-                        f"{', '.join(VOLUME_SUFFIXES)})")
+                        f"{', '.join(writable)})")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    if data.dtype == bool:  # NIfTI has no boolean type: a mask is stored as uint8
+        data = data.astype(np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         if suffix in NIFTI_SUFFIXES:
             hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
-            img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
-            img.header.set_data_dtype(data.dtype)
+            # An explicit dtype: nibabel refuses int64 data without one.
+            img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr,
+                                  dtype=data.dtype)
             # Write raw values: a copied header's scl_slope would rescale them again.
             img.header.set_slope_inter(1.0, 0.0)
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
             nib.save(img, tmp)
         else:
-            _save_metaimage(tmp, data, affine)
+            _save_metaimage(path, tmp, data, affine)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -187,11 +202,11 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     return path
 
 
-def _save_metaimage(tmp: str, data: np.ndarray, affine: np.ndarray) -> None:
+def _save_metaimage(path: Path, tmp: str, data: np.ndarray, affine: np.ndarray) -> None:
     try:
         import SimpleITK as sitk
     except ImportError as e:
-        raise DataError(f"{tmp}: writing .mha needs SimpleITK") from e
+        raise DataError(f"{path}: writing .mha needs SimpleITK") from e
     lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     img = sitk.GetImageFromArray(np.asarray(data).transpose(2, 1, 0))

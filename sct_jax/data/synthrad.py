@@ -186,8 +186,13 @@ def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0
     Returns:
       ``{"train", "val", "test"}`` -> cases sorted by id; with >= 3 cases none is empty.
     """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+    try:
+        fractions = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"split fractions {fractions!r} must be three numbers") from e
+    # Written so that NaN fails too (every comparison with NaN is False).
+    if not (len(fractions) == 3 and all(f >= 0 for f in fractions)
+            and abs(sum(fractions) - 1.0) <= 1e-6):
         raise DataError(f"split fractions {fractions} must be three non-negative numbers "
                         "summing to 1")
     ordered = sorted(cases, key=lambda c: c.id)
@@ -198,6 +203,13 @@ def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0
     if n >= 3:
         n_val = max(n_val, 1 if fractions[1] > 0 else 0)
         n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        # Rounding up val and test can eat the whole train set (4 cases at
+        # (0.1, 0.45, 0.45)): give one case back, from the larger of the two.
+        while fractions[0] > 0 and n - n_val - n_test < 1:
+            if n_val >= n_test:
+                n_val -= 1
+            else:
+                n_test -= 1
     n_train = max(n - n_val - n_test, 0)
     parts = np.split(perm, [n_train, n_train + n_val])
     return {name: sorted((ordered[i] for i in idx), key=lambda c: c.id)
