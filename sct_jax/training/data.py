@@ -8,15 +8,19 @@ never leaves a half dataset that a later run would trust.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import grain
 import jax
 
 from sct_jax.data import pipeline, synthrad
 from sct_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def cache_root(config) -> Path:
@@ -87,5 +91,60 @@ def train_dataset(config, local_batch_size: int):
         return pipeline.unpaired_slice_dataset(prepared, crop=tuple(config.data.crop),
                                                batch_size=local_batch_size, seed=seed,
                                                context=config.data.context, **shard)
-    raise ConfigError(f"config.data.mode={mode!r}: expected slices, patches or "
-                      "unpaired_slices")
+    if mode == "slices_with_meta":
+        return meta_slice_dataset(config, prepared, local_batch_size, **shard)
+    raise ConfigError(f"config.data.mode={mode!r}: expected slices, patches, "
+                      "unpaired_slices or slices_with_meta")
+
+
+# ------------------------------------------------------------- meta-learning (seed 02)
+
+def meta_validation_ids(config, prepared: list[pipeline.PreparedCase]) -> list[str]:
+    """The best-registered training cases: top ``config.meta.val_fraction`` by MR/CT MI.
+
+    Mutual information inside the body mask (:mod:`sct_jax.data.alignment`), computed
+    once per dataset build from the prepared (normalised) arrays; at least one case.
+    """
+    from sct_jax.data import alignment
+    mi = {case.id: alignment.mutual_information(case.mr, case.ct, case.mask)
+          for case in prepared}
+    return alignment.select_meta_validation(mi, float(config.meta.val_fraction))
+
+
+def meta_slice_dataset(config, prepared: list[pipeline.PreparedCase], local_batch_size: int,
+                       shard_index: int, shard_count: int):
+    """Training slices zipped with meta-validation slices (data mode ``slices_with_meta``).
+
+    The meta-validation cases are the top ``config.meta.val_fraction`` (seed 02: 11%) of
+    the *training* cases by mutual information. With ``config.meta.val_exclusive`` they
+    are taken out of the training slices (seed 02 "allocates" them to validation), unless
+    that would leave none.
+
+    Returns:
+      An ``IterDataset`` of dicts: ``mr (B, H, W, 2c+1)``, ``ct``, ``mask`` ``(B, H, W, 1)``
+      as mode ``slices``, plus ``val_mr``, ``val_ct``, ``val_mask`` with
+      ``config.meta.val_batch_size / process_count`` shuffled, flipped validation slices.
+    """
+    val_ids = set(meta_validation_ids(config, prepared))
+    val_cases = [c for c in prepared if c.id in val_ids]
+    train_cases = [c for c in prepared if c.id not in val_ids]
+    if not (config.meta.val_exclusive and train_cases):
+        train_cases = list(prepared)
+    log.info("meta-validation cases (top %g by MI): %s; %d training "
+             "cases", config.meta.val_fraction, sorted(val_ids), len(train_cases))
+    val_batch = int(config.meta.val_batch_size)
+    if val_batch <= 0 or val_batch % shard_count:
+        raise ConfigError(f"config.meta.val_batch_size={val_batch} must be positive and "
+                          f"divisible by the {shard_count} processes")
+    common = dict(crop=tuple(config.data.crop), seed=config.seed, context=config.data.context,
+                  train=True, shard_index=shard_index, shard_count=shard_count)
+    train_ds = pipeline.slice_dataset(train_cases, batch_size=local_batch_size, **common)
+    # Its own shuffle seed: the two streams must not draw the same permutation.
+    common["seed"] = config.seed + 1_000_003
+    val_ds = pipeline.slice_dataset(val_cases, batch_size=val_batch // shard_count, **common)
+
+    def merge(pair):
+        train, val = pair
+        return {**train, **{f"val_{k}": v for k, v in val.items()}}
+
+    return grain.experimental.ZipIterDataset([train_ds, val_ds]).map(merge)

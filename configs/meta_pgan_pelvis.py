@@ -1,0 +1,34 @@
+"""meta-pGAN (seed 02's method): pGAN with a spatially reweighted L1 (learning-to-reweight).
+
+  python train.py --config configs/meta_pgan_pelvis.py --workdir runs/meta_pgan_pelvis
+  python evaluate.py --config configs/meta_pgan_pelvis.py --workdir runs/meta_pgan_pelvis
+  python -m sct_jax.ablate --config configs/meta_pgan_pelvis.py:small \\
+      --sweep meta.method=lookahead,jvp --seeds 3 --workdir runs/ablate_meta
+
+Seed 02: crop 320 x 192, batch 6, meta-validation batch 32 from the top 11% of training
+cases by MR/CT mutual information, 100 epochs. Needs VGG-16 weights for the perceptual
+term (``weights/vgg16.npz``, see ``configs/pgan_pelvis.py``) unless
+``--config.loss.perceptual_weight=0``. Variants ``small`` and ``tiny`` (validation batch
+2, no VGG) as ``configs/pgan_pelvis.py``.
+"""
+
+from sct_jax.config_utils import parse_variants
+from sct_jax.methods._pgan_common import pelvis_config
+
+
+def get_config(arg=None):
+    variants = parse_variants(arg, {"small", "tiny"})
+    c = pelvis_config("meta_pgan", variants)
+    c.data.mode = "slices_with_meta"  # train batch + meta-validation batch
+    c.meta = dict(
+        method="jvp",  # or "lookahead": the literal nested gradient, same weights
+        alpha=c.optim.lr,  # virtual step = the real learning rate (only scales u)
+        val_batch_size=32,
+        val_fraction=0.11,  # top 11% of the training cases by mutual information
+        val_exclusive=True,  # those cases are "allocated" to validation, not trained on
+    )
+    if "small" in variants:
+        c.meta.val_batch_size = 8
+    if "tiny" in variants:
+        c.meta.val_batch_size = 2
+    return c

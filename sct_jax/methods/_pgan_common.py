@@ -1,0 +1,283 @@
+"""What pGAN and its three seed-02 variants share: models, state, D update, losses, configs.
+
+pGAN (Dar et al. 2019, ref: icon-lab/pGAN-cGAN) on 2.5D pelvis slices: a ResNet
+generator maps three neighbouring MR slices ``(B, H, W, 3)`` to one CT slice
+``(B, H, W, 1)``; a conditional PatchGAN (instance norm) scores ``concat(MR, CT)``;
+LSGAN objectives; ``G = adv + 100 L1 + 100 L1(VGG-16 relu2_2)``. The perceptual term runs
+over the whole batch (the reference takes sample 0 only).
+
+Every method here updates D first and then G against the *updated* D, with a single
+generator forward pass kept as a ``jax.vjp`` pullback (as :mod:`sct_jax.methods.pix2pix`).
+``ctx_pgan``, ``reg_pgan`` and ``meta_pgan`` change only G's objective, so differences in
+an ablation come from the loss alone.
+
+Frozen feature networks (VGG-16 for the perceptual term, VGG-19 for the contextual
+one) live in the state as ``TrainState``s whose optimizer is ``optax.set_to_zero()``:
+the loop shards, donates and checkpoints them like any network, and a missing weights
+file fails in ``create_state`` with the loader's message naming the file.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sct_jax.config_utils import base_config
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.losses import adversarial, perceptual, pixel
+from sct_jax.methods.common import TrainState, apply_updates, dummy_input
+from sct_jax.models.patchgan import PatchDiscriminator
+from sct_jax.models import vgg
+from sct_jax.models.resnet_generator import ResnetGenerator, check_resnet_input
+from sct_jax.training import optim
+
+# [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
+HU_PER_UNIT = 2012.0
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_generator(config) -> ResnetGenerator:
+    g = config.model.gen
+    return ResnetGenerator(out_channels=1, ngf=g.ngf, n_blocks=g.n_blocks, norm=g.norm,
+                           dropout_rate=g.dropout, conv_impl=config.model.conv_impl)
+
+
+def build_discriminator(config) -> PatchDiscriminator:
+    d = config.model.disc
+    return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm,
+                              conv_impl=config.model.conv_impl)
+
+
+def validate_pgan_config(config, modes: tuple[str, ...] = ("slices",)) -> None:
+    """Start-up checks shared by the four methods (raise ``ConfigError``)."""
+    if config.data.mode not in modes:
+        raise ConfigError(f"config.data.mode={config.data.mode!r}: {config.method} trains on "
+                          f"{' or '.join(modes)}")
+    try:
+        check_resnet_input(tuple(config.data.crop))
+    except ConfigError as err:
+        raise ConfigError(f"config.data.crop={tuple(config.data.crop)}: {err}") from err
+    if config.loss.gan not in adversarial.GAN_KINDS:
+        raise ConfigError(f"config.loss.gan={config.loss.gan!r}: expected one of "
+                          f"{adversarial.GAN_KINDS}")
+    for key in ("adv_weight", "l1_weight", "perceptual_weight"):
+        if float(config.loss[key]) < 0:
+            raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
+
+
+def frozen_vgg_state(path: str, arch: str, layers, config_key: str) -> TrainState:
+    """A never-updated ``TrainState`` holding VGG weights up to the deepest of ``layers``.
+
+    Raises:
+      DataError: the weights file is missing or unreadable; the message names the
+        config key and the file (and how to make it).
+    """
+    try:
+        params = vgg.load_vgg_params(path, arch)
+    except DataError as err:
+        raise DataError(f"config.{config_key}: {err}") from err
+    # Convs past the deepest requested layer are never evaluated: keeping them would
+    # only grow every checkpoint (VGG-19 to conv4_2 is 5.5M of its 20M weights).
+    names = vgg.vgg_layer_names(arch)
+    deepest = max(names.index(layer) for layer in layers)
+    params = {k: v for k, v in params.items() if names.index(k) <= deepest}
+    model = vgg.VGGFeatures(arch=arch, layers=tuple(layers))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optax.set_to_zero())
+
+
+def create_gan_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:
+    """``{"gen", "disc"}`` (+ ``"vgg16"`` when the perceptual weight is positive)."""
+    gen, disc = build_generator(config), build_discriminator(config)
+    mr = dummy_input(batch_spec["mr"])
+    ct = dummy_input(batch_spec["ct"])
+    g_rng, d_rng, drop_rng = jax.random.split(rng, 3)
+    gen_params = gen.init({"params": g_rng, "dropout": drop_rng}, mr, train=False)["params"]
+    disc_params = disc.init(d_rng, jnp.concatenate([mr, ct], axis=-1))["params"]
+    steps = config.train.steps
+    state = {
+        "gen": TrainState.create(apply_fn=gen.apply, params=gen_params,
+                                 tx=optim.adam(config.optim, steps)),
+        "disc": TrainState.create(apply_fn=disc.apply, params=disc_params,
+                                  tx=optim.adam(config.optim, steps)),
+    }
+    if config.loss.perceptual_weight > 0:
+        state["vgg16"] = frozen_vgg_state(config.model.vgg16_weights, "vgg16",
+                                          (config.loss.perceptual_layer,),
+                                          "model.vgg16_weights")
+    return state
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def dropout_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Independent keys of one step: train dropout, validation dropout, loss sampling."""
+    return jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
+
+
+def generator_fn(gen_state: TrainState, mr: jax.Array, key: jax.Array) -> Callable:
+    """``params -> (B, H, W, 1)`` sCT in train mode with a fixed dropout key."""
+    def generate(params):
+        return gen_state.apply_fn({"params": params}, mr, train=True, rngs={"dropout": key})
+    return generate
+
+
+def update_discriminator(config, disc_state: TrainState, mr: jax.Array, ct: jax.Array,
+                         fake: jax.Array) -> tuple[TrainState, jax.Array, dict]:
+    """One D step on real ``concat(mr, ct)`` against the detached fake.
+
+    Returns:
+      ``(new disc state, D loss, norm metrics)``.
+    """
+    kind = config.loss.gan
+
+    def disc_loss_fn(params):
+        real_logits = disc_state.apply_fn({"params": params}, jnp.concatenate([mr, ct], -1))
+        fake_logits = disc_state.apply_fn(
+            {"params": params}, jnp.concatenate([mr, jax.lax.stop_gradient(fake)], -1))
+        return adversarial.discriminator_loss(real_logits, fake_logits, kind)
+
+    d_loss, d_grads = jax.value_and_grad(disc_loss_fn)(disc_state.params)
+    disc_state, metrics = apply_updates(disc_state, d_grads, "disc")
+    return disc_state, d_loss, metrics
+
+
+def adversarial_term(config, disc_state: TrainState, mr: jax.Array,
+                     fake: jax.Array) -> jax.Array:
+    """G's adversarial loss under (the updated) D: ``loss(D(mr, fake), real)``."""
+    logits = disc_state.apply_fn({"params": disc_state.params},
+                                 jnp.concatenate([mr, fake], -1))
+    return adversarial.generator_loss(logits, config.loss.gan)
+
+
+def perceptual_term(config, state: dict, fake: jax.Array, ct: jax.Array) -> jax.Array:
+    """VGG-16 perceptual L1 over the whole batch; 0 when its weight is 0 (no VGG)."""
+    if config.loss.perceptual_weight <= 0:
+        return jnp.zeros((), jnp.float32)
+    return perceptual.perceptual_l1(state["vgg16"].params, fake, ct, arch="vgg16",
+                                    layer=config.loss.perceptual_layer,
+                                    input_norm=config.loss.perceptual_input_norm,
+                                    conv_impl=config.model.conv_impl)
+
+
+def gan_step(config, state: dict, batch: dict, rng: jax.Array,
+             extra_terms: Callable | None = None) -> tuple[dict, dict]:
+    """pGAN's step: D update, then G on ``adv + l1 L1 + perc VGG + extra``.
+
+    Args:
+      config: the experiment config.
+      state: ``{"gen", "disc", ["vgg16", ...]}``.
+      batch: ``mr (B, H, W, C_in)``, ``ct (B, H, W, 1)``.
+      rng: the step's key (already folded with the step).
+      extra_terms: optional ``(fake, key) -> (weighted scalar, metrics)`` added to G's
+        objective (the contextual loss of ctx-pGAN).
+
+    Returns:
+      The new state and scalar metrics.
+    """
+    gen_state = state["gen"]
+    mr, ct = batch["mr"], batch["ct"]
+    train_key, _, loss_key = dropout_keys(rng)
+    fake, gen_pullback = jax.vjp(generator_fn(gen_state, mr, train_key), gen_state.params)
+    disc_state, d_loss, d_metrics = update_discriminator(config, state["disc"], mr, ct, fake)
+    w = config.loss
+
+    def gen_loss_fn(fake_ct):
+        adv = adversarial_term(config, disc_state, mr, fake_ct)
+        l1 = pixel.l1(fake_ct, ct)
+        perc = perceptual_term(config, state, fake_ct, ct)
+        total = w.adv_weight * adv + w.l1_weight * l1 + w.perceptual_weight * perc
+        terms = {"g_adv": adv, "g_l1": l1, "g_perceptual": perc}
+        if extra_terms is not None:
+            extra, extra_metrics = extra_terms(fake_ct, loss_key)
+            total = total + extra
+            terms.update(extra_metrics)
+        return total, terms
+
+    (g_loss, terms), dloss_dfake = jax.value_and_grad(gen_loss_fn, has_aux=True)(fake)
+    (g_grads,) = gen_pullback(dloss_dfake)
+    gen_state, g_metrics = apply_updates(gen_state, g_grads, "gen")
+    new_state = {**state, "gen": gen_state, "disc": disc_state}
+    metrics = {"loss": g_loss, "d_loss": d_loss, **terms,
+               "mae_hu": terms["g_l1"] * HU_PER_UNIT, **d_metrics, **g_metrics}
+    return new_state, metrics
+
+
+def predict(config, state: dict, mr: jax.Array) -> jax.Array:
+    """``(B, H, W, 2c+1)`` MR in [-1, 1] -> ``(B, H, W, 1)`` sCT in [-1, 1] (dropout off)."""
+    del config
+    gen_state = state["gen"]
+    return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
+
+
+# ---------------------------------------------------------------------------- configs
+
+def pelvis_config(method: str, variants: set[str]):
+    """The seed-02 pelvis set-up shared by the four pGAN configs.
+
+    Seed 02: single axial slices (2.5D: 3 MR slices in) cropped to 320 x 192, batch 6,
+    100 epochs, phantom MR/CT misalignment so the methods have something to handle.
+    ``variants``: ``small`` (CPU, ~10-15 min) and/or ``tiny`` (seconds, tests).
+    """
+    c = base_config()
+    c.method = method
+    c.name = f"{method}_pelvis"
+    c.data.region = "pelvis"
+    c.data.mode = "slices"
+    c.data.crop = (320, 192)
+    c.data.context = 1  # 3 neighbouring MR slices -> 1 CT slice
+    c.data.phantom.misalign = 4.0  # mm: seed 02 compares methods under misalignment
+
+    c.model = dict(conv_impl="auto",
+                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.5),
+                   disc=dict(ndf=64, n_layers=3, norm="instance"),
+                   vgg16_weights="weights/vgg16.npz")
+    # pGAN: G = adv + 100 L1 + 100 perceptual L1 (VGG-16 relu2_2, fed [-1, 1] images
+    # unnormalised as the reference does), LSGAN.
+    c.loss = dict(gan="lsgan", adv_weight=1.0, l1_weight=100.0, perceptual_weight=100.0,
+                  perceptual_layer="relu2_2", perceptual_input_norm="none")
+    # Adam 2e-4, beta1 0.5; 50 constant + 50 decaying epochs.
+    c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
+    c.train.batch_size = 6
+    # 100 epochs of the SynthRAD2023 pelvis training split (~144 cases x ~120 slices
+    # ~ 17,000 slices / 6 per batch ~ 2,900 steps per epoch). Set it from your data:
+    # --config.train.steps=$((100 * n_slices / 6)).
+    c.train.steps = 290_000
+    c.train.log_every = 100
+    c.train.ckpt_every = 5000
+
+    if "small" in variants:
+        c.name += "_small"
+        c.data.crop = (256, 160)
+        c.model.gen.ngf = 16
+        c.model.gen.n_blocks = 3
+        c.model.disc.ndf = 16
+        c.train.batch_size = 4
+        c.train.steps = 1200
+        c.train.log_every = 50
+        c.train.ckpt_every = 400
+    if "tiny" in variants:
+        c.name += "_tiny"
+        c.data.phantom.cases = 4
+        c.data.phantom.shape = (48, 32, 8)
+        c.data.crop = (32, 32)
+        # XLA's own convolutions: at 32 x 32 the CPU lowering gains nothing, and its
+        # larger programs compile about twice as slowly (measured on the tiny pGAN step).
+        c.model.conv_impl = "xla"
+        c.model.gen.ngf = 4
+        c.model.gen.n_blocks = 1
+        c.model.disc.ndf = 4
+        c.loss.perceptual_weight = 0.0  # no VGG file needed; tests add random weights
+        c.train.batch_size = 2
+        c.train.steps = 2
+        c.train.log_every = 1
+        c.train.ckpt_every = 1
+        c.train.tensorboard = False
+        c.train.progress = False
+        c.eval.batch_size = 4
+        c.eval.max_cases = 1
+        c.eval.panels = False
+    return c

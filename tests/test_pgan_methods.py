@@ -1,0 +1,218 @@
+"""The four seed-02 methods (pgan, ctx_pgan, reg_pgan, meta_pgan) on their tiny configs.
+
+Each trains 2 steps through the real loop on the phantom data. meta_pgan's two
+reweighting forms are compiled exactly as the loop compiles them (so the later loop run
+is a compilation-cache hit) and must give the same weights on the same batch. VGG
+weights (ctx_pgan's test runs both the perceptual and the contextual term) are random,
+written in the converter's format.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from sct_jax import methods
+from sct_jax.config_utils import load_config_file
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.models import vgg
+from sct_jax.training import data as train_data
+from sct_jax.training import loop, sharding
+
+
+def _random_vgg_file(path, arch, seed):
+    """He-normal random weights for every conv of ``arch`` (numpy only: no compile)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, _, c_in, c_out in vgg.vgg_conv_layout(arch):
+        std = math.sqrt(2.0 / (9 * c_in))
+        params[name] = {"kernel": rng.normal(0, std, (3, 3, c_in, c_out)).astype(np.float32),
+                        "bias": np.zeros(c_out, np.float32)}
+    return str(vgg.save_vgg_npz(params, path, arch))
+
+
+@pytest.fixture(scope="module")
+def vgg_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vgg")
+    return {"vgg16": _random_vgg_file(root / "vgg16.npz", "vgg16", 0),
+            "vgg19": _random_vgg_file(root / "vgg19.npz", "vgg19", 1)}
+
+
+def tiny(name, **loss):
+    c = load_config_file(f"configs/{name}_pelvis.py:tiny")
+    c.train.ckpt_every = 2  # one checkpoint, at the end
+    for k, v in loss.items():
+        c.loss[k] = v
+    return c
+
+
+def initial_state(config, workdir):
+    """The state the loop started from (same key and program as ``loop.train``)."""
+    method = methods.get_method(config.method)
+    spec = loop.load_batch_spec(workdir)
+    init_rng, _ = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
+    create = functools.partial(method.create_state, config, batch_spec=spec)
+    # The loop's very program (replicated outputs): a compilation-cache hit.
+    repl = sharding.replicated(sharding.make_mesh(dict(config.mesh)))
+    shardings = jax.tree.map(lambda _: repl, jax.eval_shape(create, init_rng))
+    return jax.jit(create, out_shardings=shardings)(init_rng)
+
+
+def assert_trained(config, result, networks):
+    assert result.step == 2
+    assert result.metrics and all(math.isfinite(v) for v in result.metrics.values()), \
+        result.metrics
+    before = initial_state(config, result.workdir)
+    for name in networks:
+        changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(before[name].params),
+                       jax.tree.leaves(result.state[name].params))]
+        assert all(changed), f"{name}: {changed.count(False)} parameter arrays unchanged"
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pgan_two_steps(tmp_path):
+    config = tiny("pgan")
+    result = loop.train(config, tmp_path)
+    assert_trained(config, result, ("gen", "disc"))
+    assert result.metrics["loss"] == pytest.approx(
+        result.metrics["g_adv"] + 100.0 * result.metrics["g_l1"], rel=1e-5)
+
+
+def test_ctx_pgan_two_steps_with_perceptual(tmp_path, vgg_files):
+    config = tiny("ctx_pgan", perceptual_weight=100.0)  # pGAN's full objective
+    config.model.vgg16_weights = vgg_files["vgg16"]
+    config.model.vgg19_weights = vgg_files["vgg19"]
+    result = loop.train(config, tmp_path)
+    assert_trained(config, result, ("gen", "disc"))
+    m = result.metrics
+    assert m["g_contextual"] > 0 and m["g_perceptual"] > 0
+    assert m["loss"] == pytest.approx(m["g_adv"] + 100 * m["g_l1"] + 100 * m["g_perceptual"]
+                                      + 30 * m["g_contextual"], rel=1e-5)
+    # The frozen VGG-19 is kept only up to relu4_2 and never updated.
+    assert sorted(result.state["vgg19"].params) == [
+        "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+        "conv3_4", "conv4_1", "conv4_2"]
+    on_disk = vgg.load_vgg_params(vgg_files["vgg19"], "vgg19")
+    np.testing.assert_array_equal(np.asarray(result.state["vgg19"].params["conv4_2"]["kernel"]),
+                                  np.asarray(on_disk["conv4_2"]["kernel"]))
+
+
+def test_reg_pgan_two_steps_flow_starts_near_zero(tmp_path):
+    config = tiny("reg_pgan")
+    result = loop.train(config, tmp_path)
+    assert_trained(config, result, ("gen", "disc", "reg"))
+    first = read_metrics(tmp_path)[0]
+    assert first["step"] == 1
+    # R's output layer starts at N(0, 1e-5): the identity warp, to well under a pixel.
+    assert first["flow_abs_max"] < 1e-2, first
+    assert first["g_smooth"] < 1e-6
+    # Near the identity warp the registered L1 is the plain L1.
+    assert first["g_l1_registered"] == pytest.approx(first["g_l1"], rel=1e-2)
+    m = result.metrics
+    assert m["loss"] == pytest.approx(m["g_adv"] + 20 * m["g_l1_registered"]
+                                      + 10 * m["g_smooth"], rel=1e-5)
+
+
+def _meta_config(method):
+    c = tiny("meta_pgan")
+    c.meta.method = method
+    return c
+
+
+def test_meta_pgan_jvp_equals_lookahead_then_trains(tmp_path):
+    configs = {m: _meta_config(m) for m in ("jvp", "lookahead")}
+    config = configs["jvp"]
+    method = methods.get_method("meta_pgan")
+    mesh = sharding.make_mesh(dict(config.mesh))
+    local = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    assert local["val_mr"].shape == (2, 32, 32, 3) and local["val_ct"].shape == (2, 32, 32, 1)
+    spec = sharding.batch_spec(local)
+    init_rng, base_rng = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
+    metrics = {}
+    for name, c in configs.items():
+        create = functools.partial(method.create_state, c, batch_spec=spec)
+        abstract = jax.eval_shape(create, init_rng)
+        compiled, shardings, _ = loop.build_step(method, c, mesh, abstract, spec)
+        state = jax.jit(create, out_shardings=shardings)(init_rng)
+        _, m = compiled(state, sharding.global_batch(local, mesh), base_rng)
+        metrics[name] = jax.device_get(m)
+    jvp, look = metrics["jvp"], metrics["lookahead"]
+    n_pixels = local["ct"].size
+    # Normalised weights sum to 1 over the mini-batch.
+    assert jvp["meta/weight_mean"] * n_pixels == pytest.approx(1.0, rel=1e-4)
+    for key in ("meta/weight_max", "meta/u_mean", "meta/u_max", "meta/u_min",
+                "meta/u_positive_sum", "g_l1_weighted", "loss"):
+        assert jvp[key] == pytest.approx(look[key], rel=2e-3, abs=1e-7), key
+    # A pixel whose score is within rounding of 0 may flip sign between the two forms.
+    assert abs(jvp["meta/weight_zero_fraction"]
+               - look["meta/weight_zero_fraction"]) <= 2 / n_pixels
+
+    result = loop.train(config, tmp_path)  # the jvp program again: a cache hit
+    assert_trained(config, result, ("gen", "disc"))
+
+
+def test_meta_slices_come_from_the_best_registered_case():
+    config = tiny("meta_pgan")
+    splits = train_data.case_splits(config)
+    prepared = train_data.prepare(config, splits["train"])
+    val_ids = train_data.meta_validation_ids(config, prepared)
+    from sct_jax.data.alignment import mutual_information
+    by_mi = sorted(prepared, key=lambda c: -mutual_information(c.mr, c.ct, c.mask))
+    assert val_ids == [by_mi[0].id]  # round(0.11 * 3) -> at least 1 case
+    h, w = config.data.crop
+
+    def slices_of(case):
+        out = []
+        for z in range(case.ct.shape[2]):
+            s = train_data.pipeline.crop_or_pad_hw(np.asarray(case.ct[:, :, z])[..., None],
+                                                   (h, w), -1.0)
+            out += [s, s[::-1]]  # the pipeline flips left-right at random
+        return out
+
+    val_case = [c for c in prepared if c.id in val_ids]
+    train_cases = [c for c in prepared if c.id not in val_ids]
+
+    def source(image, cases):
+        return any(np.array_equal(image, s) for c in cases for s in slices_of(c))
+
+    iterator = iter(train_data.train_dataset(config, config.train.batch_size))
+    for _ in range(3):
+        batch = next(iterator)
+        for image in batch["val_ct"]:
+            assert source(image, val_case)
+        for image in batch["ct"]:  # val_exclusive: never trained on
+            assert source(image, train_cases) and not source(image, val_case)
+
+
+def test_missing_vgg_file_names_the_config_key(tmp_path):
+    config = tiny("pgan", perceptual_weight=100.0)
+    config.model.vgg16_weights = str(tmp_path / "nope.npz")
+    spec = {"mr": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
+            "ct": jax.ShapeDtypeStruct((2, 32, 32, 1), np.float32)}
+    create = functools.partial(methods.get_method("pgan").create_state, config,
+                               batch_spec=spec)
+    with pytest.raises(DataError, match=r"config\.model\.vgg16_weights: .*nope\.npz"):
+        jax.eval_shape(create, jax.random.key_data(jax.random.key(0)))
+
+
+@pytest.mark.parametrize("name, key, value, match", [
+    ("meta_pgan", "data.mode", "slices", "config.data.mode"),
+    ("meta_pgan", "meta.method", "hessian", "meta.method"),
+    ("pgan", "data.crop", (30, 32), "config.data.crop"),
+    ("reg_pgan", "data.crop", (8, 8), "config.model.reg"),
+])
+def test_bad_configs_fail_at_start(name, key, value, match):
+    config = tiny(name)
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(ConfigError, match=match):
+        methods.get_method(name).validate_config(config)
