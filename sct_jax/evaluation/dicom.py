@@ -1,0 +1,239 @@
+"""Writing a synthetic CT as a DICOM CT Image Storage series (one file per axial slice).
+
+A treatment planning system imports DICOM, not NIfTI. The series:
+
+- Pixel data: signed 16-bit, ``stored = round(HU) + 1024`` with RescaleSlope 1 and
+  RescaleIntercept -1024 (RescaleType HU), as CT scanners write it. HU are rounded to
+  integers and clipped to [-1024, 31743] (the int16 range above the intercept): below
+  -1024 is not a physical CT number, and stored values stay >= 0.
+- Geometry from the NIfTI affine, turned from RAS+ to DICOM's LPS (x and y negated).
+  Slice ``k`` is the NIfTI plane ``data[:, :, k]``; its pixel array is that plane
+  transposed, ``(Rows, Columns) = (Y, X)``: DICOM columns run along NIfTI ``i`` (the
+  first ImageOrientationPatient triplet is the affine's first column, normalised), rows
+  along ``j`` (second triplet). PixelSpacing is ``[row spacing, column spacing] =
+  [|a_j|, |a_i|]``; ImagePositionPatient of slice k is ``affine @ (0, 0, k)`` in LPS;
+  SliceThickness = SpacingBetweenSlices = ``|a_k|``. InstanceNumber counts k from 1.
+  The affine must have orthogonal in-plane axes and a slice axis along their normal
+  (no shear, no gantry tilt); a left-handed affine (slice axis against the normal) is
+  valid, readers then stack the slices in the opposite order, same positions.
+- Identity: new Study/Series/SOP Instance/Frame of Reference UIDs, Modality CT, and the
+  series marked as synthetic in SeriesDescription ("SYNTHETIC CT ..."), ImageType
+  ``DERIVED\\SECONDARY\\AXIAL``, DerivationDescription and ImageComments.
+- With a reference MR series (``like``), the patient and study tags are copied from it
+  (the sCT joins the MR's study) and so is FrameOfReferenceUID: the sCT is computed on
+  the MR's voxel grid, so it shares the MR's patient coordinate system, and a planning
+  system can then overlay the two without a registration. That holds only when the
+  NIfTI was converted from that very MR series; otherwise omit ``like``.
+
+The folder is written atomically: files go to a temporary folder next to ``out`` that
+is renamed when complete; an existing non-empty ``out`` is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sct_jax.data.io import Volume
+from sct_jax.errors import DataError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+RESCALE_INTERCEPT = -1024
+HU_STORED_RANGE = (-1024, 32767 + RESCALE_INTERCEPT)
+# Copied from the reference MR series: who and which study, and its coordinate system.
+# PatientPosition (HFS, FFS, ...) too, because it is a property of the MR's patient frame.
+LIKE_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate",
+             "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+             "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+             "FrameOfReferenceUID", "PatientPosition")
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_ORTHOGONALITY_TOLERANCE = 1e-4
+
+
+def slice_geometry(affine: np.ndarray, shape: Sequence[int]) -> dict:
+    """DICOM geometry of the axial slices of a NIfTI volume.
+
+    Args:
+      affine: ``(4, 4)`` voxel -> RAS+ mm.
+      shape: ``(X, Y, Z)``.
+
+    Returns:
+      dict with ``orientation`` (6 floats: row then column direction cosines, LPS),
+      ``pixel_spacing`` ``[row spacing, column spacing]`` mm, ``slice_spacing`` mm,
+      ``positions`` ``(Z, 3)`` ImagePositionPatient per slice (LPS mm) and ``normal``
+      (3,), the slice normal ``row x column``.
+
+    Raises:
+      DataError: a singular, sheared or tilted affine (DICOM slices cannot carry it).
+    """
+    lps = _RAS_TO_LPS @ np.asarray(affine, np.float64)
+    columns = lps[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if not np.all(np.isfinite(columns)) or np.any(spacing <= 0):
+        raise DataError(f"affine has a zero or non-finite axis (voxel sizes {spacing})")
+    cosines = columns / spacing
+    normal = np.cross(cosines[:, 0], cosines[:, 1])
+    if abs(float(cosines[:, 0] @ cosines[:, 1])) > _ORTHOGONALITY_TOLERANCE:
+        raise DataError("affine: the in-plane axes are not orthogonal (sheared); DICOM "
+                        "rows and columns must be perpendicular")
+    if abs(abs(float(cosines[:, 2] @ normal)) - 1.0) > _ORTHOGONALITY_TOLERANCE:
+        raise DataError("affine: the slice axis is not perpendicular to the slices "
+                        "(gantry tilt or shear); resample to an orthogonal grid first")
+    positions = lps[:3, 3][None, :] + np.arange(int(shape[2]))[:, None] * columns[:, 2][None, :]
+    return {"orientation": [*cosines[:, 0], *cosines[:, 1]],
+            "pixel_spacing": [float(spacing[1]), float(spacing[0])],
+            "slice_spacing": float(spacing[2]), "positions": positions, "normal": normal}
+
+
+def hu_to_stored(hu: np.ndarray) -> np.ndarray:
+    """HU -> int16 stored values (``round(HU) + 1024``, clipped; see the module doc)."""
+    hu = np.clip(np.rint(np.asarray(hu, np.float64)), *HU_STORED_RANGE)
+    return (hu - RESCALE_INTERCEPT).astype(np.int16)
+
+
+def read_reference_tags(like_dir: str | os.PathLike) -> dict:
+    """The :data:`LIKE_TAGS` of the first readable DICOM file in ``like_dir`` (recursive).
+
+    Raises:
+      DataError: the folder is missing or holds no DICOM file.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    like_dir = Path(like_dir)
+    if not like_dir.is_dir():
+        raise DataError(f"{like_dir}: reference MR series folder not found")
+    for path in sorted(p for p in like_dir.rglob("*") if p.is_file()):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "SOPClassUID" not in ds:
+            continue
+        return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
+    raise DataError(f"{like_dir}: no DICOM file found for --like")
+
+
+def _ds(value: float) -> str:
+    from pydicom.valuerep import format_number_as_ds
+    # Snap rounding dust (-1.2e-17) to 0: cosines of an axis-aligned grid read as 0.
+    return format_number_as_ds(0.0 if abs(value) < 1e-12 else float(value))
+
+
+def _base_dataset(like: dict, source: str, source_file: str, series_number: int, now):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from sct_jax import __version__
+
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8; replaced by the MR's when copied
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.Modality = "CT"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
+    ds.StudyInstanceUID = generate_uid()
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = date, time, "", ""
+    ds.ReferringPhysicianName = ""
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    for tag, value in like.items():
+        setattr(ds, tag, value)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
+    ds.SeriesDescription = f"SYNTHETIC CT from {source}"[:64]
+    origin = f" (file {source_file})" if source_file else ""
+    ds.DerivationDescription = (f"SYNTHETIC CT computed from {source} by sct_jax "
+                                f"{__version__}{origin}; not an acquired CT image")[:1024]
+    ds.ImageComments = "SYNTHETIC CT - not an acquired image"
+    ds.Manufacturer = "sct_jax"
+    ds.SoftwareVersions = __version__
+    ds.BurnedInAnnotation = "NO"
+    ds.KVP = ""
+    ds.AcquisitionNumber = 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = str(RESCALE_INTERCEPT), "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"  # soft-tissue window on opening
+    return ds
+
+
+def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
+                        like_dir: str | os.PathLike | None = None, source: str = "MR",
+                        source_file: str = "", series_number: int = 901,
+                        now: datetime.datetime | None = None) -> list[Path]:
+    """Writes ``sct`` as a CT Image Storage series, one file per axial slice.
+
+    Args:
+      sct: the synthetic CT, ``data`` ``(X, Y, Z)`` HU (finite), ``affine`` RAS+.
+      out_dir: the folder to create (must not exist, or be empty).
+      like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from.
+      source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix").
+      source_file: the NIfTI's name, recorded in DerivationDescription.
+      series_number: the SeriesNumber.
+      now: the date and time to record (default: now).
+
+    Returns:
+      The written files, ``out_dir/CT0001.dcm`` ... in slice order.
+
+    Raises:
+      DataError: not 3D, non-finite voxels, an unusable affine, a non-empty ``out_dir``,
+        or a ``like_dir`` without DICOM.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out_dir = Path(out_dir)
+    data = np.asarray(sct.data)
+    if data.ndim != 3:
+        raise DataError(f"{source_file or 'sct'}: expected a 3D volume, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{source_file or 'sct'}: non-finite (NaN/Inf) voxels")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite")
+    geometry = slice_geometry(sct.affine, data.shape)
+    like = read_reference_tags(like_dir) if like_dir is not None else {}
+    base = _base_dataset(like, source, source_file, series_number,
+                         now or datetime.datetime.now())
+    digits = max(4, len(str(data.shape[2])))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    names = []
+    try:
+        for k in range(data.shape[2]):
+            ds = copy.deepcopy(base)  # Dataset.copy() is shallow: slices would share
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            position = geometry["positions"][k]
+            ds.ImagePositionPatient = [_ds(v) for v in position]
+            ds.ImageOrientationPatient = [_ds(v) for v in geometry["orientation"]]
+            ds.PixelSpacing = [_ds(v) for v in geometry["pixel_spacing"]]
+            ds.SliceThickness = ds.SpacingBetweenSlices = _ds(geometry["slice_spacing"])
+            ds.SliceLocation = _ds(float(position @ geometry["normal"]))
+            # (Rows, Columns) = (Y, X): DICOM columns follow NIfTI i, rows follow j.
+            ds.set_pixel_data(np.ascontiguousarray(hu_to_stored(data[:, :, k].T)),
+                              photometric_interpretation="MONOCHROME2", bits_stored=16,
+                              generate_instance_uid=False)
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            name = f"CT{k + 1:0{digits}d}.dcm"
+            ds.save_as(tmp / name, enforce_file_format=True)
+            names.append(name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
+        os.replace(tmp, out_dir)  # replaces an empty out_dir; fails on a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / name for name in names]

@@ -1,0 +1,594 @@
+"""Fidelity checks of a synthetic CT that need no reference CT.
+
+A planning sCT has no CT to be scored against, so these checks ask whether it is a
+plausible CT *of this MR*. Each check returns ``{name, status, value, threshold,
+reason}`` with ``status`` one of ``pass``/``warn``/``fail``; the overall status is the
+worst. Command line: ``python -m sct_jax.qa --mr MR --sct SCT [--mask M] --report R.json``.
+
+Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
+
+- ``hu_range``: non-finite voxels anywhere, or body voxels outside [HU_MIN, HU_MAX].
+- ``tissue_fractions``: air/fat/soft/bone fractions inside the body against the
+  training distribution (a profile from :func:`build_reference_profile`, or the
+  built-in ranges :data:`BUILTIN_RANGES`). Bone removed or an HU offset fails here.
+- ``hu_statistics``: mean and median HU inside the body, same ranges.
+- ``bone_outside_body``: sCT > 250 HU outside the body, per body voxel.
+- ``body_outline``: Dice of the body (mask, else an MR-derived outline) with the
+  sCT's body (> -400 HU, largest component, holes filled per slice).
+- ``slice_continuity``: a 2D model's slice artefacts. For each slice, the smaller mean
+  absolute difference to its two neighbours over the difference between those
+  neighbours (``D(z, z+-1) / (D(z-1, z+1) + 5 HU)``): about 0.5 for smooth anatomy, 1
+  for pure noise, >2 for a slice that differs from both its neighbours.
+- ``alignment``: the translation of the sCT against the MR that best lines up their
+  edges (FFT cross-correlation of gradient magnitudes, parabolic sub-voxel peak). A
+  model's output is on the MR grid, so anything beyond a few mm is a pipeline bug
+  (crop/pad offset, flipped or shifted axes).
+- ``cycle_consistency`` (given ``ct_to_mr``): Pearson r and NMI of MR vs G_CT->MR(sCT).
+- ``sample_spread`` (given >= 2 samples): per-voxel std across samples in the body.
+
+The thresholds are heuristics, documented where they are defined; a ``warn`` asks a
+person to look, a ``fail`` says the sCT should not be used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from sct_jax.data.alignment import normalized_mutual_information
+from sct_jax.data.preprocess import HU_MAX, HU_MIN
+from sct_jax.errors import ConfigError, DataError
+
+STATUSES = ("pass", "warn", "fail")
+AIR_FAT_HU, FAT_SOFT_HU, SOFT_BONE_HU = -200.0, -30.0, 250.0
+BODY_HU = -400.0  # tissue vs air for the sCT body outline
+TISSUES = ("air", "fat", "soft", "bone")
+PROFILE_STATS = tuple(f"{t}_fraction" for t in TISSUES) + ("mean_hu", "median_hu")
+PROFILE_KIND = "sct_jax.qa.reference_profile"
+
+# Built-in ranges inside a (dilated, SynthRAD-style) body mask, {"pass": [lo, hi],
+# "fail": [lo, hi]}: inside "pass" passes, outside "fail" fails, between warns. Broad on
+# purpose: they cover thin and obese patients, the air ring a dilated mask adds, bowel
+# gas and sinuses; they catch an sCT without bone, with bone everywhere, or shifted in HU.
+# Pelvis: soft tissue ~40-60 %, fat 10-40 %, bone (pelvis, sacrum, femora) 5-15 %.
+# Head: brain ~50 %, skull 10-30 %, little fat, air from sinuses and the mask's ring.
+BUILTIN_RANGES: dict[str, dict[str, dict[str, list[float]]]] = {
+    "pelvis": {
+        "air_fraction": {"pass": [0.0, 0.25], "fail": [0.0, 0.40]},
+        "fat_fraction": {"pass": [0.05, 0.55], "fail": [0.02, 0.70]},
+        "soft_fraction": {"pass": [0.25, 0.75], "fail": [0.15, 0.85]},
+        "bone_fraction": {"pass": [0.03, 0.25], "fail": [0.015, 0.35]},
+        "mean_hu": {"pass": [-300.0, 50.0], "fail": [-450.0, 150.0]},
+        "median_hu": {"pass": [-120.0, 70.0], "fail": [-180.0, 130.0]},
+    },
+    "brain": {
+        "air_fraction": {"pass": [0.0, 0.30], "fail": [0.0, 0.45]},
+        "fat_fraction": {"pass": [0.0, 0.25], "fail": [0.0, 0.40]},
+        "soft_fraction": {"pass": [0.25, 0.85], "fail": [0.15, 0.92]},
+        "bone_fraction": {"pass": [0.06, 0.40], "fail": [0.03, 0.50]},
+        "mean_hu": {"pass": [-250.0, 300.0], "fail": [-400.0, 450.0]},
+        "median_hu": {"pass": [-50.0, 100.0], "fail": [-120.0, 180.0]},
+    },
+}
+
+# Upper-bound thresholds {name: (warn above, fail above)}.
+OUT_OF_RANGE_FRACTION = (1e-4, 1e-3)  # a few voxels at the clip limits are rounding
+BONE_OUTSIDE_FRACTION = (1e-3, 5e-3)  # of the body volume
+SLICE_SCORE = (1.3, 1.8)  # noise-only slices score ~1, a zeroed slice > 2
+SHIFT_MM = (3.0, 6.0)  # ~1 voxel of estimation error is normal
+SPREAD_MEAN_STD_HU = (50.0, 100.0)
+SPREAD_FLAG_HU = 150.0  # voxels drawn red in the figure
+# Lower-bound thresholds {name: (warn below, fail below)}.
+OUTLINE_DICE = (0.85, 0.75)
+CYCLE_PEARSON = (0.8, 0.6)
+_SLICE_FLOOR_HU = 5.0  # keeps a constant region from dividing by ~0
+_MIN_SLICE_AREA = 0.05  # slices with less body than this fraction of the largest are skipped
+
+
+@dataclasses.dataclass
+class QAResult:
+    """The outcome of :func:`run_qa`.
+
+    Attributes:
+      report: JSON-ready dict: ``status``, ``checks`` (list of check dicts), ``reference``.
+      flagged: ``(X, Y, Z)`` bool, voxels to draw red (bone outside the body, outline
+        disagreement when that check is not a pass, flagged slices, high spread).
+      body: ``(X, Y, Z)`` bool, the body mask the checks used.
+      slice_mean_hu: ``(Z,)`` mean sCT HU inside the body per slice (NaN without body).
+      flagged_slices: slice indices whose continuity score is above the warn threshold.
+    """
+
+    report: dict
+    flagged: np.ndarray
+    body: np.ndarray
+    slice_mean_hu: np.ndarray
+    flagged_slices: list[int]
+
+    @property
+    def status(self) -> str:
+        return self.report["status"]
+
+
+def worst(statuses: Iterable[str]) -> str:
+    """The worst of ``statuses`` (``pass`` for none)."""
+    return max(statuses, key=STATUSES.index, default="pass")
+
+
+def _check(name, status, value, threshold, reason) -> dict:
+    return {"name": name, "status": status, "value": value, "threshold": threshold,
+            "reason": reason}
+
+
+def _above(value: float, limits: tuple[float, float]) -> str:
+    return "fail" if value > limits[1] else "warn" if value > limits[0] else "pass"
+
+
+def _below(value: float, limits: tuple[float, float]) -> str:
+    return "fail" if value < limits[1] else "warn" if value < limits[0] else "pass"
+
+
+def _in_range(value: float, ranges: Mapping[str, Sequence[float]]) -> str:
+    (plo, phi), (flo, fhi) = ranges["pass"], ranges["fail"]
+    return "pass" if plo <= value <= phi else "warn" if flo <= value <= fhi else "fail"
+
+
+def mr_body_outline(mr: np.ndarray) -> np.ndarray:
+    """The body outline of an MR: above 10 % of the 99th percentile after smoothing.
+
+    Largest component, holes filled per axial slice, not dilated. A fixed fraction of a
+    high percentile follows the body edge more reliably than Otsu, which on fat-bright
+    T1 sometimes splits fat from muscle.
+
+    Args:
+      mr: ``(X, Y, Z)`` MR in scanner units.
+
+    Returns:
+      ``(X, Y, Z)`` bool.
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(mr, np.float32), 1.0)
+    return _largest_filled(smooth > 0.1 * float(np.percentile(smooth, 99.0)))
+
+
+def sct_body_outline(sct: np.ndarray) -> np.ndarray:
+    """The sCT's body: > -400 HU, large components, holes (gas, lungs) filled per slice.
+
+    Components of at least 10 % of the largest are kept, so that a corrupted slice that
+    cuts the body in two is reported by the slice check, not as half a body missing.
+    """
+    return _largest_filled(np.asarray(sct) > BODY_HU, keep_fraction=0.1)
+
+
+def _largest_filled(foreground: np.ndarray, keep_fraction: float = 1.0) -> np.ndarray:
+    labels, n = ndimage.label(foreground)
+    if n == 0:
+        return np.zeros(foreground.shape, bool)
+    sizes = ndimage.sum_labels(foreground, labels, index=np.arange(1, n + 1))
+    keep = np.concatenate([[False], sizes >= keep_fraction * sizes.max()])
+    body = keep[labels]
+    for z in range(body.shape[2]):
+        body[:, :, z] = ndimage.binary_fill_holes(body[:, :, z])
+    return body
+
+
+def _dilate_in_plane(mask: np.ndarray, steps: int) -> np.ndarray:
+    structure = np.zeros((3, 3, 3), bool)
+    structure[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_dilation(mask, structure, iterations=steps)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def case_statistics(ct: np.ndarray, body: np.ndarray) -> dict[str, float]:
+    """Tissue fractions and HU statistics of a CT (or sCT) inside ``body``.
+
+    Args:
+      ct: ``(X, Y, Z)`` HU.
+      body: ``(X, Y, Z)`` bool or 0/1 mask with at least one voxel.
+
+    Returns:
+      ``{name: value}`` for :data:`PROFILE_STATS` (fractions in [0, 1], HU).
+    """
+    values = np.asarray(ct, np.float64)[np.asarray(body) > 0]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise DataError("qa: the body mask selects no finite voxels")
+    bins = [values < AIR_FAT_HU, (values >= AIR_FAT_HU) & (values < FAT_SOFT_HU),
+            (values >= FAT_SOFT_HU) & (values <= SOFT_BONE_HU), values > SOFT_BONE_HU]
+    stats = {f"{t}_fraction": float(b.mean()) for t, b in zip(TISSUES, bins)}
+    stats.update(mean_hu=float(values.mean()), median_hu=float(np.median(values)))
+    return stats
+
+
+def build_reference_profile(ct_volumes_with_masks: Iterable, region: str | None = None) -> dict:
+    """The "training distribution" of tissue fractions and HU statistics.
+
+    Per statistic: mean, std, min, max over the cases, and ranges for
+    :func:`run_qa`: ``pass`` = [min(min, mean - 3 std) - floor, max(max, mean + 3 std)
+    + floor] (floor 0.02 for fractions, 15 HU; fractions kept in [0, 1]); ``fail`` =
+    [lo / 2, 1.5 hi] for fractions (relative: a case with no bone must fail however
+    wide the training spread), and the pass range widened by half its width on each
+    side for HU statistics.
+
+    Args:
+      ct_volumes_with_masks: iterable of ``(ct, mask)`` pairs, each an ``(X, Y, Z)``
+        array (HU and body mask) or a :class:`sct_jax.data.io.Volume`.
+      region: recorded in the profile (``"pelvis"``/``"brain"``), optional.
+
+    Returns:
+      JSON-ready dict ``{kind, version, region, n_cases, stats, ranges}``.
+    """
+    per_case = []
+    for ct, mask in ct_volumes_with_masks:
+        ct, mask = (getattr(v, "data", v) for v in (ct, mask))
+        if np.shape(ct) != np.shape(mask):
+            raise DataError(f"reference profile: ct shape {np.shape(ct)} differs from mask "
+                            f"{np.shape(mask)}")
+        per_case.append(case_statistics(ct, mask))
+    if not per_case:
+        raise DataError("reference profile: no training cases given")
+    stats, ranges = {}, {}
+    for name in PROFILE_STATS:
+        v = np.array([case[name] for case in per_case])
+        mean, std = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        floor = 0.02 if name.endswith("fraction") else 15.0
+        lo = min(float(v.min()), mean - 3 * std) - floor
+        hi = max(float(v.max()), mean + 3 * std) + floor
+        if name.endswith("fraction"):  # relative margins: no bone at all must fail
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+            fail = [lo / 2.0, min(hi * 1.5, 1.0)]
+        else:
+            fail = [lo - (hi - lo) / 2.0, hi + (hi - lo) / 2.0]
+        stats[name] = {"mean": mean, "std": std, "min": float(v.min()), "max": float(v.max())}
+        ranges[name] = {"pass": [lo, hi], "fail": fail}
+    return {"kind": PROFILE_KIND, "version": 1, "region": region, "n_cases": len(per_case),
+            "stats": stats, "ranges": ranges}
+
+
+def validate_profile(profile: Mapping, source: str = "reference profile") -> dict:
+    """Checks a profile dict (e.g. read from JSON) has usable ranges; returns it."""
+    if not isinstance(profile, Mapping) or profile.get("kind") != PROFILE_KIND:
+        raise DataError(f"{source}: not an sct_jax QA reference profile (kind != {PROFILE_KIND})")
+    ranges = profile.get("ranges")
+    for name in PROFILE_STATS:
+        entry = ranges.get(name) if isinstance(ranges, Mapping) else None
+        ok = isinstance(entry, Mapping) and all(
+            isinstance(entry.get(k), (list, tuple)) and len(entry[k]) == 2
+            and all(isinstance(x, (int, float)) and math.isfinite(x) for x in entry[k])
+            for k in ("pass", "fail"))
+        if not ok:
+            raise DataError(f"{source}: ranges.{name} must have 'pass' and 'fail' "
+                            "[lo, hi] pairs of numbers")
+    return dict(profile)
+
+
+def check_hu_range(sct, body) -> dict:
+    """(a) Non-finite voxels anywhere, or body voxels outside [HU_MIN, HU_MAX] (+-0.5)."""
+    finite = np.isfinite(sct)
+    non_finite = int(sct.size - np.count_nonzero(finite))
+    inside = sct[body & finite]
+    outside = int(np.count_nonzero((inside < HU_MIN - 0.5) | (inside > HU_MAX + 0.5)))
+    fraction = outside / max(int(body.sum()), 1)
+    status = "fail" if non_finite else _above(fraction, OUT_OF_RANGE_FRACTION)
+    reason = (f"{non_finite} non-finite voxels" if non_finite else
+              f"{fraction:.2%} of body voxels outside [{HU_MIN:.0f}, {HU_MAX:.0f}] HU")
+    return _check("hu_range", status, {"non_finite": non_finite, "outside_fraction": fraction},
+                  {"warn_above": OUT_OF_RANGE_FRACTION[0],
+                   "fail_above": OUT_OF_RANGE_FRACTION[1]}, reason)
+
+
+def _range_check(name: str, stats: Mapping[str, float], ranges: Mapping, keys, source) -> dict:
+    statuses = {k: _in_range(stats[k], ranges[k]) for k in keys}
+    status = worst(statuses.values())
+    off = []
+    for k, s in statuses.items():
+        if s != "pass":
+            lo, hi = ranges[k]["pass" if s == "warn" else "fail"]
+            off.append(f"{k}={stats[k]:.3g} outside [{lo:.3g}, {hi:.3g}]")
+    reason = "; ".join(off) if off else f"all within the {source} ranges"
+    return _check(name, status, {k: stats[k] for k in keys},
+                  {k: dict(ranges[k]) for k in keys}, reason)
+
+
+def check_bone_outside_body(sct, body) -> tuple[dict, np.ndarray]:
+    """(c) sCT bone (> 250 HU) outside the body; returns the check and those voxels."""
+    bone_out = np.nan_to_num(sct, nan=0.0) > SOFT_BONE_HU
+    bone_out &= ~body
+    fraction = float(bone_out.sum()) / max(int(body.sum()), 1)
+    return _check("bone_outside_body", _above(fraction, BONE_OUTSIDE_FRACTION),
+                  {"voxels": int(bone_out.sum()), "fraction_of_body": fraction},
+                  {"warn_above": BONE_OUTSIDE_FRACTION[0],
+                   "fail_above": BONE_OUTSIDE_FRACTION[1]},
+                  f"{int(bone_out.sum())} bone voxels (> {SOFT_BONE_HU:.0f} HU) outside the "
+                  f"body, {fraction:.2%} of the body volume"), bone_out
+
+
+def slice_continuity_scores(sct: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Per-slice discontinuity score (see the module docstring); ``(Z,)``, NaN if unscored.
+
+    Interior slice z: ``min(D(z, z-1), D(z, z+1)) / (D(z-1, z+1) + 5 HU)`` with ``D`` the
+    mean absolute HU difference over slice z's body. End slices: ``D(z, z') / (2 D(z',
+    z'') + 5 HU)`` with z', z'' the next two slices inwards. Slices with less body than 5 % of
+    the largest body slice, and volumes under 3 slices, are not scored.
+    """
+    nz = sct.shape[2]
+    scores = np.full(nz, np.nan)
+    area = body.sum(axis=(0, 1))
+    if nz < 3 or area.max() == 0:
+        return scores
+
+    def diff(z1, z2, region):
+        return float(np.abs(sct[:, :, z1] - sct[:, :, z2])[region].mean())
+
+    for z in range(nz):
+        region = body[:, :, z]
+        if area[z] < _MIN_SLICE_AREA * area.max():
+            continue
+        if 0 < z < nz - 1:
+            jump = min(diff(z, z - 1, region), diff(z, z + 1, region))
+            scores[z] = jump / (diff(z - 1, z + 1, region) + _SLICE_FLOOR_HU)
+        else:
+            step = 1 if z == 0 else -1
+            # One neighbour only: its one-slice difference, doubled, stands in for the
+            # two-slice difference of the interior score so both read on one scale.
+            scores[z] = diff(z, z + step, region) / (
+                2.0 * diff(z + step, z + 2 * step, region) + _SLICE_FLOOR_HU)
+    return scores
+
+
+def check_body_outline(body, sct, body_name: str) -> tuple[dict, np.ndarray]:
+    """(d) Dice of ``body`` with the sCT's body; returns the check and their XOR."""
+    sct_body = sct_body_outline(sct)
+    overlap = dice(body, sct_body)
+    return _check("body_outline", _below(overlap, OUTLINE_DICE), {"dice": overlap},
+                  {"warn_below": OUTLINE_DICE[0], "fail_below": OUTLINE_DICE[1]},
+                  f"Dice {overlap:.3f} between the {body_name} and the sCT body "
+                  f"(> {BODY_HU:.0f} HU)"), body ^ sct_body
+
+
+def check_slice_continuity(sct, body) -> tuple[dict, np.ndarray, list[int]]:
+    """(e) Slice artefacts; returns the check, per-slice mean HU ``(Z,)``, flagged slices."""
+    area = body.sum(axis=(0, 1))
+    sums = np.where(body, sct, 0.0).sum(axis=(0, 1))
+    mean_hu = np.where(area > 0, sums / np.maximum(area, 1), np.nan)
+    jumps = np.abs(np.diff(mean_hu[area >= _MIN_SLICE_AREA * max(area.max(), 1)]))
+    jump_ratio = (float(jumps.max() / max(np.median(jumps), 1.0)) if jumps.size else 0.0)
+    scores = slice_continuity_scores(sct, body)
+    if np.all(np.isnan(scores)):
+        return _check("slice_continuity", "warn", {"max_score": None},
+                      {"warn_above": SLICE_SCORE[0], "fail_above": SLICE_SCORE[1]},
+                      "too few slices with body to score"), mean_hu, []
+    worst_z = int(np.nanargmax(scores))
+    max_score = float(scores[worst_z])
+    flagged = [int(z) for z in np.nonzero(np.nan_to_num(scores) > SLICE_SCORE[0])[0]]
+    status = _above(max_score, SLICE_SCORE)
+    reason = (f"slice {worst_z} differs from both neighbours ({max_score:.2f} x their "
+              f"own difference); flagged slices {flagged}" if flagged else
+              f"max score {max_score:.2f} at slice {worst_z}")
+    value = {"max_score": max_score, "worst_slice": worst_z, "flagged_slices": flagged,
+             "max_mean_hu_jump": float(jumps.max()) if jumps.size else 0.0,
+             "mean_hu_jump_over_median": jump_ratio}
+    return _check("slice_continuity", status, value,
+                  {"warn_above": SLICE_SCORE[0], "fail_above": SLICE_SCORE[1]},
+                  reason), mean_hu, flagged
+
+
+def _edge_map(image: np.ndarray, spacing, step) -> np.ndarray:
+    sigma = [max(1.5 / s, 0.7) for s in spacing]  # ~1.5 mm: above the noise, below anatomy
+    grad = ndimage.gaussian_gradient_magnitude(image.astype(np.float32), sigma)
+    grad = grad[::step[0], ::step[1], ::step[2]]
+    scale = float(np.percentile(grad, 99.0))
+    grad = np.minimum(grad / scale, 1.0) if scale > 0 else grad  # no edge dominates
+    return grad - grad.mean()
+
+
+def estimate_shift(mr: np.ndarray, sct: np.ndarray, body: np.ndarray, spacing,
+                   max_shift_mm: float = 20.0) -> tuple[np.ndarray, float, float]:
+    """Translation of the sCT against the MR that best lines up their edges.
+
+    Gradient magnitudes (clipped at their 99th percentile so that both the body outline
+    and bone edges count) are cross-correlated by FFT over the body's bounding box,
+    on a grid of about 2 mm; the peak is refined by a parabola per axis.
+
+    Args:
+      mr, sct: ``(X, Y, Z)`` images on the same grid.
+      body: ``(X, Y, Z)`` bool, where to look (its bounding box plus the search margin).
+      spacing: voxel size in mm, 3 floats.
+      max_shift_mm: the search range on each axis.
+
+    Returns:
+      ``(shift_mm (3,), ncc_at_zero, ncc_at_peak)``: ``sct(x) ~ mr(x - shift)``.
+    """
+    spacing = np.asarray(spacing, float)
+    step = np.maximum(1, np.floor(2.0 / spacing)).astype(int)
+    grid_mm = spacing * step
+    idx = np.nonzero(body)
+    if idx[0].size == 0:
+        return np.zeros(3), 0.0, 0.0
+    box = tuple(slice(max(int(i.min()) - int(math.ceil(max_shift_mm / s)), 0),
+                      int(i.max()) + int(math.ceil(max_shift_mm / s)) + 1)
+                for i, s in zip(idx, spacing))
+    a = _edge_map(np.asarray(mr)[box], spacing, step)
+    b = _edge_map(np.clip(np.nan_to_num(sct[box], nan=HU_MIN), -1000.0, 1500.0), spacing, step)
+    reach = [min(int(math.ceil(max_shift_mm / g)), n // 2) for g, n in zip(grid_mm, a.shape)]
+    padded = [n + r for n, r in zip(a.shape, reach)]  # zero padding: no wrap-around
+    spectra = [np.fft.rfftn(x, padded, axes=(0, 1, 2)) for x in (a, b)]
+    corr = np.fft.irfftn(spectra[0] * np.conj(spectra[1]), padded, axes=(0, 1, 2))
+    # corr[L] = sum_x a(x + L) b(x): peaks at L = -shift. Keep lags within +-reach.
+    lags = [np.r_[0:r + 1, n - r:n] for r, n in zip(reach, padded)]
+    window = corr[np.ix_(*lags)]
+    peak = np.unravel_index(int(np.argmax(window)), window.shape)
+    shift = np.zeros(3)
+    for axis in range(3):
+        lag = int(lags[axis][peak[axis]])
+        lag = lag - padded[axis] if lag > reach[axis] else lag
+        shift[axis] = -(lag + _parabola_offset(corr, peak, lags, axis))
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum())) or 1.0
+    return shift * grid_mm, float(corr[0, 0, 0] / norm), float(window[peak] / norm)
+
+
+def _parabola_offset(corr, peak, lags, axis) -> float:
+    """Sub-voxel offset of the correlation peak along ``axis`` (0 at the window's edge)."""
+    i = peak[axis]
+    if i in (0, len(lags[axis]) - 1) and lags[axis][i] != 0:
+        return 0.0
+    n = corr.shape[axis]
+    at = [int(lags[k][peak[k]]) for k in range(3)]
+    values = []
+    for d in (-1, 0, 1):
+        pos = list(at)
+        pos[axis] = (at[axis] + d) % n
+        values.append(float(corr[tuple(pos)]))
+    denom = values[0] - 2 * values[1] + values[2]
+    return 0.0 if denom >= 0 else float(np.clip(0.5 * (values[0] - values[2]) / denom, -0.5, 0.5))
+
+
+def check_alignment(mr, sct, body, spacing) -> dict:
+    """(f) The sCT's edges against the MR's: a shifted or flipped sCT fails."""
+    shift_mm, ncc0, ncc_peak = estimate_shift(mr, sct, body, spacing)
+    distance = float(np.linalg.norm(shift_mm))
+    status = _above(distance, SHIFT_MM)
+    reason = (f"sCT edges line up with the MR's best when moved by "
+              f"({', '.join(f'{-v:+.1f}' for v in shift_mm)}) mm, |shift| {distance:.1f} mm")
+    if status == "pass" and ncc_peak < 0.2:
+        status, reason = "warn", f"MR and sCT edges barely correlate (NCC {ncc_peak:.2f})"
+    nmi = normalized_mutual_information(mr, np.nan_to_num(sct, nan=HU_MIN), body, bins=32)
+    return _check("alignment", status,
+                  {"shift_mm": [float(v) for v in shift_mm], "shift_norm_mm": distance,
+                   "edge_ncc_at_zero": ncc0, "edge_ncc_at_peak": ncc_peak, "nmi": nmi},
+                  {"warn_above_mm": SHIFT_MM[0], "fail_above_mm": SHIFT_MM[1]}, reason)
+
+
+def check_cycle(mr, sct, body, ct_to_mr: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """(g) MR vs ``ct_to_mr(sct)`` inside the body: Pearson r (status) and NMI."""
+    mr_hat = np.asarray(ct_to_mr(sct), np.float64)
+    if mr_hat.shape != mr.shape:
+        raise DataError(f"cycle consistency: ct_to_mr returned shape {mr_hat.shape}, "
+                        f"expected {mr.shape}")
+    x, y = np.asarray(mr, np.float64)[body], mr_hat[body]
+    if not np.all(np.isfinite(y)):
+        return _check("cycle_consistency", "fail", {"pearson_r": None}, {},
+                      "ct_to_mr returned non-finite values")
+    sx, sy = x.std(), y.std()
+    r = float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy)) if sx * sy > 0 else 0.0
+    nmi = normalized_mutual_information(mr, mr_hat, body, bins=32)
+    return _check("cycle_consistency", _below(r, CYCLE_PEARSON),
+                  {"pearson_r": r, "nmi": nmi},
+                  {"warn_below": CYCLE_PEARSON[0], "fail_below": CYCLE_PEARSON[1]},
+                  f"MR vs G_CT->MR(sCT) inside the body: r = {r:.3f}, NMI = {nmi:.3f}")
+
+
+def check_sample_spread(samples: Sequence[np.ndarray], body) -> tuple[dict, np.ndarray]:
+    """(h) Per-voxel std across samples inside the body; returns the check and the std."""
+    if len(samples) < 2:
+        raise DataError(f"qa: sample spread needs at least 2 samples, got {len(samples)}")
+    for i, sample in enumerate(samples):
+        if np.shape(sample) != body.shape:
+            raise DataError(f"qa: sample {i} shape {np.shape(sample)} differs from the "
+                            f"mr {body.shape}")
+    stack = np.stack([np.asarray(s, np.float32) for s in samples])
+    std = stack.std(axis=0, ddof=1)
+    inside = std[body]
+    mean_std = float(inside.mean()) if inside.size else 0.0
+    high = float((inside > SPREAD_FLAG_HU).mean()) if inside.size else 0.0
+    return _check("sample_spread", _above(mean_std, SPREAD_MEAN_STD_HU),
+                  {"n_samples": len(samples), "mean_std_hu": mean_std,
+                   "p95_std_hu": float(np.percentile(inside, 95)) if inside.size else 0.0,
+                   "fraction_std_above_flag": high},
+                  {"warn_above_hu": SPREAD_MEAN_STD_HU[0], "fail_above_hu": SPREAD_MEAN_STD_HU[1],
+                   "flag_hu": SPREAD_FLAG_HU},
+                  f"mean per-voxel std over {len(samples)} samples {mean_std:.1f} HU; "
+                  f"{high:.1%} of body voxels above {SPREAD_FLAG_HU:.0f} HU"), std
+
+
+def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
+           spacing: Sequence[float] = (1.0, 1.0, 1.0), region: str | None = None,
+           reference: Mapping | None = None,
+           ct_to_mr: Callable[[np.ndarray], np.ndarray] | None = None,
+           samples: Sequence[np.ndarray] | None = None) -> QAResult:
+    """Runs every applicable check on one case.
+
+    Args:
+      mr: ``(X, Y, Z)`` MR in scanner units.
+      sct: ``(X, Y, Z)`` synthetic CT in HU on the MR's grid (may hold NaN/Inf: reported).
+      mask: ``(X, Y, Z)`` body mask, or ``None`` to derive one from the MR
+        (:func:`mr_body_outline` dilated 2 voxels in-plane, like a SynthRAD mask).
+      spacing: voxel size in mm.
+      region: ``"pelvis"``/``"brain"``, selects :data:`BUILTIN_RANGES` when no
+        ``reference`` is given.
+      reference: a profile from :func:`build_reference_profile` (takes precedence).
+      ct_to_mr: optional CT->MR generator, ``(X, Y, Z)`` HU -> ``(X, Y, Z)`` MR-like.
+      samples: optional sCT samples (>= 2, each ``(X, Y, Z)`` HU) of a stochastic method.
+
+    Returns:
+      The :class:`QAResult`.
+
+    Raises:
+      DataError: shapes differ, an empty body, too few samples, a bad profile.
+      ConfigError: neither ``region`` nor ``reference``, or an unknown region.
+    """
+    mr, sct = np.asarray(mr, np.float32), np.asarray(sct, np.float32)
+    if sct.ndim != 3 or mr.shape != sct.shape:
+        raise DataError(f"qa: sct shape {sct.shape} differs from mr {mr.shape} (need 3D, "
+                        "same grid)")
+    if reference is not None:
+        ranges, source = validate_profile(reference)["ranges"], "reference profile"
+    elif region in BUILTIN_RANGES:
+        ranges, source = BUILTIN_RANGES[region], f"built-in {region}"
+    else:
+        raise ConfigError(f"qa: region {region!r} unknown and no reference profile given "
+                          f"(expected one of {', '.join(BUILTIN_RANGES)})")
+    outline = mr_body_outline(mr)
+    if mask is not None:
+        if np.shape(mask) != mr.shape:
+            raise DataError(f"qa: mask shape {np.shape(mask)} differs from mr {mr.shape}")
+        body = np.asarray(mask) > 0
+    else:
+        body = _dilate_in_plane(outline, 2)
+    if not body.any():
+        raise DataError("qa: the body mask is empty")
+
+    checks = [check_hu_range(sct, body)]
+    finite_sct = np.nan_to_num(sct, nan=HU_MIN, posinf=HU_MAX, neginf=HU_MIN)
+    stats = case_statistics(finite_sct, body)
+    checks.append(_range_check("tissue_fractions", stats, ranges,
+                               [f"{t}_fraction" for t in TISSUES], source))
+    checks.append(_range_check("hu_statistics", stats, ranges, ["mean_hu", "median_hu"], source))
+    bone_check, flagged = check_bone_outside_body(sct, body)
+    checks.append(bone_check)
+    outline_check, outline_disagreement = check_body_outline(
+        body if mask is not None else outline, finite_sct,
+        "mask" if mask is not None else "MR outline")
+    continuity, slice_mean_hu, flagged_slices = check_slice_continuity(finite_sct, body)
+    alignment = check_alignment(mr, finite_sct, body, spacing)
+    checks += [outline_check, continuity, alignment]
+    if outline_check["status"] != "pass" or alignment["status"] != "pass":
+        flagged |= outline_disagreement
+    for z in flagged_slices:
+        flagged[:, :, z] |= body[:, :, z]
+    if ct_to_mr is not None:
+        checks.append(check_cycle(mr, finite_sct, body, ct_to_mr))
+    if samples is not None:
+        spread_check, std = check_sample_spread(samples, body)
+        checks.append(spread_check)
+        flagged |= body & (std > SPREAD_FLAG_HU)
+
+    report = {"status": worst(c["status"] for c in checks), "checks": checks,
+              "reference": source, "shape": list(mr.shape),
+              "spacing_mm": [float(s) for s in spacing],
+              "body": "mask" if mask is not None else "derived from the MR",
+              "flagged_voxels": int(flagged.sum()), "flagged_slices": flagged_slices}
+    return QAResult(report, flagged, body, slice_mean_hu, flagged_slices)
+
+
+def format_report(report: Mapping) -> str:
+    """One line per check (``status  name  reason``) and the overall status."""
+    lines = [f"{c['status']:<5} {c['name']:<18} {c['reason']}" for c in report["checks"]]
+    return "\n".join(lines + [f"overall: {report['status']}"])

@@ -1,0 +1,220 @@
+"""Fidelity checks of one synthetic CT without a reference CT: a JSON report and a PNG.
+
+Check a case (exit status 0: pass or warn, 1: fail, 2: bad input)::
+
+    python -m sct_jax.qa --mr mr.nii.gz --sct sct.nii.gz [--mask mask.nii.gz] \\
+        --region pelvis --report qa/1PA001.json [--png qa/1PA001.png] \\
+        [--reference profile.json] [--samples s1.nii.gz s2.nii.gz ...] \\
+        [--cycle-mr mr_from_sct.nii.gz]
+
+Build the reference profile ("training distribution") from training cases (folders with
+``ct`` and ``mask`` volumes, e.g. ``data/phantom/Task1/pelvis/1PA001``)::
+
+    python -m sct_jax.qa --build-reference profile.json --cases DIR [DIR ...] [--region R]
+
+The checks are in :mod:`sct_jax.evaluation.qa`; this module reads the files, writes the
+outputs atomically and draws the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sct_jax.data.alignment import load_case_arrays
+from sct_jax.data.io import Volume, atomic_write_text, load_volume
+from sct_jax.errors import DataError, SctError
+from sct_jax.evaluation import qa
+
+
+def save_qa_figure(path: str | os.PathLike, sct: np.ndarray, result: qa.QAResult,
+                   spacing: Sequence[float] = (1.0, 1.0, 1.0), title: str = "") -> Path:
+    """Axial and coronal sCT views with flagged voxels in red, and the per-slice mean HU.
+
+    The views cut through the most flagged slice (else the body's centre); flagged
+    slices are marked on the curve.
+
+    Args:
+      path: the PNG to write (atomically).
+      sct: ``(X, Y, Z)`` HU.
+      result: the :class:`sct_jax.evaluation.qa.QAResult` of the case.
+      spacing: voxel size in mm (display aspect).
+      title: a first title line (the case); the status and failed checks follow.
+
+    Returns:
+      The written path.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    flagged, body = result.flagged, result.body
+    anchor = flagged if flagged.any() else body
+    z = int(np.argmax(anchor.sum(axis=(0, 1))))
+    y = int(np.argmax(anchor.sum(axis=(0, 2))))
+    sct = np.nan_to_num(np.asarray(sct, np.float32), nan=qa.HU_MIN)
+    red = np.zeros(flagged.shape + (4,), np.float32)
+    red[flagged] = (1.0, 0.0, 0.0, 0.7)
+    views = [(f"axial z={z}", lambda a: a[:, :, z].swapaxes(0, 1), spacing[1] / spacing[0]),
+             (f"coronal y={y}", lambda a: a[:, y, :].swapaxes(0, 1), spacing[2] / spacing[0])]
+    fig = Figure(figsize=(13.0, 4.4), dpi=90)
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.0, 1.0, 1.2]})
+    for ax, (name, cut, aspect) in zip(axes, views):
+        ax.imshow(cut(sct), cmap="gray", vmin=-1000, vmax=1500, origin="lower", aspect=aspect,
+                  interpolation="nearest")
+        ax.imshow(cut(red), origin="lower", aspect=aspect, interpolation="nearest")
+        ax.set_title(f"sCT [-1000, 1500] HU, {name}; red: flagged", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    curve = axes[2]
+    slices = np.arange(len(result.slice_mean_hu))
+    curve.plot(slices, result.slice_mean_hu, "k.-", lw=1, ms=3)
+    for s in result.flagged_slices:
+        curve.axvspan(s - 0.5, s + 0.5, color="red", alpha=0.3, lw=0)
+    curve.set_xlabel("slice z")
+    curve.set_ylabel("mean HU inside the body")
+    curve.set_title("per-slice mean HU; red: discontinuous slices", fontsize=9)
+    report = result.report
+    bad = [f"{c['name']} ({c['status']})" for c in report["checks"] if c["status"] != "pass"]
+    fig.suptitle(f"{title + ': ' if title else ''}QA {report['status'].upper()}"
+                 + (f" - {', '.join(bad)}" if bad else ""), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _same_grid(path, volume: Volume, mr: Volume) -> Volume:
+    if volume.shape != mr.shape or not np.allclose(volume.affine, mr.affine, atol=1e-3):
+        raise DataError(f"{path}: grid (shape {volume.shape}) differs from the MR's "
+                        f"{mr.shape} or its affine; resample onto the MR grid first")
+    return volume
+
+
+def run_files(mr_path, sct_path, report_path, *, mask_path=None, png_path=None, region=None,
+              reference_path=None, sample_paths=(), cycle_mr_path=None) -> qa.QAResult:
+    """Loads the volumes, runs :func:`sct_jax.evaluation.qa.run_qa`, writes JSON and PNG.
+
+    Args:
+      mr_path, sct_path: the MR and the sCT (same grid).
+      report_path: the JSON report to write.
+      mask_path: optional body mask; else one is derived from the MR.
+      png_path: the figure; default ``report_path`` with ``.png``.
+      region: ``"pelvis"``/``"brain"`` for the built-in ranges.
+      reference_path: a profile JSON from ``--build-reference``.
+      sample_paths: sCT samples of a stochastic method (>= 2 for the spread check).
+      cycle_mr_path: G_CT->MR(sCT), computed elsewhere, for the cycle check.
+
+    Returns:
+      The :class:`sct_jax.evaluation.qa.QAResult`.
+    """
+    mr = load_volume(mr_path)
+    # Non-finite sCT voxels are a finding of the hu_range check, not a read error.
+    sct = _same_grid(sct_path, load_volume(sct_path, check_finite=False), mr)
+    mask = _same_grid(mask_path, load_volume(mask_path), mr).data if mask_path else None
+    reference = None
+    if reference_path:
+        try:
+            reference = json.loads(Path(reference_path).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{reference_path}: cannot read the reference profile "
+                            f"({type(e).__name__})") from e
+        reference = qa.validate_profile(reference, str(reference_path))
+    samples = [_same_grid(p, load_volume(p), mr).data for p in sample_paths] or None
+    ct_to_mr = None
+    if cycle_mr_path:
+        mr_hat = _same_grid(cycle_mr_path, load_volume(cycle_mr_path), mr).data
+        ct_to_mr = lambda _sct: mr_hat  # noqa: E731 (computed by the generator elsewhere)
+    result = qa.run_qa(mr.data, sct.data, mask, spacing=mr.spacing, region=region,
+                       reference=reference, ct_to_mr=ct_to_mr, samples=samples)
+    result.report["inputs"] = {"mr": str(mr_path), "sct": str(sct_path),
+                               "mask": str(mask_path) if mask_path else None,
+                               "reference": str(reference_path) if reference_path else None,
+                               "samples": [str(p) for p in sample_paths],
+                               "cycle_mr": str(cycle_mr_path) if cycle_mr_path else None}
+    atomic_write_text(report_path, json.dumps(result.report, indent=1) + "\n")
+    png_path = Path(png_path) if png_path else Path(report_path).with_suffix(".png")
+    save_qa_figure(png_path, sct.data, result, mr.spacing, title=Path(sct_path).name)
+    return result
+
+
+def build_reference_file(out_path, case_dirs: Sequence[str], region: str | None = None) -> dict:
+    """Writes the reference profile of the ``ct``/``mask`` volumes in ``case_dirs``."""
+    profile = qa.build_reference_profile(
+        (load_case_arrays(d)[1:] for d in case_dirs), region=region)
+    profile["cases"] = [str(d) for d in case_dirs]
+    atomic_write_text(out_path, json.dumps(profile, indent=1) + "\n")
+    return profile
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m sct_jax.qa", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mr", help="MR volume")
+    parser.add_argument("--sct", help="synthetic CT on the MR grid (HU)")
+    parser.add_argument("--mask", help="body mask (default: derived from the MR)")
+    parser.add_argument("--region", choices=sorted(qa.BUILTIN_RANGES),
+                        help="built-in ranges to use without --reference")
+    parser.add_argument("--reference", metavar="PROFILE.json", help="reference profile")
+    parser.add_argument("--samples", nargs="+", default=[], metavar="S",
+                        help="sCT samples (>= 2) of a stochastic method: per-voxel spread")
+    parser.add_argument("--cycle-mr", metavar="MRHAT", help="G_CT->MR(sCT), for cycle consistency")
+    parser.add_argument("--report", metavar="JSON", help="the JSON report to write")
+    parser.add_argument("--png", help="the figure (default: the report path with .png)")
+    parser.add_argument("--build-reference", metavar="OUT.json",
+                        help="instead of checking a case, write the profile of --cases")
+    parser.add_argument("--cases", nargs="+", default=[], metavar="DIR",
+                        help="training case folders with ct and mask volumes")
+    args = parser.parse_args(argv)
+    if args.build_reference:
+        if not args.cases:
+            parser.error("--build-reference needs --cases DIR [DIR ...]")
+    else:
+        missing = [f"--{k}" for k in ("mr", "sct", "report") if not getattr(args, k)]
+        if missing:
+            parser.error(f"missing {', '.join(missing)}")
+        if not args.region and not args.reference:
+            parser.error("give --region (built-in ranges) or --reference PROFILE.json")
+        if len(args.samples) == 1:
+            parser.error("--samples needs at least 2 volumes")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 pass/warn, 1 fail, 2 error)."""
+    args = _parse_args(argv)
+    try:
+        if args.build_reference:
+            profile = build_reference_file(args.build_reference, args.cases, args.region)
+            print(f"wrote {args.build_reference} ({profile['n_cases']} cases)")
+            return 0
+        result = run_files(args.mr, args.sct, args.report, mask_path=args.mask,
+                           png_path=args.png, region=args.region,
+                           reference_path=args.reference, sample_paths=args.samples,
+                           cycle_mr_path=args.cycle_mr)
+    except SctError as e:
+        message = " ".join(str(e).splitlines()).strip() or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(qa.format_report(result.report))
+    return 1 if result.status == "fail" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
