@@ -16,7 +16,7 @@ import pytest
 
 from sct_jax.data import pipeline, preprocess, synthrad
 from sct_jax.data.io import save_volume
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 
 SHAPE = (24, 20, 8)
 CROP = (16, 24)  # crops X (24 -> 16) and pads Y (20 -> 24)
@@ -92,6 +92,13 @@ def test_second_prepare_reads_the_cache_without_decoding(cases, cache_dir, prepa
     # Other percentiles are another cache entry: it must decode (and here, fail).
     with pytest.raises(AssertionError, match="decoded"):
         pipeline.prepare_cases(cases[:1], cache_dir, mr_percentiles=(1.0, 99.0))
+
+
+@pytest.mark.parametrize("percentiles", [(99.5, 0.5), (-1.0, 50.0), (5.0, 101.0)])
+def test_bad_mr_percentiles_are_a_config_error(cases, tmp_path, percentiles):
+    with pytest.raises(ConfigError, match="mr_percentiles"):
+        pipeline.prepare_cases(cases[:1], tmp_path, mr_percentiles=percentiles)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_changed_source_invalidates_the_cache(tmp_path):
@@ -230,19 +237,34 @@ def test_same_seed_same_batches_other_seed_other_order(prepared):
     assert order(a) != order(c)
 
 
-def test_iterator_state_resumes_on_a_fresh_dataset(prepared):
-    ds = pipeline.slice_dataset(prepared, crop=CROP, batch_size=4, seed=1, train=True)
-    iterator = iter(ds)
+_DATASETS = {
+    "slices": lambda prepared: pipeline.slice_dataset(
+        prepared, crop=CROP, batch_size=4, seed=1, context=1, train=True),
+    "patches": lambda prepared: pipeline.patch_dataset(
+        prepared, patch=(8, 6, 4), batch_size=2, seed=1, train=True),
+    "unpaired": lambda prepared: pipeline.unpaired_slice_dataset(
+        prepared, crop=CROP, batch_size=4, seed=1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_DATASETS))
+def test_iterator_state_resumes_on_a_fresh_dataset(prepared, kind, tmp_path):
+    """3 batches, checkpoint (grain's orbax handler: JSON), 2 more; a fresh iterator
+    restored from the checkpoint yields the same 2."""
+    import grain
+
+    iterator = iter(_DATASETS[kind](prepared))
     for _ in range(3):
         next(iterator)
-    state = iterator.get_state()
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(tmp_path, args=grain.checkpoint.CheckpointSave(iterator))
     expected = [next(iterator) for _ in range(2)]
 
-    fresh = iter(pipeline.slice_dataset(prepared, crop=CROP, batch_size=4, seed=1,
-                                        train=True))
-    fresh.set_state(state)
+    fresh = iter(_DATASETS[kind](prepared))
+    handler.restore(tmp_path, args=grain.checkpoint.CheckpointRestore(fresh))
     for want in expected:
         got = next(fresh)
+        assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
 

@@ -3,12 +3,13 @@ porcine fixture in tests/fixtures/porcine/."""
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume, save_volume
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation.metrics import synthrad_metrics
 
 SHAPE = (12, 10, 6)
@@ -128,6 +129,10 @@ def bad_root(tmp_path_factory):
     write_case(root / "truncated", roles=("mr", "mask"))
     raw = (root / "good" / "ct.nii.gz").read_bytes()
     (root / "truncated" / "ct.nii.gz").write_bytes(raw[:len(raw) // 2])
+    write_case(root / "four_d", roles=("mr", "mask"))
+    nib.save(nib.Nifti1Image(np.stack([ct, ct], -1), AFFINE), root / "four_d" / "ct.nii.gz")
+    write_case(root / "two_d", roles=("mr", "ct"))
+    nib.save(nib.Nifti1Image(mask[:, :, 0], AFFINE), root / "two_d" / "mask.nii.gz")
     return root
 
 
@@ -149,6 +154,8 @@ def test_valid_case_and_mr_only_case_have_no_problems(bad_root):
     ("nan", "mr.nii.gz", "non-finite"),
     ("empty_mask", "mask.nii.gz", "empty mask"),
     ("truncated", "ct.nii.gz", "truncated"),
+    ("four_d", "ct.nii.gz", "expected a 3D volume, got shape (12, 10, 6, 2)"),
+    ("two_d", "mask.nii.gz", "expected a 3D volume, got shape (12, 10)"),
 ])
 def test_each_problem_names_the_bad_file(bad_root, case_id, bad_file, problem):
     problems = synthrad.validate_case(_case(bad_root, case_id))
@@ -163,8 +170,8 @@ def test_validate_cases_lists_every_bad_case_on_one_line(bad_root):
         synthrad.validate_cases(cases)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("5 problem(s) in 5 file(s): ")
-    for case_id in ("shape", "affine", "nan", "empty_mask", "truncated"):
+    assert message.startswith("7 problem(s) in 7 file(s): ")
+    for case_id in ("shape", "affine", "nan", "empty_mask", "truncated", "four_d", "two_d"):
         assert str(bad_root / case_id) in message
     assert str(bad_root / "good") not in message
     assert str(bad_root / "mr_only") not in message
@@ -186,9 +193,55 @@ def test_load_case_reads_the_mask_or_makes_one_from_the_mr(bad_root):
     assert np.all(made.mask[mask > 0]), "the made mask covers the bright body"
     assert not made.mask[0, 0].any() and not made.mask[-1, -1].any()  # corners: air
 
-    for case_id in ("shape", "empty_mask"):
-        with pytest.raises(DataError, match=str(bad_root / case_id)):
+    # load_case refuses what validate_case reports, naming the bad file.
+    for case_id, bad_file in (("shape", "ct"), ("affine", "ct"), ("empty_mask", "mask"),
+                              ("nan", "mr"), ("truncated", "ct"), ("four_d", "ct"),
+                              ("two_d", "mask")):
+        with pytest.raises(DataError, match=str(bad_root / case_id / bad_file)):
             synthrad.load_case(_case(bad_root, case_id))
+
+
+def test_a_file_deleted_after_discovery_is_reported_missing(tmp_path):
+    (case,) = synthrad.discover_cases(write_case(tmp_path / "c").parent)
+    case.ct.unlink()
+    assert synthrad.validate_case(case) == [f"{case.ct}: file not found"]
+    with pytest.raises(DataError, match=f"{case.ct}: file not found"):
+        synthrad.load_case(case)
+
+
+def test_an_mr_only_case_with_a_blank_mr_cannot_be_loaded(tmp_path):
+    save_volume(tmp_path / "blank" / "mr.nii.gz", np.zeros(SHAPE, np.float32), AFFINE)
+    (case,) = synthrad.discover_cases(tmp_path)
+    with pytest.raises(DataError, match="mr.nii.gz: no body found"):
+        synthrad.load_case(case)
+
+
+# ------------------------------------------------------------------ file name map
+
+
+def test_a_case_folder_as_root_and_custom_file_names(tmp_path):
+    mr, ct, mask = _blob_case()
+    folder = tmp_path / "specimen"
+    save_volume(folder / "mr_t2.nii.gz", mr, AFFINE)
+    save_volume(folder / "ct_rigid.nii", ct, AFFINE)
+    save_volume(folder / "mask.nii.gz", mask, AFFINE)
+    with pytest.raises(DataError, match=f"{folder}: no cases found .*mr.nii.gz"):
+        synthrad.discover_cases(folder)
+    names = {"mr": "mr_t2", "ct": "ct_rigid"}
+    for root in (folder, tmp_path):  # the case folder itself, or its parent
+        (case,) = synthrad.discover_cases(root, names=names)
+        assert (case.id, case.region, case.dir) == ("specimen", "", folder)
+        assert (case.mr.name, case.ct.name, case.mask.name) == (
+            "mr_t2.nii.gz", "ct_rigid.nii", "mask.nii.gz")
+    with pytest.raises(ConfigError, match="'t1'"):
+        synthrad.discover_cases(folder, names={"t1": "mr_t1"})
+
+
+def test_two_files_for_one_role_are_refused(tmp_path):
+    write_case(tmp_path / "twice", suffixes={"mr": ".nii.gz"})
+    save_volume(tmp_path / "twice" / "mr.mha", _blob_case()[0], AFFINE)
+    with pytest.raises(DataError, match=r"twice: several mr volumes \(mr.nii.gz, mr.mha\)"):
+        synthrad.discover_cases(tmp_path)
 
 
 # ---------------------------------------------------------------------------- splits
@@ -260,6 +313,19 @@ def test_metrics_of_ct_against_ct_plus_50_hu_on_real_data(porcine):
     result = synthrad_metrics(data.ct.data, data.ct.data + 50.0, data.mask)
     assert result["mae"] == 50.0 and result["me"] == 50.0
     assert result["ssim"] < 1.0 and np.isfinite(result["psnr"])
+
+
+@pytest.mark.skipif(not SHARED_PORCINE.is_dir(),
+                    reason=f"full porcine pair not present at {SHARED_PORCINE}")
+def test_full_porcine_pair_is_discovered_by_name_map_and_validates():
+    (case,) = synthrad.discover_cases(SHARED_PORCINE, names={"mr": "mr_t2", "ct": "ct_rigid"})
+    assert case.id == "mridir_porcine" and case.mask == SHARED_PORCINE / "mask.nii.gz"
+    assert synthrad.validate_case(case) == []
+    data = synthrad.load_case(case)
+    assert data.mr.shape == data.ct.shape == data.mask.shape == (219, 217, 94)
+    # The README's figures: about 2.4% bone (> 300 HU) of the specimen.
+    bone = np.mean(data.ct.data[data.mask] > 300)
+    assert 0.01 < bone < 0.05, bone
 
 
 @pytest.mark.skipif(not SHARED_PORCINE.is_dir(),

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from sct_jax.data import preprocess, synthrad
-from sct_jax.errors import DataError
+from sct_jax.data.io import atomic_write_text
+from sct_jax.errors import ConfigError, DataError
 
 _CACHE_VERSION = 2
 # grain's default read-ahead (16 threads, 500 elements) counts *batches* here: 500
@@ -83,19 +84,21 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 def prepare_case(case: synthrad.Case, cache_dir: str | Path,
                  mr_percentiles: Sequence[float] = (0.5, 99.5)) -> PreparedCase:
     """Normalises one case once and memory-maps the cached result."""
+    lo, hi = (float(p) for p in mr_percentiles)
+    if not 0.0 <= lo < hi <= 100.0:
+        raise ConfigError(f"mr_percentiles {tuple(mr_percentiles)}: need 0 <= low < high "
+                          "<= 100")
     folder = Path(cache_dir) / f"{case.id}-{_cache_key(case, mr_percentiles)}"
     done = folder / "meta.json"
     if not done.exists():
         data = synthrad.load_case(case)
         folder.mkdir(parents=True, exist_ok=True)
-        lo, hi = mr_percentiles
         _save_npy_atomic(folder / "mr.npy", preprocess.mr_to_unit(data.mr.data, data.mask, lo, hi))
         if data.ct is not None:
             _save_npy_atomic(folder / "ct.npy", preprocess.ct_to_unit(data.ct.data))
         _save_npy_atomic(folder / "mask.npy", data.mask.astype(np.uint8))
         _save_npy_atomic(folder / "affine.npy", data.mr.affine)
         meta = {"id": case.id, "has_ct": data.ct is not None, "source": str(case.dir)}
-        from sct_jax.data.io import atomic_write_text
         atomic_write_text(done, json.dumps(meta))  # written last: marks the entry complete
     meta = json.loads(done.read_text())
     return PreparedCase(

@@ -6,6 +6,9 @@ Accepted layouts (each case a folder holding ``mr``, ``ct`` and ``mask`` volumes
 - ``<root>/Task1/{brain,pelvis}/<id>/``  (the challenge's release)
 - ``<root>/{brain,pelvis}/<id>/``
 - ``<root>/<id>/``                        (a bare folder of cases)
+- ``<root>/`` itself holding the MR          (a single case)
+
+Other file names (``mr_t2.nii.gz``) are given per role with ``names``.
 
 Ids look like ``1PA001`` (task, B/P region, centre A/B/C, number). A case needs at
 least an MR; the CT is needed for training and scoring, the mask is made from the MR
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from sct_jax.data.io import VOLUME_SUFFIXES, Volume, load_volume
 from sct_jax.data.preprocess import body_mask_from_mr
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 
 REGIONS = ("brain", "pelvis")
 _ROLES = ("mr", "ct", "mask")
@@ -56,68 +60,118 @@ class CaseData:
     mask: np.ndarray
 
 
-def _find_role(case_dir: Path, role: str) -> Path | None:
-    for suffix in VOLUME_SUFFIXES:
-        p = case_dir / f"{role}{suffix}"
-        if p.is_file():
-            return p
-    return None
+def _role_files(names: Mapping[str, str] | None) -> dict[str, str]:
+    """Role -> file stem, e.g. ``{"mr": "mr_t2", "ct": "ct_rigid", "mask": "mask"}``."""
+    names = dict(names or {})
+    unknown = set(names) - set(_ROLES)
+    if unknown:
+        raise ConfigError(f"file name map: unknown roles {sorted(unknown)} "
+                          f"(expected some of {_ROLES})")
+    return {role: names.get(role, role) for role in _ROLES}
 
 
-def _case_from_dir(case_dir: Path, region: str) -> Case | None:
-    mr = _find_role(case_dir, "mr")
+def _find_role(case_dir: Path, stem: str) -> Path | None:
+    found = [case_dir / f"{stem}{suffix}" for suffix in VOLUME_SUFFIXES
+             if (case_dir / f"{stem}{suffix}").is_file()]
+    if len(found) > 1:
+        # Picking one silently could train on a stale copy: make the user choose.
+        raise DataError(f"{case_dir}: several {stem} volumes "
+                        f"({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
+def _case_from_dir(case_dir: Path, region: str, stems: dict[str, str]) -> Case | None:
+    mr = _find_role(case_dir, stems["mr"])
     if mr is None:
         return None
     return Case(id=case_dir.name, region=region, dir=case_dir, mr=mr,
-                ct=_find_role(case_dir, "ct"), mask=_find_role(case_dir, "mask"))
+                ct=_find_role(case_dir, stems["ct"]),
+                mask=_find_role(case_dir, stems["mask"]))
 
 
-def _scan(parent: Path, region: str) -> list[Case]:
+def _scan(parent: Path, region: str, stems: dict[str, str]) -> list[Case]:
     cases = []
     for d in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        case = _case_from_dir(d, region)
+        case = _case_from_dir(d, region, stems)
         if case is not None:
             cases.append(case)
     return cases
 
 
-def discover_cases(root: str | Path, region: str | None = None) -> list[Case]:
+def discover_cases(root: str | Path, region: str | None = None,
+                   names: Mapping[str, str] | None = None) -> list[Case]:
     """Finds every case under ``root``.
 
     Args:
-      root: data root in one of the accepted layouts.
+      root: data root in one of the accepted layouts, or a single case folder (one
+        holding the MR file itself; its name is the id).
       region: keep only this region (``"brain"``/``"pelvis"``); bare layouts have no
         region and are always kept.
+      names: file stems per role when they are not ``mr``/``ct``/``mask``, e.g.
+        ``{"mr": "mr_t2", "ct": "ct_rigid"}`` (the ``--mr``/``--ct`` options).
 
     Returns:
       Cases sorted by id.
 
     Raises:
-      DataError: ``root`` is missing or holds no case.
+      DataError: ``root`` is missing or holds no case, or a case folder holds two
+        files for one role (``mr.nii.gz`` and ``mr.mha``).
+      ConfigError: ``names`` has a key other than ``mr``, ``ct``, ``mask``.
     """
     root = Path(root)
+    stems = _role_files(names)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found")
     if region is not None and region not in REGIONS:
         raise DataError(f"{root}: unknown region {region!r} (expected one of {REGIONS})")
+    single = _case_from_dir(root, "", stems)
+    if single is not None:
+        return [single]
     cases: list[Case] = []
     for base in (root / "Task1", root):
         for r in REGIONS:
             if (base / r).is_dir() and (region is None or region == r):
-                cases.extend(_scan(base / r, r))
+                cases.extend(_scan(base / r, r, stems))
         if cases:
             break
     if not cases:
-        cases = _scan(root, "")
+        cases = _scan(root, "", stems)
     if not cases:
         want = f" for region {region!r}" if region else ""
-        raise DataError(f"{root}: no cases found{want} (expected <root>/Task1/<region>/<id>/mr.nii.gz, "
-                        "<root>/<region>/<id>/mr.nii.gz or <root>/<id>/mr.nii.gz)")
+        mr = stems["mr"]
+        raise DataError(f"{root}: no cases found{want} (expected <root>/Task1/<region>/<id>/"
+                        f"{mr}.nii.gz, <root>/<region>/<id>/{mr}.nii.gz or "
+                        f"<root>/<id>/{mr}.nii.gz)")
     return sorted(cases, key=lambda c: c.id)
 
 
+def _consistency_problems(case: Case, volumes: dict[str, Volume],
+                          affine_atol: float) -> list[str]:
+    """Shape, affine and empty-mask problems of the loaded ``volumes`` of ``case``."""
+    problems = []
+    mr = volumes.get("mr")
+    for role in ("ct", "mask"):
+        vol = volumes.get(role)
+        if mr is None or vol is None:
+            continue
+        if vol.shape != mr.shape:
+            problems.append(f"{getattr(case, role)}: shape {vol.shape} differs from "
+                            f"{case.mr.name} {mr.shape}")
+        elif not np.allclose(vol.affine, mr.affine, rtol=0.0, atol=affine_atol):
+            diff = float(np.abs(vol.affine - mr.affine).max())
+            problems.append(f"{getattr(case, role)}: affine differs from {case.mr.name} "
+                            f"(max difference {diff:.3g})")
+    if "mask" in volumes and not np.any(volumes["mask"].data > 0):
+        problems.append(f"{case.mask}: empty mask")
+    return problems
+
+
 def validate_case(case: Case, affine_atol: float = 1e-3) -> list[str]:
-    """Every problem of one case, each as ``"PATH: problem"`` (empty list: valid)."""
+    """Every problem of one case, each as ``"PATH: problem"`` (empty list: valid).
+
+    Checks: files present and readable, 3D, finite, CT and mask on the MR's grid
+    (same shape, affine equal within ``affine_atol`` mm), mask not empty.
+    """
     problems: list[str] = []
     volumes: dict[str, Volume] = {}
     for role in _ROLES:
@@ -130,48 +184,38 @@ def validate_case(case: Case, affine_atol: float = 1e-3) -> list[str]:
             volumes[role] = load_volume(path)
         except DataError as e:
             problems.append(str(e))
-    mr = volumes.get("mr")
-    for role in ("ct", "mask"):
-        vol = volumes.get(role)
-        if mr is None or vol is None:
-            continue
-        if vol.shape != mr.shape:
-            problems.append(f"{getattr(case, role)}: shape {vol.shape} differs from "
-                            f"{case.mr.name} {mr.shape}")
-        elif not np.allclose(vol.affine, mr.affine, atol=affine_atol):
-            diff = float(np.abs(vol.affine - mr.affine).max())
-            problems.append(f"{getattr(case, role)}: affine differs from {case.mr.name} "
-                            f"(max difference {diff:.3g})")
-    if "mask" in volumes and not np.any(volumes["mask"].data > 0):
-        problems.append(f"{case.mask}: empty mask")
-    return problems
+    return problems + _consistency_problems(case, volumes, affine_atol)
 
 
-def validate_cases(cases: list[Case]) -> None:
-    """Raises one ``DataError`` listing every bad case (one line, ``; ``-separated)."""
-    problems = [p for case in cases for p in validate_case(case)]
+def validate_cases(cases: list[Case], affine_atol: float = 1e-3) -> None:
+    """Raises one ``DataError`` listing every bad case (one line, ``; ``-separated).
+
+    The message starts with the counts: ``"3 problem(s) in 2 file(s): PATH: ...; ..."``.
+    """
+    problems = [p for case in cases for p in validate_case(case, affine_atol)]
     if problems:
         bad = len({p.split(":")[0] for p in problems})
         raise DataError(f"{len(problems)} problem(s) in {bad} file(s): " + "; ".join(problems))
 
 
-def load_case(case: Case) -> CaseData:
-    """Loads a case (mask from the file, or made from the MR when there is none)."""
-    mr = load_volume(case.mr)
-    ct = load_volume(case.ct) if case.ct is not None else None
-    if ct is not None and ct.shape != mr.shape:
-        raise DataError(f"{case.ct}: shape {ct.shape} differs from {case.mr.name} {mr.shape}")
-    if case.mask is not None:
-        mask_vol = load_volume(case.mask)
-        if mask_vol.shape != mr.shape:
-            raise DataError(f"{case.mask}: shape {mask_vol.shape} differs from "
-                            f"{case.mr.name} {mr.shape}")
-        mask = mask_vol.data > 0
-        if not mask.any():
-            raise DataError(f"{case.mask}: empty mask")
-    else:
-        mask = body_mask_from_mr(mr.data)
-    return CaseData(id=case.id, mr=mr, ct=ct, mask=mask)
+def load_case(case: Case, affine_atol: float = 1e-3) -> CaseData:
+    """Loads a case (mask from the file, or made from the MR when there is none).
+
+    Raises:
+      DataError: the first problem :func:`validate_case` would report.
+    """
+    volumes = {"mr": load_volume(case.mr)}
+    for role in ("ct", "mask"):
+        if getattr(case, role) is not None:
+            volumes[role] = load_volume(getattr(case, role))
+    problems = _consistency_problems(case, volumes, affine_atol)
+    if problems:
+        raise DataError(problems[0])
+    mr = volumes["mr"]
+    mask = volumes["mask"].data > 0 if "mask" in volumes else body_mask_from_mr(mr.data)
+    if not mask.any():
+        raise DataError(f"{case.mr}: no body found in the MR to make a mask from")
+    return CaseData(id=case.id, mr=mr, ct=volumes.get("ct"), mask=mask)
 
 
 def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0
