@@ -4,6 +4,8 @@ Predict the evaluation split of a trained run, then score it (sCT NIfTIs, metric
 CSV/JSON, a PNG panel per case)::
 
   python evaluate.py --config configs/pix2pix_pelvis.py:small --workdir runs/pix2pix_pelvis_small
+  python evaluate.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet \
+      --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -33,6 +35,8 @@ config_flags.DEFINE_config_file("config", None, "The run's config (path.py[:vari
                                 "predict its evaluation split with --workdir's checkpoint.",
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Training run directory (with --config).")
+flags.DEFINE_integer("samples", 1, "sCT samples per case (sampling methods, e.g. the LDM): "
+                     "the mean is scored, the per-voxel std written as <id>/sct_std.nii.gz.")
 
 
 def score_predictions() -> None:
@@ -49,7 +53,8 @@ def main(argv):
         if not FLAGS.workdir:
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
         from sct_jax import run
-        run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out)
+        run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
+                         samples=FLAGS.samples)
         return
     score_predictions()
 

@@ -27,12 +27,19 @@ SUITES = {
         ("train_step.py", ["--workload", "p2p_256_b1", "--impl", "xla"]),
         ("meta_step.py", []),
         ("pipeline.py", []),
+        ("sampling.py", ["--config", "configs/ldm_brain.py", "--steps", "50", "--batch", "1",
+                         "--models", "reduced"]),
+        ("sampling.py", ["--config", "configs/ldm_brain.py:small", "--steps", "25",
+                         "--batch", "1", "--models", "configured"]),
     ],
     "quick": [
         ("conv.py", ["--quick"]),
         ("train_step.py", ["--workload", "p2p_small_b4", "--steps", "2"]),
         ("meta_step.py", ["--small"]),
         ("pipeline.py", ["--quick"]),
+        ("sampling.py", ["--config", "configs/ldm_brain.py:tiny", "--steps", "5", "--batch",
+                         "1", "--models", "configured", "--loop-repeats", "3",
+                         "--loop-warmup", "1"]),
     ],
 }
 

@@ -55,7 +55,8 @@ def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
 
 
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
-                 out: str | Path | None = None, panels: bool | None = None):
+                 out: str | Path | None = None, panels: bool | None = None,
+                 samples: int = 1):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -64,13 +65,16 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       data_root: score these cases instead of the config's evaluation split.
       out: JSON summary path (default ``workdir/predictions/metrics.json``).
       panels: draw a PNG per case (default ``config.eval.panels``).
+      samples: sCT samples per case for sampling methods (the LDM): the mean is
+        scored, the per-voxel standard deviation written as ``<id>/sct_std.nii.gz``.
 
     Returns:
       The :class:`scoring.ScoreReport`.
     """
     workdir = Path(workdir)
     t0 = time.perf_counter()
-    pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root)
+    pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
+                                            samples=samples)
     print(f"predicted {len(cases)} case(s) in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else train_data.dataset_root(config)
     report = scoring.evaluate_folder(pred_dir, root, out=out,

@@ -5,11 +5,18 @@ of ``config.eval.split`` (2D models slice by slice, 3D models by sliding windows
 writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
 metrics and draws a panel per case.
+
+Sampling methods (whose ``predict`` takes an ``rng``: the latent diffusion model) can
+draw ``samples=K`` sCTs per case: ``sct.nii.gz`` is then their voxel-wise mean and
+``sct_std.nii.gz`` their voxel-wise standard deviation in HU (an uncertainty map).
+Sample ``k`` uses the key :func:`sample_rng` ``(config, k)``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import logging
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import numpy as np
 from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
 from sct_jax.data.io import save_like
+from sct_jax.errors import ConfigError
 from sct_jax.evaluation import inference
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
@@ -26,13 +34,38 @@ from sct_jax.training import loop
 log = logging.getLogger(__name__)
 
 
-def make_volume_predictor(config, state):
-    """``(X, Y, Z)`` normalised MR -> ``(X, Y, Z)`` prediction in [-1, 1]."""
+def samples_from_rng(method) -> bool:
+    """Whether ``method.predict`` draws samples (takes an ``rng`` argument)."""
+    return "rng" in inspect.signature(method.predict).parameters
+
+
+def sample_rng(config, k: int) -> jax.Array:
+    """The base key of sample ``k`` of a sampling method: ``fold_in(key(seed), k)``."""
+    return jax.random.fold_in(jax.random.key_data(jax.random.key(config.seed)), k)
+
+
+def make_volume_predictor(config, state, rng=None, jitted_predict=None):
+    """``(X, Y, Z)`` normalised MR -> ``(X, Y, Z)`` prediction in [-1, 1].
+
+    Args:
+      config: the run's config.
+      state: the restored train state.
+      rng: for sampling methods, the sample's base key; window batch ``i`` is predicted
+        with ``fold_in(rng, i)``. ``None``: the method's default key.
+      jitted_predict: ``jax.jit(partial(method.predict, config))`` to reuse (one
+        compilation for several samples); built when ``None``.
+    """
     method = methods.get_method(config.method)
-    predict = jax.jit(functools.partial(method.predict, config))
+    predict = jitted_predict or jax.jit(functools.partial(method.predict, config))
+    if rng is not None and not samples_from_rng(method):
+        raise ConfigError(f"config.method={config.method!r} does not sample: its predict "
+                          "takes no rng")
+    batch_index = itertools.count()
 
     def call(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(predict(state, batch))
+        if rng is None:
+            return np.asarray(predict(state, batch))
+        return np.asarray(predict(state, batch, rng=jax.random.fold_in(rng, next(batch_index))))
 
     if config.data.mode == "patches":
         return functools.partial(inference.predict_volume_3d, call,
@@ -63,7 +96,8 @@ def predict_case(predict_volume, config, case_data: synthrad.CaseData) -> np.nda
 
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
-                  out_dir: str | Path | None = None) -> tuple[Path, list[synthrad.Case]]:
+                  out_dir: str | Path | None = None,
+                  samples: int = 1) -> tuple[Path, list[synthrad.Case]]:
     """Predicts the evaluation cases and writes their sCT NIfTIs.
 
     Args:
@@ -71,18 +105,43 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       workdir: the training run directory (checkpoints, batch_spec.json).
       data_root: score these cases instead of the config's evaluation split.
       out_dir: where to write ``<id>/sct.nii.gz`` (default ``workdir/predictions``).
+      samples: sCT samples per case (sampling methods only): with ``K > 1``,
+        ``sct.nii.gz`` is their mean and ``sct_std.nii.gz`` their standard deviation.
 
     Returns:
       ``(out_dir, cases)``.
+
+    Raises:
+      ConfigError: ``samples < 1``, or ``samples > 1`` for a method that does not sample.
     """
+    method = methods.get_method(config.method)
+    samples = int(samples)
+    if samples < 1 or (samples > 1 and not samples_from_rng(method)):
+        raise ConfigError(f"--samples {samples}: must be 1, or more for a sampling method "
+                          f"(config.method={config.method!r} "
+                          f"{'samples' if samples_from_rng(method) else 'does not sample'})")
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)
     step, state = loop.load_state(config, workdir)
-    log.info("predicting %d cases with the step-%d checkpoint", len(cases), step)
-    predict_volume = make_volume_predictor(config, state)
+    log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
+             len(cases), samples, step)
+    jitted = jax.jit(functools.partial(method.predict, config))
     for case in cases:
         case_data = synthrad.load_case(case)
-        sct = predict_case(predict_volume, config, case_data)
-        save_like(out_dir / case.id / "sct.nii.gz", sct, case_data.mr)
+        if samples == 1:
+            sct = predict_case(make_volume_predictor(config, state, jitted_predict=jitted),
+                               config, case_data)
+            save_like(out_dir / case.id / "sct.nii.gz", sct, case_data.mr)
+            # A std map of an earlier multi-sample run would no longer describe sct.nii.gz.
+            (out_dir / case.id / "sct_std.nii.gz").unlink(missing_ok=True)
+            continue
+        draws = np.stack([
+            predict_case(make_volume_predictor(config, state, rng=sample_rng(config, k),
+                                               jitted_predict=jitted), config, case_data)
+            for k in range(samples)])
+        save_like(out_dir / case.id / "sct_std.nii.gz",
+                  draws.std(axis=0).astype(np.float32), case_data.mr)
+        save_like(out_dir / case.id / "sct.nii.gz", draws.mean(axis=0).astype(np.float32),
+                  case_data.mr)
     return out_dir, cases

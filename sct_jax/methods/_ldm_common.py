@@ -1,0 +1,321 @@
+"""What the three latent-diffusion stages share: models, upstream runs, latents, sampling.
+
+The brain LDM (seed 03; MONAI GenerativeModels) trains in three chained runs, each an
+ordinary method of the generic loop:
+
+1. ``ldm_autoencoder``: a 3D :class:`~sct_jax.models.autoencoder.AutoencoderKL` on CT
+   patches (L1 + 2.5D perceptual + KL + LSGAN PatchGAN);
+2. ``ldm_diffusion``: a :class:`~sct_jax.models.diffusion_unet.DiffusionUNet` on the
+   scaled latents of CT patches, the autoencoder frozen (read from the run of
+   ``config.ldm.autoencoder_workdir``); the latent scale factor ``1 / std(z)`` is
+   estimated in the first ``config.ldm.scale_batches`` steps and stored in the state;
+3. ``ldm_controlnet``: a :class:`~sct_jax.models.controlnet.ControlNet` conditioned on
+   the MR, initialised from the UNet of the run of ``config.ldm.diffusion_workdir``;
+   UNet, autoencoder and scale factor frozen (all taken from that run's checkpoint).
+
+A later stage reads the earlier run through :func:`load_upstream_run`: that run's own
+``config.json`` rebuilds its state and ``loop.load_state`` restores it. Relative
+workdirs are relative to the current directory. Every stage's checkpoint holds the
+frozen parts it uses (as plain arrays), but restoring a stage's state still rebuilds the
+abstract state through ``create_state``, which reads the upstream run: keep the upstream
+run directories next to the later ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sct_jax.diffusion import make_schedule, sample
+from sct_jax.errors import ConfigError
+from sct_jax.models.autoencoder import AutoencoderKL
+from sct_jax.models.controlnet import ControlNet, embed_conditioning
+from sct_jax.models.diffusion_unet import DiffusionUNet
+from sct_jax.models.patchgan import PatchDiscriminator
+
+# [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
+HU_PER_UNIT = 2012.0
+STAGES = ("autoencoder", "diffusion", "controlnet")
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_autoencoder(config) -> AutoencoderKL:
+    a = config.model.ae
+    return AutoencoderKL(in_channels=1, out_channels=1, channels=tuple(a.channels),
+                         latent_channels=a.latent_channels, num_res_blocks=a.num_res_blocks,
+                         norm_num_groups=a.norm_num_groups,
+                         attention_levels=tuple(a.attention_levels),
+                         with_encoder_nonlocal_attn=a.nonlocal_attn,
+                         with_decoder_nonlocal_attn=a.nonlocal_attn,
+                         conv_impl=config.model.conv_impl)
+
+
+def _unet_kwargs(config) -> dict:
+    u = config.model.unet
+    heads = u.num_head_channels
+    return dict(in_channels=config.model.ae.latent_channels, channels=tuple(u.channels),
+                attention_levels=tuple(u.attention_levels), num_res_blocks=u.num_res_blocks,
+                num_head_channels=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
+                norm_num_groups=u.norm_num_groups, conv_impl=config.model.conv_impl)
+
+
+def build_unet(config) -> DiffusionUNet:
+    return DiffusionUNet(out_channels=config.model.ae.latent_channels, **_unet_kwargs(config))
+
+
+def build_controlnet(config) -> ControlNet:
+    return ControlNet(conditioning_embedding_num_channels=tuple(
+        config.model.controlnet.conditioning_embedding_num_channels), **_unet_kwargs(config))
+
+
+def build_discriminator(config) -> PatchDiscriminator:
+    d = config.model.disc
+    return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm,
+                              conv_impl=config.model.conv_impl)
+
+
+def make_config_schedule(config):
+    s = config.ldm.schedule
+    return make_schedule(s.kind, s.num_train_timesteps, s.beta_start, s.beta_end)
+
+
+def ae_factor(config) -> int:
+    return 2 ** (len(config.model.ae.channels) - 1)
+
+
+def latent_shape(config, image_shape) -> tuple[int, ...]:
+    """``(B, *spatial, 1)`` image -> ``(B, *spatial / factor, latent_channels)``."""
+    f = ae_factor(config)
+    return (image_shape[0], *(int(s) // f for s in image_shape[1:-1]),
+            int(config.model.ae.latent_channels))
+
+
+def validate_ldm_config(config, stage: str) -> None:
+    """Start-up checks shared by the three stages (raise ``ConfigError``)."""
+    if config.data.mode != "patches":
+        raise ConfigError(f"config.data.mode={config.data.mode!r}: the LDM trains on 3D "
+                          "'patches'")
+    patch = tuple(int(p) for p in config.data.patch)
+    divisor = ae_factor(config)
+    if stage != "autoencoder":
+        divisor *= 2 ** (len(config.model.unet.channels) - 1)
+    if len(patch) != 3 or any(p % divisor for p in patch):
+        raise ConfigError(f"config.data.patch={patch}: every size must be divisible by "
+                          f"{divisor} (autoencoder factor x UNet stride)")
+    if stage == "controlnet":
+        cond_factor = 2 ** (len(config.model.controlnet.conditioning_embedding_num_channels)
+                            - 1)
+        if cond_factor != ae_factor(config):
+            raise ConfigError(
+                "config.model.controlnet.conditioning_embedding_num_channels="
+                f"{tuple(config.model.controlnet.conditioning_embedding_num_channels)} "
+                f"downsamples the MR by {cond_factor}, but the autoencoder's factor is "
+                f"{ae_factor(config)}: give it log2(factor) + 1 entries")
+    if int(config.ldm.sample_steps) < 1:
+        raise ConfigError(f"config.ldm.sample_steps={config.ldm.sample_steps}: must be >= 1")
+
+
+# ---------------------------------------------------------------------- upstream runs
+
+def _as_plain(value: Any) -> Any:
+    """A config subtree as JSON-comparable plain data (tuples become lists)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def _latest_step(workdir: Path) -> int | None:
+    ckpt = workdir / "checkpoints"
+    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    return max(steps) if steps else None
+
+
+@functools.lru_cache(maxsize=4)
+def _restore_run(workdir: str, step: int):
+    from sct_jax.training import loop  # deferred: loop imports the methods package
+    run_config = ml_collections.ConfigDict(loop.read_config_json(Path(workdir)))
+
+    def restore():
+        return loop.load_state(run_config, workdir, step=step)[1]
+
+    # create_state runs under a trace (eval_shape / jit), which is thread-local: a fresh
+    # thread restores concrete arrays (inside the trace orbax would build tracers).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        state = pool.submit(restore).result()
+    return run_config, state
+
+
+def load_upstream_run(config, key: str, method: str, shared_models: tuple[str, ...]):
+    """Restores the latest checkpoint of the earlier stage named by ``config.<key>``.
+
+    Memoised per (directory, step): ``create_state`` is traced more than once per
+    process (abstract shapes, then values) and should read the checkpoint once.
+
+    Args:
+      config: this stage's config.
+      key: the config key holding the run directory, e.g. ``"ldm.autoencoder_workdir"``.
+      method: the method that run must have trained (``"ldm_autoencoder"``, ...).
+      shared_models: ``config.model`` entries that must equal the run's (the frozen
+        networks this stage rebuilds from its own config).
+
+    Returns:
+      ``(run_config, state)``.
+
+    Raises:
+      ConfigError: no run or no checkpoint there, another method, or different models.
+    """
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    workdir = Path(str(value)).expanduser().absolute()
+    if not (workdir / "config.json").is_file():
+        raise ConfigError(f"config.{key}={str(value)!r}: no training run there "
+                          f"({workdir / 'config.json'} is missing); train {method} first")
+    step = _latest_step(workdir)
+    if step is None:
+        raise ConfigError(f"config.{key}={str(value)!r}: the run has no checkpoint yet; "
+                          f"train {method} first")
+    run_config, state = _restore_run(str(workdir), step)
+    if run_config.method != method:
+        raise ConfigError(f"config.{key}={str(value)!r} is a {run_config.method!r} run, "
+                          f"expected {method!r}")
+    for name in shared_models:
+        if _as_plain(config.model[name]) != _as_plain(run_config.model[name]):
+            raise ConfigError(f"config.model.{name} differs from the one of the run in "
+                              f"config.{key}={str(value)!r}: use the same size variant")
+    return run_config, state
+
+
+# ---------------------------------------------------------------------------- latents
+
+def flat_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """N(0, I) drawn flat then reshaped (XLA:CPU compiles 4D/5D draws seconds slower)."""
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+
+
+def encode_ct(config, ae_params, ct: jax.Array, rng: jax.Array) -> jax.Array:
+    """Unscaled latents of CT patches with the frozen autoencoder.
+
+    Args:
+      config: the stage config (``config.ldm.sample_latents``: draw ``z`` from the
+        posterior instead of taking its mean).
+      ae_params: the autoencoder's ``params``.
+      ct: ``(B, D, H, W, 1)`` in [-1, 1].
+      rng: key for the posterior draw.
+
+    Returns:
+      ``(B, D/f, H/f, W/f, latent_channels)``, gradient stopped.
+    """
+    ae = build_autoencoder(config)
+    mu, sigma = ae.apply({"params": ae_params}, ct, method=ae.encode)
+    z = mu + sigma * flat_normal(rng, mu.shape, mu.dtype) if config.ldm.sample_latents else mu
+    return jax.lax.stop_gradient(z)
+
+
+def decode_latent(config, ae_params, z: jax.Array) -> jax.Array:
+    """Unscaled latent ``(B, *s, C_lat)`` -> image ``(B, *s * f, 1)`` clipped to [-1, 1]."""
+    ae = build_autoencoder(config)
+    return jnp.clip(ae.apply({"params": ae_params}, z, method=ae.decode), -1.0, 1.0)
+
+
+def merge_moments(stats: dict, z: jax.Array) -> dict:
+    """Chan et al.'s parallel update of ``{count, mean, m2}`` with the values of ``z``.
+
+    Each batch contributes its exact two-pass mean and sum of squared deviations, so the
+    running variance ``m2 / count`` does not suffer the cancellation of
+    ``E[z^2] - E[z]^2``.
+    """
+    z = z.astype(jnp.float32)
+    n_b = jnp.float32(z.size)
+    mean_b = jnp.mean(z)
+    m2_b = jnp.sum(jnp.square(z - mean_b))
+    n = stats["count"] + n_b
+    delta = mean_b - stats["mean"]
+    return {"count": n, "mean": stats["mean"] + delta * n_b / n,
+            "m2": stats["m2"] + m2_b + jnp.square(delta) * stats["count"] * n_b / n}
+
+
+def init_moments() -> dict:
+    return {"count": jnp.zeros((), jnp.float32), "mean": jnp.zeros((), jnp.float32),
+            "m2": jnp.zeros((), jnp.float32)}
+
+
+def diffusion_mse(config, schedule, z0: jax.Array, rng: jax.Array, model_fn):
+    """The denoising loss at random timesteps.
+
+    Args:
+      config: stage config (``ldm.prediction_type``).
+      schedule: the training schedule.
+      z0: scaled clean latents ``(B, *s, C)``.
+      rng: key for the noise and timesteps.
+      model_fn: ``(x_t, t) -> prediction`` of ``z0``'s shape.
+
+    Returns:
+      Mean squared error to the target of ``config.ldm.prediction_type``.
+    """
+    from sct_jax.diffusion import q_sample, training_target
+    noise_rng, t_rng = jax.random.split(rng)
+    noise = flat_normal(noise_rng, z0.shape, z0.dtype)
+    t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)
+    x_t = q_sample(schedule, z0, noise, t)
+    target = training_target(schedule, z0, noise, t, config.ldm.prediction_type)
+    prediction = model_fn(x_t, t)
+    return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+
+
+# --------------------------------------------------------------------------- sampling
+
+def default_rng(config, rng: jax.Array | None) -> jax.Array:
+    """``rng`` or, when None, a fixed key from ``config.seed`` (reproducible sCT)."""
+    if rng is None:
+        return jax.random.key_data(jax.random.key(config.seed))
+    return rng
+
+
+def sample_latents(config, denoise_fn, x_shape, rng: jax.Array,
+                   num_steps: int | None = None, sampler: str | None = None) -> jax.Array:
+    """Runs the scanned sampler from ``N(0, I)`` noise of ``x_shape`` (scaled latents)."""
+    noise_rng, step_rng = jax.random.split(rng)
+    x_T = flat_normal(noise_rng, x_shape)
+    return sample(denoise_fn, make_config_schedule(config), x_T,
+                  num_steps=int(num_steps or config.ldm.sample_steps),
+                  sampler=sampler or config.ldm.sampler, eta=float(config.ldm.eta),
+                  rng=step_rng, prediction_type=config.ldm.prediction_type,
+                  clip_sample=False)
+
+
+def controlnet_denoiser(config, unet_params, controlnet_params, embedded_mr: jax.Array):
+    """``(x_t, t) -> UNet(x_t, t, ControlNet residuals)`` with the MR embedded once."""
+    unet, controlnet = build_unet(config), build_controlnet(config)
+    scale = float(config.ldm.conditioning_scale)
+
+    def denoise(x_t, t):
+        down, mid = controlnet.apply({"params": controlnet_params}, x_t, t, embedded_mr,
+                                     scale, cond_is_embedded=True)
+        return unet.apply({"params": unet_params}, x_t, t, down, mid)
+
+    return denoise
+
+
+def controlnet_sample(config, ae_params, unet_params, controlnet_params, scale_factor,
+                      mr: jax.Array, rng: jax.Array, num_steps: int | None = None,
+                      sampler: str | None = None) -> jax.Array:
+    """MR ``(B, D, H, W, 1)`` in [-1, 1] -> one sCT sample ``(B, D, H, W, 1)`` in [-1, 1].
+
+    Embeds the MR once, samples a latent with the scanned sampler (ControlNet + frozen
+    UNet at every step), divides by the scale factor and decodes.
+    """
+    embedded = embed_conditioning(build_controlnet(config), controlnet_params, mr)
+    denoise = controlnet_denoiser(config, unet_params, controlnet_params, embedded)
+    z = sample_latents(config, denoise, latent_shape(config, mr.shape), rng,
+                       num_steps=num_steps, sampler=sampler)
+    return decode_latent(config, ae_params, z / scale_factor)

@@ -1,0 +1,107 @@
+"""LDM stage 3: the ControlNet that steers the frozen latent UNet with the MR.
+
+  python train.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet
+  python evaluate.py --config configs/ldm_brain.py:controlnet \
+      --workdir runs/ldm_brain_controlnet [--samples 8]
+
+(``config.ldm.diffusion_workdir`` names the stage-2 run; its checkpoint provides the
+UNet, the autoencoder and the latent scale factor, all frozen here.) Training: the CT
+patch's scaled latent is noised as in stage 2 and the UNet, fed the ControlNet's
+residuals for the MR patch (image resolution; the conditioning embedding brings it
+down to the latent grid), regresses the same target; only the ControlNet learns. It
+starts as a copy of the UNet's encoder (:func:`controlnet_params_from_unet`) with
+zero-initialised outputs, so step 0 reproduces the unconditional model exactly.
+
+Prediction: the MR is embedded once, a latent is drawn from noise with the scanned
+sampler (``config.ldm.sample_steps`` DDIM steps by default, one ``lax.scan``), divided
+by the scale factor, decoded and clipped. Different ``rng`` give different samples;
+``evaluate.py --samples K`` writes their mean and per-voxel standard deviation. A volume
+larger than ``config.data.patch`` is predicted by overlapping windows sampled
+independently (each with its own key) and blended: choose a patch that covers the head.
+
+State: ``{"controlnet": TrainState, "unet": frozen params, "ae": frozen params,
+"scale_factor": ()}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sct_jax.methods import _ldm_common as common
+from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.models.controlnet import controlnet_params_from_unet
+from sct_jax.training import optim
+
+
+def validate_config(config) -> None:
+    common.validate_ldm_config(config, "controlnet")
+
+
+def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
+    """The ControlNet (from the stage-2 UNet) and the frozen stage-2 parts."""
+    _, diffusion_run = common.load_upstream_run(config, "ldm.diffusion_workdir",
+                                                "ldm_diffusion", ("ae", "unet"))
+    unet_params = jax.tree.map(jnp.asarray, diffusion_run["unet"].params)
+    controlnet = common.build_controlnet(config)
+    mr = dummy_input(batch_spec["mr"])
+    z = jnp.zeros(common.latent_shape(config, mr.shape), jnp.float32)
+    params = controlnet.init(rng, z, jnp.zeros((1,), jnp.int32), mr)["params"]
+    params = controlnet_params_from_unet(unet_params, params)
+    return {
+        "controlnet": TrainState.create(apply_fn=controlnet.apply, params=params,
+                                        tx=optim.adam(config.optim, config.train.steps)),
+        "unet": unet_params,
+        "ae": jax.tree.map(jnp.asarray, diffusion_run["ae"]),
+        "scale_factor": jnp.asarray(diffusion_run["scale_factor"], jnp.float32),
+    }
+
+
+def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+    """One ControlNet update on the denoising loss of the frozen UNet.
+
+    Args:
+      config: the experiment config (bound by the loop).
+      state: see the module docstring.
+      batch: ``mr``, ``ct`` ``(B, D, H, W, 1)`` in [-1, 1].
+      rng: the run's base key (folded with the step inside).
+
+    Returns:
+      The new state and scalar metrics.
+    """
+    cn_state = state["controlnet"]
+    rng = step_rng(rng, cn_state)
+    encode_rng, loss_rng = jax.random.split(rng)
+    z = common.encode_ct(config, state["ae"], batch["ct"], encode_rng) * state["scale_factor"]
+    unet = common.build_unet(config)
+    schedule = common.make_config_schedule(config)
+    cond_scale = float(config.ldm.conditioning_scale)
+
+    def loss_fn(params):
+        def model(x_t, t):
+            down, mid = cn_state.apply_fn({"params": params}, x_t, t, batch["mr"], cond_scale)
+            return unet.apply({"params": state["unet"]}, x_t, t, down, mid)
+        return common.diffusion_mse(config, schedule, z, loss_rng, model)
+
+    loss, grads = jax.value_and_grad(loss_fn)(cn_state.params)
+    cn_state, metrics = apply_updates(cn_state, grads, "controlnet")
+    return {**state, "controlnet": cn_state}, {"loss": loss, **metrics}
+
+
+def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Samples an sCT for ``mr``.
+
+    Args:
+      config: the config (``ldm.sample_steps``, ``ldm.sampler``, ``ldm.eta``).
+      state: the stage's state.
+      mr: ``(B, D, H, W, 1)`` in [-1, 1], each size divisible by the autoencoder factor
+        times the UNet stride.
+      rng: sampling key (raw ``uint32[2]`` or typed); default a fixed key from
+        ``config.seed``, so repeated calls return the same sample.
+
+    Returns:
+      ``(B, D, H, W, 1)`` sCT in [-1, 1].
+    """
+    return common.controlnet_sample(config, state["ae"], state["unet"],
+                                    state["controlnet"].params, state["scale_factor"], mr,
+                                    common.default_rng(config, rng))

@@ -1,0 +1,216 @@
+"""The brain LDM end to end on tiny configs: the three chained stages through the real
+loop, the latent scale factor, sampling, evaluation with K samples.
+
+One module-scoped chain trains autoencoder -> diffusion -> ControlNet (2 steps each, on
+the tiny phantom heads); the tests inspect its runs. Compilations dominate (the
+initialisation and step of each stage, the sampler): keep new tests on these runs.
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sct_jax import run
+from sct_jax.config_utils import load_config_file
+from sct_jax.data.io import load_volume
+from sct_jax.errors import ConfigError
+from sct_jax.evaluation import predict as predict_lib
+from sct_jax.methods import _ldm_common as common
+from sct_jax.methods import ldm_autoencoder, ldm_controlnet
+from sct_jax.models import vgg
+from sct_jax.training import data as train_data
+from sct_jax.training import loop
+
+
+def stage_config(stage, runs):
+    c = load_config_file(f"configs/ldm_brain.py:{stage},tiny")
+    c.ldm.autoencoder_workdir = str(runs / "autoencoder")
+    c.ldm.diffusion_workdir = str(runs / "diffusion")
+    return c
+
+
+def random_vgg16_npz(path):
+    """Random VGG-16 weights in torchvision's format (what the converter writes)."""
+    rng = np.random.default_rng(0)
+    params = {name: {"kernel": rng.standard_normal((3, 3, c_in, c_out), np.float32)
+                     * np.float32(np.sqrt(2.0 / (9 * c_in))),
+                     "bias": np.zeros(c_out, np.float32)}
+              for name, _, c_in, c_out in vgg.vgg_conv_layout("vgg16")}
+    return vgg.save_vgg_npz(params, path, "vgg16")
+
+
+def metric_records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Trains the three tiny stages; returns ``{stage: (config, TrainResult)}``."""
+    runs = tmp_path_factory.mktemp("ldm_runs")
+    out = {}
+    for stage in common.STAGES:
+        config = stage_config(stage, runs)
+        if stage == "autoencoder":
+            # The tiny config has no perceptual term; random VGG weights exercise it.
+            config.loss.perceptual_weight = 1e-3
+            config.model.vgg16_weights = str(random_vgg16_npz(runs / "vgg16.npz"))
+        out[stage] = (config, loop.train(config, runs / stage))
+    return out
+
+
+def test_autoencoder_stage_switches_adversarial_on(chain):
+    config, result = chain["autoencoder"]
+    records = metric_records(result.workdir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["perceptual"] > 0 for r in records)
+    # adv_start = 1: step 1 (state step 0) trains the AE alone, step 2 both.
+    assert [r["adv_on"] for r in records] == [0.0, 1.0]
+    assert records[0]["disc/grad_norm"] == 0.0 and records[1]["disc/grad_norm"] > 0
+    assert int(result.state["ae"].step) == 2 and int(result.state["disc"].step) == 1
+    assert set(result.state) == {"ae", "disc", "vgg16"}
+
+
+def test_random_slices_match_numpy():
+    vol = np.random.default_rng(0).standard_normal((2, 4, 5, 6, 1)).astype(np.float32)
+    index = np.array([3, 0])
+    for axis in (1, 2, 3):
+        expected = np.stack([np.take(vol[b], i, axis=axis - 1) for b in range(2)
+                             for i in index])
+        got = ldm_autoencoder.random_slices(jnp.asarray(vol), axis, jnp.asarray(index))
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_merge_moments_matches_float64():
+    chunks = [np.random.default_rng(k).normal(3.0 + k, 0.5 * (k + 1), (k + 2, 7))
+              for k in range(4)]
+    stats = common.init_moments()
+    for chunk in chunks:
+        stats = common.merge_moments(stats, jnp.asarray(chunk, jnp.float32))
+    every = np.concatenate([c.ravel() for c in chunks])
+    assert float(stats["count"]) == every.size
+    np.testing.assert_allclose(float(stats["mean"]), every.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(stats["m2"]) / every.size, every.var(), rtol=1e-5)
+
+
+def test_diffusion_stage_scale_factor_stored_and_restored(chain):
+    _, ae_result = chain["autoencoder"]
+    config, result = chain["diffusion"]
+    state = result.state
+    # The frozen autoencoder is the stage-1 run's.
+    jax.tree.map(np.testing.assert_array_equal, state["ae"], ae_result.state["ae"].params)
+    # scale_batches = 1: step 1 estimates 1/std(z) of the first batch, step 2 trains.
+    records = metric_records(result.workdir)
+    assert [r["estimating_scale"] for r in records] == [1.0, 0.0]
+    assert records[0]["unet/grad_norm"] == 0.0 and records[1]["unet/grad_norm"] > 0
+    first = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    ae = common.build_autoencoder(config)
+    mu, _ = jax.jit(functools.partial(ae.apply, method=ae.encode))(
+        {"params": state["ae"]}, jnp.asarray(first["ct"]))
+    expected = 1.0 / np.asarray(mu, np.float64).std()
+    np.testing.assert_allclose(float(state["scale_factor"]), expected, rtol=1e-4)
+    assert records[1]["scale_factor"] == pytest.approx(expected, rel=1e-4)
+
+    _, restored = loop.load_state(config, result.workdir)
+    assert float(restored["scale_factor"]) == float(state["scale_factor"])
+    controlnet_state = chain["controlnet"][1].state
+    assert float(controlnet_state["scale_factor"]) == float(state["scale_factor"])
+
+
+def test_controlnet_stage_freezes_unet_and_starts_from_it(chain):
+    diffusion_state = chain["diffusion"][1].state
+    config, result = chain["controlnet"]
+    state = result.state
+    assert set(state) == {"controlnet", "unet", "ae", "scale_factor"}
+    jax.tree.map(np.testing.assert_array_equal, state["unet"],
+                 diffusion_state["unet"].params)
+    jax.tree.map(np.testing.assert_array_equal, state["ae"], diffusion_state["ae"])
+    # After step 1 the shared submodules still equal the UNet's: their gradient is 0
+    # while every ControlNet output conv is zero, so only an exact copy passes here.
+    _, first = loop.load_state(config, result.workdir, step=1)
+    params = first["controlnet"].params
+    shared = [k for k in params if k.startswith(("time_embed", "conv_in", "down_", "middle"))]
+    assert len(shared) >= 4
+    for key in shared:
+        jax.tree.map(np.testing.assert_array_equal, params[key],
+                     diffusion_state["unet"].params[key])
+    assert int(state["controlnet"].step) == 2 and np.isfinite(result.metrics["loss"])
+
+
+def test_predict_samples_with_one_compilation(chain):
+    config, result = chain["controlnet"]
+    jitted = jax.jit(functools.partial(ldm_controlnet.predict, config))
+    mr = np.random.default_rng(0).uniform(-1, 1, (1, *config.data.patch, 1)).astype(
+        np.float32)
+    keys = [predict_lib.sample_rng(config, k) for k in range(2)]
+    a, b = (np.asarray(jitted(result.state, mr, rng=k)) for k in keys)
+    a_again = np.asarray(jitted(result.state, mr * 0.5, rng=keys[0]))
+    assert jitted._cache_size() == 1
+    assert a.shape == mr.shape and np.all(np.abs(a) <= 1.0)
+    assert np.abs(a - b).max() > 0  # different noise, different sample
+    assert np.abs(a - a_again).max() > 0  # the MR conditions the sample
+    np.testing.assert_array_equal(a, np.asarray(jitted(result.state, mr, rng=keys[0])))
+
+
+def test_evaluate_writes_sct_and_mean_std_of_samples(chain):
+    config, result = chain["controlnet"]
+    case = train_data.case_splits(config)["test"][0]
+    pred = result.workdir / "predictions" / case.id
+    report = run.evaluate_run(config, result.workdir, samples=2)
+    assert len(report.cases) == 1 and np.isfinite(report.cases[0].metrics["mae"])
+    mean, std = load_volume(pred / "sct.nii.gz"), load_volume(pred / "sct_std.nii.gz")
+    mr = load_volume(case.mr)
+    assert mean.shape == std.shape == mr.shape
+    np.testing.assert_allclose(mean.affine, mr.affine)
+
+    # Recompute the two samples with the documented keys.
+    _, state = loop.load_state(config, result.workdir)
+    jitted = jax.jit(functools.partial(ldm_controlnet.predict, config))
+    from sct_jax.data import synthrad
+    case_data = synthrad.load_case(case)
+    draws = np.stack([predict_lib.predict_case(
+        predict_lib.make_volume_predictor(config, state, rng=predict_lib.sample_rng(config, k),
+                                          jitted_predict=jitted), config, case_data)
+        for k in range(2)]).astype(np.float64)
+    np.testing.assert_allclose(mean.data, draws.mean(0), atol=1e-2)
+    np.testing.assert_allclose(std.data, np.abs(draws[0] - draws[1]) / 2, atol=1e-2)
+    assert std.data.max() > 0
+
+    run.evaluate_run(config, result.workdir)  # one sample: no stale std map stays
+    assert (pred / "sct.nii.gz").exists() and not (pred / "sct_std.nii.gz").exists()
+    summary = json.loads((result.workdir / "predictions" / "metrics.json").read_text())
+    assert summary["n_scored"] == 1
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="choose one stage"):
+        load_config_file("configs/ldm_brain.py:autoencoder,diffusion")
+    config = stage_config("diffusion", tmp_path)
+    with pytest.raises(ConfigError, match="config.ldm.autoencoder_workdir"):
+        common.load_upstream_run(config, "ldm.autoencoder_workdir", "ldm_autoencoder", ("ae",))
+    pix2pix = load_config_file("configs/pix2pix_pelvis.py:tiny")
+    with pytest.raises(ConfigError, match="--samples 2"):
+        predict_lib.predict_split(pix2pix, tmp_path, samples=2)
+    bad = stage_config("controlnet", tmp_path)
+    bad.model.controlnet.conditioning_embedding_num_channels = (8, 8, 8)
+    with pytest.raises(ConfigError, match="conditioning_embedding_num_channels"):
+        ldm_controlnet.validate_config(bad)
+
+
+def test_upstream_model_must_match(chain):
+    config, _ = chain["diffusion"]
+    other = config.copy_and_resolve_references()
+    other.model.ae.channels = (8, 16)
+    with pytest.raises(ConfigError, match="config.model.ae differs"):
+        common.load_upstream_run(other, "ldm.autoencoder_workdir", "ldm_autoencoder", ("ae",))
+
+
+def test_reduced_benchmark_model():
+    from sct_jax.bench.sampling import reduced_config
+    reduced = reduced_config(load_config_file("configs/ldm_brain.py:tiny"))
+    assert common.latent_shape(reduced, (1, *reduced.data.patch, 1)) == (1, 48, 48, 48, 3)
+    assert tuple(reduced.model.unet.channels) == (32, 64, 64)
+    common.validate_ldm_config(reduced, "controlnet")
