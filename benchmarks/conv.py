@@ -16,7 +16,10 @@ Besides ``xla`` and ``cpu_fast``, ``--impls`` takes variants kept here for the r
 ``sum2d`` and ``concat_in`` replace the 3D-as-2D step of ``cpu_fast`` (a sum of ``k_d``
 2D convolutions of shifted depth slices; the shifted slices stacked on the input
 channels), ``union`` computes a transposed convolution's phases as one convolution
-with the union of their windows and ``2^d * C_out`` output channels.
+with the union of their windows and ``2^d * C_out`` output channels. Switches of
+``cpu_fast``'s own choices: ``no_im2col`` (never im2col), ``im2col`` (always, 2D),
+``xla_s2_grads`` (XLA's gradients for 2D stride-2 convolutions), ``x_patches`` and
+``g_patches`` (one form of the stride-1 kernel gradient).
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ WORKLOADS = {
     "conv2d_k3s1_pgan_res": (False, 1, (80, 48), 256, 256, 3, 1, (1, 1), None),
     "conv2d_k3s2_pgan": (False, 2, (320, 192), 64, 128, 3, 2, (1, 1), None),
     "convT2d_k3s2op1_pgan": (True, 2, (80, 48), 256, 128, 3, 2, 1, 1),
+    # unet_256 at batch 1: an inner down and up layer, the outermost up layer, and
+    # the PatchGAN's last two layers (C_out = 512 and 1).
+    "conv2d_k4s2_unet_d4": (False, 1, (16, 16), 512, 512, 4, 2, (1, 1), None),
+    "convT2d_k4s2_unet_u5": (True, 1, (4, 4), 1024, 512, 4, 2, 1, None),
+    "convT2d_k4s2_unet_u1": (True, 1, (64, 64), 256, 64, 4, 2, 1, None),
+    "convT2d_k4s2_unet_u0": (True, 1, (128, 128), 128, 1, 4, 2, 1, None),
+    "conv2d_k4s1_patchgan_c3": (False, 1, (32, 32), 256, 512, 4, 1, (1, 1), None),
+    "conv2d_k4s1_patchgan_logits": (False, 1, (31, 31), 512, 1, 4, 1, (1, 1), None),
+}
+
+# cpu_fast with one of its choices switched: impl name -> conv_lowering attributes.
+SWITCHES = {
+    "no_im2col": {"_IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL": 0.0,
+                  "_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL": 0.0},
+    "im2col": {"_IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL": 1e9,
+               "_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL": 1e9},
+    "xla_s2_grads": {"_STRIDE2_CUSTOM_GRADIENTS": False},
+    "x_patches": {"_patch_the_cotangent": lambda *args: False},
+    "g_patches": {"_patch_the_cotangent": lambda *args: True},
 }
 
 
@@ -116,15 +138,20 @@ def _conv_transpose_union(x, kernel, strides, padding, output_padding):
 
 
 @contextlib.contextmanager
-def _swap_conv3d(variant: Callable | None) -> Iterator[None]:
-    """Temporarily replaces ``cpu_fast``'s 3D-as-2D step (traced inside the block)."""
-    original = cl._conv3d_via_2d
+def _patched(impl: str) -> Iterator[None]:
+    """Temporarily replaces ``conv_lowering`` attributes for a variant (traced inside)."""
+    patch = dict(SWITCHES.get(impl, {}))
+    variant = {"sum2d": _conv3d_sum2d, "concat_in": _conv3d_concat_in}.get(impl)
     if variant is not None:
-        cl._conv3d_via_2d = variant
+        patch["_conv3d_via_2d"] = variant
+    original = {name: getattr(cl, name) for name in patch}
+    for name, value in patch.items():
+        setattr(cl, name, value)
     try:
         yield
     finally:
-        cl._conv3d_via_2d = original
+        for name, value in original.items():
+            setattr(cl, name, value)
 
 
 def _make_fn(spec, impl: str) -> Callable:
@@ -163,8 +190,7 @@ def run(workloads, impls, directions, steps: int) -> None:
                 continue
             if impl == "union" and not transposed:
                 continue
-            variant = {"sum2d": _conv3d_sum2d, "concat_in": _conv3d_concat_in}.get(impl)
-            fn = _make_fn(spec, "cpu_fast" if variant else impl)
+            fn = _make_fn(spec, impl if impl in ("xla", "cpu_fast", "union") else "cpu_fast")
             y_shape = jax.eval_shape(fn, x, w).shape
             g = jax.random.normal(keys[2], y_shape, jnp.float32)
 
@@ -173,7 +199,7 @@ def run(workloads, impls, directions, steps: int) -> None:
                 return (y, *vjp(g))
 
             for direction in directions:
-                with _swap_conv3d(variant):
+                with _patched(impl):
                     if direction == "fwd":
                         timing = time_jitted(fn, (x, w), steps=steps)
                     else:
@@ -200,10 +226,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--impls", default="xla,cpu_fast",
-                        help="xla, cpu_fast, and the variants sum2d, concat_in, union")
+                        help="xla, cpu_fast, the variants sum2d, concat_in, union, and the "
+                             f"switches {', '.join(SWITCHES)}")
     parser.add_argument("--directions", default="fwd,fwd_bwd")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="two small workloads, fwd_bwd, 2 steps (checks that it runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.workloads, args.directions, args.steps = (
+            "conv2d_k4s2_unet_d4,convT2d_k4s2_unet_u5", "fwd_bwd", 2)
     run(args.workloads.split(","), args.impls.split(","), args.directions.split(","),
         args.steps)
 

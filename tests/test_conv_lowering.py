@@ -2,6 +2,9 @@
 
 ``xla`` is itself checked against float64 numpy formulas of a correlation and of
 PyTorch's transposed convolution (with the kernel flip documented in ``conv_transpose``).
+``cpu_fast`` picks a lowering by size (im2col for the few-position, many-channel
+layers); tiny test shapes would mostly take the im2col path, so each path is forced
+explicitly (the ``path`` fixture) and every lowering is compared with ``xla``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import numpy as np
 import pytest
 
 from sct_jax.models import conv_lowering as cl
+from sct_jax.models.patchgan import PatchDiscriminator
+from sct_jax.models.unet import UNetGenerator
 
 RTOL = 1e-4  # relative to the largest magnitude of the compared array
 
@@ -24,6 +29,10 @@ CONV_CASES = {
     "2d_k7_s1_p3": ((9, 8), (7, 7), 2, 3, (1, 1), ((3, 3), (3, 3))),
     "2d_k1_s1": ((5, 6), (1, 1), 3, 4, (1, 1), ((0, 0), (0, 0))),
     "2d_s3_fallback": ((9, 8), (3, 3), 2, 3, (3, 3), ((1, 1), (1, 1))),
+    "2d_k4_s2_p1_pix2pix": ((8, 6), (4, 4), 3, 5, (2, 2), ((1, 1), (1, 1))),
+    "2d_k4_s2_p1_odd": ((7, 9), (4, 4), 2, 3, (2, 2), ((1, 1), (1, 1))),
+    "2d_k4_s1_p1_wide_out": ((6, 5), (4, 4), 2, 12, (1, 1), ((1, 1), (1, 1))),
+    "2d_mixed_stride": ((8, 7), (3, 3), 2, 3, (2, 1), ((1, 1), (1, 1))),
     "3d_k3_s1": ((5, 6, 7), (3, 3, 3), 3, 4, (1, 1, 1), ((1, 1),) * 3),
     "3d_k3_s1_asym": ((5, 6, 4), (3, 3, 3), 2, 3, (1, 1, 1), ((2, 0), (0, 1), (1, 1))),
     "3d_k3_s2_ldm_pad01": ((6, 5, 7), (3, 3, 3), 2, 3, (2, 2, 2), ((0, 1),) * 3),
@@ -39,6 +48,7 @@ CONV_CASES = {
 # (spatial, kernel, C_in, C_out, strides, padding, output_padding): PyTorch's meaning.
 TRANSPOSE_CASES = {
     "2d_k4_s2_p1": ((7, 8), (4, 4), 3, 4, (2, 2), (1, 1), None),
+    "2d_k4_s2_p1_wide_out": ((4, 3), (4, 4), 2, 12, (2, 2), (1, 1), None),
     "2d_k3_s2_p1_op1": ((5, 6), (3, 3), 3, 4, (2, 2), (1, 1), (1, 1)),
     "2d_k3_s1_p1": ((5, 6), (3, 3), 3, 2, (1, 1), (1, 1), None),
     "2d_k1_s2_op1": ((4, 5), (1, 1), 2, 3, (2, 2), (0, 0), (1, 0)),
@@ -81,18 +91,61 @@ def _compare_impls(make_fn, spatial, kernel_size, c_in, c_out, seed=0):
         _assert_close(a, e, name)
 
 
+def _force_path(monkeypatch, path: str) -> None:
+    """Selects one ``cpu_fast`` lowering whatever the size.
+
+    ``rewrite``: the stride-1 / space-to-depth / phase rewrites, im2col off;
+    ``im2col``: every 2D convolution as im2col; ``xla_stride2``: the rewrites with XLA's
+    own gradients for 2D stride 2.
+    """
+    im2col = 1e9 if path == "im2col" else 0.0
+    monkeypatch.setattr(cl, "_IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL", im2col)
+    monkeypatch.setattr(cl, "_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL", im2col)
+    monkeypatch.setattr(cl, "_STRIDE2_CUSTOM_GRADIENTS", path != "xla_stride2")
+
+
+@pytest.fixture(params=["rewrite", "im2col"])
+def path(request, monkeypatch):
+    _force_path(monkeypatch, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_conv_cpu_fast_matches_xla(case):
+def test_conv_cpu_fast_matches_xla(case, path):
     spatial, k, c_in, c_out, strides, padding = CONV_CASES[case]
+    if path == "im2col" and len(spatial) != 2:
+        return  # im2col is 2D only: the same lowering as "rewrite", tested there
     _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, strides, padding, impl=impl),
                    spatial, k, c_in, c_out)
 
 
 @pytest.mark.parametrize("case", list(TRANSPOSE_CASES))
-def test_conv_transpose_cpu_fast_matches_xla(case):
+def test_conv_transpose_cpu_fast_matches_xla(case, path):
     spatial, k, c_in, c_out, strides, padding, output_padding = TRANSPOSE_CASES[case]
+    if path == "im2col" and len(spatial) != 2:
+        return  # as above
     _compare_impls(lambda impl: lambda x, w: cl.conv_transpose(
         x, w, strides, padding, output_padding, impl=impl), spatial, k, c_in, c_out)
+
+
+@pytest.mark.parametrize("by_cotangent", [True, False])
+def test_both_kernel_gradient_forms(monkeypatch, by_cotangent):
+    """Patches of ``x`` and patches of ``g`` give the same kernel gradient."""
+    _force_path(monkeypatch, "rewrite")
+    monkeypatch.setattr(cl, "_patch_the_cotangent", lambda *args: by_cotangent)
+    _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, (2, 2), ((1, 1), (1, 2)),
+                                                     impl=impl),
+                   (7, 6), (4, 3), 3, 4, seed=40)
+    _compare_impls(lambda impl: lambda x, w: cl.conv_transpose(x, w, (2, 2), (1, 1),
+                                                               impl=impl),
+                   (3, 4), (4, 4), 3, 2, seed=41)
+
+
+def test_size_rule_picks_im2col_for_the_innermost_unet_layers():
+    """unet_256 at batch 1: im2col from 16^2 outputs (512 channels) inwards."""
+    assert cl._use_im2col(16 * 16, 512) and not cl._use_im2col(32 * 32, 256)
+    assert cl._use_im2col(8 * 8, 512, transposed=True)
+    assert not cl._use_im2col(16 * 16, 512, transposed=True)
 
 
 def _numpy_correlation(x, kernel, strides, padding):
@@ -137,8 +190,23 @@ def test_against_float64_references(impl):
                                               (1, 1), (1, 0)), "conv_transpose")
 
 
-def test_kernel_grad_in_groups_and_row_blocks(monkeypatch):
-    """The memory-capped loop over images and the row blocks give the same gradient."""
+def test_negative_padding_against_float64(monkeypatch):
+    """A negative padding crops; checked against numpy, not ``xla``: XLA's CPU stride-2
+    convolution with negative padding returns garbage (uninitialised memory, jax 0.10.2).
+    """
+    x, kernel = _random(60, (2, 9, 8, 2)), _random(61, (3, 3, 2, 3))
+    padding = ((-1, 1), (0, -1))
+    cropped = np.asarray(x)[:, 1:, :-1]
+    expected = _numpy_correlation(cropped, np.asarray(kernel), (2, 2), ((0, 1), (0, 0)))
+    for path in ("rewrite", "im2col"):
+        _force_path(monkeypatch, path)
+        _assert_close(cl.conv(x, kernel, (2, 2), padding, impl="cpu_fast"), expected, path)
+
+
+@pytest.mark.parametrize("by_cotangent", [True, False])
+def test_kernel_grad_in_groups_and_position_blocks(monkeypatch, by_cotangent):
+    """The memory-capped loop over images and the position blocks give the same gradient."""
+    monkeypatch.setattr(cl, "_patch_the_cotangent", lambda *args: by_cotangent)
     monkeypatch.setattr(cl, "_PATCH_BYTES_PER_STEP", 1)  # one image per loop step
     monkeypatch.setattr(cl, "_POSITIONS_PER_BLOCK", 8)   # blocks of one output row
     _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, (1, 1, 1), ((1, 1),) * 3,
@@ -146,32 +214,98 @@ def test_kernel_grad_in_groups_and_row_blocks(monkeypatch):
                    (3, 4, 8), (3, 3, 3), 2, 3, seed=20)
 
 
-def test_forward_mode_and_nested_grad_match_xla():
+# (input shape, kernel shape, fn(x, kernel, impl)): the custom JVPs of each path.
+FORWARD_MODE_CASES = {
+    "3d_stride2": ((2, 6, 5, 4, 2), (3, 3, 3, 2, 2),
+                   lambda x, k, impl: cl.conv(x, k, (2, 2, 2), ((0, 1),) * 3, impl=impl)),
+    "2d_stride2_k4": ((2, 8, 6, 3), (4, 4, 3, 2),
+                      lambda x, k, impl: cl.conv(x, k, (2, 2), ((1, 1),) * 2, impl=impl)),
+    "2d_transposed_k4": ((2, 3, 4, 3), (4, 4, 3, 2),
+                         lambda x, k, impl: cl.conv_transpose(x, k, (2, 2), (1, 1),
+                                                              impl=impl)),
+}
+
+
+@pytest.mark.parametrize("case", list(FORWARD_MODE_CASES))
+@pytest.mark.parametrize("path_name", ["rewrite", "im2col"])
+def test_forward_mode_and_nested_grad_match_xla(monkeypatch, case, path_name):
     """``jax.jvp`` and a grad through a one-step lookahead (learning to reweight) work.
 
-    The custom JVP must keep forward mode working, and a gradient with respect to a
+    The custom JVPs must keep forward mode working, and a gradient with respect to a
     per-pixel weight ``eps`` of a loss at ``theta - a * grad_theta sum(eps * l)``
-    differentiates the fast kernel gradient with respect to its cotangent.
+    differentiates the fast kernel and input gradients with respect to their cotangent.
+    (Differentiating a kernel gradient in ``x`` is the documented limitation of the
+    ``linear_call`` kernel gradients.)
     """
-    x, kernel = _random(30, (2, 6, 5, 4, 2)), _random(31, (3, 3, 3, 2, 2))
-    target = _random(32, (2, 3, 2, 2, 2))
+    if path_name == "im2col" and case == "3d_stride2":
+        return  # im2col is 2D only
+    _force_path(monkeypatch, path_name)
+    x_shape, k_shape, fn = FORWARD_MODE_CASES[case]
+    x, kernel = _random(30, x_shape), _random(31, k_shape)
+    target = _random(32, jax.eval_shape(lambda: fn(x, kernel, "xla")).shape)
 
-    def loss_map(kernel, impl):
-        return jnp.abs(cl.conv(x, kernel, (2, 2, 2), ((0, 1),) * 3, impl=impl) - target)
+    def loss_map(x, kernel, impl):
+        return jnp.abs(fn(x, kernel, impl) - target)
 
-    def lookahead(eps, impl):
-        inner = jax.grad(lambda k: jnp.sum(eps * loss_map(k, impl)))(kernel)
-        return jnp.sum(loss_map(kernel - 0.1 * inner, impl) ** 2)
+    def lookahead(eps, x, impl):
+        inner = jax.grad(lambda k, x: jnp.sum(eps * loss_map(x, k, impl)),
+                         argnums=(0, 1))(kernel, x)
+        return jnp.sum(loss_map(x - 0.1 * inner[1], kernel - 0.1 * inner[0], impl) ** 2)
 
-    tangent = _random(33, kernel.shape)
-    eps = jnp.zeros(target.shape)
-    for impl_result, xla_result in zip(
-            (jax.jvp(lambda k: loss_map(k, "cpu_fast"), (kernel,), (tangent,)),
-             jax.jit(jax.grad(lookahead), static_argnums=1)(eps, "cpu_fast")),
-            (jax.jvp(lambda k: loss_map(k, "xla"), (kernel,), (tangent,)),
-             jax.jit(jax.grad(lookahead), static_argnums=1)(eps, "xla"))):
-        jax.tree_util.tree_map(lambda a, e: _assert_close(a, e, "jvp/nested grad"),
-                               impl_result, xla_result)
+    tangents = (_random(33, x.shape), _random(34, kernel.shape))
+    eps = jnp.ones(target.shape)
+    results = {}
+    for impl in ("xla", "cpu_fast"):
+        results[impl] = (
+            jax.jvp(lambda x, k: loss_map(x, k, impl), (x, kernel), tangents),
+            jax.jit(jax.grad(lookahead), static_argnums=2)(eps, x, impl))
+    jax.tree_util.tree_map(lambda a, e: _assert_close(a, e, "jvp/nested grad"),
+                           results["cpu_fast"], results["xla"])
+
+
+# Tiny models of the pix2pix workloads: (model kwargs, input shape).
+MODEL_CASES = {
+    "unet_2d": (UNetGenerator, dict(ngf=4, num_downs=4, dropout_rate=0.0), (2, 16, 16, 1)),
+    "patchgan_2d": (PatchDiscriminator, dict(ndf=4, n_layers=3), (2, 32, 32, 2)),
+    "unet_3d": (UNetGenerator, dict(ngf=2, num_downs=3, dropout_rate=0.0), (1, 8, 8, 8, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_models_match_between_impls(case):
+    """pix2pix's tiny U-Nets and PatchGAN: same output and parameter gradient.
+
+    At the default size rule, so the innermost layers take im2col and the outer ones
+    the rewrites, as in the full-size models.
+    """
+    model_cls, kwargs, x_shape = MODEL_CASES[case]
+    x = _random(50, x_shape)
+    call = {"train": False} if model_cls is UNetGenerator else {}
+    params = model_cls(conv_impl="xla", **kwargs).init(jax.random.key(0), x, **call)
+    outputs = {}
+    for impl in ("xla", "cpu_fast"):
+        model = model_cls(conv_impl=impl, **kwargs)
+        assert jax.tree_util.tree_structure(model.init(jax.random.key(0), x, **call)) == \
+            jax.tree_util.tree_structure(params)
+
+        def loss(params, x, model=model):
+            y = model.apply(params, x, **call)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+        outputs[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            params, x)
+    (_, y_fast), (g_fast, gx_fast) = outputs["cpu_fast"]
+    (_, y_xla), (g_xla, gx_xla) = outputs["xla"]
+    _assert_close(y_fast, y_xla, "output")
+    _assert_close(gx_fast, gx_xla, "input grad")
+    tree_scale = max(float(jnp.max(jnp.abs(e))) for e in jax.tree_util.tree_leaves(g_xla))
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(g_fast),
+                            jax.tree_util.tree_leaves(g_xla)):
+        name = f"param grad {jax.tree_util.keystr(path)}"
+        if float(jnp.max(jnp.abs(e))) < 1e-4 * tree_scale:
+            # A bias before an instance norm: its true gradient is 0, both are rounding.
+            assert float(jnp.max(jnp.abs(a))) < 1e-4 * tree_scale, name
+        else:
+            _assert_close(a, e, name)
 
 
 def test_resolve_impl():

@@ -4,24 +4,30 @@ Every model convolution goes through :func:`conv` and :func:`conv_transpose`, so
 lowering can be chosen per backend without touching a model. ``impl="xla"`` is XLA's
 native convolution (cuDNN on GPU, the TPU convolution unit). ``impl="cpu_fast"``
 rewrites a convolution into the shapes XLA's CPU backend runs fast, padded stride-1 2D
-convolutions, from differentiable ``jax`` ops (gradients are exact and are stride-1 2D
-convolutions too) plus one custom JVP for the kernel gradient:
+convolutions and matmuls, from differentiable ``jax`` ops plus custom JVPs for the
+gradients XLA's CPU backend runs slowly:
 
 - 2D stride 1: XLA's convolution forward and input gradient, the kernel gradient as
-  batched im2col matmuls (:func:`_conv2d_stride1`; XLA runs it ~3x slower than the
-  forward), and never an unpadded convolution (XLA runs those 2-3x slower);
+  im2col matmuls (:func:`_conv2d_stride1`, :func:`_kernel_grad_2d`: patches of ``x``,
+  or of the cotangent when it has few channels), and never an unpadded convolution
+  (XLA runs those 2-3x slower);
+- 2D stride 2: XLA's forward (faster than space-to-depth); input and kernel gradients
+  computed on the space-to-depth form, i.e. as stride-1 ones (:func:`_conv2d_stride2`);
 - 3D stride 2 -> space-to-depth of the (padded) input and a stride-1 convolution with
   the kernel regrouped the same way (``ceil(k/2)`` taps, ``8`` times the input
-  channels). 2D stride 2 stays XLA's (its forward is fast on CPU, measured);
+  channels);
 - stride-2 transposed convolution -> ``2^d`` output phases, each a stride-1 convolution
   with the kernel taps of its parity, interleaved (depth-to-space);
 - 3D stride 1 -> 2D convolutions over depth slices folded into the batch axis: one 2D
   convolution of every depth slice with all ``k_d`` depth taps stacked on the output
-  channels, then a shifted sum over depth (see :func:`_conv3d_via_2d`).
+  channels, then a shifted sum over depth (see :func:`_conv3d_via_2d`);
+- 2D layers with few positions and many channels (a U-Net's innermost levels) -> one
+  im2col matmul with the kernel as stored (:func:`_conv2d_im2col`): there the kernel
+  rearrangements of the rewrites above cost more than the convolution.
 
 ``impl="auto"`` is ``"cpu_fast"`` on the CPU backend and ``"xla"`` elsewhere. Strides
-other than 1 and 2, and 1D convolutions, always use XLA. ``benchmarks/conv.py``
-measures every lowering.
+other than 1 and 2, mixed 2D strides and 1D convolutions always use XLA.
+``benchmarks/conv.py`` measures every lowering; ``BENCHMARKS.md`` has the numbers.
 
 Layouts: inputs ``(B, *spatial, C_in)`` (channels last), kernels ``(*k, C_in, C_out)``.
 Padding is explicit: one ``(low, high)`` pair per spatial axis.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Sequence
 
 import jax
@@ -95,13 +102,29 @@ def _largest_divisor_at_most(n: int, limit: float) -> int:
     return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(limit, 1))
 
 
+def _patch_the_cotangent(c_in: int, c_out: int, positions: int) -> bool:
+    """Whether the kernel gradient builds its patches from ``g`` rather than from ``x``.
+
+    Measured (jax 0.10.2, 2-core AVX-512, BENCHMARKS.md): with few
+    output channels the ``x``-patch product is a long contraction with a narrow output
+    that XLA's CPU dot runs at 0.2 (``C_out = 1``) to ~10 GFLOP/s; the ``g``-patch
+    product, ``(k_h k_w C_out, P) @ (P, C_in)``, runs 2-90x faster there. With wide
+    outputs or few positions the ``x`` patches are as fast or faster.
+    """
+    return c_out <= 8 or (c_out < c_in and positions >= 2048)
+
+
 def _kernel_grad_2d(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
                     padding: Padding) -> jax.Array:
-    """Kernel gradient of a stride-1 2D convolution as batched patches^T @ cotangent.
+    """Kernel gradient of a stride-1 2D convolution as batched patch matmuls.
 
     XLA's CPU backend runs this gradient (a convolution with a huge window and a tiny
-    output) at about a third of the forward speed; im2col of ``x`` one group of images
-    at a time, multiplied by ``g`` in blocks of positions and summed, about twice as fast.
+    output) at about a third of the forward speed. Two im2col forms, chosen by
+    :func:`_patch_the_cotangent`: patches of ``x`` (``k_h k_w`` shifted copies of the
+    padded input stacked on channels) times ``g``, summed over blocks of positions; or
+    patches of ``g`` (``g`` shifted the other way, zero-padded to the padded input's
+    size: ``dW[i, j] = sum_p x_pad[p] g[p - (i, j)]``) times ``x_pad``. Either is built
+    one group of images at a time to cap memory.
 
     Args:
       x: ``(N, H, W, C_in)``.
@@ -115,27 +138,40 @@ def _kernel_grad_2d(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
     kh, kw, c_in, c_out = kernel_shape
     x = _pad_or_crop(x, padding)
     n, h_out, w_out, _ = g.shape
-    # Blocks of whole output rows: the row count divides H_out, so reshapes are free.
-    rows = _largest_divisor_at_most(h_out, max(1, _POSITIONS_PER_BLOCK // w_out))
-    patch_bytes = h_out * w_out * kh * kw * c_in * x.dtype.itemsize
+    by_cotangent = _patch_the_cotangent(c_in, c_out, n * h_out * w_out)
+    # Blocks of positions across images (a divisor, so the reshape is free): each block
+    # writes a kernel-sized partial product, so never more blocks than needed.
+    patch_bytes = (x.shape[1] * x.shape[2] * kh * kw * c_out if by_cotangent
+                   else h_out * w_out * kh * kw * c_in) * x.dtype.itemsize
     group = _largest_divisor_at_most(n, _PATCH_BYTES_PER_STEP / patch_bytes)
 
     def group_grad(xg: jax.Array, gg: jax.Array) -> jax.Array:
+        if by_cotangent:  # (kh * kw * C_out, C_in), one contraction over all positions
+            shifted = jnp.concatenate(
+                [_pad_or_crop(gg, [(i, kh - 1 - i), (j, kw - 1 - j)])
+                 for i in range(kh) for j in range(kw)], axis=-1)
+            return jnp.einsum("bhwt,bhwc->tc", shifted, xg)
         patches = jnp.concatenate([xg[:, i:i + h_out, j:j + w_out]
                                    for i in range(kh) for j in range(kw)], axis=-1)
-        patches = patches.reshape(-1, rows * w_out, kh * kw * c_in)
-        products = jnp.einsum("bpk,bpo->bko", patches,
-                              gg.reshape(-1, rows * w_out, c_out))
-        return products.sum(axis=0)
+        positions = patches.shape[0] * h_out * w_out
+        block = _largest_divisor_at_most(positions, _POSITIONS_PER_BLOCK)
+        if positions // block > 2 * -(-positions // _POSITIONS_PER_BLOCK):
+            block = positions  # no divisor near the target size: one block
+        patches = patches.reshape(-1, block, kh * kw * c_in)
+        products = jnp.einsum("bpk,bpo->bko", patches, gg.reshape(-1, block, c_out))
+        return products.sum(axis=0)  # (kh * kw * C_in, C_out)
 
     if group == n:
         grad = group_grad(x, g)
     else:
         def step(total, xs):
             return total + group_grad(*xs), None
-        grad, _ = lax.scan(step, jnp.zeros((kh * kw * c_in, c_out), g.dtype),
+        shape = (kh * kw * c_out, c_in) if by_cotangent else (kh * kw * c_in, c_out)
+        grad, _ = lax.scan(step, jnp.zeros(shape, g.dtype),
                            (x.reshape(n // group, group, *x.shape[1:]),
                             g.reshape(n // group, group, *g.shape[1:])))
+    if by_cotangent:
+        return jnp.transpose(grad.reshape(kh, kw, c_out, c_in), (0, 1, 3, 2))
     return grad.reshape(kh, kw, c_in, c_out)
 
 
@@ -252,24 +288,23 @@ def _space_to_depth(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     return x.reshape(*new_shape, -1)
 
 
-def _conv_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-               padding: Padding) -> jax.Array:
-    """``cpu_fast`` cross-correlation: space-to-depth for stride-2 axes, then stride 1."""
+def _stride2_input(x: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
+                   padding: Padding) -> tuple[jax.Array, list]:
+    """Space-to-depth of the padded input of a stride-2 convolution (see _conv_fast).
+
+    Output ``o`` of a stride-2 axis reads padded inputs ``2o + j = 2(o + a) + r`` for tap
+    ``j = 2a + r``: a stride-1 correlation over blocks of 2 with ``ceil(k/2)`` taps whose
+    parity ``r`` lives in the channels. The padded input must hold exactly
+    ``2 * (out + ceil(k/2) - 1)`` samples (zero-padded or cropped at the high end).
+
+    Returns:
+      The rearranged input and the padding left for the stride-1 convolution.
+    """
     nd = x.ndim - 2
-    if nd == 1 or any(s not in (1, 2) for s in strides) or (nd == 2 and 2 in strides):
-        # 2D stride 2: XLA's own (YNNPACK) forward is faster than space-to-depth, and
-        # forward+backward is no slower (measured, benchmarks/conv.py).
-        return _xla_conv(x, kernel, strides, padding)
     s2_axes = [a for a, s in enumerate(strides) if s == 2]
-    if not s2_axes:
-        return _conv_stride1_fast(x, kernel, padding)
-    # Output o of a stride-2 axis reads padded inputs 2o + j = 2(o + a) + r for tap
-    # j = 2a + r: a stride-1 correlation over blocks of 2 with ceil(k/2) taps whose
-    # parity r lives in the channels. The padded input must hold exactly
-    # 2 * (out + ceil(k/2) - 1) samples (zero-padded or cropped at the high end).
     explicit, remaining = [], []
     for a in range(nd):
-        n, k, (lo, hi) = x.shape[1 + a], kernel.shape[a], padding[a]
+        n, k, (lo, hi) = x.shape[1 + a], kernel_shape[a], padding[a]
         if a in s2_axes:
             out = (n + lo + hi - k) // 2 + 1
             explicit.append((lo, 2 * (out + (k + 1) // 2 - 1) - n - lo))
@@ -277,14 +312,144 @@ def _conv_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
         else:
             explicit.append((0, 0))
             remaining.append((lo, hi))
-    x = _space_to_depth(_pad_or_crop(x, explicit), s2_axes)
-    # Kernel: pad each stride-2 axis to even length, split taps (a, r), move r to C_in.
+    return _space_to_depth(_pad_or_crop(x, explicit), s2_axes), remaining
+
+
+def _stride2_kernel(kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
+    """The kernel of :func:`_stride2_input`'s stride-1 convolution (a linear map).
+
+    Each stride-2 axis is zero-padded to an even length and its taps ``j = 2a + r``
+    split, ``r`` moved into the input channels (order ``(r_0, .., C_in)``).
+    """
+    nd = kernel.ndim - 2
+    s2_axes = [a for a, s in enumerate(strides) if s == 2]
     kernel = jnp.pad(kernel, [(0, kernel.shape[a] % 2 if a in s2_axes else 0)
                               for a in range(nd)] + [(0, 0), (0, 0)])
     c_in, c_out = kernel.shape[-2:]
     kernel = _space_to_depth(kernel.reshape(1, *kernel.shape[:nd], c_in * c_out), s2_axes)[0]
-    kernel = kernel.reshape(*kernel.shape[:nd], -1, c_out)  # channels (r_0, .., C_in)
-    return _conv_stride1_fast(x, kernel, remaining)
+    return kernel.reshape(*kernel.shape[:nd], -1, c_out)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv2d_stride2(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
+    """Stride-2 2D convolution: XLA's forward, gradients as stride-1 convolutions.
+
+    XLA's CPU forward of a stride-2 convolution is faster than the space-to-depth
+    rewrite, but its input gradient is an ``lhs``-dilated convolution that multiplies
+    zeros and its kernel gradient a huge-window convolution, both slow. The tangents are
+    therefore computed on the space-to-depth form (:func:`_stride2_input`), whose
+    transposes are a padded stride-1 convolution (input gradient, then depth-to-space)
+    and :func:`_kernel_grad_2d` (kernel gradient, then the kernel regrouping undone).
+    Forward mode and gradients through the input gradient work; as for
+    :func:`_conv2d_stride1`, the kernel gradient is not differentiable in ``x``.
+    """
+    return _xla_conv(x, kernel, (2, 2), padding)
+
+
+def _conv2d_stride2_jvp(padding, primals, tangents):
+    x, kernel = primals
+    x_dot, kernel_dot = tangents
+    y = _xla_conv(x, kernel, (2, 2), padding)
+    y_dot = None
+    if type(x_dot) is not SymbolicZero:
+        x_dot_s2d, remaining = _stride2_input(x_dot, kernel.shape, (2, 2), padding)
+        y_dot = _padded_conv2d(x_dot_s2d, _stride2_kernel(kernel, (2, 2)),
+                               tuple(remaining))
+    if type(kernel_dot) is not SymbolicZero:
+        x_s2d, remaining = _stride2_input(x, kernel.shape, (2, 2), padding)
+        s2d_shape = _stride2_kernel(jnp.zeros(kernel.shape, kernel.dtype), (2, 2)).shape
+        ungroup = jax.linear_transpose(
+            lambda k: _stride2_kernel(k, (2, 2)),
+            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+
+        def kernel_grad(x_s2d, g):
+            (grad,) = ungroup(_kernel_grad_2d(x_s2d, g, s2d_shape, remaining))
+            return grad
+
+        by_kernel = linear_call(
+            lambda x_s2d, k_dot: _xla_conv(x, k_dot, (2, 2), padding),
+            kernel_grad, x_s2d, kernel_dot)
+        y_dot = by_kernel if y_dot is None else y_dot + by_kernel
+    if y_dot is None:
+        y_dot = jnp.zeros_like(y)
+    return y, y_dot
+
+
+_conv2d_stride2.defjvp(_conv2d_stride2_jvp, symbolic_zeros=True)
+
+
+def _conv2d_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   padding: Padding, lhs_dilation: Sequence[int] = (1, 1)) -> jax.Array:
+    """2D convolution as one matmul of im2col patches with the kernel as it is stored.
+
+    For the innermost layers of a U-Net (a few positions, up to ``16 * 1024 x 512``
+    weights) every rearrangement of the kernel that the other lowerings make (regrouped,
+    sliced into phases, flipped for the input gradient, and back for the kernel
+    gradient) costs more than the convolution itself. Here the kernel is only reshaped
+    (free) and all copies are of the small activations; gradients are the transposed
+    matmul and slices. A transposed convolution passes ``lhs_dilation`` (its zeros are
+    multiplied, which is cheap at these sizes).
+
+    Args:
+      x: ``(B, H, W, C_in)``.
+      kernel: ``(k_h, k_w, C_in, C_out)``.
+      strides: two window strides.
+      padding: two ``(low, high)`` pairs (negative crops).
+      lhs_dilation: interior zeros + 1 between input samples (``lax`` convention).
+
+    Returns:
+      ``(B, H_out, W_out, C_out)``, as ``lax.conv_general_dilated``.
+    """
+    kh, kw, c_in, c_out = kernel.shape
+    config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), config + [(0, 0, 0)])
+    (sh, sw), (h, w) = strides, x.shape[1:3]
+    h_out, w_out = (h - kh) // sh + 1, (w - kw) // sw + 1
+    patches = jnp.concatenate(
+        [x[:, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw]
+         for i in range(kh) for j in range(kw)], axis=-1)
+    y = patches.reshape(-1, kh * kw * c_in) @ kernel.reshape(kh * kw * c_in, c_out)
+    return y.reshape(x.shape[0], h_out, w_out, c_out)
+
+
+# im2col (:func:`_conv2d_im2col`) is used while its patch matrix has at most this many
+# rows (``B * output positions``) per output channel (columns of the kernel matrix):
+# there the kernel's rearrangements dominate the other lowerings. A transposed
+# convolution's patches are 4x larger (zeros), hence its lower bound. Measured on
+# unet_256 at batch 1 and 6 (BENCHMARKS.md).
+_IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL = 1.0
+_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL = 0.25
+# The stride-2 2D convolution's custom gradients (:func:`_conv2d_stride2`); a switch
+# so that benchmarks/conv.py can compare with XLA's own gradients.
+_STRIDE2_CUSTOM_GRADIENTS = True
+
+
+def _use_im2col(rows: int, c_out: int, transposed: bool = False) -> bool:
+    limit = (_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL if transposed
+             else _IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL)
+    return rows <= limit * c_out
+
+
+def _conv_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+               padding: Padding) -> jax.Array:
+    """``cpu_fast`` cross-correlation: space-to-depth for stride-2 axes, then stride 1."""
+    nd = x.ndim - 2
+    if nd == 1 or any(s not in (1, 2) for s in strides) or (
+            nd == 2 and tuple(strides) in ((1, 2), (2, 1))):
+        return _xla_conv(x, kernel, strides, padding)
+    if nd == 2:
+        out_positions = x.shape[0] * math.prod(
+            (n + lo + hi - k) // st + 1
+            for n, (lo, hi), k, st in zip(x.shape[1:3], padding, kernel.shape, strides))
+        if _use_im2col(out_positions, kernel.shape[-1]):
+            return _conv2d_im2col(x, kernel, strides, padding)
+    if nd == 2 and tuple(strides) == (2, 2) and _STRIDE2_CUSTOM_GRADIENTS:
+        x, padding = _crop_negative(x, padding)
+        return _conv2d_stride2(x, kernel, tuple(padding))
+    if 2 not in strides:
+        return _conv_stride1_fast(x, kernel, padding)
+    x_s2d, remaining = _stride2_input(x, kernel.shape, strides, padding)
+    return _conv_stride1_fast(x_s2d, _stride2_kernel(kernel, strides), remaining)
 
 
 def _depth_to_space(y: jax.Array, axes: Sequence[int]) -> jax.Array:
@@ -313,6 +478,32 @@ def _doubled(shape: Sequence[int], nd: int, axes: Sequence[int]) -> list[int]:
             sizes.append(shape[pos])
             pos += 1
     return sizes
+
+
+def _phase_kernels(kernel: jax.Array, combos: list, s2_axes: Sequence[int]
+                   ) -> list[jax.Array]:
+    """The sub-kernel of each phase (``kernel[c_0::2, c_1::2, ..]`` for its parities).
+
+    When every axis is stride 2 with an even kernel, the parities are split off by one
+    reshape and transpose and the sub-kernels by ``jnp.split``, whose gradient is one
+    concatenation: strided slices would make the kernel gradient ``2^d`` full-size
+    zero-padded copies summed, which for a ``4 x 4 x 1024 x 512`` kernel costs more
+    than the convolution at small batch (measured, BENCHMARKS.md).
+    """
+    nd = kernel.ndim - 2
+    taps = kernel.shape[:nd]
+    if len(s2_axes) != nd or any(k % 2 for k in taps):
+        return [kernel[tuple(ph[0] for ph in combo)] for combo in combos]
+    c_in, c_out = kernel.shape[-2:]
+    split = kernel.reshape(*[d for k in taps for d in (k // 2, 2)], c_in, c_out)
+    # (a_0, r_0, a_1, r_1, .., C_in, C_out) -> (r_0, r_1, .., a_0, a_1, .., ..).
+    split = jnp.transpose(split, [2 * a + 1 for a in range(nd)]
+                          + [2 * a for a in range(nd)] + [2 * nd, 2 * nd + 1])
+    parts = jnp.split(split.reshape(2 ** nd, *[k // 2 for k in taps], c_in, c_out),
+                      2 ** nd, axis=0)
+    # Phase combo parities: ph[0] is slice(c, None, 2); index of (c_0, c_1, ..) row-major.
+    index = {cs: i for i, cs in enumerate(itertools.product((0, 1), repeat=nd))}
+    return [parts[index[tuple(ph[0].start for ph in combo)]][0] for combo in combos]
 
 
 def _conv_transpose_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -348,8 +539,8 @@ def _conv_transpose_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
             phases.append((slice(c, None, 2), pad, (out + 1) // 2))
         axis_phases.append(phases)
     outputs = []
-    for combo in itertools.product(*axis_phases):
-        sub_kernel = kernel[tuple(ph[0] for ph in combo)]
+    combos = list(itertools.product(*axis_phases))
+    for combo, sub_kernel in zip(combos, _phase_kernels(kernel, combos, s2_axes)):
         shape_out = [ph[2] for ph in combo]
         if sub_kernel.size == 0:  # k = 1: one parity has no taps, its outputs are 0
             outputs.append(jnp.zeros((x.shape[0], *shape_out, kernel.shape[-1]), x.dtype))
@@ -410,10 +601,14 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     nd = x.ndim - 2
     ks = kernel.shape[:nd]
     output_padding = tuple(output_padding or (0,) * nd)
+    pads = [(k - 1 - p, k - 1 - p + op) for k, p, op in zip(ks, padding, output_padding)]
+    if impl == "cpu_fast" and nd == 2 and _use_im2col(
+            x.shape[0] * math.prod(x.shape[1:3]) * math.prod(strides), kernel.shape[-1],
+            transposed=True):
+        return _conv2d_im2col(x, kernel, (1, 1), pads, strides)
     if impl == "cpu_fast" and nd > 1 and all(s in (1, 2) for s in strides):
         return _conv_transpose_fast(x, kernel, tuple(strides), tuple(padding),
                                     output_padding)
-    pads = [(k - 1 - p, k - 1 - p + op) for k, p, op in zip(ks, padding, output_padding)]
     return lax.conv_general_dilated(
         x, kernel, window_strides=(1,) * nd, padding=pads, lhs_dilation=tuple(strides),
         dimension_numbers=_dimension_numbers(nd))
