@@ -65,3 +65,17 @@ def test_evaluate_cli_without_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "batch_spec.json" in proc.stderr
     assert not (tmp_path / "predictions").exists()
+
+
+def test_train_cli_bad_data_writes_nothing(tmp_path):
+    case = tmp_path / "data" / "1PA001"
+    case.mkdir(parents=True)
+    (case / "mr.nii.gz").write_bytes(b"not a nifti")
+    (case / "ct.nii.gz").write_bytes(b"not a nifti")
+    proc = _cli("train.py", "--config", "configs/pix2pix_pelvis.py:tiny", "--workdir",
+                str(tmp_path / "run"), f"--config.data.root={tmp_path / 'data'}",
+                "--config.data.region=")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1PA001/mr.nii.gz: unreadable or truncated NIfTI" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -129,12 +129,13 @@ def train(config, workdir: str | Path,
         method.validate_config(config)
     mesh = sharding.make_mesh(dict(config.mesh))
     local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
-
+    # The data is checked (and the phantom generated) before anything is written to
+    # the workdir, so bad input leaves no half-made run directory behind.
     if make_dataset is None:
         from sct_jax.training.data import train_dataset as make_dataset
     dataset = make_dataset(config, local_batch)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
     iterator = iter(dataset)
     start_position = iterator.get_state()
     spec = sharding.batch_spec(next(iterator))
