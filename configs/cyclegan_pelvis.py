@@ -9,7 +9,7 @@ Variants: ``small`` (the CPU demo, ~15 min on 2 cores), ``tiny`` (seconds; tests
 Real data: ``--config.data.root=/path/to/synthrad``.
 """
 
-from sct_jax.config_utils import base_config, parse_variants
+from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
 
 
 def get_config(arg=None):
@@ -53,7 +53,6 @@ def get_config(arg=None):
         c.train.ckpt_every = 200
     if "tiny" in variants:
         c.name += "_tiny"
-        c.data.phantom.cases = 4
         c.data.phantom.shape = (48, 32, 8)
         c.data.crop = (32, 32)
         # XLA's own convolutions: at 32 x 32 the CPU lowering gains nothing and compiles
@@ -64,11 +63,6 @@ def get_config(arg=None):
         c.model.disc.ndf = 4
         c.model.pool_size = 4
         c.train.batch_size = 2
-        c.train.steps = 2
-        c.train.log_every = 1
-        c.train.ckpt_every = 1
-        c.train.tensorboard = False
-        c.train.progress = False
+        tiny_run_settings(c)
         c.eval.batch_size = 4
-        c.eval.max_cases = 1
     return c

@@ -7,7 +7,7 @@ Volumes are predicted by overlapping sliding windows of the patch size, blended.
 Variants: ``small`` (CPU), ``tiny`` (tests).
 """
 
-from sct_jax.config_utils import base_config, parse_variants
+from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
 
 
 def get_config(arg=None):
@@ -39,17 +39,11 @@ def get_config(arg=None):
         c.train.ckpt_every = 500
     if "tiny" in variants:
         c.name = "pix2pix3d_pelvis_tiny"
-        c.data.phantom.cases = 4
         c.data.phantom.shape = (48, 32, 16)
         c.data.patch = (16, 16, 8)
         c.model.gen.ngf = 4
         c.model.gen.num_downs = 3
         c.model.disc.ndf = 4
         c.model.disc.n_layers = 1
-        c.train.steps = 2
-        c.train.log_every = 1
-        c.train.ckpt_every = 1
-        c.train.tensorboard = False
-        c.train.progress = False
-        c.eval.max_cases = 1
+        tiny_run_settings(c)
     return c

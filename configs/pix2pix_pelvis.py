@@ -7,7 +7,7 @@ Variants: ``small`` (the CPU demo: trains to a useful sCT in well under 20 minut
 2 cores), ``tiny`` (seconds; tests). Real data: ``--config.data.root=/path/to/synthrad``.
 """
 
-from sct_jax.config_utils import base_config, parse_variants
+from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
 
 
 def get_config(arg=None):
@@ -40,7 +40,6 @@ def get_config(arg=None):
         c.train.ckpt_every = 500
     if "tiny" in variants:
         c.name = "pix2pix_pelvis_tiny"
-        c.data.phantom.cases = 4
         c.data.phantom.shape = (48, 32, 8)
         c.data.crop = (32, 32)
         c.model.gen.ngf = 4
@@ -48,11 +47,6 @@ def get_config(arg=None):
         c.model.disc.ndf = 4
         c.model.disc.n_layers = 2
         c.train.batch_size = 2
-        c.train.steps = 2
-        c.train.log_every = 1
-        c.train.ckpt_every = 1
-        c.train.tensorboard = False
-        c.train.progress = False
+        tiny_run_settings(c)
         c.eval.batch_size = 4
-        c.eval.max_cases = 1
     return c

@@ -77,3 +77,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def tiny_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run settings every ``tiny`` variant shares: 4 phantom cases, 2 steps logged
+    and checkpointed each step, no TensorBoard or progress bar, one evaluation case."""
+    c.data.phantom.cases = 4
+    c.train.steps = 2
+    c.train.log_every = 1
+    c.train.ckpt_every = 1
+    c.train.tensorboard = False
+    c.train.progress = False
+    c.eval.max_cases = 1
+    return c

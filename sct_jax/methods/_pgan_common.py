@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sct_jax.config_utils import base_config
+from sct_jax.config_utils import base_config, tiny_run_settings
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual, pixel
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input
@@ -261,7 +261,6 @@ def pelvis_config(method: str, variants: set[str]):
         c.train.ckpt_every = 400
     if "tiny" in variants:
         c.name += "_tiny"
-        c.data.phantom.cases = 4
         c.data.phantom.shape = (48, 32, 8)
         c.data.crop = (32, 32)
         # XLA's own convolutions: at 32 x 32 the CPU lowering gains nothing, and its
@@ -272,12 +271,7 @@ def pelvis_config(method: str, variants: set[str]):
         c.model.disc.ndf = 4
         c.loss.perceptual_weight = 0.0  # no VGG file needed; tests add random weights
         c.train.batch_size = 2
-        c.train.steps = 2
-        c.train.log_every = 1
-        c.train.ckpt_every = 1
-        c.train.tensorboard = False
-        c.train.progress = False
+        tiny_run_settings(c)
         c.eval.batch_size = 4
-        c.eval.max_cases = 1
         c.eval.panels = False
     return c
