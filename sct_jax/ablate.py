@@ -17,6 +17,14 @@ Re-running the same command skips finished runs (their result is cached in
 ``seed<k>/ablate_run.json`` next to the config it was made with); an interrupted run
 resumes from its checkpoint.
 
+Several methods under one budget: repeat ``--config`` (each config is crossed with the
+grid; rows are labelled by the config's ``name``) and fix overrides for every run with
+``--set key=value``, e.g. the pGAN-family comparison of seed 02 without VGG weights::
+
+  python -m sct_jax.ablate --config configs/pgan_pelvis.py:small \
+      --config configs/reg_pgan_pelvis.py:small --config configs/meta_pgan_pelvis.py:small \
+      --set loss.perceptual_weight=0 --steps 1200 --workdir runs/pgan_family
+
 Compilation: the loop compiles ``train_step`` ahead of time once per run. Runs whose
 programs are identical (the seeds of one grid point: the seed only enters through the
 key) share one compilation through JAX's persistent compilation cache, which this
@@ -122,17 +130,27 @@ def grid_points(sweeps: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]
     return [dict(zip(keys, combo)) for combo in itertools.product(*[v for _, v in sweeps])]
 
 
-def point_label(point: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
+def point_label(point: dict[str, Any], name: str = "") -> str:
+    """``"meta.method=jvp"``; prefixed by the config's name when several are compared."""
+    label = ",".join(f"{k}={v}" for k, v in point.items())
+    return ",".join(p for p in (name, label) if p) or "base"
 
 
-def point_dirname(point: dict[str, Any]) -> str:
-    """A file-system-safe folder name for a grid point."""
+def point_dirname(point: dict[str, Any], name: str = "") -> str:
+    """A file-system-safe folder name for a grid point (of the config called ``name``)."""
     def text(value):
         return "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
-    label = "_".join(f"{k}-{text(v)}" for k, v in point.items()) or "base"
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "", label.replace(" ", ""))[:200] or "point"
+    label = "_".join([name] * bool(name) + [f"{k}-{text(v)}" for k, v in point.items()])
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "", (label or "base").replace(" ", ""))[:200] or "point"
+
+
+def parse_set(spec: str) -> tuple[str, Any]:
+    """``"loss.perceptual_weight=0"`` -> ``("loss.perceptual_weight", 0)``."""
+    key, sep, value = spec.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise ConfigError(f"--set {spec!r}: expected key=value")
+    return key.strip(), parse_value(value.strip())
 
 
 # ------------------------------------------------------------------------- one run
@@ -295,18 +313,21 @@ def enable_compilation_cache(root: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_ablation(config_spec: str, sweeps: Sequence[str], seeds: int, workdir: str | Path,
-                 steps: int | None = None,
-                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Trains and scores every grid point x seed, prints and writes the table.
+def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds: int,
+                 workdir: str | Path, steps: int | None = None,
+                 echo: Callable[[str], None] = print,
+                 sets: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Trains and scores every config x grid point x seed, prints and writes the table.
 
     Args:
-      config_spec: ``path/to/config.py[:variants]``.
+      config_spec: ``path/to/config.py[:variants]``, or several (one block of rows each,
+        labelled by the config's ``name``; the names must differ).
       sweeps: ``"key=v1,v2"`` strings; their product is the grid.
       seeds: runs per grid point, with ``config.seed`` = the config's seed + 0..seeds-1.
       workdir: root folder of the runs and the table.
       steps: override ``config.train.steps`` (all runs).
       echo: where progress and the table go.
+      sets: ``"key=value"`` overrides applied to every run (not part of the labels).
 
     Returns:
       The table rows (see :func:`summarize`).
@@ -319,38 +340,48 @@ def run_ablation(config_spec: str, sweeps: Sequence[str], seeds: int, workdir: s
     if steps is not None and int(steps) < 1:
         raise ConfigError(f"--steps {steps}: need at least 1")
     root = Path(workdir)
+    specs = [config_spec] if isinstance(config_spec, str) else list(config_spec)
+    if not specs:
+        raise ConfigError("--config: give at least one config")
     parsed = [parse_sweep(s) for s in sweeps]
+    fixed = [parse_set(s) for s in sets]
     points = grid_points(parsed)
-    base = load_config_file(config_spec)
-    configs = []
-    for point in points:  # every override is checked before the first run starts
-        for k in range(int(seeds)):
-            config = load_config_file(config_spec)
-            for key, value in point.items():
-                set_override(config, key, value)
-            config.seed = int(base.seed) + k
-            if steps is not None:
-                config.train.steps = int(steps)
-            total = int(config.train.steps)
-            # Enough metric records to time steps; one checkpoint at the end; no bar.
-            config.train.log_every = max(1, min(int(config.train.log_every), total // 20))
-            config.train.ckpt_every = total
-            config.train.progress = False
-            configs.append((point, k, config))
+    bases = [load_config_file(spec) for spec in specs]
+    names = [str(b.name) for b in bases] if len(specs) > 1 else [""]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--config: the configs must have different names, got {names}")
+    configs, labels = [], []
+    # Every override is checked before the first run starts.
+    for spec, base, name in zip(specs, bases, names):
+        for point in points:
+            labels.append(point_label(point, name))
+            for k in range(int(seeds)):
+                config = load_config_file(spec)
+                for key, value in [*fixed, *point.items()]:
+                    set_override(config, key, value)
+                config.seed = int(base.seed) + k
+                if steps is not None:
+                    config.train.steps = int(steps)
+                total = int(config.train.steps)
+                # Enough metric records to time steps; a checkpoint at the end at the
+                # latest (an interrupted grid resumes); no progress bar.
+                config.train.log_every = max(1, min(int(config.train.log_every), total // 20))
+                config.train.ckpt_every = min(int(config.train.ckpt_every), total)
+                config.train.progress = False
+                configs.append((point, name, k, config))
     root.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(root)
     results = []
-    for point, k, config in configs:
-        results.append(run_one(config, root / point_dirname(point) / f"seed{k}",
-                               point_label(point), k, echo))
-    labels = [point_label(p) for p in points]
+    for point, name, k, config in configs:
+        results.append(run_one(config, root / point_dirname(point, name) / f"seed{k}",
+                               point_label(point, name), k, echo))
     rows = summarize(results, labels)
-    echo(f"\nablation of {config_spec}: {len(points)} point(s) x {seeds} seed(s), "
+    echo(f"\nablation of {', '.join(specs)}: {len(labels)} row(s) x {seeds} seed(s), "
          f"mean ± std over seeds")
     echo(format_table(rows))
     csv_path, json_path = write_outputs(root, rows, results, {
-        "config": config_spec, "sweeps": list(sweeps), "seeds": int(seeds),
-        "steps": steps})
+        "config": specs[0] if len(specs) == 1 else specs, "sweeps": list(sweeps),
+        "sets": list(sets), "seeds": int(seeds), "steps": steps})
     echo(f"wrote {csv_path} and {json_path}")
     return rows
 
@@ -359,16 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sct_jax.ablate",
         description="Train and score a grid of config overrides x seeds; print one table.")
-    parser.add_argument("--config", required=True, help="path/to/config.py[:variants]")
+    parser.add_argument("--config", required=True, action="append",
+                        help="path/to/config.py[:variants] (repeatable: compare methods)")
     parser.add_argument("--sweep", action="append", default=[],
                         help="key=v1,v2 (repeatable; the grid is their product)")
+    parser.add_argument("--set", action="append", default=[], dest="sets",
+                        help="key=value for every run (repeatable)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per grid point")
     parser.add_argument("--workdir", default="runs/ablate", help="root of the runs")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     args = parser.parse_args(argv)
     from sct_jax.errors import SctError
     try:
-        run_ablation(args.config, args.sweep, args.seeds, args.workdir, args.steps)
+        run_ablation(args.config, args.sweep, args.seeds, args.workdir, args.steps,
+                     sets=args.sets)
     except SctError as err:
         parser.exit(2, f"error: {err}\n")
     return 0

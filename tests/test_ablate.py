@@ -15,7 +15,8 @@ from sct_jax.errors import ConfigError
 def test_ablate_pgan_tiny_grid(tmp_path, capsys):
     root = tmp_path / "abl"
     argv = ["--config", "configs/pgan_pelvis.py:tiny", "--sweep", "loss.l1_weight=50,100",
-            "--seeds", "1", "--steps", "2", "--workdir", str(root)]
+            "--seeds", "1", "--steps", "2", "--workdir", str(root),
+            "--set", "loss.adv_weight=0.5"]
     assert ablate.main(argv) == 0
     out = capsys.readouterr().out
     table = out[out.index("ablation of"):]
@@ -37,7 +38,8 @@ def test_ablate_pgan_tiny_grid(tmp_path, capsys):
     assert len(csv_lines) == 3
     # Each run trained with its own override and scored its own predictions.
     run50 = root / "loss.l1_weight-50" / "seed0"
-    assert json.loads((run50 / "config.json").read_text())["loss"]["l1_weight"] == 50.0
+    written = json.loads((run50 / "config.json").read_text())
+    assert written["loss"]["l1_weight"] == 50.0 and written["loss"]["adv_weight"] == 0.5
     assert (run50 / "predictions" / "metrics.json").exists()
     # The per-run MAE is the scoring report's mean.
     scored = json.loads((run50 / "predictions" / "metrics.json").read_text())
@@ -62,6 +64,37 @@ def test_sweep_parsing():
     assert points == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"},
                       {"a": 2, "b": "y"}]
     assert ablate.point_dirname({"data.crop": (32, 32)}) == "data.crop-32x32"
+
+
+def test_several_configs_are_crossed_with_the_grid(tmp_path, monkeypatch):
+    """Rows per config x point, named by the config; --set reaches every run."""
+    trained = []
+
+    def fake_run(config, workdir, point, seed, echo=print):
+        trained.append((point, seed, workdir.relative_to(tmp_path).as_posix(), config))
+        return ablate.RunResult(point, seed, str(workdir),
+                                {"mae": float(config.loss.l1_weight), "s_per_step": 1.0}, 0.0)
+
+    monkeypatch.setattr(ablate, "run_one", fake_run)
+    rows = ablate.run_ablation(["configs/pgan_pelvis.py:tiny", "configs/meta_pgan_pelvis.py:tiny"],
+                               ["loss.l1_weight=50,100"], 2, tmp_path, steps=3,
+                               sets=["loss.adv_weight=0.25"], echo=lambda _: None)
+    assert [r["point"] for r in rows] == [
+        "pgan_pelvis_tiny,loss.l1_weight=50", "pgan_pelvis_tiny,loss.l1_weight=100",
+        "meta_pgan_pelvis_tiny,loss.l1_weight=50", "meta_pgan_pelvis_tiny,loss.l1_weight=100"]
+    assert [r["mae_mean"] for r in rows] == [50.0, 100.0, 50.0, 100.0]
+    assert len(trained) == 8
+    assert trained[0][2] == "pgan_pelvis_tiny_loss.l1_weight-50/seed0"
+    assert {t[3].method for t in trained} == {"pgan", "meta_pgan"}
+    assert all(t[3].loss.adv_weight == 0.25 and t[3].train.steps == 3 for t in trained)
+    assert sorted({t[3].seed - t[1] for t in trained}) == [0]  # base seed 0 + k
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    assert record["sets"] == ["loss.adv_weight=0.25"] and len(record["config"]) == 2
+    with pytest.raises(ConfigError, match="different names"):
+        ablate.run_ablation(["configs/pgan_pelvis.py:tiny"] * 2, [], 1, tmp_path / "x")
+    with pytest.raises(ConfigError, match="key=value"):
+        ablate.run_ablation("configs/pgan_pelvis.py:tiny", [], 1, tmp_path / "y",
+                            sets=["loss.adv_weight"])
 
 
 def test_overrides_are_checked():
