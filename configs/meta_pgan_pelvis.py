@@ -27,8 +27,13 @@ def get_config(arg=None):
         val_fraction=0.11,  # top 11% of the training cases by mutual information
         val_exclusive=True,  # those cases are "allocated" to validation, not trained on
     )
+    # Weight maps of the first training slice (with its L1 error, MR and CT) go to
+    # TensorBoard and workdir/images/ every this many steps.
+    c.train.image_every = 5000
     if "small" in variants:
         c.meta.val_batch_size = 8
+        c.train.image_every = 200
     if "tiny" in variants:
         c.meta.val_batch_size = 2
+        c.train.image_every = 2
     return c

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.ckpt_every = 1000
     c.train.keep_checkpoints = 3
+    c.train.image_every = 0  # image summaries of methods that define them; 0: never
     c.train.tensorboard = True
     c.train.progress = True
 

@@ -20,6 +20,10 @@ import pytest
 from sct_jax import methods
 from sct_jax.config_utils import load_config_file
 from sct_jax.errors import ConfigError, DataError
+from sct_jax.losses import pixel
+from sct_jax.meta import reweight
+from sct_jax.methods import _pgan_common as pgan_common
+from sct_jax.methods.common import step_rng
 from sct_jax.models import vgg
 from sct_jax.training import data as train_data
 from sct_jax.training import loop, sharding
@@ -158,6 +162,38 @@ def test_meta_pgan_jvp_equals_lookahead_then_trains(tmp_path):
 
     result = loop.train(config, tmp_path)  # the jvp program again: a cache hit
     assert_trained(config, result, ("gen", "disc"))
+    # The weight maps are images: written before step 2 (image_every=2), one per map.
+    images = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert images == [f"meta_{k}_step2.png" for k in ("ct", "l1_error_hu", "mr",
+                                                       "weight_over_uniform")]
+
+
+def test_meta_pgan_image_summaries_are_the_steps_weights():
+    """The logged map is the step's own weight map: non-negative, mean 1 over the batch."""
+    config = _meta_config("jvp")
+    method = methods.get_method("meta_pgan")
+    local = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    spec = sharding.batch_spec(local)
+    init_rng, base_rng = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
+    state = method.create_state(config, init_rng, spec)
+    maps = jax.device_get(jax.jit(functools.partial(method.image_summaries, config))(
+        state, local, base_rng))
+    weight = maps["meta/weight_over_uniform"]
+    assert weight.shape == local["ct"].shape[1:3] and (weight >= 0).all()
+    gen = state["gen"]
+    train_key, val_key, _ = pgan_common.dropout_keys(step_rng(base_rng, gen))
+    weights, loss_map, _ = reweight.spatial_weights(
+        lambda p: pixel.l1_map(pgan_common.generator_fn(gen, local["mr"], train_key)(p),
+                               local["ct"]),
+        lambda p: pixel.l1(pgan_common.generator_fn(gen, local["val_mr"], val_key)(p),
+                           local["val_ct"]),
+        gen.params, alpha=config.meta.alpha, method="lookahead")
+    np.testing.assert_allclose(weight, weights[0, ..., 0] * weights.size, rtol=2e-3,
+                               atol=1e-4 * float(np.max(weight)))
+    np.testing.assert_allclose(maps["meta/l1_error_hu"],
+                               np.abs(loss_map[0, ..., 0]) * pgan_common.HU_PER_UNIT,
+                               rtol=1e-4, atol=1e-2)
+    np.testing.assert_array_equal(maps["meta/ct"], local["ct"][0, ..., 0])
 
 
 def test_meta_slices_come_from_the_best_registered_case():

@@ -27,7 +27,9 @@ Batch (data mode ``slices_with_meta``): ``mr``, ``ct``, ``mask`` as pGAN plus ``
 Weight maps cannot go through the scalar metrics: the step reports their statistics
 (``meta/weight_mean``, ``meta/weight_max``, ``meta/weight_zero_fraction``, and
 ``meta/weight_max_over_uniform`` = max * number of pixels, 1 for uniform weights) and
-those of the raw scores ``u``; no weight images are logged.
+those of the raw scores ``u``. The maps themselves are images:
+:func:`image_summaries` (weights, L1 error, MR and CT of the first training slice),
+written by the loop every ``config.train.image_every`` steps.
 """
 
 from __future__ import annotations
@@ -71,6 +73,41 @@ def weight_statistics(weights: jax.Array) -> dict[str, jax.Array]:
             "meta/weight_zero_fraction": jnp.mean((weights == 0).astype(jnp.float32))}
 
 
+def _weights_and_loss_map(config, gen_state, batch, rng):
+    """Weights, L1 map, raw-score statistics and the pullback, for the step's keys."""
+    train_key, val_key, _ = common.dropout_keys(step_rng(rng, gen_state))
+    generate = common.generator_fn(gen_state, batch["mr"], train_key)
+    generate_val = common.generator_fn(gen_state, batch["val_mr"], val_key)
+
+    def loss_map_fn(params):
+        fake_ct = generate(params)
+        return pixel.l1_map(fake_ct, batch["ct"]), fake_ct
+
+    def val_loss_fn(params):
+        return pixel.l1(generate_val(params), batch["val_ct"])
+
+    weights, loss_map, pullback, u_stats = reweight.spatial_weights_and_pullback(
+        loss_map_fn, val_loss_fn, gen_state.params, alpha=config.meta.alpha,
+        method=config.meta.method, has_outputs=True)
+    return weights, loss_map, pullback, u_stats, generate
+
+
+def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    """The first training slice's maps, as the step about to run computes them.
+
+    Returns:
+      ``(H, W)`` arrays: ``meta/weight_over_uniform`` (the weight times the number of
+      pixels in the mini-batch: 1 everywhere for uniform weights, 0 where a pixel is
+      dropped), ``meta/l1_error_hu`` (|G(mr) - ct| in HU), ``meta/mr`` (centre
+      channel) and ``meta/ct``.
+    """
+    weights, loss_map, _, _, _ = _weights_and_loss_map(config, state["gen"], batch, rng)
+    centre = batch["mr"].shape[-1] // 2
+    return {"meta/weight_over_uniform": weights[0, ..., 0] * weights.size,
+            "meta/l1_error_hu": loss_map[0, ..., 0] * common.HU_PER_UNIT,
+            "meta/mr": batch["mr"][0, ..., centre], "meta/ct": batch["ct"][0, ..., 0]}
+
+
 def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
     """Meta weights, D update, then G on the reweighted objective.
 
@@ -85,20 +122,8 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     """
     gen_state = state["gen"]
     mr, ct = batch["mr"], batch["ct"]
-    train_key, val_key, _ = common.dropout_keys(step_rng(rng, gen_state))
-    generate = common.generator_fn(gen_state, mr, train_key)
-    generate_val = common.generator_fn(gen_state, batch["val_mr"], val_key)
-
-    def loss_map_fn(params):
-        fake_ct = generate(params)
-        return pixel.l1_map(fake_ct, ct), fake_ct
-
-    def val_loss_fn(params):
-        return pixel.l1(generate_val(params), batch["val_ct"])
-
-    weights, loss_map, pullback, u_stats = reweight.spatial_weights_and_pullback(
-        loss_map_fn, val_loss_fn, gen_state.params, alpha=config.meta.alpha,
-        method=config.meta.method, has_outputs=True)
+    weights, loss_map, pullback, u_stats, generate = _weights_and_loss_map(
+        config, gen_state, batch, rng)
     # The same fake as inside the reweighting's linearisation (same params, input and
     # dropout key), which spatial_weights_and_pullback does not return: one extra
     # train-batch forward (~7% of the tiny step's FLOPs, measured; XLA does not merge

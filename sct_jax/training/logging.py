@@ -65,14 +65,31 @@ class MetricWriter:
                 self._tb.add_scalar(k, float(v), int(step))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """``images``: name -> ``(H, W)`` float array (min-max scaled for display)."""
-        if not self.enabled or self._tb is None:
+        """``images``: name -> ``(H, W)`` float array, min-max scaled for display.
+
+        Each goes to TensorBoard (when enabled) and to
+        ``workdir/images/<name>_step<step>.png`` (``/`` in names becomes ``_``), written
+        atomically, with the value range in the PNG's metadata.
+        """
+        if not self.enabled:
             return
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        folder = self.workdir / "images"
+        folder.mkdir(exist_ok=True)
         for k, img in images.items():
             img = np.asarray(img, np.float32)
             lo, hi = float(img.min()), float(img.max())
-            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-            self._tb.add_image(k, img[None], int(step))
+            scaled = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            if self._tb is not None:
+                self._tb.add_image(k, scaled[None], int(step))
+            path = folder / f"{k.replace('/', '_')}_step{int(step)}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            plt.imsave(tmp, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png",
+                       metadata={"Description": f"{k} at step {step}, range [{lo:.6g}, {hi:.6g}]"})
+            tmp.replace(path)
 
     def close(self) -> None:
         if self._jsonl is not None:

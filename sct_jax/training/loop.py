@@ -105,6 +105,20 @@ def build_step(method, config, mesh, abstract_state, spec):
     return compiled, state_shardings, compile_s
 
 
+def image_summary_fn(method, config, mesh) -> Callable[..., dict] | None:
+    """The method's ``image_summaries`` jitted to host arrays, or None when it has none.
+
+    A method may define ``image_summaries(config, state, batch, rng) -> {name: (H, W)}``
+    (e.g. meta-pGAN's weight maps); the loop calls it every ``config.train.image_every``
+    steps (0: never) on the batch about to be trained and the state before the step.
+    """
+    if not hasattr(method, "image_summaries") or int(config.train.get("image_every", 0)) <= 0:
+        return None
+    summarize = jax.jit(functools.partial(method.image_summaries, config),
+                        out_shardings=sharding.replicated(mesh))
+    return lambda state, batch, rng: jax.device_get(summarize(state, batch, rng))
+
+
 def train(config, workdir: str | Path,
           make_dataset: Callable[[Any, int], Any] | None = None) -> TrainResult:
     """Trains ``config.method`` into ``workdir``, resuming from its latest checkpoint.
@@ -161,6 +175,8 @@ def train(config, workdir: str | Path,
     base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
 
     writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+    write_images = image_summary_fn(method, config, mesh)
+    image_every = int(config.train.get("image_every", 0))
     total = int(config.train.steps)
     bar = _progress(config, start_step, total)
     last_metrics: dict[str, float] = {}
@@ -187,6 +203,9 @@ def train(config, workdir: str | Path,
     try:
         for step in range(start_step + 1, total + 1):
             batch = sharding.global_batch(next(iterator), mesh)
+            if write_images is not None and (step % image_every == 0 or step == total):
+                # Before the step: its state is donated. Every process takes part.
+                writer.write_images(step, write_images(state, batch, base_rng))
             state, metrics = compiled(state, batch, base_rng)
             if pending is not None:
                 check(pending)
