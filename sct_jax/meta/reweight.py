@@ -156,8 +156,10 @@ def spatial_weights_and_pullback(
       has_outputs: see ``loss_map_fn``.
 
     Returns:
-      ``(weights, loss_map, pullback, stats)``: ``weights`` ``(B, H, W, 1)``
-      (stop-gradient), ``loss_map`` ``(B, H, W, 1)`` at ``params``, ``pullback`` mapping
+      ``(weights, result, pullback, stats)``: ``weights`` ``(B, H, W, 1)``
+      (stop-gradient); ``result``, ``loss_map_fn(params)`` from the shared forward: the
+      ``(B, H, W, 1)`` loss map, or with ``has_outputs`` ``(loss_map, outputs)`` (so the
+      caller needs no second forward for the generated image); ``pullback`` mapping
       a cotangent of ``loss_map_fn``'s result (``ct_map`` or, with ``has_outputs``,
       ``(ct_map, ct_outputs)``) to a gradient shaped like ``params`` (a
       ``jax.tree_util.Partial`` or closure: call it inside the same trace), and scalar
@@ -170,7 +172,7 @@ def spatial_weights_and_pullback(
     if method == "jvp":
         out, linear_fn = jax.linearize(loss_map_fn, params)
         g_val = jax.grad(val_loss_fn)(params)
-        loss_map, _ = _split_outputs(out, has_outputs)
+        loss_map, outputs = _split_outputs(out, has_outputs)
         jac_g, _ = _split_outputs(linear_fn(g_val), has_outputs)
         u = alpha * jac_g
         transposed = jax.linear_transpose(linear_fn, params)
@@ -196,7 +198,7 @@ def spatial_weights_and_pullback(
         def pullback(cotangent: Any) -> Params:
             return vjp_fn(cotangent)[0]
     weights, stats = _finish(u, normalize)
-    return weights, loss_map, pullback, stats
+    return weights, (loss_map, outputs) if has_outputs else loss_map, pullback, stats
 
 
 def spatial_weights(

@@ -14,8 +14,8 @@ whose L1 gradient disagrees with the well-registered cases, get little or no wei
 ``config.meta.method`` picks ``"jvp"`` (one forward-mode pass, the default) or
 ``"lookahead"`` (the literal nested gradient); they give the same weights. The train
 forward pass is shared between the weights and the real update (the reweighting's
-pullback); the fake image for D and the adversarial/perceptual terms costs one more
-forward, because the reweighting API does not hand it back. The generator's dropout
+pullback), and the fake image for D and the adversarial/perceptual terms is that
+forward's output. The generator's dropout
 uses one key for every evaluation of the train loss map in a step (weights and update
 must see the same mask) and another for the validation batch; ``config.meta.alpha`` is
 the virtual step size (it only scales the raw scores).
@@ -73,8 +73,8 @@ def weight_statistics(weights: jax.Array) -> dict[str, jax.Array]:
             "meta/weight_zero_fraction": jnp.mean((weights == 0).astype(jnp.float32))}
 
 
-def _weights_and_loss_map(config, gen_state, batch, rng):
-    """Weights, L1 map, raw-score statistics and the pullback, for the step's keys."""
+def _reweight(config, gen_state, batch, rng):
+    """Weights, L1 map, fake CT, the pullback and raw-score statistics of one step."""
     train_key, val_key, _ = common.dropout_keys(step_rng(rng, gen_state))
     generate = common.generator_fn(gen_state, batch["mr"], train_key)
     generate_val = common.generator_fn(gen_state, batch["val_mr"], val_key)
@@ -86,10 +86,10 @@ def _weights_and_loss_map(config, gen_state, batch, rng):
     def val_loss_fn(params):
         return pixel.l1(generate_val(params), batch["val_ct"])
 
-    weights, loss_map, pullback, u_stats = reweight.spatial_weights_and_pullback(
+    weights, (loss_map, fake), pullback, u_stats = reweight.spatial_weights_and_pullback(
         loss_map_fn, val_loss_fn, gen_state.params, alpha=config.meta.alpha,
         method=config.meta.method, has_outputs=True)
-    return weights, loss_map, pullback, u_stats, generate
+    return weights, loss_map, fake, pullback, u_stats
 
 
 def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
@@ -101,7 +101,7 @@ def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[st
       dropped), ``meta/l1_error_hu`` (|G(mr) - ct| in HU), ``meta/mr`` (centre
       channel) and ``meta/ct``.
     """
-    weights, loss_map, _, _, _ = _weights_and_loss_map(config, state["gen"], batch, rng)
+    weights, loss_map, _, _, _ = _reweight(config, state["gen"], batch, rng)
     centre = batch["mr"].shape[-1] // 2
     return {"meta/weight_over_uniform": weights[0, ..., 0] * weights.size,
             "meta/l1_error_hu": loss_map[0, ..., 0] * common.HU_PER_UNIT,
@@ -122,13 +122,10 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     """
     gen_state = state["gen"]
     mr, ct = batch["mr"], batch["ct"]
-    weights, loss_map, pullback, u_stats, generate = _weights_and_loss_map(
+    weights, loss_map, fake, pullback, u_stats = _reweight(
         config, gen_state, batch, rng)
-    # The same fake as inside the reweighting's linearisation (same params, input and
-    # dropout key), which spatial_weights_and_pullback does not return: one extra
-    # train-batch forward (~7% of the tiny step's FLOPs, measured; XLA does not merge
-    # it). Its gradient still flows through the shared pullback below.
-    fake = jax.lax.stop_gradient(generate(gen_state.params))
+    # The fake of the shared forward; its gradient flows through the pullback below.
+    fake = jax.lax.stop_gradient(fake)
     disc_state, d_loss, d_metrics = common.update_discriminator(config, state["disc"], mr,
                                                                 ct, fake)
     w = config.loss
