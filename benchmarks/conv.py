@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import matmul_peak_gflops, report, time_jitted  # noqa: E402
 from sct_jax.models import conv_lowering as cl  # noqa: E402
+from sct_jax.models import conv_lowering_cpu as cl_cpu  # noqa: E402
 
 # name: (transposed, batch, spatial, C_in, C_out, k, stride, padding, output_padding).
 # Conv padding is (low, high) per axis; transposed padding is PyTorch's ``padding``.
@@ -63,7 +64,7 @@ WORKLOADS = {
     "conv2d_k4s1_patchgan_logits": (False, 1, (31, 31), 512, 1, 4, 1, (1, 1), None),
 }
 
-# cpu_fast with one of its choices switched: impl name -> conv_lowering attributes.
+# cpu_fast with one of its choices switched: impl name -> conv_lowering(_cpu) attributes.
 SWITCHES = {
     "no_im2col": {"_IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL": 0.0,
                   "_IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL": 0.0},
@@ -79,13 +80,13 @@ SWITCHES = {
 def _conv3d_sum2d(x, kernel, padding):
     """3D stride-1 conv as ``k_d`` 2D convs of shifted depth slices, summed."""
     kd = kernel.shape[0]
-    x = cl._pad_or_crop(x, [padding[0], (0, 0), (0, 0)])
+    x = cl_cpu._pad_or_crop(x, [padding[0], (0, 0), (0, 0)])
     b, d_pad, h, w, c = x.shape
     d_out = d_pad - kd + 1
     total = 0
     for j in range(kd):
-        y = cl._conv2d_stride1(x[:, j:j + d_out].reshape(b * d_out, h, w, c), kernel[j],
-                         tuple(padding[1:]))
+        y = cl_cpu._conv2d_stride1(x[:, j:j + d_out].reshape(b * d_out, h, w, c),
+                                   kernel[j], tuple(padding[1:]))
         total = total + y.reshape(b, d_out, *y.shape[1:])
     return total
 
@@ -93,13 +94,13 @@ def _conv3d_sum2d(x, kernel, padding):
 def _conv3d_concat_in(x, kernel, padding):
     """3D stride-1 conv as one 2D conv of the shifted slices stacked on channels."""
     kd, kh, kw, c, c_out = kernel.shape
-    x = cl._pad_or_crop(x, [padding[0], (0, 0), (0, 0)])
+    x = cl_cpu._pad_or_crop(x, [padding[0], (0, 0), (0, 0)])
     b, d_pad, h, w, _ = x.shape
     d_out = d_pad - kd + 1
     stacked = jnp.concatenate([x[:, j:j + d_out] for j in range(kd)], axis=-1)
-    y = cl._conv2d_stride1(stacked.reshape(b * d_out, h, w, kd * c),
-                     jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kd * c, c_out),
-                     tuple(padding[1:]))
+    y = cl_cpu._conv2d_stride1(stacked.reshape(b * d_out, h, w, kd * c),
+                               jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kd * c, c_out),
+                               tuple(padding[1:]))
     return y.reshape(b, d_out, *y.shape[1:])
 
 
@@ -132,26 +133,28 @@ def _conv_transpose_union(x, kernel, strides, padding, output_padding):
     # w: (*U, C_in, C_out, r_0, ..., r_{nd-1}) -> (*U, C_in, (r..., C_out)).
     w = jnp.moveaxis(w, nd + 1, -1)
     w = w.reshape(*w.shape[:nd], kernel.shape[-2], -1)
-    y = cl._conv_stride1_fast(x, w, pads)
-    y = cl._depth_to_space(y, list(range(nd)))
+    y = cl_cpu._conv_stride1_fast(x, w, pads)
+    y = cl_cpu._depth_to_space(y, list(range(nd)))
     return y[(slice(None),) + tuple(slice(0, o) for o in outs)]
 
 
 @contextlib.contextmanager
 def _patched(impl: str) -> Iterator[None]:
-    """Temporarily replaces ``conv_lowering`` attributes for a variant (traced inside)."""
+    """Temporarily replaces ``conv_lowering(_cpu)`` attributes for a variant (traced inside)."""
     patch = dict(SWITCHES.get(impl, {}))
     variant = {"sum2d": _conv3d_sum2d, "concat_in": _conv3d_concat_in}.get(impl)
     if variant is not None:
         patch["_conv3d_via_2d"] = variant
-    original = {name: getattr(cl, name) for name in patch}
+    # Each attribute is replaced in the module that defines (and reads) it.
+    owner = {name: cl_cpu if name in vars(cl_cpu) else cl for name in patch}
+    original = {name: getattr(owner[name], name) for name in patch}
     for name, value in patch.items():
-        setattr(cl, name, value)
+        setattr(owner[name], name, value)
     try:
         yield
     finally:
         for name, value in original.items():
-            setattr(cl, name, value)
+            setattr(owner[name], name, value)
 
 
 def _make_fn(spec, impl: str) -> Callable:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sct_jax.models import conv_lowering as cl
+from sct_jax.models import conv_lowering_cpu as cl_cpu
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator
 
@@ -132,7 +133,7 @@ def test_conv_transpose_cpu_fast_matches_xla(case, path):
 def test_both_kernel_gradient_forms(monkeypatch, by_cotangent):
     """Patches of ``x`` and patches of ``g`` give the same kernel gradient."""
     _force_path(monkeypatch, "rewrite")
-    monkeypatch.setattr(cl, "_patch_the_cotangent", lambda *args: by_cotangent)
+    monkeypatch.setattr(cl_cpu, "_patch_the_cotangent", lambda *args: by_cotangent)
     _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, (2, 2), ((1, 1), (1, 2)),
                                                      impl=impl),
                    (7, 6), (4, 3), 3, 4, seed=40)
@@ -206,9 +207,9 @@ def test_negative_padding_against_float64(monkeypatch):
 @pytest.mark.parametrize("by_cotangent", [True, False])
 def test_kernel_grad_in_groups_and_position_blocks(monkeypatch, by_cotangent):
     """The memory-capped loop over images and the position blocks give the same gradient."""
-    monkeypatch.setattr(cl, "_patch_the_cotangent", lambda *args: by_cotangent)
-    monkeypatch.setattr(cl, "_PATCH_BYTES_PER_STEP", 1)  # one image per loop step
-    monkeypatch.setattr(cl, "_POSITIONS_PER_BLOCK", 8)   # blocks of one output row
+    monkeypatch.setattr(cl_cpu, "_patch_the_cotangent", lambda *args: by_cotangent)
+    monkeypatch.setattr(cl_cpu, "_PATCH_BYTES_PER_STEP", 1)  # one image per loop step
+    monkeypatch.setattr(cl_cpu, "_POSITIONS_PER_BLOCK", 8)   # blocks of one output row
     _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, (1, 1, 1), ((1, 1),) * 3,
                                                      impl=impl),
                    (3, 4, 8), (3, 3, 3), 2, 3, seed=20)

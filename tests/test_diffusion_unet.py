@@ -12,9 +12,9 @@ import pytest
 from sct_jax.errors import ConfigError
 from sct_jax.models.controlnet import (ControlNet, controlnet_params_from_unet,
                                        embed_conditioning)
-from sct_jax.models import diffusion_unet
-from sct_jax.models.diffusion_unet import (AttentionBlock, DiffusionUNet, timestep_embedding,
-                                           torch_default_init)
+from sct_jax.models import diffusion_blocks
+from sct_jax.models.diffusion_blocks import AttentionBlock, timestep_embedding, torch_default_init
+from sct_jax.models.diffusion_unet import DiffusionUNet
 
 KEY = jax.random.key(0)
 TINY = dict(channels=(8, 16, 16), attention_levels=(False, False, True), num_res_blocks=1,
@@ -65,7 +65,7 @@ def models():
     cond = jnp.asarray(rng.normal(size=COND), jnp.float32)
     t = jnp.array([3, 700])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(diffusion_unet, "torch_default_init", _cheap_init)
+        patch.setattr(diffusion_blocks, "torch_default_init", _cheap_init)
         unet_params, cn_params = jax.jit(lambda x, t, cond: (
             unet.init(KEY, x, t)["params"],
             controlnet.init(jax.random.key(1), x, t, cond)["params"]))(x, t, cond)

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from sct_jax.data import phantom_anatomy as anatomy
+from sct_jax.data import phantom_shapes as shapes
 from sct_jax.data.io import atomic_write_text, load_volume, save_volume
 from sct_jax.errors import DataError
 
@@ -199,7 +200,7 @@ def _render_mr(t1, centre, rng, spacing) -> tuple[np.ndarray, dict]:
     """
     gain, offset, gamma = _CENTRE_SCALING[centre]
     gain *= float(rng.uniform(0.9, 1.1))
-    bias = np.exp(rng.uniform(0.1, 0.2) * anatomy.smooth_noise(
+    bias = np.exp(rng.uniform(0.1, 0.2) * shapes.smooth_noise(
         rng, t1.shape, 60.0 / np.asarray(spacing)))
     signal = gain * bias * np.power(t1, gamma, dtype=np.float32)
     sigma = gain * float(rng.uniform(0.015, 0.025))
@@ -211,7 +212,7 @@ def _render_mr(t1, centre, rng, spacing) -> tuple[np.ndarray, dict]:
                                    "noise": sigma}
 
 
-def _organic_warp(labels: np.ndarray, body: np.ndarray, grid: anatomy.Grid,
+def _organic_warp(labels: np.ndarray, body: np.ndarray, grid: shapes.Grid,
                   rng: np.random.Generator, amplitude: float = 2.0,
                   cell: float = 18.0) -> tuple[np.ndarray, np.ndarray]:
     """Bends the ellipsoidal anatomy with a smooth random displacement.
@@ -231,7 +232,7 @@ def _organic_warp(labels: np.ndarray, body: np.ndarray, grid: anatomy.Grid,
     cell_vox = cell / grid.voxel
     coords = []
     for axis in range(3):
-        shift = anatomy.smooth_noise(rng, grid.shape, cell_vox)
+        shift = shapes.smooth_noise(rng, grid.shape, cell_vox)
         shift *= np.float32(amplitude / grid.voxel[axis])
         index = np.arange(grid.shape[axis], dtype=np.float32).reshape(
             [-1 if a == axis else 1 for a in range(3)])
@@ -288,7 +289,7 @@ def _misalignment(rng, shape, spacing, misalign_mm, body) -> dict:
     cell = 40.0 / spacing
     field, magnitude_sq = [], np.zeros(shape, dtype=np.float32)
     for a in range(3):
-        u = anatomy.smooth_noise(rng, shape, cell) * np.float32(elastic_mm / np.sqrt(3.0))
+        u = shapes.smooth_noise(rng, shape, cell) * np.float32(elastic_mm / np.sqrt(3.0))
         u += np.float32(translation_mm[a]) + sum(rot_minus_eye[a, b] * coords[b] for b in range(3))
         magnitude_sq += u * u
         field.append((coords[a] + u) / np.float32(spacing[a]) + np.float32((shape[a] - 1) / 2.0))

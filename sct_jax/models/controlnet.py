@@ -32,7 +32,7 @@ import jax
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.diffusion_unet import IntOrSeq, UNetSettings, conv_nd, unet_encoder
+from sct_jax.models.diffusion_blocks import IntOrSeq, UNetSettings, conv_nd, unet_encoder
 
 # Submodules the ControlNet shares (names and shapes) with the DiffusionUNet.
 _SHARED_PREFIXES = ("time_embed", "conv_in", "down_", "middle")
