@@ -6,6 +6,8 @@ CSV/JSON, a PNG panel per case)::
   python evaluate.py --config configs/pix2pix_pelvis.py:small --workdir runs/pix2pix_pelvis_small
   python evaluate.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet \
       --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
+  python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
+      --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -36,13 +38,20 @@ config_flags.DEFINE_config_file("config", None, "The run's config (path.py[:vari
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Training run directory (with --config).")
 flags.DEFINE_integer("samples", 1, "sCT samples per case (sampling methods, e.g. the LDM): "
-                     "the mean is scored, the per-voxel std written as <id>/sct_std.nii.gz.")
+                     "the mean is scored, the per-voxel std written as <id>/sct_std.nii.gz. "
+                     "The GANs sample by test-time (Monte-Carlo) dropout.")
+flags.DEFINE_boolean("qa", False, "With --config: also run the reference-free fidelity checks "
+                     "on every case (<id>/qa.json, qa.png; the sample spread with --samples, "
+                     "cycle consistency for CycleGAN) and print a case x check table.")
 
 
 def score_predictions() -> None:
     """The ``--pred DIR --data ROOT`` mode: score an existing prediction folder."""
     if not FLAGS.pred or not FLAGS.data:
         raise ConfigError("--pred and --data are both required to score predictions")
+    if FLAGS.qa:
+        raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
+                          "training split); use python -m sct_jax.qa for single files")
     scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out, region=FLAGS.region)
 
 
@@ -54,7 +63,7 @@ def main(argv):
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
         from sct_jax import run
         run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                         samples=FLAGS.samples)
+                         samples=FLAGS.samples, qa=FLAGS.qa)
         return
     score_predictions()
 

@@ -12,17 +12,16 @@ Build the reference profile ("training distribution") from training cases (folde
 
     python -m sct_jax.qa --build-reference profile.json --cases DIR [DIR ...] [--region R]
 
-The checks are in :mod:`sct_jax.evaluation.qa`; this module reads the files, writes the
-outputs atomically and draws the figure.
+The checks are in :mod:`sct_jax.evaluation.qa`, the figure in
+:mod:`sct_jax.evaluation.qa_report`; this module reads the files and writes the outputs
+atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -32,72 +31,8 @@ from sct_jax.data.alignment import load_case_arrays
 from sct_jax.data.io import Volume, atomic_write_text, load_volume
 from sct_jax.errors import DataError, SctError
 from sct_jax.evaluation import qa
-
-
-def save_qa_figure(path: str | os.PathLike, sct: np.ndarray, result: qa.QAResult,
-                   spacing: Sequence[float] = (1.0, 1.0, 1.0), title: str = "") -> Path:
-    """Axial and coronal sCT views with flagged voxels in red, and the per-slice mean HU.
-
-    The views cut through the most flagged slice (else the body's centre); flagged
-    slices are marked on the curve.
-
-    Args:
-      path: the PNG to write (atomically).
-      sct: ``(X, Y, Z)`` HU.
-      result: the :class:`sct_jax.evaluation.qa.QAResult` of the case.
-      spacing: voxel size in mm (display aspect).
-      title: a first title line (the case); the status and failed checks follow.
-
-    Returns:
-      The written path.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    flagged, body = result.flagged, result.body
-    anchor = flagged if flagged.any() else body
-    z = int(np.argmax(anchor.sum(axis=(0, 1))))
-    y = int(np.argmax(anchor.sum(axis=(0, 2))))
-    sct = np.nan_to_num(np.asarray(sct, np.float32), nan=qa.HU_MIN)
-    red = np.zeros(flagged.shape + (4,), np.float32)
-    red[flagged] = (1.0, 0.0, 0.0, 0.7)
-    views = [(f"axial z={z}", lambda a: a[:, :, z].swapaxes(0, 1), spacing[1] / spacing[0]),
-             (f"coronal y={y}", lambda a: a[:, y, :].swapaxes(0, 1), spacing[2] / spacing[0])]
-    fig = Figure(figsize=(13.0, 4.4), dpi=90)
-    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.0, 1.0, 1.2]})
-    for ax, (name, cut, aspect) in zip(axes, views):
-        ax.imshow(cut(sct), cmap="gray", vmin=-1000, vmax=1500, origin="lower", aspect=aspect,
-                  interpolation="nearest")
-        ax.imshow(cut(red), origin="lower", aspect=aspect, interpolation="nearest")
-        ax.set_title(f"sCT [-1000, 1500] HU, {name}; red: flagged", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    curve = axes[2]
-    slices = np.arange(len(result.slice_mean_hu))
-    curve.plot(slices, result.slice_mean_hu, "k.-", lw=1, ms=3)
-    for s in result.flagged_slices:
-        curve.axvspan(s - 0.5, s + 0.5, color="red", alpha=0.3, lw=0)
-    curve.set_xlabel("slice z")
-    curve.set_ylabel("mean HU inside the body")
-    curve.set_title("per-slice mean HU; red: discontinuous slices", fontsize=9)
-    report = result.report
-    bad = [f"{c['name']} ({c['status']})" for c in report["checks"] if c["status"] != "pass"]
-    fig.suptitle(f"{title + ': ' if title else ''}QA {report['status'].upper()}"
-                 + (f" - {', '.join(bad)}" if bad else ""), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+# Re-exported: the figure this CLI writes, drawn by the prediction folders' QA as well.
+from sct_jax.evaluation.qa_report import save_qa_figure
 
 
 def _same_grid(path, volume: Volume, mr: Volume) -> Volume:

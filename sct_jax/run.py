@@ -2,8 +2,9 @@
 
 ``train_and_maybe_evaluate`` trains a config into a workdir (resuming if it holds a
 checkpoint); ``evaluate_run`` predicts the evaluation split, writes sCT NIfTIs, scores
-them with the SynthRAD2023 metrics next to a constant soft-tissue baseline, and draws a
-panel per case; ``demo`` is the no-argument CPU run of the README.
+them with the SynthRAD2023 metrics next to a constant soft-tissue baseline, draws a
+panel per case, and (``qa=True``) runs the reference-free QA checks on every case;
+``demo`` is the no-argument CPU run of the README.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from sct_jax.data import synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
-from sct_jax.evaluation import figures, metrics, predict, scoring
+from sct_jax.evaluation import figures, metrics, predict, qa_report, scoring
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
 
@@ -56,7 +57,7 @@ def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
 
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
-                 samples: int = 1):
+                 samples: int = 1, qa: bool = False):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -65,8 +66,12 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       data_root: score these cases instead of the config's evaluation split.
       out: JSON summary path (default ``workdir/predictions/metrics.json``).
       panels: draw a PNG per case (default ``config.eval.panels``).
-      samples: sCT samples per case for sampling methods (the LDM): the mean is
-        scored, the per-voxel standard deviation written as ``<id>/sct_std.nii.gz``.
+      samples: sCT samples per case for sampling methods (the LDM; the GANs by
+        test-time dropout): the mean is scored, the per-voxel standard deviation
+        written as ``<id>/sct_std.nii.gz``.
+      qa: then run the fidelity checks on every case
+        (:func:`sct_jax.evaluation.qa_report.qa_predictions`): ``<id>/qa.json`` and
+        ``<id>/qa.png``, and a case x check table.
 
     Returns:
       The :class:`scoring.ScoreReport`.
@@ -100,6 +105,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                     data.ct.data if data.ct is not None else None, sct,
                                     data.mask, spacing=data.mr.spacing, title=title)
         print(f"panels: {pred_dir}/<id>/panel.png")
+    if qa:
+        qa_report.qa_predictions(config, workdir, pred_dir, cases, samples=samples)
     return report
 
 

@@ -6,10 +6,13 @@ writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
 metrics and draws a panel per case.
 
-Sampling methods (whose ``predict`` takes an ``rng``: the latent diffusion model) can
-draw ``samples=K`` sCTs per case: ``sct.nii.gz`` is then their voxel-wise mean and
-``sct_std.nii.gz`` their voxel-wise standard deviation in HU (an uncertainty map).
-Sample ``k`` uses the key :func:`sample_rng` ``(config, k)``.
+Sampling methods (whose ``predict`` takes an ``rng``: the latent diffusion model, and
+the GANs by Monte-Carlo dropout, i.e. dropout left on at test time) can draw
+``samples=K`` sCTs per case: ``sct.nii.gz`` is then their voxel-wise mean and
+``sct_std.nii.gz`` their voxel-wise standard deviation (``ddof=0``) in HU (an
+uncertainty map). Sample ``k`` uses the key :func:`sample_rng` ``(config, k)``. A method
+may define ``check_sampling(config)``, raising ``ConfigError`` when this config cannot
+sample (a GAN trained without dropout).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import inspect
 import itertools
 import logging
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -37,6 +41,31 @@ log = logging.getLogger(__name__)
 def samples_from_rng(method) -> bool:
     """Whether ``method.predict`` draws samples (takes an ``rng`` argument)."""
     return "rng" in inspect.signature(method.predict).parameters
+
+
+def sampling_check(method) -> Callable | None:
+    """The method module's ``check_sampling(config)``, or ``None`` when it has none."""
+    return getattr(method, "check_sampling", None)
+
+
+def check_samples(config, samples: int) -> None:
+    """Raises ``ConfigError`` unless ``config`` can draw ``samples`` sCTs per case.
+
+    ``samples`` must be 1, or more for a method whose ``predict`` takes an ``rng`` and
+    whose ``check_sampling(config)`` (when it has one) passes.
+    """
+    method = methods.get_method(config.method)
+    samples = int(samples)
+    if samples < 1 or (samples > 1 and not samples_from_rng(method)):
+        raise ConfigError(f"--samples {samples}: must be 1, or more for a sampling method "
+                          f"(config.method={config.method!r} "
+                          f"{'samples' if samples_from_rng(method) else 'does not sample'})")
+    check = sampling_check(method)
+    if samples > 1 and check is not None:
+        try:
+            check(config)
+        except ConfigError as err:
+            raise ConfigError(f"--samples {samples}: {err}") from None
 
 
 def sample_rng(config, k: int) -> jax.Array:
@@ -112,14 +141,11 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       ``(out_dir, cases)``.
 
     Raises:
-      ConfigError: ``samples < 1``, or ``samples > 1`` for a method that does not sample.
+      ConfigError: see :func:`check_samples` (raised before anything is loaded).
     """
     method = methods.get_method(config.method)
     samples = int(samples)
-    if samples < 1 or (samples > 1 and not samples_from_rng(method)):
-        raise ConfigError(f"--samples {samples}: must be 1, or more for a sampling method "
-                          f"(config.method={config.method!r} "
-                          f"{'samples' if samples_from_rng(method) else 'does not sample'})")
+    check_samples(config, samples)
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)

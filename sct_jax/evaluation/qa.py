@@ -24,7 +24,7 @@ Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
   model's output is on the MR grid, so anything beyond a few mm is a pipeline bug
   (crop/pad offset, flipped or shifted axes).
 - ``cycle_consistency`` (given ``ct_to_mr``): Pearson r and NMI of MR vs G_CT->MR(sCT).
-- ``sample_spread`` (given >= 2 samples): per-voxel std across samples in the body.
+- ``sample_spread`` (given >= 2 samples, or their std map): per-voxel std in the body.
 
 The thresholds are heuristics, documented where they are defined; a ``warn`` asks a
 person to look, a ``fail`` says the sCT should not be used as it is.
@@ -378,33 +378,41 @@ def check_cycle(mr, sct, body, ct_to_mr: Callable[[np.ndarray], np.ndarray]) -> 
 
 
 def check_sample_spread(samples: Sequence[np.ndarray], body) -> tuple[dict, np.ndarray]:
-    """(h) Per-voxel std across samples inside the body; returns the check and the std."""
+    """(h) Per-voxel std (ddof 1) across samples in the body; returns the check and std."""
     if len(samples) < 2:
         raise DataError(f"qa: sample spread needs at least 2 samples, got {len(samples)}")
     for i, sample in enumerate(samples):
         if np.shape(sample) != body.shape:
             raise DataError(f"qa: sample {i} shape {np.shape(sample)} differs from the "
                             f"mr {body.shape}")
-    stack = np.stack([np.asarray(s, np.float32) for s in samples])
-    std = stack.std(axis=0, ddof=1)
-    inside = std[body]
+    std = np.stack([np.asarray(s, np.float32) for s in samples]).std(axis=0, ddof=1)
+    return check_spread_map(std, body, len(samples)), std
+
+
+def check_spread_map(std: np.ndarray, body, n_samples: int) -> dict:
+    """(h) The spread check from a per-voxel std map ``(X, Y, Z)`` (ddof 1) of samples."""
+    if np.shape(std) != body.shape or n_samples < 2:
+        raise DataError(f"qa: sample std shape {np.shape(std)} (of {n_samples} samples) "
+                        f"must be the mr's {body.shape}, from at least 2 samples")
+    inside = np.asarray(std, np.float32)[body]
     mean_std = float(inside.mean()) if inside.size else 0.0
     high = float((inside > SPREAD_FLAG_HU).mean()) if inside.size else 0.0
     return _check("sample_spread", _above(mean_std, SPREAD_MEAN_STD_HU),
-                  {"n_samples": len(samples), "mean_std_hu": mean_std,
+                  {"n_samples": n_samples, "mean_std_hu": mean_std,
                    "p95_std_hu": float(np.percentile(inside, 95)) if inside.size else 0.0,
                    "fraction_std_above_flag": high},
                   {"warn_above_hu": SPREAD_MEAN_STD_HU[0], "fail_above_hu": SPREAD_MEAN_STD_HU[1],
                    "flag_hu": SPREAD_FLAG_HU},
-                  f"mean per-voxel std over {len(samples)} samples {mean_std:.1f} HU; "
-                  f"{high:.1%} of body voxels above {SPREAD_FLAG_HU:.0f} HU"), std
+                  f"mean per-voxel std over {n_samples} samples {mean_std:.1f} HU; "
+                  f"{high:.1%} of body voxels above {SPREAD_FLAG_HU:.0f} HU")
 
 
 def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
            spacing: Sequence[float] = (1.0, 1.0, 1.0), region: str | None = None,
            reference: Mapping | None = None,
            ct_to_mr: Callable[[np.ndarray], np.ndarray] | None = None,
-           samples: Sequence[np.ndarray] | None = None) -> QAResult:
+           samples: Sequence[np.ndarray] | None = None,
+           sample_std: np.ndarray | None = None, n_samples: int = 0) -> QAResult:
     """Runs every applicable check on one case.
 
     Args:
@@ -418,6 +426,8 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
       reference: a profile from :func:`build_reference_profile` (takes precedence).
       ct_to_mr: optional CT->MR generator, ``(X, Y, Z)`` HU -> ``(X, Y, Z)`` MR-like.
       samples: optional sCT samples (>= 2, each ``(X, Y, Z)`` HU) of a stochastic method.
+      sample_std, n_samples: instead of ``samples``, their per-voxel std ``(X, Y, Z)``
+        HU (ddof 1) computed elsewhere, and how many samples it is over (>= 2).
 
     Returns:
       The :class:`QAResult`.
@@ -467,10 +477,13 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
         flagged[:, :, z] |= body[:, :, z]
     if ct_to_mr is not None:
         checks.append(check_cycle(mr, finite_sct, body, ct_to_mr))
-    if samples is not None:
-        spread_check, std = check_sample_spread(samples, body)
+    if samples is not None or sample_std is not None:
+        if samples is not None:
+            spread_check, sample_std = check_sample_spread(samples, body)
+        else:
+            spread_check = check_spread_map(sample_std, body, n_samples)
         checks.append(spread_check)
-        flagged |= body & (std > SPREAD_FLAG_HU)
+        flagged |= body & (np.asarray(sample_std) > SPREAD_FLAG_HU)
 
     report = {"status": worst(c["status"] for c in checks), "checks": checks,
               "reference": source, "shape": list(mr.shape),

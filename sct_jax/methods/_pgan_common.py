@@ -31,7 +31,8 @@ from sct_jax.losses import adversarial, perceptual, pixel
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models import vgg
-from sct_jax.models.resnet_generator import ResnetGenerator, check_resnet_input
+from sct_jax.models.resnet_generator import (ResnetGenerator, check_dropout_sampling,
+                                             check_resnet_input)
 from sct_jax.training import optim
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
@@ -206,11 +207,30 @@ def gan_step(config, state: dict, batch: dict, rng: jax.Array,
     return new_state, metrics
 
 
-def predict(config, state: dict, mr: jax.Array) -> jax.Array:
-    """``(B, H, W, 2c+1)`` MR in [-1, 1] -> ``(B, H, W, 1)`` sCT in [-1, 1] (dropout off)."""
+def check_sampling(config) -> None:
+    """Raises ``ConfigError`` unless the generator has dropout to sample with (see
+    :func:`~sct_jax.models.resnet_generator.check_dropout_sampling`)."""
+    check_dropout_sampling(float(config.model.gen.dropout), int(config.model.gen.n_blocks))
+
+
+def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """``(B, H, W, 2c+1)`` MR in [-1, 1] -> ``(B, H, W, 1)`` sCT in [-1, 1].
+
+    Args:
+      config: the config (unused: the rate is the generator's ``config.model.gen.dropout``).
+      state: ``{"gen": TrainState, ...}``.
+      mr: ``(B, H, W, 2c+1)`` normalised MR slices.
+      rng: ``None``: dropout off, the deterministic sCT. A key (raw ``uint32[2]`` or
+        typed): one Monte-Carlo dropout sample, dropout on at the trained rate. Nothing
+        else changes: ``train`` switches only dropout in the ResNet generator (instance
+        norm has no running statistics, batch norm uses the batch's in both modes).
+    """
     del config
     gen_state = state["gen"]
-    return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
+    if rng is None:
+        return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
+    return gen_state.apply_fn({"params": gen_state.params}, mr, train=True,
+                              rngs={"dropout": rng})
 
 
 # ---------------------------------------------------------------------------- configs

@@ -24,6 +24,7 @@ from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, step_rng
 
 predict = common.predict
+check_sampling = common.check_sampling
 
 
 def validate_config(config) -> None:

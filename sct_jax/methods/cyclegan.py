@@ -35,7 +35,8 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.patchgan import PatchDiscriminator
-from sct_jax.models.resnet_generator import ResnetGenerator, check_resnet_input
+from sct_jax.models.resnet_generator import (ResnetGenerator, check_dropout_sampling,
+                                             check_resnet_input)
 from sct_jax.training import optim
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
@@ -327,11 +328,28 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
 
 # ------------------------------------------------------------------------- inference
 
-def predict(config, state: dict, mr: jax.Array) -> jax.Array:
-    """``(B, H, W, 1)`` MR in [-1, 1] -> ``(B, H, W, 1)`` sCT in [-1, 1] (``G_mr2ct``)."""
+def check_sampling(config) -> None:
+    """Raises ``ConfigError`` unless ``G_mr2ct`` has dropout to sample with (the
+    reference's default ``--no_dropout`` has none)."""
+    check_dropout_sampling(float(config.model.gen.dropout), int(config.model.gen.n_blocks))
+
+
+def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """``(B, H, W, 1)`` MR in [-1, 1] -> ``(B, H, W, 1)`` sCT in [-1, 1] (``G_mr2ct``).
+
+    Args:
+      config: the config (unused).
+      state: the CycleGAN state.
+      mr: ``(B, H, W, 1)`` normalised MR slices.
+      rng: ``None``: dropout off, the deterministic sCT. A key: one Monte-Carlo dropout
+        sample (only generators trained with ``config.model.gen.dropout > 0`` have any;
+        ``train`` switches nothing else, see :mod:`sct_jax.models.resnet_generator`).
+    """
     del config
     gen = state["g_mr2ct"]
-    return gen.apply_fn({"params": gen.params}, mr, train=False)
+    if rng is None:
+        return gen.apply_fn({"params": gen.params}, mr, train=False)
+    return gen.apply_fn({"params": gen.params}, mr, train=True, rngs={"dropout": rng})
 
 
 def predict_ct_to_mr(config, state: dict, ct: jax.Array) -> jax.Array:

@@ -45,6 +45,7 @@ from sct_jax.methods.common import TrainState, apply_updates, step_rng
 from sct_jax.training import sharding
 
 predict = common.predict
+check_sampling = common.check_sampling
 
 
 def validate_config(config) -> None:

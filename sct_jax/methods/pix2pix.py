@@ -21,7 +21,7 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.patchgan import PatchDiscriminator
-from sct_jax.models.unet import UNetGenerator
+from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
 from sct_jax.training import optim
 
 
@@ -116,8 +116,39 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     return {"gen": gen_state, "disc": disc_state}, metrics
 
 
-def predict(config, state: dict, mr: jax.Array) -> jax.Array:
-    """``(B, *S, C_in)`` MR in [-1, 1] -> ``(B, *S, 1)`` sCT in [-1, 1] (dropout off)."""
+def check_sampling(config) -> None:
+    """Raises ``ConfigError`` unless the generator has dropout to draw samples with.
+
+    pix2pix samples by Monte-Carlo (test-time) dropout, which sits only in the U-Net's
+    capped middle levels (:func:`~sct_jax.models.unet.unet_dropout_levels`): a rate of 0,
+    or a U-Net too shallow to have such a level, would give K identical "samples".
+    """
+    gen = build_models(config)[0]
+    if gen.dropout_rate <= 0:
+        raise ConfigError(f"config.model.gen.dropout={gen.dropout_rate}: pix2pix samples by "
+                          "test-time dropout and this generator has none (train with "
+                          "dropout > 0)")
+    if not unet_dropout_levels(gen.ngf, gen.num_downs, gen.max_mult):
+        raise ConfigError(f"config.model.gen.dropout={gen.dropout_rate} has no effect: a U-Net "
+                          f"with config.model.gen.num_downs={gen.num_downs} has no dropout "
+                          "level (needs >= 6), so there is nothing to sample")
+
+
+def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """``(B, *S, C_in)`` MR in [-1, 1] -> ``(B, *S, 1)`` sCT in [-1, 1].
+
+    Args:
+      config: the config (unused: the rate is the generator's ``config.model.gen.dropout``).
+      state: ``{"gen": TrainState, ...}``.
+      mr: ``(B, *S, C_in)`` normalised MR.
+      rng: ``None``: dropout off, the deterministic sCT. A key (raw ``uint32[2]`` or
+        typed): one Monte-Carlo dropout sample, dropout on at the trained rate. Nothing
+        else changes: ``train`` switches only dropout in the U-Net (instance norm has
+        no running statistics, batch norm uses the batch's statistics in both modes).
+    """
     del config
     gen_state = state["gen"]
-    return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
+    if rng is None:
+        return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
+    return gen_state.apply_fn({"params": gen_state.params}, mr, train=True,
+                              rngs={"dropout": rng})

@@ -31,6 +31,7 @@ from sct_jax.models.registration import RegistrationNet, check_registration_inpu
 from sct_jax.training import optim
 
 predict = common.predict
+check_sampling = common.check_sampling
 
 
 def build_registration(config) -> RegistrationNet:

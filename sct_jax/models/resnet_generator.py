@@ -57,6 +57,25 @@ def check_resnet_input(spatial_shape: tuple[int, ...]) -> None:
             "(crop/pad the input)")
 
 
+def check_dropout_sampling(dropout_rate: float, n_blocks: int) -> None:
+    """Raises :class:`ConfigError` unless the generator has dropout layers to sample with.
+
+    Monte-Carlo (test-time) dropout needs at least one: the dropout sits inside the
+    residual blocks, so a rate of 0 or no block gives K identical "samples".
+
+    Args:
+      dropout_rate: the generator's ``dropout_rate`` (``config.model.gen.dropout``).
+      n_blocks: its residual blocks (``config.model.gen.n_blocks``).
+    """
+    if dropout_rate <= 0:
+        raise ConfigError(f"config.model.gen.dropout={dropout_rate}: the ResNet generator has "
+                          "no dropout to sample with (train with dropout > 0)")
+    if n_blocks < 1:
+        raise ConfigError(f"config.model.gen.n_blocks={n_blocks}: the ResNet generator's "
+                          "dropout sits in its residual blocks; with none there is nothing "
+                          "to sample")
+
+
 class ResnetBlock(nn.Module):
     """``x + [pad, conv3, norm, ReLU, dropout, pad, conv3, norm](x)``, reflect padding.
 
