@@ -227,6 +227,7 @@ def test_every_variant_validates(variant):
     ("data.mode", "slices", "config.data.mode"),
     ("data.context", 1, "config.data.context"),
     ("loss.gan", "wgan", "config.loss.gan"),
+    ("loss.identity_weight", -0.5, "config.loss.identity_weight"),
     ("model.pool_size", -1, "config.model.pool_size"),
 ])
 def test_bad_config_raises(key, value, message):

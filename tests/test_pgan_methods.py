@@ -244,6 +244,8 @@ def test_missing_vgg_file_names_the_config_key(tmp_path):
     ("meta_pgan", "data.mode", "slices", "config.data.mode"),
     ("meta_pgan", "meta.method", "hessian", "meta.method"),
     ("pgan", "data.crop", (30, 32), "config.data.crop"),
+    ("pgan", "loss.gan", "wgan", "config.loss.gan"),
+    ("meta_pgan", "loss.l1_weight", -1.0, "config.loss.l1_weight"),
     ("reg_pgan", "data.crop", (8, 8), "config.model.reg"),
 ])
 def test_bad_configs_fail_at_start(name, key, value, match):

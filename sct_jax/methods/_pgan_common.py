@@ -28,11 +28,11 @@ import optax
 from sct_jax.config_utils import base_config, tiny_run_settings
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual, pixel
-from sct_jax.methods.common import TrainState, apply_updates, dummy_input
+from sct_jax.methods.common import (TrainState, apply_updates, dummy_input,
+                                    validate_resnet_gan_config)
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models import vgg
-from sct_jax.models.resnet_generator import (ResnetGenerator, check_dropout_sampling,
-                                             check_resnet_input)
+from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
 from sct_jax.training import optim
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
@@ -58,16 +58,7 @@ def validate_pgan_config(config, modes: tuple[str, ...] = ("slices",)) -> None:
     if config.data.mode not in modes:
         raise ConfigError(f"config.data.mode={config.data.mode!r}: {config.method} trains on "
                           f"{' or '.join(modes)}")
-    try:
-        check_resnet_input(tuple(config.data.crop))
-    except ConfigError as err:
-        raise ConfigError(f"config.data.crop={tuple(config.data.crop)}: {err}") from err
-    if config.loss.gan not in adversarial.GAN_KINDS:
-        raise ConfigError(f"config.loss.gan={config.loss.gan!r}: expected one of "
-                          f"{adversarial.GAN_KINDS}")
-    for key in ("adv_weight", "l1_weight", "perceptual_weight"):
-        if float(config.loss[key]) < 0:
-            raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
+    validate_resnet_gan_config(config, ("adv_weight", "l1_weight", "perceptual_weight"))
 
 
 def frozen_vgg_state(path: str, arch: str, layers, config_key: str) -> TrainState:

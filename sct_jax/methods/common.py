@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from sct_jax.errors import ConfigError
+from sct_jax.losses import adversarial
+from sct_jax.models.resnet_generator import check_resnet_input
 from sct_jax.training.logging import tree_norm
 
 TrainState = train_state.TrainState
@@ -42,3 +45,21 @@ def apply_updates(state: TrainState, grads: Any, prefix: str) -> tuple[TrainStat
 def step_rng(rng: jax.Array, state: TrainState) -> jax.Array:
     """The step's key: ``fold_in(base, step)``, so a resumed run draws the same numbers."""
     return jax.random.fold_in(rng, state.step)
+
+
+def validate_resnet_gan_config(config, weight_keys: tuple[str, ...]) -> None:
+    """Start-up checks of the ResNet-generator GANs (pGAN family, CycleGAN).
+
+    Raises ``ConfigError`` for a crop the generator cannot take, an unknown
+    ``config.loss.gan`` or a negative ``config.loss.<key>`` among ``weight_keys``.
+    """
+    try:
+        check_resnet_input(tuple(config.data.crop))
+    except ConfigError as err:
+        raise ConfigError(f"config.data.crop={tuple(config.data.crop)}: {err}") from err
+    if config.loss.gan not in adversarial.GAN_KINDS:
+        raise ConfigError(f"config.loss.gan={config.loss.gan!r}: expected one of "
+                          f"{adversarial.GAN_KINDS}")
+    for key in weight_keys:
+        if float(config.loss[key]) < 0:
+            raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")

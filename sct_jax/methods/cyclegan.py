@@ -33,10 +33,10 @@ from flax import struct
 
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
-from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.methods.common import (TrainState, apply_updates, dummy_input, step_rng,
+                                    validate_resnet_gan_config)
 from sct_jax.models.patchgan import PatchDiscriminator
-from sct_jax.models.resnet_generator import (ResnetGenerator, check_dropout_sampling,
-                                             check_resnet_input)
+from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
 from sct_jax.training import optim
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
@@ -170,16 +170,7 @@ def validate_config(config) -> None:
         # Cycle and identity losses compare an MR with a generated MR of 1 channel.
         raise ConfigError(f"config.data.context={config.data.context}: cyclegan needs 0 "
                           "(single-slice MR, the same channel count as the CT)")
-    try:
-        check_resnet_input(tuple(config.data.crop))
-    except ConfigError as err:
-        raise ConfigError(f"config.data.crop={tuple(config.data.crop)}: {err}") from err
-    if config.loss.gan not in adversarial.GAN_KINDS:
-        raise ConfigError(f"config.loss.gan={config.loss.gan!r}: expected one of "
-                          f"{adversarial.GAN_KINDS}")
-    for key in ("cycle_mr_weight", "cycle_ct_weight", "identity_weight"):
-        if float(config.loss[key]) < 0:
-            raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
+    validate_resnet_gan_config(config, ("cycle_mr_weight", "cycle_ct_weight", "identity_weight"))
     pool = config.model.pool_size
     if int(pool) != pool or pool < 0:
         raise ConfigError(f"config.model.pool_size={pool}: must be an integer >= 0")
