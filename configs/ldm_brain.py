@@ -26,7 +26,7 @@ the perceptual weight to 0 (no VGG file needed); the full config needs the VGG-1
 (or ``--config.loss.perceptual_weight=0``).
 """
 
-from sct_jax.config_utils import base_config, parse_variants
+from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
 from sct_jax.methods._ldm_common import STAGES
 
 SIZES = ("small", "tiny")
@@ -107,7 +107,6 @@ def get_config(arg=None):
         c.train.log_every = 25
         c.optim.lr = {"autoencoder": 5e-4, "diffusion": 2.5e-4, "controlnet": 2.5e-4}[stage]
     if size == "tiny":
-        c.data.phantom.cases = 4
         c.data.phantom.shape = (32, 32, 32)
         c.data.patch = (32, 32, 32)
         c.model.conv_impl = "xla"  # compiles faster than "cpu_fast"; speed is moot here
@@ -123,11 +122,6 @@ def get_config(arg=None):
         c.ldm.scale_batches = 1  # step 0 estimates the scale, step 1 trains the UNet
         c.ldm.sample_steps = 3
         c.train.batch_size = 1
-        c.train.steps = 2
-        c.train.log_every = 1
-        c.train.ckpt_every = 1
-        c.train.tensorboard = False
-        c.train.progress = False
-        c.eval.max_cases = 1
+        tiny_run_settings(c)
         c.eval.panels = False
     return c
