@@ -23,7 +23,7 @@ status 2, before anything is written.
 from absl import app, flags
 from ml_collections import config_flags
 
-from sct_jax.cli import guarded
+from sct_jax.cli.guard import guarded
 from sct_jax.errors import ConfigError
 from sct_jax.evaluation import scoring
 
@@ -51,7 +51,7 @@ def score_predictions() -> None:
         raise ConfigError("--pred and --data are both required to score predictions")
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
-                          "training split); use python -m sct_jax.qa for single files")
+                          "training split); use python -m sct_jax.cli.qa for single files")
     scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out, region=FLAGS.region)
 
 
@@ -61,7 +61,7 @@ def main(argv):
     if FLAGS.config is not None:
         if not FLAGS.workdir:
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
-        from sct_jax import run
+        from sct_jax.cli import run
         run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
                          samples=FLAGS.samples, qa=FLAGS.qa)
         return

@@ -5,14 +5,14 @@
   python train.py --config configs/pix2pix_pelvis.py:tiny --workdir runs/tiny \
       [--config.train.steps=10 ...]
 
-Everything but flag parsing lives in ``sct_jax`` (see ``sct_jax/run.py``).
+Everything but flag parsing lives in ``sct_jax`` (see ``sct_jax/cli/run.py``).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from sct_jax import run
-from sct_jax.cli import guarded
+from sct_jax.cli import run
+from sct_jax.cli.guard import guarded
 
 config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py[:variants].",
                                 lock_config=True)

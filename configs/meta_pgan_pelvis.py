@@ -2,7 +2,7 @@
 
   python train.py --config configs/meta_pgan_pelvis.py --workdir runs/meta_pgan_pelvis
   python evaluate.py --config configs/meta_pgan_pelvis.py --workdir runs/meta_pgan_pelvis
-  python -m sct_jax.ablate --config configs/meta_pgan_pelvis.py:small \\
+  python -m sct_jax.cli.ablate --config configs/meta_pgan_pelvis.py:small \\
       --sweep meta.method=lookahead,jvp --seeds 3 --workdir runs/ablate_meta
 
 Seed 02: crop 320 x 192, batch 6, meta-validation batch 32 from the top 11% of training

@@ -1,4 +1,4 @@
-"""``python -m sct_jax.ablate``: the grid, the table and its files, and the pieces."""
+"""``python -m sct_jax.cli.ablate``: the grid, the table and its files, and the pieces."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sct_jax import ablate
+from sct_jax.cli import ablate
 from sct_jax.config_utils import load_config_file
 from sct_jax.errors import ConfigError
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from sct_jax import methods, run
+from sct_jax import methods
+from sct_jax.cli import run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError

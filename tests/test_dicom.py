@@ -1,4 +1,4 @@
-"""DICOM CT export (sct_jax.evaluation.dicom, python -m sct_jax.export_dicom).
+"""DICOM CT export (sct_jax.export.dicom, python -m sct_jax.cli.export_dicom).
 
 Read-back references: the DICOM standard's pixel -> patient formula (PS3.3 C.7.6.2.1.1)
 evaluated by hand on pydicom's tags, and SimpleITK's own series reader.
@@ -15,11 +15,11 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from sct_jax import export_dicom
+from sct_jax.cli import export_dicom
 from sct_jax.data.io import Volume, load_volume, save_volume
 from sct_jax.data.phantom import generate_case
 from sct_jax.errors import DataError
-from sct_jax.evaluation.dicom import CT_IMAGE_STORAGE, export_dicom_series
+from sct_jax.export.dicom import CT_IMAGE_STORAGE, export_dicom_series
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -237,7 +237,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys, phan
 
     # An empty existing folder is fine, and `python -m` runs the entry point.
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "sct_jax.export_dicom", "--sct", str(nifti),
+    proc = subprocess.run([sys.executable, "-m", "sct_jax.cli.export_dicom", "--sct", str(nifti),
                            "--out", str(tmp_path / "empty")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from sct_jax import run
+from sct_jax.cli import run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data.io import load_volume
 from sct_jax.training import data as train_data

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from absl import flags
 
-from sct_jax import methods, run
+from sct_jax import methods
+from sct_jax.cli import run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import predict as predict_lib
+from sct_jax.inference import predict as predict_lib
 from sct_jax.evaluation import qa, qa_report
 from sct_jax.methods import _pgan_common, cyclegan, pix2pix
 from sct_jax.training import data as train_data

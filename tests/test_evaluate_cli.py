@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_jax.cli import guarded
+from sct_jax.cli.guard import guarded
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import scoring
 from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sct_jax.evaluation import inference
+from sct_jax.inference import windows as inference
 
 
 def _volume(shape, seed=0):

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sct_jax import run
+from sct_jax.cli import run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import predict as predict_lib
+from sct_jax.inference import predict as predict_lib
 from sct_jax.methods import _ldm_common as common
 from sct_jax.methods import ldm_autoencoder, ldm_controlnet
 from sct_jax.models import vgg

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from sct_jax import qa as qa_cli
+from sct_jax.cli import qa as qa_cli
 from sct_jax.data.io import load_volume, save_volume
 from sct_jax.data.phantom import SPACING_MM, generate_case, write_dataset
 from sct_jax.errors import ConfigError, DataError
@@ -257,7 +257,7 @@ def test_cli_reports_pngs_profile_and_errors(tmp_path, capsys):
     # The module runs as a program, and a grid mismatch is a one-line error.
     short = tmp_path / "short.nii.gz"
     save_volume(short, ct.data[:, :, :-1], ct.affine)
-    proc = subprocess.run([sys.executable, "-m", "sct_jax.qa", *common, "--sct", str(short),
+    proc = subprocess.run([sys.executable, "-m", "sct_jax.cli.qa", *common, "--sct", str(short),
                            "--region", "pelvis", "--report", str(tmp_path / "y.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

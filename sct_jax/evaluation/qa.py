@@ -3,7 +3,7 @@
 A planning sCT has no CT to be scored against, so these checks ask whether it is a
 plausible CT *of this MR*. Each check returns ``{name, status, value, threshold,
 reason}`` with ``status`` one of ``pass``/``warn``/``fail``; the overall status is the
-worst. Command line: ``python -m sct_jax.qa --mr MR --sct SCT [--mask M] --report R.json``.
+worst. Command line: ``python -m sct_jax.cli.qa --mr MR --sct SCT [--mask M] --report R.json``.
 
 Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
 

@@ -1,7 +1,7 @@
 """QA of a prediction folder: the reference-free fidelity checks on every evaluated case.
 
 :func:`qa_predictions` runs :func:`sct_jax.evaluation.qa.run_qa` on each case that
-:func:`sct_jax.evaluation.predict.predict_split` wrote, with
+:func:`sct_jax.inference.predict.predict_split` wrote, with
 
 - the case's MR and body mask;
 - a reference profile ("training distribution") built once from the ``ct``/``mask`` of
@@ -13,7 +13,7 @@
 
 It writes ``<pred_dir>/<id>/qa.json`` and ``qa.png`` (atomically) and prints one table,
 case x check -> status. ``python evaluate.py --config ... --workdir ... --qa`` calls it.
-:func:`save_qa_figure` draws the PNG (the ``python -m sct_jax.qa`` CLI uses it too).
+:func:`save_qa_figure` draws the PNG (the ``python -m sct_jax.cli.qa`` CLI uses it too).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
 from sct_jax.errors import DataError
-from sct_jax.evaluation import inference, qa
+from sct_jax.evaluation import qa
+from sct_jax.inference import windows as inference
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
 
@@ -192,7 +193,7 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
     Args:
       config: the run's config.
       workdir: the training run (its checkpoint drives the cycle check).
-      pred_dir: the folder :func:`~sct_jax.evaluation.predict.predict_split` wrote.
+      pred_dir: the folder :func:`~sct_jax.inference.predict.predict_split` wrote.
       cases: the predicted cases.
       samples: the ``samples`` the folder was predicted with.
 

@@ -1,12 +1,12 @@
 """Export a synthetic CT (NIfTI/MetaImage) as a DICOM CT series for a planning system.
 
-    python -m sct_jax.export_dicom --sct sct.nii.gz --out dicom/1PA001_sct \\
+    python -m sct_jax.cli.export_dicom --sct sct.nii.gz --out dicom/1PA001_sct \\
         [--like mr_dicom_dir] [--source "MR (pix2pix)"] [--series-number 901]
 
 Writes ``CT0001.dcm`` ... (one file per axial slice) into ``--out``, which must not
 exist or be empty; the series is marked SYNTHETIC CT. With ``--like`` the patient,
 study and frame-of-reference tags are copied from that MR series. The format decisions
-are documented in :mod:`sct_jax.evaluation.dicom`. Bad input: one-line error, exit 2.
+are documented in :mod:`sct_jax.export.dicom`. Bad input: one-line error, exit 2.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Sequence
 
 from sct_jax.data.io import load_volume
 from sct_jax.errors import SctError
-from sct_jax.evaluation.dicom import export_dicom_series
+from sct_jax.export.dicom import export_dicom_series
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m sct_jax.export_dicom",
+    parser = argparse.ArgumentParser(prog="python -m sct_jax.cli.export_dicom",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--sct", required=True, help="synthetic CT volume in HU")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")

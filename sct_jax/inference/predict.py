@@ -31,7 +31,7 @@ from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
 from sct_jax.data.io import save_like
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import inference
+from sct_jax.inference import windows as inference
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
 

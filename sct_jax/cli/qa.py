@@ -2,7 +2,7 @@
 
 Check a case (exit status 0: pass or warn, 1: fail, 2: bad input)::
 
-    python -m sct_jax.qa --mr mr.nii.gz --sct sct.nii.gz [--mask mask.nii.gz] \\
+    python -m sct_jax.cli.qa --mr mr.nii.gz --sct sct.nii.gz [--mask mask.nii.gz] \\
         --region pelvis --report qa/1PA001.json [--png qa/1PA001.png] \\
         [--reference profile.json] [--samples s1.nii.gz s2.nii.gz ...] \\
         [--cycle-mr mr_from_sct.nii.gz]
@@ -10,7 +10,7 @@ Check a case (exit status 0: pass or warn, 1: fail, 2: bad input)::
 Build the reference profile ("training distribution") from training cases (folders with
 ``ct`` and ``mask`` volumes, e.g. ``data/phantom/Task1/pelvis/1PA001``)::
 
-    python -m sct_jax.qa --build-reference profile.json --cases DIR [DIR ...] [--region R]
+    python -m sct_jax.cli.qa --build-reference profile.json --cases DIR [DIR ...] [--region R]
 
 The checks are in :mod:`sct_jax.evaluation.qa`, the figure in
 :mod:`sct_jax.evaluation.qa_report`; this module reads the files and writes the outputs
@@ -99,7 +99,7 @@ def build_reference_file(out_path, case_dirs: Sequence[str], region: str | None 
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m sct_jax.qa", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m sct_jax.cli.qa", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mr", help="MR volume")
     parser.add_argument("--sct", help="synthetic CT on the MR grid (HU)")

@@ -18,7 +18,8 @@ import numpy as np
 
 from sct_jax.data import synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
-from sct_jax.evaluation import figures, metrics, predict, qa_report, scoring
+from sct_jax.evaluation import figures, metrics, qa_report, scoring
+from sct_jax.inference import predict
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
 

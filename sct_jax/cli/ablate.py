@@ -1,12 +1,12 @@
 """Fast ablations: a grid of config overrides x seeds, each trained and scored; one table.
 
-  python -m sct_jax.ablate --config configs/meta_pgan_pelvis.py:small \\
+  python -m sct_jax.cli.ablate --config configs/meta_pgan_pelvis.py:small \\
       --sweep meta.method=lookahead,jvp --seeds 3 --workdir runs/ablate_meta [--steps 500]
 
 Every grid point (the product of the ``--sweep key=v1,v2`` lists) is trained with the
 generic loop for each seed (``config.seed = base seed + k``) into
 ``ROOT/<point>/seed<k>`` and scored on the config's evaluation split with
-:func:`sct_jax.run.evaluate_run` (no panels). The table has one row per grid point:
+:func:`sct_jax.cli.run.evaluate_run` (no panels). The table has one row per grid point:
 mean +- sample standard deviation over seeds of MAE, PSNR, SSIM, bone MAE and bone Dice
 (SynthRAD2023 metrics) and of the seconds per training step, measured between the
 timestamps of ``metrics.jsonl`` (median interval, so compilation, data set-up and
@@ -21,7 +21,7 @@ Several methods under one budget: repeat ``--config`` (each config is crossed wi
 grid; rows are labelled by the config's ``name``) and fix overrides for every run with
 ``--set key=value``, e.g. the pGAN-family comparison of seed 02 without VGG weights::
 
-  python -m sct_jax.ablate --config configs/pgan_pelvis.py:small \
+  python -m sct_jax.cli.ablate --config configs/pgan_pelvis.py:small \
       --config configs/reg_pgan_pelvis.py:small --config configs/meta_pgan_pelvis.py:small \
       --set loss.perceptual_weight=0 --steps 1200 --workdir runs/pgan_family
 
@@ -186,7 +186,7 @@ def _config_digest(config) -> str:
 def run_one(config, workdir: Path, point: str, seed: int,
             echo: Callable[[str], None] = print) -> RunResult:
     """Trains ``config`` into ``workdir`` (or reuses a finished run) and scores it."""
-    from sct_jax import run
+    from sct_jax.cli import run
     from sct_jax.training import loop
 
     cached = workdir / RESULT_FILE
@@ -388,7 +388,7 @@ def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sct_jax.ablate",
+        prog="python -m sct_jax.cli.ablate",
         description="Train and score a grid of config overrides x seeds; print one table.")
     parser.add_argument("--config", required=True, action="append",
                         help="path/to/config.py[:variants] (repeatable: compare methods)")

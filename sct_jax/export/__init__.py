@@ -1,0 +1,1 @@
+"""Export: the sCT as a DICOM CT series for a planning system."""

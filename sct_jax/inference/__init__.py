@@ -1,0 +1,1 @@
+"""Inference: whole-volume prediction (slices, sliding windows) of a trained model."""
