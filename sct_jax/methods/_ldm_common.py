@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sct_jax.diffusion import make_schedule, sample
+from sct_jax.diffusion import make_schedule
+from sct_jax.diffusion.select import check_sampler, sample_any
 from sct_jax.errors import ConfigError
 from sct_jax.models.autoencoder import AutoencoderKL
 from sct_jax.models.controlnet import ControlNet, embed_conditioning
@@ -122,6 +123,7 @@ def validate_ldm_config(config, stage: str) -> None:
                 f"{ae_factor(config)}: give it log2(factor) + 1 entries")
     if int(config.ldm.sample_steps) < 1:
         raise ConfigError(f"config.ldm.sample_steps={config.ldm.sample_steps}: must be >= 1")
+    check_sampler(config.ldm.sampler)
 
 
 # ---------------------------------------------------------------------- upstream runs
@@ -286,11 +288,11 @@ def sample_latents(config, denoise_fn, x_shape, rng: jax.Array,
     """Runs the scanned sampler from ``N(0, I)`` noise of ``x_shape`` (scaled latents)."""
     noise_rng, step_rng = jax.random.split(rng)
     x_T = flat_normal(noise_rng, x_shape)
-    return sample(denoise_fn, make_config_schedule(config), x_T,
-                  num_steps=int(num_steps or config.ldm.sample_steps),
-                  sampler=sampler or config.ldm.sampler, eta=float(config.ldm.eta),
-                  rng=step_rng, prediction_type=config.ldm.prediction_type,
-                  clip_sample=False)
+    return sample_any(denoise_fn, make_config_schedule(config), x_T,
+                      num_steps=int(num_steps or config.ldm.sample_steps),
+                      sampler=sampler or config.ldm.sampler, eta=float(config.ldm.eta),
+                      rng=step_rng, prediction_type=config.ldm.prediction_type,
+                      clip_sample=False)
 
 
 def controlnet_denoiser(config, unet_params, controlnet_params, embedded_mr: jax.Array):
