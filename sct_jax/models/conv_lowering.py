@@ -25,9 +25,16 @@ gradients XLA's CPU backend runs slowly:
   im2col matmul with the kernel as stored (:func:`_conv2d_im2col`): there the kernel
   rearrangements of the rewrites above cost more than the convolution.
 
-``impl="auto"`` is ``"cpu_fast"`` on the CPU backend and ``"xla"`` elsewhere. Strides
-other than 1 and 2, mixed 2D strides and 1D convolutions always use XLA.
-``benchmarks/conv.py`` measures every lowering; ``BENCHMARKS.md`` has the numbers.
+``impl="phases"`` is XLA's convolution, except that a stride-2 transposed
+convolution is computed as its ``2^d`` output phases, each an XLA stride-1
+convolution (the ``cpu_fast`` phase rewrite without the CPU-specific parts): no
+``lhs_dilation`` anywhere, forward or backward.
+
+``impl="auto"`` looks the lowering up per backend and operation in
+:data:`AUTO_BY_BACKEND`, the one table of these choices. Strides other than 1 and 2,
+mixed 2D strides and 1D convolutions always use XLA. ``sct-bench conv`` (``python -m
+sct_jax.bench.conv``) compares the lowerings on whatever backend it runs on;
+``BENCHMARKS.md`` has the numbers.
 
 The rewrites and their custom gradients are in
 :mod:`sct_jax.models.conv_lowering_cpu`; this module chooses among them.
@@ -45,20 +52,52 @@ import jax
 from jax import lax
 
 from sct_jax.models.conv_lowering_cpu import (Padding, _conv2d_im2col, _conv2d_stride2,
-                                              _conv_stride1_fast, _conv_transpose_fast,
-                                              _crop_negative, _dimension_numbers,
-                                              _stride2_input, _stride2_kernel, _xla_conv)
+                                              _conv_stride1_fast, _conv_stride1_xla,
+                                              _conv_transpose_fast, _crop_negative,
+                                              _dimension_numbers, _stride2_input,
+                                              _stride2_kernel, _xla_conv)
 
-IMPLS = ("auto", "xla", "cpu_fast")
+IMPLS = ("auto", "xla", "phases", "cpu_fast")
+OPS = ("conv", "conv_transpose")
+
+# What ``impl="auto"`` is, per backend (``jax.default_backend()``) and operation. The one
+# place these choices live: change a row when a measurement on that backend says so.
+AUTO_BY_BACKEND = {
+    # Measured (BENCHMARKS.md: whole train steps and single convolutions, 2-core CPU):
+    # the rewrites are 1.3-30x faster than XLA's CPU convolutions.
+    "cpu": {"conv": "cpu_fast", "conv_transpose": "cpu_fast"},
+    # Not measured yet. JAX on GPU runs the gradients of lhs-dilated (transposed)
+    # convolutions very slowly (jax-ml/jax#31662); the phases have no lhs dilation.
+    "gpu": {"conv": "xla", "conv_transpose": "phases"},
+    # Not measured yet: XLA's own convolutions on the TPU's convolution unit.
+    "tpu": {"conv": "xla", "conv_transpose": "xla"},
+}
+# Any other backend (and platform names that jax reports for a GPU).
+_AUTO_DEFAULT = {"conv": "xla", "conv_transpose": "xla"}
+_BACKEND_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps ``"auto"`` to the lowering used on the default backend."""
+def resolve_impl(impl: str, op: str = "conv", backend: str | None = None) -> str:
+    """Maps ``"auto"`` to the lowering :data:`AUTO_BY_BACKEND` gives ``op`` on ``backend``.
+
+    Args:
+      impl: one of :data:`IMPLS`.
+      op: ``"conv"`` or ``"conv_transpose"``.
+      backend: a backend name (``"cpu"``, ``"gpu"``, ``"tpu"``, ...); default
+        ``jax.default_backend()``.
+
+    Returns:
+      ``"xla"``, ``"phases"`` or ``"cpu_fast"``.
+    """
     if impl not in IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "cpu_fast" if jax.default_backend() == "cpu" else "xla"
-    return impl
+    if op not in OPS:
+        raise ValueError(f"unknown convolution op {op!r}; expected one of {OPS}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    backend = _BACKEND_ALIASES.get(backend, backend)
+    return AUTO_BY_BACKEND.get(backend, _AUTO_DEFAULT)[op]
 
 
 # im2col (:func:`_conv2d_im2col`) is used while its patch matrix has at most this many
@@ -69,7 +108,7 @@ def resolve_impl(impl: str) -> str:
 _IM2COL_MAX_ROWS_PER_OUTPUT_CHANNEL = 1.0
 _IM2COL_TRANSPOSED_MAX_ROWS_PER_OUTPUT_CHANNEL = 0.25
 # The stride-2 2D convolution's custom gradients (:func:`_conv2d_stride2`); a switch
-# so that benchmarks/conv.py can compare with XLA's own gradients.
+# so that sct_jax/bench/conv.py can compare with XLA's own gradients.
 _STRIDE2_CUSTOM_GRADIENTS = True
 
 
@@ -130,7 +169,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     Computed as a stride-1 correlation of the zero-interleaved input (``lhs_dilation``)
     with ``kernel`` (not flipped: weights are learned, so the flip is immaterial; a
     converted PyTorch weight must be flipped spatially and have in/out swapped).
-    ``impl="cpu_fast"`` computes the same numbers without the zeros.
+    ``impl="cpu_fast"`` and ``impl="phases"`` compute the same numbers without the
+    zeros.
 
     Args:
       x: ``(B, *spatial, C_in)``.
@@ -144,7 +184,7 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
       ``(B, *spatial_out, C_out)`` with
       ``out = (in - 1) * stride - 2 * padding + k + output_padding``.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, "conv_transpose")
     nd = x.ndim - 2
     ks = kernel.shape[:nd]
     output_padding = tuple(output_padding or (0,) * nd)
@@ -156,6 +196,9 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     if impl == "cpu_fast" and nd > 1 and all(s in (1, 2) for s in strides):
         return _conv_transpose_fast(x, kernel, tuple(strides), tuple(padding),
                                     output_padding)
+    if impl == "phases" and nd > 1 and all(s in (1, 2) for s in strides) and 2 in strides:
+        return _conv_transpose_fast(x, kernel, tuple(strides), tuple(padding),
+                                    output_padding, stride1_conv=_conv_stride1_xla)
     return lax.conv_general_dilated(
         x, kernel, window_strides=(1,) * nd, padding=pads, lhs_dilation=tuple(strides),
         dimension_numbers=_dimension_numbers(nd))

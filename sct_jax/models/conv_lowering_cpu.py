@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +231,12 @@ def _conv_stride1_fast(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax
     return _xla_conv(x, kernel, (1,) * (x.ndim - 2), padding)
 
 
+def _conv_stride1_xla(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+    """XLA's stride-1 convolution with negative padding applied as a crop."""
+    x, padding = _crop_negative(x, padding)
+    return _xla_conv(x, kernel, (1,) * (x.ndim - 2), padding)
+
+
 def _space_to_depth(x: jax.Array, axes: Sequence[int]) -> jax.Array:
     """Moves the parity of each spatial axis in ``axes`` (even length) into channels.
 
@@ -437,14 +443,17 @@ def _phase_kernels(kernel: jax.Array, combos: list, s2_axes: Sequence[int]
 
 
 def _conv_transpose_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                         padding: Sequence[int], output_padding: Sequence[int]
-                         ) -> jax.Array:
-    """``cpu_fast`` transposed convolution: output phases of stride-1 convolutions.
+                         padding: Sequence[int], output_padding: Sequence[int],
+                         stride1_conv: Callable[[jax.Array, jax.Array, Padding], jax.Array]
+                         = _conv_stride1_fast) -> jax.Array:
+    """Transposed convolution as output phases of stride-1 convolutions.
 
     Output ``o = 2m + r`` of a stride-2 axis is a sum over the taps ``j`` of one parity
     ``c(r)`` only (the others meet the zeros interleaved into the input), so phase ``r``
     is a stride-1 correlation of ``x`` with the taps ``kernel[c::2]`` at an offset, and
-    the ``2^m`` phases are interleaved (depth-to-space). No multiplications by zero.
+    the ``2^m`` phases are interleaved (depth-to-space). No multiplications by zero, and
+    no ``lhs_dilation`` in the forward or the gradients. ``stride1_conv`` computes each
+    phase: the ``cpu_fast`` rewrites (default) or XLA's own (``impl="phases"``).
     """
     nd = x.ndim - 2
     # Per axis: list of phases (tap slice, (low, high) padding, output length).
@@ -475,7 +484,7 @@ def _conv_transpose_fast(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
         if sub_kernel.size == 0:  # k = 1: one parity has no taps, its outputs are 0
             outputs.append(jnp.zeros((x.shape[0], *shape_out, kernel.shape[-1]), x.dtype))
             continue
-        y = _conv_stride1_fast(x, sub_kernel, [ph[1] for ph in combo])
+        y = stride1_conv(x, sub_kernel, [ph[1] for ph in combo])
         outputs.append(_pad_or_crop(y, [(0, size - n) for size, n in
                                         zip(shape_out, y.shape[1:-1])]))
     y = _depth_to_space(jnp.concatenate(outputs, axis=-1), s2_axes)
