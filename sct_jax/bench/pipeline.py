@@ -1,12 +1,12 @@
 """Input pipeline throughput: slices (patches) per second from NIfTI on disk.
 
-  python benchmarks/pipeline.py [--quick]
+  sct-bench pipeline [--quick]        (python -m sct_jax.bench.pipeline)
 
 Generates the phantom pelvis set (20 cases of 256 x 160 x 64; 4 with --quick) into a
 temporary folder, prepares it (decode + normalise once, memory-mapped cache: timed
 separately), then times the grain iterators the training loop uses. Compare
 ``items_per_s`` with a train step's consumption (batch / s_per_step of
-``train_step.py``): the pipeline must not be the bottleneck.
+``sct_jax.bench.train_step``): the pipeline must not be the bottleneck.
 """
 
 from __future__ import annotations
@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-
-from sct_jax.data import phantom, pipeline, synthrad  # noqa: E402
+from sct_jax.bench import timing
+from sct_jax.data import phantom, pipeline, synthrad
 
 
 def time_iterator(ds, batches: int, batch_size: int) -> float:
@@ -70,7 +66,8 @@ def main(argv=None):
                               "generate_s": round(generate_s, 2),
                               "prepare_s_first": round(prepare_s, 2),
                               "prepare_s_cached": round(cached_s, 3),
-                              "peak_rss_mb": round(common.peak_rss_mb(), 1),
+                              "peak_rss_mb": round(timing.peak_rss_mb(), 1),
+                              "load_average_1min": round(os.getloadavg()[0], 2),
                               "dataset": str(region_dir.name)}), flush=True)
 
 

@@ -1,10 +1,11 @@
 """Cost of a learning-to-reweight generator step against the plain L1 step.
 
-    python benchmarks/meta_step.py --small                 # ~1 min on a CPU
-    python benchmarks/meta_step.py --model resnet          # seed 02: 320x192, B 6, val 32
-    python benchmarks/meta_step.py --variants plain,jvp --batch 6 --val-batch 6
+    sct-bench meta_step --small                 # ~1 min on a 2-core CPU
+    sct-bench meta_step --model resnet          # seed 02: 320x192, B 6, val 32
+    sct-bench meta_step --variants plain,jvp --batch 6 --val-batch 6
 
-Workloads (one JSON line each, see ``benchmarks/common.py``), every one a full jitted
+(``sct-bench meta_step`` is ``python -m sct_jax.bench.meta_step``.) Workloads (one JSON
+line each, the fields of :func:`sct_jax.bench.timing.report`), every one a full jitted
 generator update ending in Adam:
 
 - ``plain``: forward, mean L1, backward, Adam (the pGAN generator step without its
@@ -26,7 +27,7 @@ run), in seconds and in XLA FLOPs (``flops_ratio_*``): the second is the overhea
 the unavoidable validation gradient. ``peak_rss_mb`` is the process's peak so far
 (workloads run in the order given).
 
-Measured with ``--small`` on the shared 2-core CPU (FLOPs exact, seconds noisy): the
+XLA's FLOP counts with ``--small`` (exact; seconds depend on the machine): the
 ``jvp`` step is 1.20x (U-Net) / 1.22x (ResNet) ``plain + val_grad`` in FLOPs (the extra
 is the tangent pass, about two train forwards), ``lookahead`` 1.43x for both (plus one
 train backward run on ``eps = 0``);
@@ -39,21 +40,16 @@ the meta step cannot come near 1x: ``val_grad`` is ``val_batch / batch`` plain s
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import matmul_peak_gflops, report, time_jitted  # noqa: E402
-from sct_jax.meta.reweight import (normalize_weights, spatial_weights,  # noqa: E402
+from sct_jax.bench.timing import matmul_peak_gflops, report, time_jitted
+from sct_jax.meta.reweight import (normalize_weights, spatial_weights,
                                    spatial_weights_and_pullback, weighted_l1)
-from sct_jax.models.unet import UNetGenerator  # noqa: E402
+from sct_jax.models.unet import UNetGenerator
 
 VARIANTS = ("plain", "val_grad", "jvp", "jvp_recompute", "lookahead", "lookahead_naive")
 DEFAULT_VARIANTS = ("plain", "val_grad", "jvp", "lookahead")
