@@ -63,6 +63,26 @@ def test_timeout_is_a_failed_row(monkeypatch):
     assert rows[1]["failed"] == "timeout" and "timed out" in rows[1]["error"]
 
 
+def test_suite_writes_after_every_entry_and_filters(monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "machine_info", lambda: {"cores": 2, "device": {"name": "x"}})
+    monkeypatch.setitem(run.SUITES, "t", [("conv", ["--quick"]), ("pipeline", []),
+                                          ("conv", ["--steps", "1"])])
+    out = tmp_path / "t.json"
+    seen = []
+
+    def fake_run_one(name, args, timeout, device):
+        if seen:  # the document on disk already holds the previous entry's rows
+            assert len(json.loads(out.read_text())["rows"]) == len(seen)
+        seen.append(name)
+        return [{"workload": name, "args": args}]
+
+    monkeypatch.setattr(run, "run_one", fake_run_one)
+    document = run.run_suite("t", only=["conv"], out=str(out))
+    assert seen == ["conv", "conv"] and document["complete"]
+    assert json.loads(out.read_text()) == document
+    assert document["command"] == "sct-bench --suite t --only conv"
+
+
 def test_suites_name_only_existing_benchmarks():
     import importlib
     for suite, entries in run.SUITES.items():
@@ -74,7 +94,8 @@ def test_suites_name_only_existing_benchmarks():
 
 def test_cli_writes_the_document_atomically(monkeypatch, tmp_path):
     document = {"suite": "quick", "machine": {"cores": 2}, "rows": [{"workload": "w"}]}
-    monkeypatch.setattr(run, "run_suite", lambda suite, timeout: document)
+    monkeypatch.setattr(run, "run_suite", lambda suite, timeout, only, out: (
+        run.write_results(document, out) if out else None) or document)
     out = tmp_path / "results" / "quick.json"
     assert cli.main(["--suite", "quick", "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == document
@@ -91,6 +112,8 @@ def test_cli_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         cli.main(["--suite", "gpu"])
+    with pytest.raises(SystemExit):
+        cli.main(["--suite", "quick", "--only", "profile"])
 
 
 def test_run_settings_read_the_config_with_defaults():

@@ -52,15 +52,15 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     # The figures of BENCHMARKS.md: short, representative settings (medians of few
     # steps; ratios within one process are what compares across loads and machines).
     "cpu": [
-        ("conv", ["--directions", "fwd_bwd", "--impls", "xla,phases,cpu_fast", "--steps",
-                  "3", "--workloads", ",".join(CPU_CONV_WORKLOADS)]),
-        ("ab", ["--workload", "p2p_256_b1", "--variants", "impl=auto", "impl=xla",
-                "--rounds", "3"]),
-        ("train_step", ["--workload", "p2p_256_b6", "--steps", "2"]),
-        ("meta_step", ["--small"]),
-        ("pipeline", ["--quick"]),
         *[("sampling", [*_REDUCED_LDM, "--steps", "10", "--sampler", s, "--call-repeats",
                         "3"]) for s in ("ddim", "dpmpp_2m")],
+        ("ab", ["--workload", "p2p_256_b1", "--variants", "impl=auto", "impl=xla",
+                "--rounds", "3"]),
+        ("conv", ["--directions", "fwd_bwd", "--impls", "xla,phases,cpu_fast", "--steps",
+                  "3", "--workloads", ",".join(CPU_CONV_WORKLOADS)]),
+        ("meta_step", ["--small"]),
+        ("pipeline", ["--quick"]),
+        ("train_step", ["--workload", "p2p_256_b6", "--steps", "2"]),
     ],
     "accel": [
         ("conv", ["--directions", "fwd_bwd", "--impls", "xla,phases,cpu_fast", "--steps",
@@ -142,17 +142,34 @@ def run_one(name: str, args: Sequence[str], timeout: float, device: Any = None
     return rows
 
 
-def run_suite(suite: str, timeout: float = 1800.0) -> dict[str, Any]:
-    """Runs every entry of ``SUITES[suite]``; returns ``{"suite", "machine", "rows"}``."""
+def run_suite(suite: str, timeout: float = 1800.0, only: Sequence[str] = (),
+              out: str | None = None) -> dict[str, Any]:
+    """Runs the entries of ``SUITES[suite]``; returns ``{"suite", "machine", "rows"}``.
+
+    Args:
+      suite: a key of :data:`SUITES`.
+      timeout: seconds per benchmark process.
+      only: run only the entries of these benchmarks (all when empty).
+      out: rewrite the results document there after every entry (``complete`` says
+        whether the suite finished), so a long suite keeps what it measured.
+    """
     machine = machine_info()
     start = time.perf_counter()
-    rows = []
+    command = f"sct-bench --suite {suite}" + (f" --only {','.join(only)}" if only else "")
+    document = {"suite": suite, "command": command, "machine": machine, "rows": [],
+                "complete": False}
     for name, args in SUITES[suite]:
-        rows.extend(run_one(name, args, timeout, machine.get("device")))
-    machine["load_average_1min_end"] = round(os.getloadavg()[0], 2)
-    machine["wall_s"] = round(time.perf_counter() - start, 1)
-    return {"suite": suite, "command": f"sct-bench --suite {suite}", "machine": machine,
-            "rows": rows}
+        if only and name not in only:
+            continue
+        document["rows"].extend(run_one(name, args, timeout, machine.get("device")))
+        machine["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+        machine["wall_s"] = round(time.perf_counter() - start, 1)
+        if out:
+            write_results(document, out)
+    document["complete"] = True
+    if out:
+        write_results(document, out)
+    return document
 
 
 def write_results(document: dict[str, Any], path: str) -> None:

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results document (JSON) here")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds per benchmark process")
+    parser.add_argument("--only", default="",
+                        help="comma-separated benchmarks: run only their suite entries")
     parser.add_argument("--list", action="store_true", help="list suites and benchmarks")
     args = parser.parse_args(argv)
     if args.list:
@@ -45,9 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out and os.path.isdir(args.out):
         print(f"error: {args.out}: is a directory, expected a file name", file=sys.stderr)
         return 2
-    document = run.run_suite(args.suite, args.timeout)
-    if args.out:
-        run.write_results(document, args.out)
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(run.BENCHMARKS))
+    if unknown:
+        parser.error(f"--only: unknown benchmarks {unknown}; expected {run.BENCHMARKS}")
+    document = run.run_suite(args.suite, args.timeout, only, args.out)
     failed = [r for r in document["rows"] if "failed" in r]
     return 1 if failed else 0
 

@@ -38,7 +38,7 @@ train forward is linearised once and shared). ``"lookahead"`` shares the train f
 the same way (``jax.vjp`` once; its pullback is the inner gradient and the real
 update's gradient) but also runs the inner gradient ``B_t`` on ``eps = 0``, which only
 produces zeros that XLA cannot know to be zero, before transposing it
-(``benchmarks/meta_step.py``: about 1.2x and 1.43x the FLOPs of a plain step plus the
+(``sct_jax/bench/meta_step.py``: about 1.2x and 1.43x the FLOPs of a plain step plus the
 validation gradient). Written without the shared pullback, both forms cost the same
 FLOPs under ``jax.jit``: XLA merges the duplicated train forward itself.
 """

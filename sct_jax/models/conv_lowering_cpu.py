@@ -162,7 +162,7 @@ def _padded_conv2d(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array
     """XLA's stride-1 2D convolution, never unpadded.
 
     XLA's CPU backend (jax 0.10) runs an unpadded ("valid") convolution 2-3x slower than
-    a padded one (measured, ``benchmarks/conv.py``), so a valid convolution is computed
+    a padded one (measured, ``sct_jax/bench/conv.py``), so a valid convolution is computed
     with one zero column each side and the two extra output columns dropped.
     """
     if any(lo or hi for lo, hi in padding) or kernel.shape[1] == 1:
@@ -200,7 +200,7 @@ def _conv3d_via_2d(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Arr
     (a few percent) but is a single large stride-1 2D convolution, the case XLA's CPU
     backend runs fast, and so are both of its gradients. Measured faster than summing
     ``k_d`` 2D convolutions of shifted slices and than stacking the shifted slices on
-    the input channels (``benchmarks/conv.py``).
+    the input channels (``sct_jax/bench/conv.py``).
 
     Args:
       x: ``(B, D, H, W, C_in)``.
