@@ -28,7 +28,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-BENCHMARKS = ("ab", "conv", "meta_step", "pipeline", "sampling", "train_step")
+BENCHMARKS = ("ab", "conv", "meta_step", "pipeline", "sampler_accuracy", "sampling",
+              "train_step")
 
 CPU_CONV_WORKLOADS = ("conv2d_k4s2_pix2pix", "convT2d_k4s2_pix2pix", "conv2d_k4s2_unet_d4",
                       "convT2d_k4s2_unet_u5", "convT2d_k4s2_unet_u1", "convT2d_k4s2_unet_u0",
@@ -39,6 +40,7 @@ _REDUCED_LDM = ["--config", "configs/ldm_brain.py", "--batch", "1", "--models", 
 # suite -> [(benchmark, arguments)]: each entry is one process.
 SUITES: dict[str, list[tuple[str, list[str]]]] = {
     "quick": [
+        ("sampler_accuracy", ["--steps", "10,20"]),
         ("conv", ["--quick"]),
         ("train_step", ["--workload", "p2p_small_b4", "--steps", "2"]),
         ("ab", ["--workload", "p2p_small_b4", "--variants", "impl=auto", "impl=xla",
@@ -52,6 +54,7 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
     # The figures of BENCHMARKS.md: short, representative settings (medians of few
     # steps; ratios within one process are what compares across loads and machines).
     "cpu": [
+        ("sampler_accuracy", []),
         *[("sampling", [*_REDUCED_LDM, "--steps", "10", "--sampler", s, "--call-repeats",
                         "3"]) for s in ("ddim", "dpmpp_2m")],
         ("ab", ["--workload", "p2p_256_b1", "--variants", "impl=auto", "impl=xla",

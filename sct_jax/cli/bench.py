@@ -1,7 +1,7 @@
 """``sct-bench``: the speed and memory benchmarks (JSON lines on stdout).
 
   sct-bench --suite quick|cpu|accel [--out benchmarks/results/DATE_SUITE.json]
-  sct-bench conv|train_step|ab|meta_step|pipeline|sampling [its options]   # one benchmark
+  sct-bench conv|train_step|ab|meta_step|pipeline|sampling|sampler_accuracy [options]
   sct-bench --list
 
 A suite runs each benchmark in its own process and writes one results document (the
