@@ -23,7 +23,7 @@ status 2, before anything is written.
 from absl import app, flags
 from ml_collections import config_flags
 
-from sct_jax.cli.guard import guarded
+from sct_jax.cli.guard import guarded, parse_flags
 from sct_jax.errors import ConfigError
 from sct_jax.evaluation import scoring
 
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(guarded(main))
+    app.run(guarded(main), flags_parser=parse_flags)

@@ -12,7 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sct_jax.cli import run
-from sct_jax.cli.guard import guarded
+from sct_jax.cli.guard import guarded, parse_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py[:variants].",
                                 lock_config=True)
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(guarded(main))
+    app.run(guarded(main), flags_parser=parse_flags)

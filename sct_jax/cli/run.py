@@ -20,6 +20,7 @@ from sct_jax.data import synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
 from sct_jax.evaluation import figures, metrics, qa_report, scoring
 from sct_jax.inference import predict
+from sct_jax.io_guard import refuse_overwrite
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
 
@@ -56,6 +57,24 @@ def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
 
+def check_outputs(config, workdir: Path, data_root, out) -> None:
+    """Refuses (exit 2, before any prediction) outputs that would land on an input:
+    ``<workdir>/predictions/<id>/`` or ``--out`` inside a case folder or onto a file."""
+    root = Path(data_root) if data_root else train_data.dataset_root(config)
+    if not root.is_dir():
+        return  # the phantom is generated later; a missing --data root is reported there
+    # Every case of the root (a superset of the split, and no volume is read).
+    cases = synthrad.discover_cases(root, region=config.data.region or None)
+    inputs = [p for c in cases for p in (c.mr, c.ct, c.mask) if p is not None]
+    pred_dir = workdir / "predictions"
+    for case in cases:
+        for name in ("sct.nii.gz", "sct_std.nii.gz"):
+            refuse_overwrite(pred_dir / case.id / name, inputs, root, what="prediction")
+    json_path, csv_path = scoring.output_paths(pred_dir, out)
+    for path in (json_path, csv_path):
+        refuse_overwrite(path, inputs, root, what="--out")
+
+
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
                  samples: int = 1, qa: bool = False):
@@ -78,6 +97,7 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       The :class:`scoring.ScoreReport`.
     """
     workdir = Path(workdir)
+    check_outputs(config, workdir, data_root, out)
     t0 = time.perf_counter()
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
                                             samples=samples)

@@ -35,6 +35,7 @@ from sct_jax.data import synthrad
 from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, volume_suffix
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.io_guard import refuse_overwrite
 
 # Metric -> (table header, number format).
 _TABLE_COLUMNS = {
@@ -326,6 +327,12 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
       DataError, ConfigError: one-line messages naming the file; nothing is written.
     """
     json_path, csv_path = output_paths(pred_dir, out)
+    if Path(data_root).is_dir():
+        # Before anything is read at length: an --out onto a reference CT (or a
+        # prediction) would replace it with JSON.
+        inputs = list(find_predictions(pred_dir).values())
+        for path in (json_path, csv_path):
+            refuse_overwrite(path, inputs, data_root, what="--out")
     report = score_folder(pred_dir, data_root, region)
     # Both texts are built before either file is written; JSON last marks completion.
     json_text, csv_text = report_json(report), report_csv(report)
