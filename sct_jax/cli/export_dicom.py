@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sct_jax.cli import guard
+from sct_jax.data.hu import check_hu
 from sct_jax.data.io import load_volume
 from sct_jax.export.dicom import export_dicom_series
 from sct_jax.io_guard import refuse_overwrite
@@ -38,6 +39,7 @@ def _parse_args(argv):
 def _main(args) -> int:
     refuse_overwrite(args.out, [args.sct, args.like], folder=True, what="--out")
     sct = load_volume(args.sct)
+    check_hu(sct.data, args.sct, what="sCT", scale_only=True)
     files = export_dicom_series(sct, args.out, like_dir=args.like, source=args.source,
                                 source_file=Path(args.sct).name,
                                 series_number=args.series_number)

@@ -23,6 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
+from sct_jax.data import hu
 from sct_jax.data.io import VOLUME_SUFFIXES, Volume, load_volume
 from sct_jax.data.preprocess import body_mask_from_mr
 from sct_jax.errors import ConfigError, DataError
@@ -163,6 +164,12 @@ def _consistency_problems(case: Case, volumes: dict[str, Volume],
                             f"(max difference {diff:.3g})")
     if "mask" in volumes and not np.any(volumes["mask"].data > 0):
         problems.append(f"{case.mask}: empty mask")
+    ct = volumes.get("ct")
+    if ct is not None and not problems:
+        mask = volumes["mask"].data > 0 if "mask" in volumes else None
+        problem = hu.non_hu_problem(ct.data, mask) if hu.checking() else None
+        if problem:
+            problems.append(f"{case.ct}: CT {problem} (set {hu.ALLOW_ENV}=1 if intended)")
     return problems
 
 

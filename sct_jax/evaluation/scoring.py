@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sct_jax.data import synthrad
+from sct_jax.data.hu import check_hu
 from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, volume_suffix
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
@@ -168,6 +169,8 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
         mask = mask_volume.data > 0
         if not mask.any():
             raise DataError(f"{case.mask}: empty mask (no voxel > 0)")
+    check_hu(ct.data, case.ct, mask, what="reference CT")
+    check_hu(sct.data, prediction, what="sCT", scale_only=True)
     if not np.allclose(sct.affine, ct.affine, atol=_AFFINE_ATOL_MM):
         # The challenge compares arrays voxel by voxel and ignores geometry; a differing
         # affine usually means a prediction written on the wrong grid, so say so.
