@@ -4,6 +4,7 @@ These use a synthetic in-memory grain dataset so they test the loop alone; the
 phantom-data end-to-end run is in ``test_end_to_end.py``.
 """
 
+import json
 import logging
 
 import grain
@@ -51,8 +52,11 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], rel=1e-6)
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3  # steps 1, 2, then 3 after the resume
+    records = [json.loads(line) for line in
+               (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    # steps 1, 2, the resume marker, then 3
+    assert [(r["step"], r.get("event")) for r in records] == [
+        (1, None), (2, None), (2, "resume"), (3, None)]
 
 
 def test_nan_in_batch_stops_with_step_and_checkpoint(tmp_path):

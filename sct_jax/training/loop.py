@@ -29,15 +29,16 @@ import jax
 import numpy as np
 
 from sct_jax import methods
-from sct_jax.errors import SctError
-from sct_jax.training import checkpoint, sharding
+from sct_jax.config_utils import check_run_config
+from sct_jax.errors import RunFailed, SctError
+from sct_jax.training import checkpoint, run_dir, sharding
 from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(SctError):
-    """A loss or norm became NaN/Inf."""
+class TrainingDiverged(RunFailed):
+    """A loss or norm became NaN/Inf (exit status 1)."""
 
 
 @dataclasses.dataclass
@@ -138,6 +139,7 @@ def train(config, workdir: str | Path,
     """
     sharding.maybe_initialize_distributed()
     workdir = Path(workdir)
+    check_run_config(config)
     method = methods.get_method(config.method)
     if hasattr(method, "validate_config"):
         method.validate_config(config)
@@ -148,8 +150,25 @@ def train(config, workdir: str | Path,
     if make_dataset is None:
         from sct_jax.training.data import train_dataset as make_dataset
     dataset = make_dataset(config, local_batch)
+    # One writer per run dir; a resume may not change the model or the data (run_dir.py).
+    resuming = run_dir.has_checkpoint(workdir)
+    lock = (run_dir.open_run_dir(config, workdir, resuming) if jax.process_index() == 0
+            else None)
+    try:
+        result = _train_in(config, workdir, method, mesh, dataset, resuming)
+    finally:
+        if lock is not None:
+            lock.release()
+    if resuming:
+        save_config(config, workdir)  # only now: a failed resume keeps the run's config
+    return result
+
+
+def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool) -> TrainResult:
+    """The body of :func:`train` once the run directory is held."""
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    if not resuming or not (workdir / "config.json").exists():
+        save_config(config, workdir)
     iterator = iter(dataset)
     start_position = iterator.get_state()
     spec = sharding.batch_spec(next(iterator))
@@ -175,6 +194,8 @@ def train(config, workdir: str | Path,
     base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
 
     writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+    if start_step:
+        writer.mark_resume(start_step)  # drops records past the checkpoint, marks the resume
     write_images = image_summary_fn(method, config, mesh)
     image_every = int(config.train.get("image_every", 0))
     total = int(config.train.steps)
