@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from sct_jax.cli import run
 from sct_jax.cli.guard import guarded, parse_flags
+from sct_jax.config_utils import check_run_config
 
 config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py[:variants].",
                                 lock_config=True)
@@ -28,6 +29,7 @@ def main(argv):
     if FLAGS.config is None:
         run.demo(workdir=FLAGS.workdir)
         return
+    check_run_config(FLAGS.config, where=config_flags.get_config_filename(FLAGS["config"]))
     run.train_and_maybe_evaluate(FLAGS.config, FLAGS.workdir, evaluate=bool(FLAGS.evaluate))
 
 

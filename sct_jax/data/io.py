@@ -167,8 +167,9 @@ def _load_nifti(path: Path, dtype):
     try:
         img = nib.load(str(path))
         header = img.header
+        offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
         check_declared_size(path, header.get_data_shape(), header.get_data_dtype().itemsize,
-                            int(header.get_data_offset()),
+                            offset,
                             compressed=str(path).lower().endswith(".gz"))
         data = np.asarray(img.dataobj, dtype=dtype)
     except (OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,

@@ -140,6 +140,8 @@ def train(config, workdir: str | Path,
     sharding.maybe_initialize_distributed()
     workdir = Path(workdir)
     check_run_config(config)
+    run_dir.check_workdir(workdir)  # cheap checks first: no data is read for a bad run dir
+    run_dir.check_resume_config(config, workdir, run_dir.has_checkpoint(workdir))
     method = methods.get_method(config.method)
     if hasattr(method, "validate_config"):
         method.validate_config(config)
