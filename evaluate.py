@@ -18,6 +18,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 Writes the JSON summary (default ``PRED/metrics.json``) and the per-case CSV next to
 it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
+
+Exit status: 0 scored; 1 failed (disk full); 2 bad input (one line naming the file,
+nothing written); 3 internal error (a bug: the traceback is printed).
 """
 
 from absl import app, flags

@@ -6,6 +6,9 @@
       [--config.train.steps=10 ...]
 
 Everything but flag parsing lives in ``sct_jax`` (see ``sct_jax/cli/run.py``).
+
+Exit status: 0 trained; 1 the run failed (diverged, disk full); 2 bad input or
+configuration (one line `error: <file>: <problem>`, nothing written); 3 internal error.
 """
 
 from absl import app, flags
