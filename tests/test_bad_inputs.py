@@ -94,7 +94,7 @@ ROWS = [
         2, "train.batch_size=0 must be >= 1"),
     Row(5, "workdir that is a file", f"python train.py --config {TINY} --workdir {{tmp}}/afile",
         2, "is a file"),
-    Row(5, "argparse flag error", "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz",
+    Row(5, "a required flag missing", "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz",
         2, "missing --sct, --report"),
     Row(6, "disk full while saving a checkpoint (test)",
         f"python train.py --config {TINY} --workdir W", 1, "no space left on device",
@@ -311,10 +311,10 @@ def test_readme_table_matches_rows():
 
 def readme_table() -> str:
     """The README table, generated from :data:`ROWS` (``python tests/test_bad_inputs.py``)."""
-    lines = ["| item | case | exit | what the user sees |", "|---|---|---|---|"]
+    lines = ["| case | exit | what the user sees |", "|---|---|---|"]
     for r in ROWS:
         seen = r.seen or f"`error: ...{r.message}...`"
-        lines.append(f"| {r.item} | {r.what.replace(' (test)', '')} | {r.code} | {seen} |")
+        lines.append(f"| {r.what.replace(' (test)', '')} | {r.code} | {seen} |")
     return "\n".join(lines)
 
 
