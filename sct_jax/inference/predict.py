@@ -1,7 +1,8 @@
 """Predict the evaluation split of a trained run, write sCT NIfTIs, score and draw them.
 
 ``predict_split(config, workdir)`` restores the latest checkpoint, predicts every case
-of ``config.eval.split`` (2D models slice by slice, 3D models by sliding windows),
+of ``config.eval.split`` (2D models slice by slice over the whole field of view, 3D
+models by sliding windows),
 writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
 metrics and draws a panel per case.
@@ -100,8 +101,41 @@ def make_volume_predictor(config, state, rng=None, jitted_predict=None):
         return functools.partial(inference.predict_volume_3d, call,
                                  patch=tuple(config.data.patch), overlap=config.eval.overlap,
                                  batch_size=config.eval.batch_size)
-    return functools.partial(inference.predict_volume_2d, call, crop=tuple(config.data.crop),
-                             context=config.data.context, batch_size=config.eval.batch_size)
+    stride, min_size = network_input_rule(config)
+    return functools.partial(inference.predict_volume_2d, call, tile=slice_tile(config),
+                             context=config.data.context, batch_size=config.eval.batch_size,
+                             overlap=config.eval.overlap, stride=stride, min_size=min_size)
+
+
+def network_input_rule(config) -> tuple[int, int]:
+    """``(stride, min_size)`` of a 2D generator's input sizes.
+
+    The U-Net (pix2pix) needs multiples of ``2**num_downs``; the ResNet generator (pGAN
+    family, CycleGAN) multiples of 4 and at least 8 (see ``check_resnet_input``).
+    """
+    gen = config.model.gen
+    if "num_downs" in gen:
+        stride = 2 ** int(gen.num_downs)
+        return stride, stride
+    from sct_jax.models.resnet_generator import N_DOWNSAMPLINGS
+    stride = 2 ** N_DOWNSAMPLINGS
+    return stride, 2 * stride
+
+
+def slice_tile(config) -> tuple[int, int]:
+    """The 2D inference window: ``config.eval.tile`` or, when unset, the training crop.
+
+    A 0 entry means the whole slice along that axis (padded to the network's stride).
+    """
+    tile = tuple(config.eval.get("tile", ()) or ())
+    if not tile:
+        return tuple(int(c) for c in config.data.crop)
+    stride, _ = network_input_rule(config)
+    bad = [t for t in tile if int(t) < 0 or int(t) % stride]
+    if len(tile) != 2 or bad:
+        raise ConfigError(f"config.eval.tile={tile}: expected two sizes, each 0 (whole "
+                          f"slice) or a positive multiple of the network stride {stride}")
+    return tuple(int(t) for t in tile)
 
 
 def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Case]:
