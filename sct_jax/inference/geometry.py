@@ -160,15 +160,17 @@ class ModelGrid:
 
 
 def to_model_grid(affine: np.ndarray, shape: Sequence[int], geometry: TrainingGeometry,
-                  tolerance: float = SPACING_TOLERANCE) -> ModelGrid:
+                  tolerance: float | None = None) -> ModelGrid:
     """Plans the mapping of a volume ``(shape, affine)`` onto the training grid.
 
     Args:
       affine: ``(4, 4)`` voxel -> RAS+ mm of the input.
       shape: ``(X, Y, Z)`` of the input.
       geometry: the model's training geometry.
-      tolerance: relative spacing difference above which the volume is resampled.
+      tolerance: relative spacing difference above which the volume is resampled
+        (default :data:`SPACING_TOLERANCE`).
     """
+    tolerance = SPACING_TOLERANCE if tolerance is None else float(tolerance)
     shape = tuple(int(s) for s in shape)
     affine = np.asarray(affine, np.float64)
     input_ornt = orientations.io_orientation(affine)
