@@ -247,3 +247,30 @@ def test_full_porcine_mr(run_dir, tmp_path):
     np.testing.assert_array_equal(sct.affine, mr.affine)
     body = load_volume(FULL_PORCINE / "mask.nii.gz").data > 0
     assert np.count_nonzero(sct.data[body] == FILL_HU) == 0
+
+
+def test_evaluate_scores_only_this_calls_cases(run_dir, tmp_path, capsys):
+    """evaluate on a data root with a case without CT and a stale prediction file:
+    the CT-less case is predicted and listed unscored, the stale file ignored."""
+    import shutil
+
+    from sct_jax.cli import run
+    from sct_jax.export.model import read_run_config
+
+    root = tmp_path / "data"
+    shutil.copytree(FIXTURE, root / "porcine01")
+    (root / "porcine02").mkdir()
+    for name in ("mr.nii.gz", "mask.nii.gz"):
+        shutil.copy(FIXTURE / name, root / "porcine02" / name)
+    config = read_run_config(run_dir)
+    config.eval.max_cases = 0
+    workdir = tmp_path / "run"
+    shutil.copytree(run_dir, workdir)
+    stale = workdir / "predictions" / "porcine03" / "sct.nii.gz"
+    stale.parent.mkdir(parents=True)
+    shutil.copy(FIXTURE / "ct.nii.gz", stale)  # a case of an earlier call, no longer here
+    report = run.evaluate_run(config, workdir, data_root=root, panels=False)
+    assert [c.id for c in report.cases] == ["porcine01"]
+    assert report.no_reference == ("porcine02",)
+    assert (workdir / "predictions" / "porcine02" / "sct.nii.gz").is_file()
+    assert "no reference CT" in capsys.readouterr().out

@@ -83,8 +83,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                             samples=samples)
     print(f"predicted {len(cases)} case(s) in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else train_data.dataset_root(config)
+    # Only this call's predictions: a file left by an earlier call is never scored.
     report = scoring.evaluate_folder(pred_dir, root, out=out,
-                                     region=config.data.region or None)
+                                     region=config.data.region or None,
+                                     case_ids=[c.id for c in cases])
     with_ct = [c for c in cases if c.ct is not None]
     if with_ct:
         base = baseline_scores(with_ct)
