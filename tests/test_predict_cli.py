@@ -274,3 +274,58 @@ def test_evaluate_scores_only_this_calls_cases(run_dir, tmp_path, capsys):
     assert report.no_reference == ("porcine02",)
     assert (workdir / "predictions" / "porcine02" / "sct.nii.gz").is_file()
     assert "no reference CT" in capsys.readouterr().out
+
+
+def test_exported_model_predicts_as_the_run_and_its_serialized_function(
+        run_dir, predicted, tmp_path, capsys):
+    import json
+
+    from sct_jax.cli import export_model as export_cli
+    from sct_jax.export import model_files
+    from sct_jax.inference import predict as predict_lib
+
+    _, out = predicted
+    model_dir = tmp_path / "model"
+    assert export_cli.main(["--workdir", str(run_dir), "-o", str(model_dir)]) == 0
+    description = json.loads((model_dir / "model.json").read_text())
+    assert description["method"] == "pix2pix" and description["step"] == 20
+    assert description["training_geometry"]["axcodes"] == ["R", "A", "S"]
+    assert description["inference"]["window"] == [32, 32]
+    assert not (model_dir / "checkpoints").exists()  # parameters only
+    # The model directory alone (no config file, no checkpoint) gives the run's sCT.
+    assert predict_cli.main(["-i", str(FIXTURE / "mr.nii.gz"), "-o",
+                             str(tmp_path / "sct.nii.gz"), "-m", str(model_dir)]) == 0
+    run_sct = load_volume(out / "original_sct.nii.gz").data
+    np.testing.assert_allclose(load_volume(tmp_path / "sct.nii.gz").data, run_sct,
+                               rtol=0, atol=1e-3)
+    # The serialized function, driven only by model.json's windows.
+    loaded = model_files.load_exported(model_dir)
+    serialized_sct = predict_lib.predict_mr(
+        model_files.serialized_volume_predictor(model_dir), loaded.config,
+        load_volume(FIXTURE / "mr.nii.gz"), None, loaded.geometry)
+    np.testing.assert_allclose(serialized_sct, run_sct, rtol=0, atol=1e-2)
+    # A changed parameter file is refused, in one line.
+    params = model_dir / model_files.PARAMS
+    raw = bytearray(params.read_bytes())
+    raw[-1] ^= 0xFF
+    params.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert predict_cli.main(["-i", str(FIXTURE / "mr.nii.gz"), "-o",
+                             str(tmp_path / "again.nii.gz"), "-m", str(model_dir)]) == 2
+    assert "content hash" in capsys.readouterr().err
+    assert not (tmp_path / "again.nii.gz").exists()
+
+
+def test_evaluate_uses_the_runs_config_and_names_mismatching_keys(run_dir):
+    from sct_jax.cli import run
+    from sct_jax.errors import ConfigError
+
+    own = run.run_config(None, run_dir)
+    assert own.method == "pix2pix" and tuple(own.data.crop) == (32, 32)
+    given = load_config_file(str(REPO / "configs/pix2pix_pelvis.py:tiny"))
+    assert run.run_config(given, run_dir) is given  # train.steps differs: allowed
+    given.data.crop = (64, 32)
+    given.model.gen.ngf = 8
+    with pytest.raises(ConfigError, match=r"data\.crop.*model\.gen\.ngf") as err:
+        run.run_config(given, run_dir)
+    assert "\n" not in str(err.value)
