@@ -139,6 +139,8 @@ def test_finer_spacing_gives_the_same_sct_within_tolerance(run_dir, predicted, t
     resampled = disagreement("fine_sct.nii.gz")
     monkeypatch.setattr(geometry, "SPACING_TOLERANCE", 1.0)  # never resample
     unresampled = disagreement("fine_unresampled_sct.nii.gz")
+    print(f"0.7x spacing: mean |dHU| in the body {resampled:.1f} resampled, "
+          f"{unresampled:.1f} at its own spacing")
     assert np.ptp(sct.data[interior]) > 200
     assert resampled < 60.0 and unresampled > 1.5 * resampled, (resampled, unresampled)
 

@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list:
     """Predicts every input; returns the written paths."""
+    import functools
+
+    import jax
     import numpy as np
     from tqdm import tqdm
 
+    from sct_jax import methods
     from sct_jax.data.io import load_volume, save_like
     from sct_jax.export.model import load_model
     from sct_jax.inference import inputs
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> list:
     jobs = inputs.plan(args.input, args.output)
     if args.mask and len(jobs) > 1:
         raise ConfigError("--mask: only with a single input MR")
-    # Every input is read and checked before the model loads or anything is written.
+    # Every input is read and checked before the model loads or anything is written
+    # (each is read again when its turn comes: memory holds one MR at a time).
     mask = None
     for job in jobs:
         mr = inputs.load_job(job)
@@ -87,11 +92,6 @@ def run(args: argparse.Namespace) -> list:
           f"trained on {model.geometry.region or 'unknown region'} "
           f"{''.join(model.geometry.axcodes)} "
           f"{'x'.join(f'{s:g}' for s in model.geometry.spacing)} mm", file=sys.stderr)
-    import functools
-
-    import jax
-
-    from sct_jax import methods
     jitted = jax.jit(functools.partial(methods.get_method(config.method).predict, config))
     written = []
     for job in tqdm(jobs, desc="sct-predict", unit="MR", disable=None):
