@@ -4,7 +4,7 @@
 types, the exit status and a fragment of the one ``error:`` line. The README's "What bad
 input gets" table is checked against it (:func:`test_readme_table_matches_rows`).
 
-Command rows run in this process (the entry point's own ``main`` with the command's
+Command rows run in this process (the entry point's own ``main``/``run_main`` with the
 argv; :func:`test_in_process_harness_matches_a_real_process` runs two of them as real
 processes) and assert: the exit status, exactly one stderr line naming the file or flag,
 every input file unchanged (SHA-256) and nothing new on disk (no half-written output).
@@ -17,7 +17,7 @@ import dataclasses
 import errno
 import gzip
 import hashlib
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -220,13 +220,6 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- runner
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{Path(name).stem}_cli", REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_in_process(command: str, capsys) -> tuple[int, str]:
     """Runs ``command`` through its entry point's ``main`` in this process.
 
@@ -244,16 +237,15 @@ def run_in_process(command: str, capsys) -> tuple[int, str]:
         except SystemExit as e:
             code = e.code
     else:
+        # train.py / evaluate.py: the console entry point they call, sct_jax.cli.<stem>
+        module = importlib.import_module(f"sct_jax.cli.{Path(argv[1]).stem}")
         before = set(flags.FLAGS)
         saved_argv = sys.argv
         sys.argv = argv[1:]  # config_flags defines --config.* overrides from sys.argv
         try:
-            script = _load_script(argv[1])
-            try:
-                parsed = guard.parse_flags(argv[1:])
-                guard.guarded(script.main)(parsed)
-            except SystemExit as e:
-                code = e.code
+            module.run_main()  # absl's app.run: parses sys.argv, exits with the status
+        except SystemExit as e:
+            code = e.code
         finally:
             sys.argv = saved_argv
             flags.FLAGS.unparse_flags()
