@@ -20,7 +20,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sct_jax.errors import SctError
 from sct_jax.models.vgg import VGG_STAGES, params_from_state_dict, save_npz_atomic
 
 
@@ -62,19 +61,29 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from sct_jax.cli import guard
+    from sct_jax.errors import DataError
+    from sct_jax.io_guard import refuse_overwrite
+
+    parser = guard.ArgumentParser(description=__doc__.splitlines()[0],
+                                  epilog=guard.EXIT_STATUS_HELP)
     parser.add_argument("--pth", required=True, help="torchvision VGG .pth file")
     parser.add_argument("--arch", required=True, choices=sorted(VGG_STAGES))
     parser.add_argument("--out", required=True, help="output .npz")
     args = parser.parse_args(argv)
-    state = _read_pth(args.pth)
-    try:
+
+    def run() -> int:
+        refuse_overwrite(args.out, [args.pth], what="--out")
+        try:
+            state = _read_pth(args.pth)
+        except SystemExit as e:  # _read_pth's own one-line reasons are bad input
+            raise DataError(str(e.code)) from None
         arrays = convert_state_dict(state, args.arch, source=args.pth)
-    except SctError as err:
-        raise SystemExit(str(err)) from None
-    save_npz_atomic(args.out, arrays)
-    print(f"wrote {args.out}: {len(arrays)} arrays ({args.arch} features)")
-    return 0
+        save_npz_atomic(args.out, arrays)
+        print(f"wrote {args.out}: {len(arrays)} arrays ({args.arch} features)")
+        return guard.EXIT_OK
+
+    return guard.run_main(run)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
     c.eval.batch_size = 8
-    c.eval.overlap = 0.5  # 3D sliding windows
+    c.eval.overlap = 0.5  # inference windows (2D tiles, 3D patches) shared by neighbours
+    # 2D inference window (h, w): () the training crop; 0 along an axis: the whole slice.
+    # Slices larger than the window are covered by blended overlapping windows.
+    c.eval.tile = ()
     c.eval.max_cases = 0  # 0: all
     c.eval.panels = True
     return c
@@ -91,3 +94,42 @@ def tiny_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     c.train.progress = False
     c.eval.max_cases = 1
     return c
+
+
+# Run settings that must be whole numbers >= 1 (``train.image_every`` may be 0: never).
+_POSITIVE_INTS = ("train.steps", "train.batch_size", "train.log_every", "train.ckpt_every",
+                  "train.keep_checkpoints", "eval.batch_size")
+_NON_NEGATIVE_INTS = ("train.image_every", "eval.max_cases", "seed", "data.split_seed")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_run_config(config, where: str = "config") -> None:
+    """Checks the run settings every method shares, before anything is written.
+
+    Args:
+      config: the experiment's ``ConfigDict``.
+      where: how the message names the config (its file, or ``"config"``).
+
+    Raises:
+      ConfigError: one line naming the key, its value and what it must be.
+    """
+    for key, low in [(k, 1) for k in _POSITIVE_INTS] + [(k, 0) for k in _NON_NEGATIVE_INTS]:
+        value = _get(config, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}={value!r} must be a whole number "
+                              f"(got {type(value).__name__})")
+        if value < low:
+            raise ConfigError(f"{where}: {key}={value} must be >= {low}")
+    if not isinstance(config.get("method", ""), str) or not config.get("method"):
+        raise ConfigError(f"{where}: method is empty; set it to one of the methods in "
+                          "sct_jax/methods")

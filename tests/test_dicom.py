@@ -19,7 +19,7 @@ from sct_jax.cli import export_dicom
 from sct_jax.data.io import Volume, load_volume, save_volume
 from sct_jax.data.phantom import generate_case
 from sct_jax.errors import DataError
-from sct_jax.export.dicom import CT_IMAGE_STORAGE, export_dicom_series
+from sct_jax.export.dicom import CT_IMAGE_STORAGE, export_dicom_series, slice_geometry
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -150,8 +150,9 @@ def test_tags_mark_a_synthetic_ct_series(tmp_path, phantom_sct):
         assert again[tag].value != datasets[0][tag].value
 
 
-def _fake_mr_series(folder, n=2):
-    """A minimal MR Image Storage series with patient/study tags, plus a non-DICOM file."""
+def _fake_mr_series(folder, n=2, geometry=None, shape=None):
+    """A minimal MR Image Storage series with patient/study tags, plus a non-DICOM file;
+    with ``geometry`` (:func:`slice_geometry`) and ``shape``, its slices are on that grid."""
     folder.mkdir()
     study, frame, series = generate_uid(), generate_uid(), generate_uid()
     for k in range(n):
@@ -171,13 +172,31 @@ def _fake_mr_series(folder, n=2):
         ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series, frame
         ds.PatientPosition = "FFS"
         ds.InstanceNumber = k + 1
+        if geometry is not None:
+            ds.ImagePositionPatient = [float(v) for v in geometry["positions"][k]]
+            ds.ImageOrientationPatient = [float(v) for v in geometry["orientation"]]
+            ds.PixelSpacing = [float(v) for v in geometry["pixel_spacing"]]
+            ds.Rows, ds.Columns = shape[1], shape[0]
         ds.save_as(folder / f"MR{k}.dcm", enforce_file_format=True)
     (folder / "README.txt").write_text("not DICOM")
     return {"study": study, "frame": frame, "series": series}
 
 
+def test_like_copies_frame_only_from_a_series_on_the_sct_grid(tmp_path, phantom_sct, caplog):
+    uids = _fake_mr_series(tmp_path / "mr")  # no slice geometry: another grid
+    nifti = _write_nifti(tmp_path, phantom_sct, AFFINES["axial"])
+    assert export_dicom.main(["--sct", str(nifti), "--out", str(tmp_path / "dcm"),
+                              "--like", str(tmp_path / "mr")]) == 0
+    ds = pydicom.dcmread(sorted((tmp_path / "dcm").iterdir())[0])
+    assert ds.StudyInstanceUID == uids["study"] and ds.PatientID == "PAT-0042"
+    assert ds.FrameOfReferenceUID != uids["frame"]
+    assert "new Frame of Reference" in caplog.text
+
+
 def test_like_copies_patient_study_and_frame(tmp_path, phantom_sct):
-    uids = _fake_mr_series(tmp_path / "mr")
+    shape = phantom_sct.shape
+    uids = _fake_mr_series(tmp_path / "mr", n=shape[2], shape=shape,
+                           geometry=slice_geometry(AFFINES["axial"], shape))
     nifti = _write_nifti(tmp_path, phantom_sct, AFFINES["axial"])
     assert export_dicom.main(["--sct", str(nifti), "--out", str(tmp_path / "dcm"),
                               "--like", str(tmp_path / "mr")]) == 0

@@ -210,5 +210,9 @@ def test_guarded_prints_one_line_and_exits_2(capsys):
     def buggy_main(argv):
         raise KeyError("a bug keeps its traceback")
 
-    with pytest.raises(KeyError):
+    with pytest.raises(SystemExit) as exit_info:
         guarded(buggy_main)(["prog"])
+    assert exit_info.value.code == 3  # internal error: the traceback, then one line
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err
+    assert err.splitlines()[-1].startswith("error: internal error (KeyError")

@@ -42,6 +42,15 @@ def _write_cases(root, n):
     return synthrad.discover_cases(root)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _synthetic_ct_values():
+    """These CTs are random numbers with per-case offsets, not HU: the HU check
+    (sct_jax.data.hu) is told so the way a user would."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCT_JAX_ALLOW_NON_HU", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     return _write_cases(tmp_path_factory.mktemp("pipeline_cases"), len(MASK_Z))

@@ -35,7 +35,6 @@ checkpoints and evaluation, so any method ablates without changes to the loop.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -387,9 +386,12 @@ def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from sct_jax.cli import guard
+
+    parser = guard.ArgumentParser(
         prog="python -m sct_jax.cli.ablate",
-        description="Train and score a grid of config overrides x seeds; print one table.")
+        description="Train and score a grid of config overrides x seeds; print one table.",
+        epilog=guard.EXIT_STATUS_HELP)
     parser.add_argument("--config", required=True, action="append",
                         help="path/to/config.py[:variants] (repeatable: compare methods)")
     parser.add_argument("--sweep", action="append", default=[],
@@ -400,13 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/ablate", help="root of the runs")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     args = parser.parse_args(argv)
-    from sct_jax.errors import SctError
-    try:
+
+    def run() -> int:
         run_ablation(args.config, args.sweep, args.seeds, args.workdir, args.steps,
                      sets=args.sets)
-    except SctError as err:
-        parser.exit(2, f"error: {err}\n")
-    return 0
+        return guard.EXIT_OK
+
+    return guard.run_main(run)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,21 @@ are documented in :mod:`sct_jax.export.dicom`. Bad input: one-line error, exit 2
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from sct_jax.cli import guard
+from sct_jax.data.hu import check_hu
 from sct_jax.data.io import load_volume
-from sct_jax.errors import SctError
 from sct_jax.export.dicom import export_dicom_series
+from sct_jax.io_guard import refuse_overwrite
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m sct_jax.cli.export_dicom",
-                                     description=__doc__.split("\n")[0])
+    parser = guard.ArgumentParser(prog="python -m sct_jax.cli.export_dicom",
+                                  description=__doc__.split("\n")[0],
+                                  epilog=guard.EXIT_STATUS_HELP)
     parser.add_argument("--sct", required=True, help="synthetic CT volume in HU")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--like", metavar="MR_DICOM_DIR",
@@ -34,20 +36,21 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (2 on bad input)."""
-    args = _parse_args(argv)
-    try:
-        sct = load_volume(args.sct)
-        files = export_dicom_series(sct, args.out, like_dir=args.like, source=args.source,
-                                    source_file=Path(args.sct).name,
-                                    series_number=args.series_number)
-    except SctError as e:
-        message = " ".join(str(e).splitlines()).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def _main(args) -> int:
+    refuse_overwrite(args.out, [args.sct, args.like], folder=True, what="--out")
+    sct = load_volume(args.sct)
+    check_hu(sct.data, args.sct, what="sCT", scale_only=True)
+    files = export_dicom_series(sct, args.out, like_dir=args.like, source=args.source,
+                                source_file=Path(args.sct).name,
+                                series_number=args.series_number)
     print(f"wrote {len(files)} CT slices to {args.out}")
-    return 0
+    return guard.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 2 bad input, 3 bug)."""
+    args = _parse_args(argv)
+    return guard.run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

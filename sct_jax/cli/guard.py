@@ -1,40 +1,174 @@
-"""Shared entry-point plumbing for ``train.py`` and ``evaluate.py``."""
+"""The error contract every entry point shares: one line on stderr, an exit status.
+
+Exit status (say it in each entry point's ``--help`` with :data:`EXIT_STATUS_HELP`):
+
+====  =====================================================================
+0     success (QA: pass or warn)
+1     the work failed: QA fail, training diverged, the disk filled up
+2     bad input or configuration: ``error: <file or flag>: <problem>``; nothing written
+3     internal error: a bug; the traceback is printed, then one ``error:`` line
+====  =====================================================================
+
+Use from an ``absl`` entry point (``train.py``, ``evaluate.py``)::
+
+    app.run(guarded(main), flags_parser=parse_flags)
+
+and from an ``argparse`` one (``python -m sct_jax.cli.qa``)::
+
+    parser = guard.ArgumentParser(prog=..., epilog=guard.EXIT_STATUS_HELP)
+    def main(argv=None) -> int:
+        return guard.run_main(lambda: _main(parser.parse_args(argv)))
+
+Outputs are checked with :func:`sct_jax.io_guard.refuse_overwrite` before anything
+is written.
+"""
 
 from __future__ import annotations
 
+import argparse
+import errno
 import functools
+import re
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
-from sct_jax.errors import SctError
+from sct_jax.errors import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERNAL, EXIT_OK,  # noqa: F401
+                            SctError)
+
+EXIT_STATUS_HELP = ("exit status: 0 success (QA: pass or warn); 1 failed (QA: fail, training "
+                    "diverged, disk full); 2 bad input or configuration, nothing written; "
+                    "3 internal error (a bug: please report the traceback)")
+
+# Faults of the machine, not of the input or the code: one line, exit 1.
+_FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+# A path the user chose cannot be read or written: bad input, exit 2.
+_USER_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                     errno.ENOENT, errno.ELOOP, errno.ENAMETOOLONG}
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split()).strip()
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit status of an exception that ended an entry point (table above)."""
+    if isinstance(exc, SctError):
+        return int(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+    if isinstance(exc, OSError) and exc.errno in _FAULT_ERRNOS:
+        return EXIT_FAIL
+    if isinstance(exc, OSError) and exc.errno in _USER_PATH_ERRNOS and exc.filename:
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line message (without ``error: ``) for ``exc``; names the file if known."""
+    if isinstance(exc, OSError) and not isinstance(exc, SctError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return one_line(f"{where}{exc.strerror.lower()}")
+    text = one_line(str(exc))
+    if exit_code_for(exc) == EXIT_INTERNAL:
+        return f"internal error ({type(exc).__name__}: {text}); please report the traceback above"
+    return text or type(exc).__name__
+
+
+def report(exc: BaseException) -> int:
+    """Prints ``exc`` the contract's way and returns its exit status."""
+    code = exit_code_for(exc)
+    sys.stdout.flush()  # keep what was printed so far (a table) before the error
+    if code == EXIT_INTERNAL:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {error_message(exc)}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_main(fn: Callable[[], int | None]) -> int:
+    """Runs ``fn`` and turns what it raises into the contract's line and status."""
+    try:
+        return int(fn() or EXIT_OK)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 (every exception gets a status)
+        return report(e)
 
 
 def guarded(main_fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
-    """Wraps an ``absl.app`` main so user-facing errors end the run in one line.
-
-    A :class:`sct_jax.errors.SctError` (bad data, bad config) is printed to stderr as
-    ``error: <message>`` and the process exits with status 2, without a traceback: the
-    message already names the file or config key. Any other exception is a bug and
-    keeps its traceback.
+    """Wraps an ``absl.app`` main so that it ends with the contract's status.
 
     Usage::
 
-        if __name__ == "__main__":
-            app.run(guarded(main))
+        app.run(guarded(main), flags_parser=parse_flags)
     """
 
     @functools.wraps(main_fn)
     def wrapper(argv: Sequence[str]) -> Any:
         quiet_libraries()
-        try:
-            return main_fn(argv)
-        except SctError as e:
-            message = " ".join(str(e).splitlines()).strip() or type(e).__name__
-            sys.stdout.flush()  # keep the table printed so far before the error
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        code = run_main(lambda: main_fn(argv))
+        if code:
+            sys.exit(code)
+        return None
 
     return wrapper
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """``absl`` flag parsing with one-line errors (exit 2) instead of usage dumps.
+
+    Covers unknown flags, bad values (``--config.train.steps=abc``), unknown config keys
+    (``--config.train.stepz``: with the nearest valid key) and errors raised by a
+    config file's ``get_config`` (``:tinyy``).
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except Exception as e:  # noqa: BLE001
+        code = exit_code_for(e)
+        if code == EXIT_INTERNAL:  # parse-time errors are the user's: never a bug
+            code = EXIT_BAD_INPUT
+        print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+def _flag_error_message(exc: BaseException, argv: Sequence[str]) -> str:
+    text = str(exc)
+    if isinstance(exc, (AttributeError, KeyError)) or "Did you mean" in text:
+        # ml_collections: '\'stepz\'\nDid you mean "steps" instead of "stepz"?'
+        key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "")
+        config = _config_arg(argv)
+        where = f"{config}: " if config else ""
+        near = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+        hint = ""
+        if near:
+            parts = key.split(".")[1:]
+            parts = [near.group(1) if p == near.group(2) else p for p in parts]
+            hint = f"; did you mean {'.'.join(parts)}?"
+        return one_line(f"{where}{key}: unknown config key{hint}")
+    if isinstance(exc, SctError):
+        config = _config_arg(argv)
+        return one_line(f"{config}: {text}" if config and config not in text else text)
+    # absl's own errors: "flag --x=y: invalid literal ..."; drop the usage hint
+    return one_line(text.split("Pass --helpshort")[0])
+
+
+def _config_arg(argv: Sequence[str]) -> str:
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].partition(":")[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].partition(":")[0]
+    return ""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with the contract's one-line errors: ``error: <prog>: <problem>``
+    on stderr and exit 2 (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        print(f"error: {self.prog}: {one_line(message)} (see --help)", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def quiet_libraries() -> None:

@@ -29,10 +29,12 @@ import numpy as np
 
 from sct_jax.data.alignment import load_case_arrays
 from sct_jax.data.io import Volume, atomic_write_text, load_volume
-from sct_jax.errors import DataError, SctError
+from sct_jax.cli import guard
+from sct_jax.errors import DataError
 from sct_jax.evaluation import qa
 # Re-exported: the figure this CLI writes, drawn by the prediction folders' QA as well.
 from sct_jax.evaluation.qa_report import save_qa_figure
+from sct_jax.io_guard import refuse_overwrite
 
 
 def _same_grid(path, volume: Volume, mr: Volume) -> Volume:
@@ -99,8 +101,10 @@ def build_reference_file(out_path, case_dirs: Sequence[str], region: str | None 
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m sct_jax.cli.qa", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = guard.ArgumentParser(prog="python -m sct_jax.cli.qa", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 pass or warn; 1 fail; 2 bad input (one line naming the file, "
+               "nothing written); 3 internal error (a bug: please report the traceback)")
     parser.add_argument("--mr", help="MR volume")
     parser.add_argument("--sct", help="synthetic CT on the MR grid (HU)")
     parser.add_argument("--mask", help="body mask (default: derived from the MR)")
@@ -131,24 +135,37 @@ def _parse_args(argv):
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (0 pass/warn, 1 fail, 2 error)."""
-    args = _parse_args(argv)
-    try:
-        if args.build_reference:
-            profile = build_reference_file(args.build_reference, args.cases, args.region)
-            print(f"wrote {args.build_reference} ({profile['n_cases']} cases)")
-            return 0
-        result = run_files(args.mr, args.sct, args.report, mask_path=args.mask,
-                           png_path=args.png, region=args.region,
-                           reference_path=args.reference, sample_paths=args.samples,
-                           cycle_mr_path=args.cycle_mr)
-    except SctError as e:
-        message = " ".join(str(e).splitlines()).strip() or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+def check_outputs(args) -> None:
+    """Refuses a --report/--png/--build-reference path that is one of the inputs."""
+    inputs = [args.mr, args.sct, args.mask, args.reference, args.cycle_mr, *args.samples,
+              *args.cases]
+    if args.build_reference:
+        refuse_overwrite(args.build_reference, inputs, what="--build-reference")
+        return
+    png = args.png or str(Path(args.report).with_suffix(".png"))
+    refuse_overwrite(args.report, inputs, what="--report")
+    refuse_overwrite(png, inputs + [args.report], what="--png")
+
+
+def _main(args) -> int:
+    check_outputs(args)
+    if args.build_reference:
+        profile = build_reference_file(args.build_reference, args.cases, args.region)
+        print(f"wrote {args.build_reference} ({profile['n_cases']} cases)")
+        return guard.EXIT_OK
+    result = run_files(args.mr, args.sct, args.report, mask_path=args.mask,
+                       png_path=args.png, region=args.region,
+                       reference_path=args.reference, sample_paths=args.samples,
+                       cycle_mr_path=args.cycle_mr)
     print(qa.format_report(result.report))
-    return 1 if result.status == "fail" else 0
+    return guard.EXIT_FAIL if result.status == "fail" else guard.EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 pass/warn, 1 fail, 2 bad
+    input, 3 internal error)."""
+    args = _parse_args(argv)
+    return guard.run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

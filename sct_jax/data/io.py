@@ -112,9 +112,65 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, ndim: int = 3,
     return Volume(data, affine, header)
 
 
+# The most a DEFLATE stream can expand (zlib's documented limit is 1032:1): a compressed
+# file of N bytes can never hold more than N * 1032 bytes of voxels.
+_MAX_DEFLATE_RATIO = 1032
+# Default voxel cap (2^30 voxels: 4 GiB as float32; a 512 x 512 x 1000 CT is 2.6e8).
+DEFAULT_MAX_VOXELS = 2**30
+
+
+def max_voxels() -> int:
+    """The voxel cap of :func:`load_volume`: ``$SCT_JAX_MAX_VOXELS`` or 2^30."""
+    value = os.environ.get("SCT_JAX_MAX_VOXELS", "")
+    try:
+        return int(float(value)) if value else DEFAULT_MAX_VOXELS
+    except ValueError as e:
+        raise DataError(f"SCT_JAX_MAX_VOXELS={value!r}: not a number") from e
+
+
+def check_declared_size(path: Path, shape, itemsize: int, data_offset: int,
+                        compressed: bool, cap_only: bool = False) -> None:
+    """Refuses a header that declares more voxels than the file can hold or the cap.
+
+    Runs before any voxel is read, so a tiny file declaring 1000^3 voxels fails at once
+    instead of allocating gigabytes.
+
+    Args:
+      path: the file (named in the message).
+      shape: the declared array shape.
+      itemsize: bytes per voxel on disk.
+      data_offset: bytes before the voxels (NIfTI ``vox_offset``).
+      compressed: the file is gzip/zlib-compressed (bounded by the DEFLATE ratio).
+      cap_only: check only the voxel cap (the voxels live in another file).
+
+    Raises:
+      DataError: a declared size the file cannot hold, or more voxels than the cap.
+    """
+    n_voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    cap = max_voxels()
+    dims = " x ".join(str(int(n)) for n in shape)
+    if n_voxels > cap:
+        raise DataError(f"{path}: header declares {dims} = {n_voxels} voxels, more than the "
+                        f"cap of {cap} (raise it with SCT_JAX_MAX_VOXELS if this is real)")
+    if cap_only:
+        return
+    need = n_voxels * int(itemsize)
+    size = path.stat().st_size
+    can_hold = size * _MAX_DEFLATE_RATIO if compressed else size - int(data_offset)
+    if need > can_hold:
+        what = "compressed to" if compressed else "but the file holds"
+        raise DataError(f"{path}: header declares {dims} voxels ({need} bytes) {what} "
+                        f"{size} bytes: truncated or corrupt header")
+
+
 def _load_nifti(path: Path, dtype):
     try:
         img = nib.load(str(path))
+        header = img.header
+        offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+        check_declared_size(path, header.get_data_shape(), header.get_data_dtype().itemsize,
+                            offset,
+                            compressed=str(path).lower().endswith(".gz"))
         data = np.asarray(img.dataobj, dtype=dtype)
     except (OSError, EOFError, ValueError, OverflowError, MemoryError, zlib.error,
             gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
@@ -133,7 +189,14 @@ def _load_metaimage(path: Path, dtype):
         raise DataError(f"{path}: reading .mha/.mhd needs SimpleITK "
                         "(pip install 'sct_jax[mha]')") from e
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        # Bounded as if compressed (at least 1 byte per voxel): the header alone does
+        # not say whether it is. A .mhd keeps its voxels in another file: only the cap.
+        check_declared_size(path, reader.GetSize(), 1, 0, compressed=True,
+                            cap_only=path.suffix.lower() == ".mhd")
+        img = reader.Execute()
     except RuntimeError as e:
         raise DataError(f"{path}: unreadable MetaImage") from e
     # The axis and direction handling below assumes a scalar 3D image; anything else
@@ -188,8 +251,14 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                                   dtype=data.dtype)
             # Write raw values: a copied header's scl_slope would rescale them again.
             img.header.set_slope_inter(1.0, 0.0)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
+            if hdr is not None and np.allclose(hdr.get_best_affine(), affine, rtol=0,
+                                               atol=1e-5):
+                # The reference's own grid: keep its qform and sform and their codes.
+                img.set_qform(hdr.get_qform(), code=int(hdr["qform_code"]))
+                img.set_sform(hdr.get_sform(), code=int(hdr["sform_code"]))
+            else:
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
             nib.save(img, tmp)
         else:
             _save_metaimage(path, tmp, data, affine)

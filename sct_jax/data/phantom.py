@@ -21,7 +21,6 @@ motion, scaled.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -389,9 +388,12 @@ def save_phantom_panel(case_dir, out_png) -> Path:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(
+    from sct_jax.cli import guard
+
+    parser = guard.ArgumentParser(
         prog="python -m sct_jax.data.phantom",
-        description="Write the built-in phantom MR/CT dataset in the SynthRAD2023 layout.")
+        description="Write the built-in phantom MR/CT dataset in the SynthRAD2023 layout.",
+        epilog=guard.EXIT_STATUS_HELP)
     parser.add_argument("--out", required=True, help="dataset root folder")
     parser.add_argument("--region", choices=REGIONS, default="pelvis")
     parser.add_argument("--cases", type=int, default=20, help="number of cases (1..999)")
@@ -402,6 +404,9 @@ def _parse_args(argv):
                         help="volume size in voxels (default: pelvis 256 160 64, "
                              "brain 128 160 128)")
     parser.add_argument("--panel", metavar="PNG", help="also save a figure of the first case")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset made with other settings (as a "
+                             "whole: never a mix of two datasets)")
     args = parser.parse_args(argv)
     if not 1 <= args.cases <= 999:
         parser.error(f"--cases {args.cases}: must be in 1..999")
@@ -415,20 +420,76 @@ def _parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    """Command line entry point; returns the exit status (argparse exits 2 on bad flags)."""
-    args = _parse_args(argv)
+def existing_dataset_differences(region_dir: Path, region: str, cases: int, seed: int,
+                                 misalign_mm: float, shape) -> list[str]:
+    """How the dataset already in ``region_dir`` differs from the requested one.
+
+    Returns:
+      ``["seed 0 -> 1", ...]``; empty when there is no dataset or it has these settings.
+      A folder with case files but no readable manifest is reported as such.
+    """
+    if not region_dir.is_dir() or not any(region_dir.iterdir()):
+        return []
     try:
+        manifest = json.loads((region_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ["the folder holds files but no readable manifest.json"]
+    want = {"region": region, "cases": int(cases), "seed": int(seed),
+            "misalign_mm": float(misalign_mm),
+            "shape": list(DEFAULT_SHAPE[region] if shape is None else map(int, shape))}
+    have = {"region": manifest.get("region"), "cases": len(manifest.get("cases", [])),
+            "seed": manifest.get("seed"), "misalign_mm": manifest.get("misalign_mm"),
+            "shape": manifest.get("shape")}
+    return [f"{k} {have[k]} -> {want[k]}" for k in want if have[k] != want[k]]
+
+
+def _replace_dataset(args, region_dir: Path) -> Path:
+    """Writes the dataset beside ``region_dir`` and swaps it in as a whole."""
+    import shutil
+
+    staging = region_dir.parent / f".{region_dir.name}.new-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written = write_dataset(staging, args.region, args.cases, args.seed, args.misalign,
+                                args.shape)
+        old = region_dir.parent / f".{region_dir.name}.old-{os.getpid()}"
+        os.replace(region_dir, old)
+        os.replace(written, region_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return region_dir
+
+
+def _main(args) -> int:
+    from sct_jax.cli import guard
+
+    region_dir = Path(args.out) / "Task1" / args.region
+    differences = existing_dataset_differences(region_dir, args.region, args.cases,
+                                               args.seed, args.misalign, args.shape)
+    if differences and not args.overwrite:
+        raise DataError(f"{region_dir}: holds a dataset made with other settings "
+                        f"({'; '.join(differences)}); pass --overwrite to replace it as a "
+                        "whole, or choose another --out")
+    if differences:
+        region_dir = _replace_dataset(args, region_dir)
+    else:
         region_dir = write_dataset(args.out, args.region, args.cases, args.seed,
                                    args.misalign, args.shape)
-        print(f"wrote {args.cases} {args.region} cases to {region_dir}")
-        if args.panel:
-            first = case_id(args.region, 0)[0]
-            print(f"wrote {save_phantom_panel(region_dir / first, args.panel)}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    print(f"wrote {args.cases} {args.region} cases to {region_dir}")
+    if args.panel:
+        first = case_id(args.region, 0)[0]
+        print(f"wrote {save_phantom_panel(region_dir / first, args.panel)}")
+    return guard.EXIT_OK
+
+
+def main(argv=None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 2 bad input or a
+    dataset with other settings in --out, 3 internal error)."""
+    from sct_jax.cli import guard
+
+    args = _parse_args(argv)
+    return guard.run_main(lambda: _main(args))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ when absent.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from sct_jax.data import hu
 from sct_jax.data.io import VOLUME_SUFFIXES, Volume, load_volume
 from sct_jax.data.preprocess import body_mask_from_mr
 from sct_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 REGIONS = ("brain", "pelvis")
 _ROLES = ("mr", "ct", "mask")
@@ -89,12 +93,22 @@ def _case_from_dir(case_dir: Path, region: str, stems: dict[str, str]) -> Case |
                 mask=_find_role(case_dir, stems["mask"]))
 
 
-def _scan(parent: Path, region: str, stems: dict[str, str]) -> list[Case]:
+def _scan(parent: Path, region: str, stems: dict[str, str],
+          dropped: list[str] | None = None) -> list[Case]:
+    """Cases in the sub-folders of ``parent``; what is not a case goes to ``dropped``."""
     cases = []
-    for d in sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        case = _case_from_dir(d, region, stems)
+    for entry in sorted(p for p in parent.iterdir() if not p.name.startswith(".")):
+        if entry.is_symlink() and not entry.exists():  # is_dir() is False for these too
+            if dropped is not None:
+                dropped.append(f"{entry.name} (broken or looping symlink)")
+            continue
+        if not entry.is_dir():
+            continue
+        case = _case_from_dir(entry, region, stems)
         if case is not None:
             cases.append(case)
+        elif dropped is not None:
+            dropped.append(f"{entry.name} (no {stems['mr']} volume)")
     return cases
 
 
@@ -128,14 +142,29 @@ def discover_cases(root: str | Path, region: str | None = None,
     if single is not None:
         return [single]
     cases: list[Case] = []
+    dropped: list[str] = []
     for base in (root / "Task1", root):
         for r in REGIONS:
             if (base / r).is_dir() and (region is None or region == r):
-                cases.extend(_scan(base / r, r, stems))
+                found = []
+                cases.extend(_scan(base / r, r, stems, found))
+                dropped.extend(f"{r}/{d}" for d in found)
         if cases:
             break
     if not cases:
-        cases = _scan(root, "", stems)
+        dropped = []
+        cases = _scan(root, "", stems, dropped)
+    if cases and dropped:
+        log.warning("%s: skipped %d folder(s) that are not cases: %s", root, len(dropped),
+                    ", ".join(dropped))
+    ids = {}
+    for case in cases:
+        ids.setdefault(case.id, []).append(case.region)
+    repeated = sorted(i for i, regions in ids.items() if len(regions) > 1)
+    if repeated:
+        # Scores and predictions are kept per id: two regions' cases would merge.
+        raise DataError(f"{root}: case id(s) {', '.join(repeated[:5])} appear in several "
+                        "regions; pass the region (--region / config.data.region)")
     if not cases:
         want = f" for region {region!r}" if region else ""
         mr = stems["mr"]
@@ -163,6 +192,12 @@ def _consistency_problems(case: Case, volumes: dict[str, Volume],
                             f"(max difference {diff:.3g})")
     if "mask" in volumes and not np.any(volumes["mask"].data > 0):
         problems.append(f"{case.mask}: empty mask")
+    ct = volumes.get("ct")
+    if ct is not None and not problems:
+        mask = volumes["mask"].data > 0 if "mask" in volumes else None
+        problem = hu.non_hu_problem(ct.data, mask) if hu.checking() else None
+        if problem:
+            problems.append(f"{case.ct}: CT {problem} (set {hu.ALLOW_ENV}=1 if intended)")
     return problems
 
 

@@ -7,12 +7,14 @@ worst. Command line: ``python -m sct_jax.cli.qa --mr MR --sct SCT [--mask M] --r
 
 Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
 
-- ``hu_range``: non-finite voxels anywhere, or body voxels outside [HU_MIN, HU_MAX].
+- ``hu_range``: non-finite voxels anywhere, or body voxels outside the plausible CT
+  range :data:`PLAUSIBLE_HU` (air's noise reaches below -1024 HU in an unclipped CT).
 - ``tissue_fractions``: air/fat/soft/bone fractions inside the body against the
   training distribution (a profile from :func:`build_reference_profile`, or the
   built-in ranges :data:`BUILTIN_RANGES`). Bone removed or an HU offset fails here.
 - ``hu_statistics``: mean and median HU inside the body, same ranges.
-- ``bone_outside_body``: sCT > 250 HU outside the body, per body voxel.
+- ``bone_outside_body``: sCT > 250 HU further than :data:`BONE_MARGIN_MM` outside the
+  body, per body voxel (an MR outline can miss dark skull or cortex under thin skin).
 - ``body_outline``: Dice of the body (mask, else an MR-derived outline) with the
   sCT's body (> -400 HU, largest component, holes filled per slice).
 - ``slice_continuity``: a 2D model's slice artefacts. For each slice, the smaller mean
@@ -28,6 +30,11 @@ Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
 
 The thresholds are heuristics, documented where they are defined; a ``warn`` asks a
 person to look, a ``fail`` says the sCT should not be used as it is.
+
+Blind spot: a left-right flipped sCT of a (near-)symmetric anatomy passes every check
+(the outline, the tissue statistics and the edges line up with the MR's mirror image as
+well as with the MR). Check the orientation of the pipeline once against a reference
+CT; these checks cannot see it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ BODY_HU = -400.0  # tissue vs air for the sCT body outline
 
 # Upper-bound thresholds {name: (warn above, fail above)}.
 OUT_OF_RANGE_FRACTION = (1e-4, 1e-3)  # a few voxels at the clip limits are rounding
+# Plausible CT numbers: air is -1000 +- noise (an unclipped CT holds voxels a little
+# below -1024); 3071 is the top of a 12-bit CT. Beyond these: not a CT.
+PLAUSIBLE_HU = (-1200.0, 3071.0)
+BONE_MARGIN_MM = 5.0  # bone this close to the body outline counts as inside
 BONE_OUTSIDE_FRACTION = (1e-3, 5e-3)  # of the body volume
 SLICE_SCORE = (1.3, 1.8)  # noise-only slices score ~1, a zeroed slice > 2
 SHIFT_MM = (3.0, 6.0)  # ~1 voxel of estimation error is normal
@@ -162,15 +173,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_hu_range(sct, body) -> dict:
-    """(a) Non-finite voxels anywhere, or body voxels outside [HU_MIN, HU_MAX] (+-0.5)."""
+    """(a) Non-finite voxels anywhere, or body voxels outside :data:`PLAUSIBLE_HU`."""
     finite = np.isfinite(sct)
     non_finite = int(sct.size - np.count_nonzero(finite))
     inside = sct[body & finite]
-    outside = int(np.count_nonzero((inside < HU_MIN - 0.5) | (inside > HU_MAX + 0.5)))
+    lo, hi = PLAUSIBLE_HU
+    outside = int(np.count_nonzero((inside < lo) | (inside > hi)))
     fraction = outside / max(int(body.sum()), 1)
     status = "fail" if non_finite else _above(fraction, OUT_OF_RANGE_FRACTION)
     reason = (f"{non_finite} non-finite voxels" if non_finite else
-              f"{fraction:.2%} of body voxels outside [{HU_MIN:.0f}, {HU_MAX:.0f}] HU")
+              f"{fraction:.2%} of body voxels outside [{lo:.0f}, {hi:.0f}] HU")
     return _check("hu_range", status, {"non_finite": non_finite, "outside_fraction": fraction},
                   {"warn_above": OUT_OF_RANGE_FRACTION[0],
                    "fail_above": OUT_OF_RANGE_FRACTION[1]}, reason)
@@ -189,10 +201,23 @@ def _range_check(name: str, stats: Mapping[str, float], ranges: Mapping, keys, s
                   {k: dict(ranges[k]) for k in keys}, reason)
 
 
-def check_bone_outside_body(sct, body) -> tuple[dict, np.ndarray]:
-    """(c) sCT bone (> 250 HU) outside the body; returns the check and those voxels."""
+def check_bone_outside_body(sct, body, spacing=(1.0, 1.0, 1.0)) -> tuple[dict, np.ndarray]:
+    """(c) sCT bone (> 250 HU) more than :data:`BONE_MARGIN_MM` outside the body;
+    returns the check and those voxels. The margin absorbs an MR outline that stops
+    short of dark cortical bone (skull under thin scalp)."""
+    steps = [max(int(math.ceil(BONE_MARGIN_MM / float(s))), 0) for s in spacing[:3]]
+    near = body
+    for axis, n in enumerate(steps):
+        if n:
+            structure = np.zeros((3, 3, 3), bool)
+            structure[1, 1, 1] = True
+            index = [1, 1, 1]
+            for offset in (0, 2):
+                index[axis] = offset
+                structure[tuple(index)] = True
+            near = ndimage.binary_dilation(near, structure, iterations=n)
     bone_out = np.nan_to_num(sct, nan=0.0) > SOFT_BONE_HU
-    bone_out &= ~body
+    bone_out &= ~near
     fraction = float(bone_out.sum()) / max(int(body.sum()), 1)
     return _check("bone_outside_body", _above(fraction, BONE_OUTSIDE_FRACTION),
                   {"voxels": int(bone_out.sum()), "fraction_of_body": fraction},
@@ -463,7 +488,7 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
     checks.append(_range_check("tissue_fractions", stats, ranges,
                                [f"{t}_fraction" for t in TISSUES], source))
     checks.append(_range_check("hu_statistics", stats, ranges, ["mean_hu", "median_hu"], source))
-    bone_check, flagged = check_bone_outside_body(sct, body)
+    bone_check, flagged = check_bone_outside_body(sct, body, spacing)
     checks.append(bone_check)
     outline_check, outline_disagreement = check_body_outline(
         body if mask is not None else outline, finite_sct,

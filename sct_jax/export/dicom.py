@@ -20,10 +20,11 @@ A treatment planning system imports DICOM, not NIfTI. The series:
   series marked as synthetic in SeriesDescription ("SYNTHETIC CT ..."), ImageType
   ``DERIVED\\SECONDARY\\AXIAL``, DerivationDescription and ImageComments.
 - With a reference MR series (``like``), the patient and study tags are copied from it
-  (the sCT joins the MR's study) and so is FrameOfReferenceUID: the sCT is computed on
-  the MR's voxel grid, so it shares the MR's patient coordinate system, and a planning
-  system can then overlay the two without a registration. That holds only when the
-  NIfTI was converted from that very MR series; otherwise omit ``like``.
+  (the sCT joins the MR's study). FrameOfReferenceUID is copied only when the series'
+  slices (count, orientation, spacing, every position) match the sCT's grid
+  (:func:`like_geometry_mismatch`): the sCT then shares the MR's patient coordinate
+  system and a planning system overlays the two without a registration. Otherwise the
+  sCT gets its own Frame of Reference, and a warning says why.
 
 The folder is written atomically: files go to a temporary folder next to ``out`` that
 is renamed when complete; an existing non-empty ``out`` is refused.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import logging
 import os
 import shutil
 import tempfile
@@ -53,6 +55,7 @@ LIKE_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDa
              "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
              "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
              "FrameOfReferenceUID", "PatientPosition")
+log = logging.getLogger(__name__)
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORTHOGONALITY_TOLERANCE = 1e-4
 
@@ -121,6 +124,47 @@ def read_reference_tags(like_dir: str | os.PathLike) -> dict:
             continue
         return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
     raise DataError(f"{like_dir}: no DICOM file found for --like")
+
+
+def like_geometry_mismatch(like_dir: str | os.PathLike, sct: Volume) -> str | None:
+    """Why the MR series in ``like_dir`` is not on the sCT's grid, or ``None`` if it is.
+
+    Compares slice count, orientation, pixel spacing and every slice position (LPS mm,
+    0.01 mm tolerance) read from the DICOM headers with the sCT's :func:`slice_geometry`.
+    The Frame of Reference UID may be shared only when they match: otherwise a planning
+    system would overlay two images that are not in one coordinate system.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    geometry = slice_geometry(sct.affine, sct.shape)
+    headers = []
+    for path in sorted(p for p in Path(like_dir).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            headers.append(ds)
+    if len(headers) != sct.shape[2]:
+        return f"{len(headers)} MR slices, the sCT has {sct.shape[2]}"
+    first = headers[0]
+    if not np.allclose([float(v) for v in first.ImageOrientationPatient],
+                       geometry["orientation"], atol=1e-4):
+        return "slice orientation differs"
+    if "PixelSpacing" in first and not np.allclose(
+            [float(v) for v in first.PixelSpacing], geometry["pixel_spacing"], atol=1e-3):
+        return "pixel spacing differs"
+    if (int(first.get("Rows", sct.shape[1])), int(first.get("Columns", sct.shape[0]))) != (
+            sct.shape[1], sct.shape[0]):
+        return "rows/columns differ"
+    mr_positions = np.array(sorted(([float(v) for v in ds.ImagePositionPatient]
+                                    for ds in headers), key=lambda p: p @ geometry["normal"]))
+    ours = np.array(sorted(geometry["positions"].tolist(),
+                           key=lambda p: np.asarray(p) @ geometry["normal"]))
+    if not np.allclose(mr_positions, ours, atol=0.01):
+        return "slice positions differ"
+    return None
 
 
 def _ds(value: float) -> str:
@@ -203,6 +247,17 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
         raise DataError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite")
     geometry = slice_geometry(sct.affine, data.shape)
     like = read_reference_tags(like_dir) if like_dir is not None else {}
+    if like_dir is not None:
+        mismatch = like_geometry_mismatch(like_dir, sct)
+        if mismatch is not None:
+            # Patient and study still apply; the coordinate system does not.
+            like.pop("FrameOfReferenceUID", None)
+            log.warning("%s: the MR series is not on the sCT's grid (%s): the sCT gets a "
+                        "new Frame of Reference (patient and study tags copied)",
+                        like_dir, mismatch)
+        else:
+            log.warning("%s: the MR series is on the sCT's grid: its Frame of Reference "
+                        "is shared", like_dir)
     base = _base_dataset(like, source, source_file, series_number,
                          now or datetime.datetime.now())
     digits = max(4, len(str(data.shape[2])))

@@ -7,12 +7,31 @@ batches as an uninterrupted one). Keeps the last N steps and resumes from the la
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from sct_jax.errors import DataError, RunFailed
+
+log = logging.getLogger(__name__)
+
+
+class _DropDiskFullEcho(logging.Filter):
+    """Orbax logs a full disk in its writer thread with a traceback (absl ERROR); the
+    entry point reports it in one line, so that echo is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _DISK_FULL_TEXT.search(
+            record.getMessage() + str(record.exc_info[1] if record.exc_info else "")))
 
 
 class Checkpointer:
@@ -30,6 +49,10 @@ class Checkpointer:
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=True)
         self.every = every
+        self.failed = False
+        absl_logger = logging.getLogger("absl")
+        if not any(isinstance(f, _DropDiskFullEcho) for f in absl_logger.filters):
+            absl_logger.addFilter(_DropDiskFullEcho())
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 
@@ -38,19 +61,44 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None,
              force: bool = False) -> bool:
-        """Saves when ``step`` is a multiple of ``every`` (or ``force``); asynchronous."""
+        """Saves when ``step`` is a multiple of ``every`` (or ``force``); asynchronous.
+
+        Raises:
+          RunFailed: the disk is full (this save, or the previous asynchronous one):
+            one line; the previous checkpoint is intact (orbax commits a step by a
+            final rename), so the same command resumes once space is freed.
+        """
         if not force and step % self.every:
             return False
-        if step in self.manager.all_steps():
-            return False
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._faults(step):
+            if step in self.manager.all_steps():
+                return False
+            items = {"state": ocp.args.StandardSave(state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    @contextlib.contextmanager
+    def _faults(self, step: int | None):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (orbax wraps I/O errors in several types)
+            if not _disk_full(e):
+                raise
+            self.failed = True
+            good = [s for s in self.manager.all_steps() if s != step]
+            kept = f"step {max(good)} is intact" if good else "no earlier checkpoint"
+            what = f"step {step}" if step is not None else "a checkpoint"
+            raise RunFailed(f"{self.directory}: no space left on device while saving {what}; "
+                            f"{kept}: free space and rerun the same command to resume") from e
 
     def restore(self, abstract_state: Any, data_iterator: Any | None = None,
                 step: int | None = None) -> tuple[int, Any]:
-        """Restores ``step`` (default: the latest) into ``abstract_state``'s shardings.
+        """Restores ``step`` (default: the latest readable one) into the shardings.
+
+        A damaged latest checkpoint (unreadable files, cut short by a crash or a full
+        disk) is moved to ``<workdir>/checkpoints_damaged/<step>`` and the previous one
+        restored, with a warning naming both steps.
 
         Args:
           abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set.
@@ -59,22 +107,82 @@ class Checkpointer:
 
         Returns:
           ``(step, state)``.
+
+        Raises:
+          FileNotFoundError: no checkpoint at all.
+          DataError: every checkpoint is damaged (or the requested ``step`` is).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return step, restored["state"]
+        damaged: list[tuple[int, str]] = []
+        for candidate in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 (tensorstore/orbax/json errors alike)
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                damaged.append((candidate, f"{type(e).__name__}: {reason}"))
+                continue
+            if damaged:
+                self._set_aside([s for s, _ in damaged])
+                names = ", ".join(str(s) for s, _ in damaged)
+                log.warning("%s: checkpoint step %s is damaged (%s); moved to %s; "
+                            "falling back to step %d", self.directory, names, damaged[0][1],
+                            self.damaged_directory, candidate)
+            return candidate, restored["state"]
+        raise DataError(f"{self.directory}: checkpoint step(s) "
+                        f"{', '.join(str(s) for s, _ in damaged)} unreadable "
+                        f"({damaged[0][1]})")
+
+    @property
+    def damaged_directory(self) -> Path:
+        return self.directory.parent / "checkpoints_damaged"
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged steps out of the manager's folder (nothing is deleted), so the
+        resumed run can save those step numbers again."""
+        self.damaged_directory.mkdir(exist_ok=True)
+        for s in steps:
+            target = self.damaged_directory / str(s)
+            if target.exists():
+                target = self.damaged_directory / f"{s}-{int(time.time())}"
+            os.replace(self.directory / str(s), target)
+        self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._faults(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self.failed:  # the fault was reported; its background errors would repeat it
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
+        try:
+            with self._faults(None):
+                self.manager.wait_until_finished()
+        finally:
+            with contextlib.suppress(Exception) if self.failed else contextlib.nullcontext():
+                self.manager.close()
+
+
+_DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a full disk or exceeded quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if _DISK_FULL_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def abstract_like(state: Any) -> Any:

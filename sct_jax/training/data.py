@@ -18,7 +18,7 @@ import grain
 import jax
 
 from sct_jax.data import pipeline, synthrad
-from sct_jax.errors import ConfigError
+from sct_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,17 @@ def dataset_root(config) -> Path:
 
 def case_splits(config) -> dict[str, list[synthrad.Case]]:
     """Discovers, validates and splits the config's cases into train/val/test."""
-    cases = synthrad.discover_cases(dataset_root(config), region=config.data.region or None)
+    root = dataset_root(config)
+    cases = synthrad.discover_cases(root, region=config.data.region or None)
     synthrad.validate_cases(cases)
-    return synthrad.split_cases(cases, fractions=tuple(config.data.split),
-                                seed=config.data.split_seed)
+    fractions = tuple(config.data.split)
+    splits = synthrad.split_cases(cases, fractions=fractions, seed=config.data.split_seed)
+    # A split asked for (fraction > 0) that holds no case would train or score nothing.
+    for (name, part), fraction in zip(splits.items(), fractions):
+        if not part and (fraction > 0 or name == "train"):
+            raise DataError(f"{root}: the {name} split is empty ({len(cases)} case(s), "
+                            f"data.split={fractions}); add cases or change data.split")
+    return splits
 
 
 def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:

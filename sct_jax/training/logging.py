@@ -55,6 +55,30 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.workdir / "tb"))
 
+    def mark_resume(self, step: int) -> None:
+        """Marks a resume from the checkpoint of ``step`` in ``metrics.jsonl``.
+
+        Records of later steps (logged before an interruption, and about to be logged
+        again) are dropped first, so the file never holds two records of one step; the
+        marker is ``{"step": step, "time": ..., "event": "resume"}`` (no metric keys).
+        """
+        if not self.enabled:
+            return
+        path = self.workdir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if int(record.get("step", 0)) <= step:
+                kept.append(json.dumps(record))
+        kept.append(json.dumps({"step": int(step), "time": time.time(), "event": "resume"}))
+        from sct_jax.data.io import atomic_write_text
+        atomic_write_text(path, "\n".join(kept) + "\n")
+        self._jsonl = open(path, "a", buffering=1)
+
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return

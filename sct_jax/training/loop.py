@@ -29,15 +29,16 @@ import jax
 import numpy as np
 
 from sct_jax import methods
-from sct_jax.errors import SctError
-from sct_jax.training import checkpoint, sharding
+from sct_jax.config_utils import check_run_config
+from sct_jax.errors import RunFailed, SctError
+from sct_jax.training import checkpoint, run_dir, sharding
 from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(SctError):
-    """A loss or norm became NaN/Inf."""
+class TrainingDiverged(RunFailed):
+    """A loss or norm became NaN/Inf (exit status 1)."""
 
 
 @dataclasses.dataclass
@@ -54,6 +55,14 @@ def save_config(config, workdir: Path) -> None:
     from sct_jax.data.io import atomic_write_text
     if jax.process_index() == 0:
         atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+
+
+def save_geometry(training_geometry, workdir: Path) -> None:
+    """Records the training MRs' orientation, spacing and region (``geometry.json``):
+    prediction brings every new MR onto that grid (:mod:`sct_jax.inference.geometry`)."""
+    if jax.process_index() == 0:
+        from sct_jax.inference import geometry
+        geometry.save(training_geometry, workdir)
 
 
 def save_batch_spec(spec: dict[str, jax.ShapeDtypeStruct], workdir: Path) -> None:
@@ -138,6 +147,9 @@ def train(config, workdir: str | Path,
     """
     sharding.maybe_initialize_distributed()
     workdir = Path(workdir)
+    check_run_config(config)
+    run_dir.check_workdir(workdir)  # cheap checks first: no data is read for a bad run dir
+    run_dir.check_resume_config(config, workdir, run_dir.has_checkpoint(workdir))
     method = methods.get_method(config.method)
     if hasattr(method, "validate_config"):
         method.validate_config(config)
@@ -145,11 +157,36 @@ def train(config, workdir: str | Path,
     local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
     # The data is checked (and the phantom generated) before anything is written to
     # the workdir, so bad input leaves no half-made run directory behind.
+    default_data = make_dataset is None
     if make_dataset is None:
         from sct_jax.training.data import train_dataset as make_dataset
     dataset = make_dataset(config, local_batch)
+    training_geometry = None
+    if default_data:  # the config's own cases: read their orientation and spacing
+        from sct_jax.inference import geometry
+        training_geometry = geometry.from_config(config)
+    # One writer per run dir; a resume may not change the model or the data (run_dir.py).
+    resuming = run_dir.has_checkpoint(workdir)
+    lock = (run_dir.open_run_dir(config, workdir, resuming) if jax.process_index() == 0
+            else None)
+    try:
+        result = _train_in(config, workdir, method, mesh, dataset, resuming, training_geometry)
+    finally:
+        if lock is not None:
+            lock.release()
+    if resuming:
+        save_config(config, workdir)  # only now: a failed resume keeps the run's config
+    return result
+
+
+def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
+              training_geometry) -> TrainResult:
+    """The body of :func:`train` once the run directory is held."""
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    if not resuming or not (workdir / "config.json").exists():
+        save_config(config, workdir)
+    if training_geometry is not None:
+        save_geometry(training_geometry, workdir)
     iterator = iter(dataset)
     start_position = iterator.get_state()
     spec = sharding.batch_spec(next(iterator))
@@ -175,6 +212,8 @@ def train(config, workdir: str | Path,
     base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
 
     writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+    if start_step:
+        writer.mark_resume(start_step)  # drops records past the checkpoint, marks the resume
     write_images = image_summary_fn(method, config, mesh)
     image_every = int(config.train.get("image_every", 0))
     total = int(config.train.steps)

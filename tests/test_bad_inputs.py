@@ -1,0 +1,641 @@
+"""What bad input gets: every entry point against bad input, concurrency and faults.
+
+:data:`ROWS` is the contract, one row per case: the issue item, the exact command a user
+types, the exit status and a fragment of the one ``error:`` line. The README's "What bad
+input gets" table is checked against it (:func:`test_readme_table_matches_rows`).
+
+Command rows run in this process (the entry point's own ``main``/``run_main`` with the
+argv; :func:`test_in_process_harness_matches_a_real_process` runs two of them as real
+processes) and assert: the exit status, exactly one stderr line naming the file or flag,
+every input file unchanged (SHA-256) and nothing new on disk (no half-written output).
+Rows marked ``(test)`` need a fault or a trained run and are checked by the named test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import gzip
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from absl import flags
+
+from sct_jax.cli import guard
+from sct_jax.data import synthrad
+from sct_jax.data.io import load_volume, save_volume
+from sct_jax.errors import ConfigError, DataError, RunFailed
+from sct_jax.io_guard import refuse_overwrite
+
+REPO = Path(__file__).resolve().parents[1]
+AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
+SHAPE = (24, 20, 6)
+TINY = "configs/pix2pix_pelvis.py:tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    item: int
+    what: str
+    command: str  # {data}, {pred}, {tmp}, {case} are filled in per test
+    code: int
+    message: str  # a fragment of the single stderr line
+    seen: str = ""  # for the README, where the message is not an error line
+
+
+ROWS = [
+    Row(1, "score with --out onto a reference CT",
+        "python evaluate.py --pred {pred} --data {data} --out {case}/ct.nii.gz",
+        2, "inside the case folder"),
+    Row(1, "QA report onto the input MR",
+        "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz --sct {pred}/1PA001/sct.nii.gz "
+        "--region pelvis --report {case}/mr.nii.gz", 2, "is the input"),
+    Row(1, "QA figure through a symlink onto the sCT",
+        "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz --sct {pred}/1PA001/sct.nii.gz "
+        "--region pelvis --report {tmp}/qa.json --png {tmp}/link.png", 2, "is the input"),
+    Row(1, "DICOM export into the folder holding the sCT",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {pred}/1PA001",
+        2, "holds the input"),
+    Row(2, "a second trainer on a run directory in use",
+        f"python train.py --config {TINY} --workdir {{tmp}}/locked", 2, "held by pid"),
+    Row(2, "resume with another crop",
+        f"python train.py --config {TINY} --workdir {{tmp}}/resumed "
+        "--config.data.crop=(64,64)", 2, "data.crop"),
+    Row(3, "a 114-byte .nii.gz declaring 1000^3 voxels",
+        "python -m sct_jax.cli.qa --mr {tmp}/bomb.nii.gz --sct {pred}/1PA001/sct.nii.gz "
+        "--region pelvis --report {tmp}/qa.json", 2, "header declares 1000 x 1000 x 1000"),
+    Row(4, "reference CT in stored values (no rescale intercept)",
+        "python evaluate.py --pred {pred} --data {raw}", 2, "rescale slope/intercept"),
+    Row(4, "sCT in attenuation units exported",
+        "python -m sct_jax.cli.export_dicom --sct {tmp}/mu.nii.gz --out {tmp}/dcm",
+        2, "attenuation"),
+    Row(5, "unknown variant word", "python train.py --config configs/pix2pix_pelvis.py:tinyy",
+        2, "unknown config variant"),
+    Row(5, "unknown config key", f"python train.py --config {TINY} --config.train.stepz=3",
+        2, "did you mean train.steps?"),
+    Row(5, "wrong type", f"python train.py --config {TINY} --config.train.steps=abc",
+        2, "--config.train.steps=abc"),
+    Row(5, "keep_checkpoints < 1",
+        f"python train.py --config {TINY} --config.train.keep_checkpoints=0",
+        2, "train.keep_checkpoints=0 must be >= 1"),
+    Row(5, "batch size 0", f"python train.py --config {TINY} --config.train.batch_size=0",
+        2, "train.batch_size=0 must be >= 1"),
+    Row(5, "workdir that is a file", f"python train.py --config {TINY} --workdir {{tmp}}/afile",
+        2, "is a file"),
+    Row(5, "a required flag missing", "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz",
+        2, "missing --sct, --report"),
+    Row(6, "disk full while saving a checkpoint (test)",
+        f"python train.py --config {TINY} --workdir W", 1, "no space left on device",
+        "`error: ...no space left on device while saving step N; step N-1 is intact...`; "
+        "the same command resumes"),
+    Row(6, "damaged latest checkpoint (test)",
+        f"python train.py --config {TINY} --workdir W", 0, "is damaged",
+        "a warning naming both steps; the damaged one moved to checkpoints_damaged/"),
+    Row(7, "QA of an sCT that fails",
+        "python -m sct_jax.cli.qa --mr {case}/mr.nii.gz --sct {tmp}/flat.nii.gz "
+        "--region pelvis --report {tmp}/qa.json", 1, "", "the QA table, status fail"),
+    Row(7, "internal error (test)", "any entry point", 3, "internal error",
+        "the traceback, then `error: internal error (...)`"),
+    Row(8, "a case id in two regions",
+        "python evaluate.py --pred {pred} --data {twin}", 2, "appear in several regions"),
+    Row(8, "folders that are not cases (test)", "any discovery", 0, "skipped",
+        "one warning listing them (no MR, broken or looping symlink)"),
+    Row(9, "phantom into a dataset with another seed",
+        "python -m sct_jax.data.phantom --out {phantom} --cases 1 --seed 1 --shape 16 16 4",
+        2, "seed 0 -> 1"),
+    Row(10, "QA of a real CT with noise (test)", "python -m sct_jax.cli.qa ...", 0, "pass",
+        "`hu_range` and `bone_outside_body` pass"),
+]
+COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _case_arrays(index: int):
+    """A body (ellipse) of soft tissue and bone in air, HU; an MR that follows it."""
+    x, y = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    body = ((x - 12) / 10.0) ** 2 + ((y - 10) / 8.0) ** 2 < 1.0
+    bone = ((x - 12) / 3.0) ** 2 + ((y - 10) / 2.0) ** 2 < 1.0
+    rng = np.random.default_rng(index)
+    ct = np.where(body, 40.0, -1000.0) + np.where(bone, 700.0, 0.0)
+    ct = np.repeat(ct[..., None], SHAPE[2], axis=2) + rng.normal(0, 5, SHAPE)
+    mr = np.where(ct > -500, 400.0 - 0.3 * np.clip(ct, 0, None), 0.0) + rng.gamma(2, 5, SHAPE)
+    return mr.astype(np.float32), ct.astype(np.int16), np.repeat(body[..., None], SHAPE[2], 2)
+
+
+def _write_case(root: Path, case_id: str, index: int, ct_offset: float = 0.0) -> Path:
+    mr, ct, mask = _case_arrays(index)
+    folder = root / case_id
+    save_volume(folder / "mr.nii.gz", mr, AFFINE)
+    save_volume(folder / "ct.nii.gz", (ct + ct_offset).astype(np.int16), AFFINE)
+    save_volume(folder / "mask.nii.gz", mask, AFFINE)
+    return folder
+
+
+def _bomb(path: Path, size: int = 114) -> Path:
+    """A gzip-compressed NIfTI header declaring 1000^3 float32 voxels, ``size`` bytes."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.float32)
+    raw = header.binaryblock + b"\0" * 4
+    base = len(gzip.compress(raw, mtime=0))
+    # the gzip FNAME field (a name, NUL-terminated) pads the file to the size asked for
+    import io as _io
+    buffer = _io.BytesIO()
+    with gzip.GzipFile(filename="x" * (size - base - 1), mode="wb", fileobj=buffer,
+                       mtime=0) as f:
+        f.write(raw)
+    path.write_bytes(buffer.getvalue())
+    assert path.stat().st_size == size
+    return path
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Every input the command rows read, in ``tmp_path``; returns the placeholders."""
+    data = tmp_path / "data"
+    for i, case_id in enumerate(("1PA001", "1PA002", "1PA003")):
+        _write_case(data / "Task1" / "pelvis", case_id, i)
+    pred = tmp_path / "pred"
+    for i, case_id in enumerate(("1PA001", "1PA002")):
+        mr, ct, _ = _case_arrays(i)
+        save_volume(pred / case_id / "sct.nii.gz", ct.astype(np.float32) + 3.0, AFFINE)
+    raw = tmp_path / "raw"
+    for i, case_id in enumerate(("1PA001", "1PA002")):  # stored values, intercept missing
+        _write_case(raw, case_id, i, ct_offset=1024.0)
+    twin = tmp_path / "twin"
+    _write_case(twin / "pelvis", "1PA001", 0)
+    _write_case(twin / "brain", "1PA001", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(pred / "1PA001" / "sct.nii.gz", out / "link.png")
+    _bomb(out / "bomb.nii.gz")
+    _, ct, _ = _case_arrays(0)
+    save_volume(out / "mu.nii.gz", (ct.astype(np.float32) + 1000.0) / 1000.0 * 0.19, AFFINE)
+    save_volume(out / "flat.nii.gz", np.full(SHAPE, 3000.0, np.float32), AFFINE)
+    (out / "afile").write_text("not a folder")
+    locked = out / "locked"
+    locked.mkdir()
+    (locked / "run.lock").write_text(json.dumps(
+        {"pid": os.getpid(), "host": os.uname().nodename, "started": "2026-01-01T00:00:00"}))
+    resumed = out / "resumed"
+    (resumed / "checkpoints" / "5").mkdir(parents=True)
+    from sct_jax.config_utils import load_config_file
+    (resumed / "config.json").write_text(load_config_file(TINY).to_json_best_effort())
+    phantom = tmp_path / "phantom"
+    from sct_jax.data import phantom as phantom_module
+    phantom_module.write_dataset(phantom, "pelvis", 1, 0, 0.0, (16, 16, 4))
+    return {"data": data, "pred": pred, "tmp": out, "raw": raw, "twin": twin,
+            "case": data / "Task1" / "pelvis" / "1PA001", "phantom": phantom,
+            "root": tmp_path}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` -> SHA-256 of its bytes ('dir'/'link' for others)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = "link:" + os.readlink(path)
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+# ----------------------------------------------------------------------------- runner
+
+def run_in_process(command: str, capsys) -> tuple[int, str]:
+    """Runs ``command`` through its entry point's ``main`` in this process.
+
+    Returns ``(exit status, stderr)``: exactly what the shell would see, since each
+    entry point's ``__main__`` only passes ``main``'s status to ``sys.exit``.
+    """
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    capsys.readouterr()
+    code = 0
+    if argv[1] == "-m":
+        module = importlib.import_module(argv[2])
+        try:
+            code = module.main(argv[3:])
+        except SystemExit as e:
+            code = e.code
+    else:
+        # train.py / evaluate.py: the console entry point they call, sct_jax.cli.<stem>
+        module = importlib.import_module(f"sct_jax.cli.{Path(argv[1]).stem}")
+        before = set(flags.FLAGS)
+        saved_argv = sys.argv
+        sys.argv = argv[1:]  # config_flags defines --config.* overrides from sys.argv
+        try:
+            module.run_main()  # absl's app.run: parses sys.argv, exits with the status
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.argv = saved_argv
+            flags.FLAGS.unparse_flags()
+            for name in set(flags.FLAGS) - before:
+                delattr(flags.FLAGS, name)
+    return int(code or 0), capsys.readouterr().err
+
+
+def _fill(command: str, world: dict) -> str:
+    return command.format(**{k: str(v) for k, v in world.items()})
+
+
+@pytest.mark.parametrize("row", COMMAND_ROWS, ids=[f"{r.item}-{r.what}" for r in COMMAND_ROWS])
+def test_command_row(row, world, capsys, caplog):
+    command = _fill(row.command, world)
+    before = _snapshot(world["root"])
+    code, err = run_in_process(command, capsys)
+    assert code == row.code, (command, err)
+    after = _snapshot(world["root"])
+    if row.code == 2:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert lines[0].startswith("error: ") and row.message in lines[0], lines[0]
+        # the line names a file or flag of the command
+        named = [a for a in shlex.split(command)[2:] if a.startswith(("--", "/", "configs"))]
+        assert "--" in row.message or any(
+            a.split("=")[0].partition(":")[0] in lines[0] for a in named), lines[0]
+        assert after == before  # inputs unchanged, nothing (half-)written
+    else:
+        changed = {k for k in before if after.get(k) != before[k]}
+        assert not changed, changed  # inputs unchanged
+        assert not [k for k in after if Path(k).name.startswith(".tmp-")]
+
+
+def test_in_process_harness_matches_a_real_process(world):
+    """Two rows as real processes (two light entry points; train.py's flag handling is
+    the same guard.parse_flags): the same status and the same single line."""
+    for row in (ROWS[0], next(r for r in ROWS if r.item == 9)):
+        command = _fill(row.command, world)
+        argv = shlex.split(command)
+        proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == row.code, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and row.message in lines[0], proc.stderr
+
+
+def test_readme_table_matches_rows():
+    """README's "What bad input gets" holds exactly the table made from :data:`ROWS`
+    (regenerate it with ``python tests/test_bad_inputs.py``)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## What bad input gets"):].split("\n## ")[0]
+    assert readme_table() in section
+
+
+def readme_table() -> str:
+    """The README table, generated from :data:`ROWS` (``python tests/test_bad_inputs.py``)."""
+    lines = ["| case | exit | what the user sees |", "|---|---|---|"]
+    for r in ROWS:
+        seen = r.seen or f"`error: ...{r.message}...`"
+        lines.append(f"| {r.what.replace(' (test)', '')} | {r.code} | {seen} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------- item 1: refuse_overwrite
+
+def test_refuse_overwrite_follows_symlinks_and_case_folders(tmp_path):
+    case = _write_case(tmp_path / "root", "1PA001", 0)
+    link = tmp_path / "alias.json"
+    os.symlink(case / "ct.nii.gz", link)
+    with pytest.raises(DataError, match="is the input"):
+        refuse_overwrite(link, [case / "ct.nii.gz"])
+    with pytest.raises(DataError, match="case folder"):
+        refuse_overwrite(case / "qa" / "report.json", [], tmp_path / "root")
+    with pytest.raises(DataError, match="existing folder"):
+        refuse_overwrite(case, [])
+    # outside every case folder: allowed, returned resolved
+    assert refuse_overwrite(tmp_path / "root" / "metrics.json", [case / "ct.nii.gz"],
+                            tmp_path / "root") == (tmp_path / "root" / "metrics.json").resolve()
+
+
+# ------------------------------------------------------------- item 3: no huge allocation
+
+def test_bomb_header_fails_before_any_voxel_is_allocated(tmp_path):
+    path = _bomb(tmp_path / "bomb.nii.gz")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            load_volume(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak  # 1000^3 float32 would be 4 GB
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_voxel_cap_and_truncated_uncompressed_file(tmp_path, monkeypatch):
+    data = np.zeros((20, 20, 20), np.int16)
+    save_volume(tmp_path / "v.nii", data, AFFINE)
+    assert load_volume(tmp_path / "v.nii").shape == (20, 20, 20)
+    monkeypatch.setenv("SCT_JAX_MAX_VOXELS", "7999")
+    with pytest.raises(DataError, match="cap of 7999"):
+        load_volume(tmp_path / "v.nii")
+    monkeypatch.delenv("SCT_JAX_MAX_VOXELS")
+    raw = (tmp_path / "v.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[:-100])
+    with pytest.raises(DataError, match="truncated or corrupt header"):
+        load_volume(tmp_path / "cut.nii")
+
+
+# --------------------------------------------------------------------- item 4: HU units
+
+@pytest.mark.parametrize("transform, fragment", [
+    (lambda ct: ct + 1024.0, "rescale slope/intercept"),
+    (lambda ct: (ct + 1000.0) / 1000.0 * 0.19, "attenuation"),
+    (lambda ct: ct - 1024.0, "twice-applied"),
+])
+def test_non_hu_ct_is_named_with_its_likely_cause(tmp_path, transform, fragment):
+    from sct_jax.data import hu
+    mr, ct, mask = _case_arrays(0)
+    assert hu.non_hu_problem(ct.astype(np.float32), mask) is None
+    assert fragment in hu.non_hu_problem(transform(ct.astype(np.float32)), mask)
+
+
+def test_non_hu_can_be_allowed_explicitly(tmp_path, monkeypatch):
+    case_dir = _write_case(tmp_path, "1PA001", 0, ct_offset=1024.0)
+    case = synthrad.discover_cases(case_dir)[0]
+    assert "rescale" in synthrad.validate_case(case)[0]
+    monkeypatch.setenv("SCT_JAX_ALLOW_NON_HU", "1")
+    assert synthrad.validate_case(case) == []
+
+
+# ------------------------------------------------------------ item 5: run settings
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("steps", 0, "train.steps=0 must be >= 1"),
+    ("log_every", -1, "train.log_every=-1 must be >= 1"),
+    ("ckpt_every", 0, "train.ckpt_every=0 must be >= 1"),
+    ("steps", "10", "train.steps='10' must be a whole number"),
+    ("steps", True, "train.steps=True must be a whole number"),
+])
+def test_run_settings_are_checked(key, value, fragment):
+    import ml_collections
+
+    from sct_jax.config_utils import check_run_config, load_config_file
+    config = load_config_file(TINY)
+    check_run_config(config, "x.py")
+    # as a config file could write it (a ConfigDict only type-checks overrides)
+    tree = config.to_dict()
+    tree["train"][key] = value
+    with pytest.raises(ConfigError, match=f"x.py: {fragment}"):
+        check_run_config(ml_collections.ConfigDict(tree), "x.py")
+
+
+# ------------------------------------------------------- item 2: lock and config diff
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
+    from sct_jax.training import run_dir
+    lock = run_dir.RunLock(tmp_path).acquire()
+    with pytest.raises(run_dir.RunDirBusy, match=f"held by pid {os.getpid()}"):
+        run_dir.RunLock(tmp_path).acquire()
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "run.lock").write_text(json.dumps(
+        {"pid": int(dead), "host": os.uname().nodename, "started": "x"}))
+    with caplog.at_level(logging.WARNING):
+        lock = run_dir.RunLock(tmp_path).acquire()
+    assert "stale lock" in caplog.text and f"pid {dead}" in caplog.text
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    (tmp_path / "run.lock").write_text(json.dumps(
+        {"pid": 1, "host": "another-host", "started": "x"}))
+    with pytest.raises(run_dir.RunDirBusy, match="on host another-host"):
+        run_dir.RunLock(tmp_path).acquire()
+
+
+def test_changed_resume_keys_lists_model_and_data_keys_only():
+    from sct_jax.config_utils import load_config_file
+    from sct_jax.training import run_dir
+    config = load_config_file(TINY)
+    saved = json.loads(config.to_json_best_effort())
+    assert run_dir.changed_resume_keys(saved, config) == []
+    config.train.steps = 99  # extending a run is a resume
+    config.optim.lr = 1e-5
+    assert run_dir.changed_resume_keys(saved, config) == []
+    config.data.crop = (64, 64)
+    config.model.gen.ngf = 3
+    config.method = "pgan"
+    assert run_dir.changed_resume_keys(saved, config) == [
+        "data.crop", "method", "model.gen.ngf"]
+
+
+# ------------------------------------------------------------- item 6: real faults
+
+def _tiny(steps):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import tiny_config
+    return tiny_config(steps=steps)
+
+
+def _synthetic(config, local_batch):
+    from test_training import synthetic_dataset
+    return synthetic_dataset(config, local_batch)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """pix2pix tiny, 3 steps, a checkpoint each step: the reference for item 6."""
+    from sct_jax.training import loop
+    workdir = tmp_path_factory.mktemp("straight")
+    result = loop.train(_tiny(3), workdir, make_dataset=_synthetic)
+    return workdir, result
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_resumes_exactly(straight_run, tmp_path,
+                                                                    monkeypatch, capsys):
+    import grain._src.python.checkpoint.handler as grain_handler
+
+    from sct_jax.training import loop
+    real_save = grain_handler.CheckpointHandler.save
+
+    def disk_full_at_step_3(self, directory, item=None, args=None):
+        if Path(directory).parent.name.startswith("3."):  # orbax's temporary step folder
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real_save(self, directory, item, args)
+
+    monkeypatch.setattr(grain_handler.CheckpointHandler, "save", disk_full_at_step_3)
+    with pytest.raises(RunFailed) as info:
+        loop.train(_tiny(3), tmp_path, make_dataset=_synthetic)
+    message = str(info.value)
+    assert "no space left on device while saving step 3" in message
+    assert "step 2 is intact" in message and "\n" not in message
+    assert guard.exit_code_for(info.value) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "1", "2"]
+    assert not (tmp_path / "run.lock").exists()
+    monkeypatch.setattr(grain_handler.CheckpointHandler, "save", real_save)  # space is back
+    resumed = loop.train(_tiny(3), tmp_path, make_dataset=_synthetic)
+    _, straight = straight_run
+    for a, b in zip(jax_leaves(straight.state), jax_leaves(resumed.state)):
+        np.testing.assert_array_equal(a, b)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("event")) for r in records] == [
+        (1, None), (2, None), (2, "resume"), (3, None)]
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(straight_run, tmp_path, caplog):
+    import jax
+
+    from sct_jax.training import checkpoint, loop
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    for path in (workdir / "checkpoints" / "3" / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(b"damaged")
+    config = _tiny(3)
+    expected = loop.load_state(config, straight_run[0], step=2)[1]
+    with caplog.at_level(logging.WARNING):
+        step, state = loop.load_state(config, workdir)
+    assert step == 2
+    warning = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warning) == 1 and "step 3 is damaged" in warning[0]
+    assert "falling back to step 2" in warning[0]
+    assert (workdir / "checkpoints_damaged" / "3").is_dir()  # set aside, not deleted
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckpt = checkpoint.Checkpointer(workdir)
+    assert ckpt.latest_step() == 2  # step 3 can be saved again by the resumed run
+    ckpt.close()
+
+
+def test_metrics_resume_drops_records_past_the_checkpoint(tmp_path):
+    from sct_jax.training.logging import MetricWriter
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    for step in (1, 2, 3, 4):  # 3 and 4 were logged, then the process was killed
+        writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.mark_resume(2)
+    writer.write_scalars(3, {"loss": 30.0})
+    writer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("event"), r.get("loss")) for r in records] == [
+        (1, None, 1.0), (2, None, 2.0), (2, "resume", None), (3, None, 30.0)]
+
+
+# -------------------------------------------------------------- item 7: exit codes
+
+def test_internal_error_is_status_3_with_its_traceback(capsys):
+    def buggy():
+        raise ZeroDivisionError("a bug")
+
+    assert guard.run_main(buggy) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1] == (
+        "error: internal error (ZeroDivisionError: a bug); please report the traceback above")
+    assert guard.run_main(lambda: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", "/x"))) == 1
+    assert capsys.readouterr().err == "error: /x: no space left on device\n"
+
+
+@pytest.mark.parametrize("module", ["sct_jax.cli.qa", "sct_jax.cli.export_dicom",
+                                    "sct_jax.data.phantom"])
+def test_help_documents_the_exit_status(module, capsys):
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0" in out and "2 bad input" in out and "3 internal error" in out
+
+
+# ------------------------------------------------------------ item 8: case discovery
+
+def test_discovery_lists_what_it_skipped(tmp_path, caplog):
+    root = tmp_path / "root"
+    _write_case(root, "1PA001", 0)
+    (root / "1PA002").mkdir()  # no MR
+    save_volume(root / "1PA002" / "ct.nii.gz", _case_arrays(0)[1], AFFINE)
+    os.symlink(root / "gone", root / "1PA003")  # broken
+    os.symlink(root / "1PA004", root / "1PA004")  # loops
+    with caplog.at_level(logging.WARNING):
+        cases = synthrad.discover_cases(root)
+    assert [c.id for c in cases] == ["1PA001"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    for fragment in ("skipped 3", "1PA002 (no mr volume)", "1PA003 (broken or looping",
+                     "1PA004 (broken or looping"):
+        assert fragment in warnings[0]
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+    from sct_jax.config_utils import load_config_file
+    from sct_jax.training import data as train_data
+    for i in range(2):
+        _write_case(tmp_path, f"1PA00{i + 1}", i)
+    config = load_config_file(TINY)
+    config.data.root = str(tmp_path)
+    with pytest.raises(DataError, match="the val split is empty"):
+        train_data.case_splits(config)
+
+
+# ------------------------------------------------------------- item 9: the phantom CLI
+
+def test_phantom_overwrite_replaces_the_dataset_as_a_whole(tmp_path):
+    from sct_jax.data import phantom
+    argv = ["--out", str(tmp_path), "--cases", "2", "--shape", "16", "16", "4"]
+    assert phantom.main(argv + ["--seed", "0"]) == 0
+    assert phantom.main(argv + ["--seed", "0"]) == 0  # the same settings: rewritten in place
+    assert phantom.main(argv[:3] + ["1"] + argv[4:] + ["--seed", "1", "--overwrite"]) == 0
+    region = tmp_path / "Task1" / "pelvis"
+    manifest = json.loads((region / "manifest.json").read_text())
+    assert manifest["seed"] == 1 and len(manifest["cases"]) == 1
+    assert sorted(p.name for p in region.iterdir()) == ["1PA001", "manifest.json"]
+    fresh = phantom.generate_case("pelvis", 0, seed=1, shape=(16, 16, 4))
+    np.testing.assert_array_equal(load_volume(region / "1PA001" / "ct.nii.gz").data,
+                                  fresh["ct"].astype(np.int16))
+    assert not [p for p in region.parent.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------- item 10: QA false alarms
+
+def test_qa_passes_an_unclipped_noisy_ct_and_bone_near_the_outline():
+    from sct_jax.evaluation import qa
+    mr, ct, mask = _case_arrays(0)
+    ct = ct.astype(np.float32) + np.random.default_rng(1).normal(0, 20, SHAPE)  # air < -1024
+    assert (ct[~mask] < -1024).mean() > 0.05
+    assert qa.check_hu_range(ct, np.ones(SHAPE, bool))["status"] == "pass"
+    # skull-like bone 2 voxels (4 mm) outside a body outline that stops short of it
+    ring = np.zeros(SHAPE, bool)
+    ring[1:3, :, :] = True
+    ct_bone = np.where(ring, 1200.0, ct)
+    body = np.zeros(SHAPE, bool)
+    body[3:, :, :] = True
+    check, flagged = qa.check_bone_outside_body(ct_bone, body, spacing=(2.0, 2.0, 2.5))
+    assert check["status"] == "pass" and not flagged.any()
+    far = np.zeros(SHAPE, bool)
+    far[3:, :, :] = True
+    far[3:8, :, :] = False  # now the bone is 5-6 voxels (10-12 mm) outside
+    assert qa.check_bone_outside_body(ct_bone, far, (2.0, 2.0, 2.5))[0]["status"] == "fail"
+
+
+if __name__ == "__main__":
+    print(readme_table())
