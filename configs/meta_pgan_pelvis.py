@@ -26,6 +26,11 @@ def get_config(arg=None):
         val_batch_size=32,
         val_fraction=0.11,  # top 11% of the training cases by mutual information
         val_exclusive=True,  # those cases are "allocated" to validation, not trained on
+        # What one weight covers: "pixel" (seed 02's literal form), "patch" (k x k
+        # tiles, k = patch_size) or "slice" (Ren et al.'s per-example form).
+        granularity="pixel",
+        patch_size=16,
+        diagnostics=True,  # D sign/layer shares and weight share per tissue (metrics)
     )
     # Weight maps of the first training slice (with its L1 error, MR and CT) go to
     # TensorBoard and workdir/images/ every this many steps.
