@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -51,12 +52,17 @@ CPU_SCALE = {"data.phantom.shape": (128, 96, 16), "data.crop": (128, 96),
              "model.gen.ngf": 8, "model.gen.n_blocks": 2, "model.disc.ndf": 8,
              "train.steps": 300, "train.batch_size": 4, "train.log_every": 10,
              "train.ckpt_every": 300, "train.progress": False, "eval.panels": False}
+# RegGAN's registration net: 5 levels leave 4 x 3 of 128 x 96 at the bottleneck.
+CPU_SCALE_BY_METHOD = {"reg_pgan": {"model.reg.down_channels": (16, 32, 32, 32, 32),
+                                    "model.reg.up_channels": (32, 32, 32, 32, 16)}}
 TINY_SCALE = {"meta.patch_size": 8, "eval.panels": False}
 
 
 def _config(path: str, tiny: bool, overrides: dict, vgg16: str | None, vgg19: str | None):
     config = load_config_file(f"{REPO / path}:{'tiny' if tiny else 'small'}")
-    for key, value in {**(TINY_SCALE if tiny else CPU_SCALE), **overrides}.items():
+    scale = TINY_SCALE if tiny else {**CPU_SCALE,
+                                     **CPU_SCALE_BY_METHOD.get(config.method, {})}
+    for key, value in {**scale, **overrides}.items():
         if key.startswith("meta.") and "meta" not in config:
             continue
         ablate.set_override(config, key, value)
@@ -90,18 +96,65 @@ def _diagnostics_note(workdir: Path) -> str:
             f"{mean('meta/d_majority_sign_share'):.2f}")
 
 
-def _train_and_score(label: str, config, workdir: Path, seed: int, references) -> dict:
-    """Trains (or reuses) one run, predicts the test split and scores it as a row."""
-    from sct_jax.inference import predict
-    from sct_jax.training import loop
+def _take_lock(workdir: Path) -> Path | None:
+    """Claims ``workdir`` for this process (``.reproduce.lock`` holding the pid); None
+    while another live process holds it. A dead holder's lock is taken over."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir / ".reproduce.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text().strip() or 0), 0)
+                return None  # a live process is training this run
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # left by a process that died
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
 
-    digest = ablate._config_digest(config)
+
+def _cached_row(workdir: Path, digest: str) -> dict | None:
     cached = workdir / RESULT_FILE
     if cached.exists():
         record = json.loads(cached.read_text())
         if record.get("config_digest") == digest:
-            print(f"[seed02] {label} seed {seed}: reusing {cached}")
             return record["row"]
+    return None
+
+
+def _train_and_score(label: str, config, workdir: Path, seed: int, references) -> dict | None:
+    """Trains (or reuses) one run, predicts the test split and scores it as a row.
+
+    Returns None when another process is training the same run (several
+    ``sct-reproduce`` processes on one output folder share the runs out).
+    """
+    digest = ablate._config_digest(config)
+    row = _cached_row(workdir, digest)
+    if row is not None:
+        print(f"[seed02] {label} seed {seed}: reusing {workdir / RESULT_FILE}")
+        return row
+    lock = _take_lock(workdir)
+    if lock is None:
+        return None
+    try:
+        row = _cached_row(workdir, digest)  # finished while we waited for the lock
+        return row if row is not None else _train_and_score_locked(
+            label, config, workdir, seed, references, digest)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _train_and_score_locked(label, config, workdir, seed, references, digest) -> dict:
+    from sct_jax.inference import predict
+    from sct_jax.training import loop
+
+    cached = workdir / RESULT_FILE
     print(f"[seed02] {label} seed {seed}: training {config.train.steps} steps in {workdir}",
           flush=True)
     t0 = time.perf_counter()
@@ -148,6 +201,11 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
         vgg19 = str(REPO / "weights" / "vgg19.npz")
     configs = [(label, slug, _config(path, tiny, overrides, vgg16, vgg19))
                for label, slug, path, overrides in METHODS]
+    from sct_jax import methods
+    for _, _, config in configs:  # every config checked before the first run starts
+        method = methods.get_method(config.method)
+        if hasattr(method, "validate_config") and (config.method != "ctx_pgan" or vgg19):
+            method.validate_config(config)
     ablate.enable_compilation_cache(out_dir)
     first = configs[0][2]
     cases = {"train": train_data.case_splits(first)["train"],
@@ -164,16 +222,30 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
 
     rows = []
     # Seed-major: an interrupted reproduction has every method at its first seeds.
+    jobs = []
     for k in range(int(seeds)):
         for label, slug, config in configs:
             if config.method == "ctx_pgan" and not vgg19:
                 if k == 0:
-                    rows.append(baselines.row(label, {}, None,
+                    jobs.append(baselines.row(label, {}, None,
                                               note="needs VGG-19 weights (--vgg19)"))
                 continue
             c = config.copy_and_resolve_references()
             c.seed = int(config.seed) + k
-            rows.append(_train_and_score(label, c, out_dir / slug / f"seed{k}", k, references))
+            jobs.append((label, c, out_dir / slug / f"seed{k}", k))
+    done = {i: job for i, job in enumerate(jobs) if isinstance(job, dict)}
+    while len(done) < len(jobs):
+        waiting = 0
+        for i, job in enumerate(jobs):
+            if i not in done:
+                row = _train_and_score(*job, references)
+                if row is None:
+                    waiting += 1
+                else:
+                    done[i] = row
+        if waiting:  # runs another process is training: wait for their results
+            time.sleep(15)
+    rows = [done[i] for i in range(len(jobs))]
     rows.append(baselines.constant_row(list(references.values())))
     rows.append(baselines.mean_training_ct_row(
         [load_volume(c.ct).data for c in cases["train"]], list(references.values())))
