@@ -199,7 +199,8 @@ def test_meta_pgan_image_summaries_are_the_steps_weights():
                                local["ct"]),
         lambda p: pixel.l1(pgan_common.generator_fn(gen, local["val_mr"], val_key)(p),
                            local["val_ct"]),
-        gen.params, alpha=config.meta.alpha, method="lookahead")
+        gen.params, alpha=config.meta.alpha, method="lookahead",
+        granularity=config.meta.granularity, patch_size=config.meta.patch_size)
     np.testing.assert_allclose(weight, weights[0, ..., 0] * weights.size, rtol=2e-3,
                                atol=1e-4 * float(np.max(weight)))
     np.testing.assert_allclose(maps["meta/l1_error_hu"],

@@ -1,14 +1,15 @@
 """meta-pGAN (seed 02): pGAN whose L1 term is spatially reweighted by learning-to-reweight.
 
-Each step scores every pixel of the training batch by how much a virtual SGD step on
-that pixel's L1 would lower the plain L1 on a *meta-validation* batch drawn from the
-best-registered cases (top 11% by MR/CT mutual information), keeps the positive scores
-and normalises them over the mini-batch (Ren et al. 2018, per pixel; see
-:mod:`sct_jax.meta.reweight`). G then minimises
+Each step scores every slice, patch or pixel of the training batch
+(``config.meta.granularity``) by how much a virtual SGD step on its L1 would lower the
+plain L1 on a *meta-validation* batch drawn from the best-registered cases (top 11% by
+MR/CT mutual information), keeps the positive scores and normalises them over the
+mini-batch (Ren et al. 2018; seed 02 weights pixels; see :mod:`sct_jax.meta.reweight`).
+G then minimises
 
     adv + l1_weight * sum(w * |fake - ct|) + perceptual_weight * perceptual
 
-in place of pGAN's ``adv + 100 mean|fake - ct| + 100 perceptual``: misaligned pixels,
+in place of pGAN's ``adv + 100 mean|fake - ct| + 100 perceptual``: misaligned regions,
 whose L1 gradient disagrees with the well-registered cases, get little or no weight.
 
 ``config.meta.method`` picks ``"jvp"`` (one forward-mode pass, the default) or

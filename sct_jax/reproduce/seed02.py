@@ -192,8 +192,18 @@ def meta_validation_check(config) -> str:
 
 
 def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
-        vgg19: str | None = None) -> list[dict]:
-    """Trains and scores every method for ``seeds`` seeds; returns the table rows."""
+        vgg19: str | None = None, only: tuple[str, ...] | None = None) -> list[dict]:
+    """Trains and scores every method for ``seeds`` seeds; returns the table rows.
+
+    ``only``: run folder names (``pgan``, ``meta_pgan_slice``, ...) of the methods to
+    train; the others are reported from their finished runs alone (none: no row).
+    """
+    slugs = [slug for _, slug, _, _ in METHODS]
+    unknown = sorted(set(only or ()) - set(slugs))
+    if unknown:
+        from sct_jax.errors import ConfigError
+        raise ConfigError(f"--only {','.join(unknown)}: unknown method (expected some of "
+                          f"{', '.join(slugs)})")
     from sct_jax.training import data as train_data
 
     out_dir = Path(out_dir)
@@ -232,7 +242,13 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
                 continue
             c = config.copy_and_resolve_references()
             c.seed = int(config.seed) + k
-            jobs.append((label, c, out_dir / slug / f"seed{k}", k))
+            workdir = out_dir / slug / f"seed{k}"
+            if only is not None and slug not in only:
+                row = _cached_row(workdir, ablate._config_digest(c))
+                if row is not None:
+                    jobs.append(row)
+                continue
+            jobs.append((label, c, workdir, k))
     done = {i: job for i, job in enumerate(jobs) if isinstance(job, dict)}
     while len(done) < len(jobs):
         waiting = 0
