@@ -68,12 +68,10 @@ def _config(path: str, tiny: bool, overrides: dict, vgg16: str | None, vgg19: st
         ablate.set_override(config, key, value)
     if vgg16:
         config.model.vgg16_weights = str(vgg16)
-    elif config.method != "ctx_pgan" or not tiny:
+    else:  # no VGG-16: no perceptual term for any method (the comparison stays fair)
         config.loss.perceptual_weight = 0.0
     if config.method == "ctx_pgan":
         config.model.vgg19_weights = str(vgg19)
-        if tiny and not vgg16:
-            config.loss.perceptual_weight = 0.0
     return config
 
 
