@@ -5,6 +5,9 @@
   python -m sct_jax.cli.ablate --config configs/meta_pgan_pelvis.py:small \\
       --sweep meta.method=lookahead,jvp --seeds 3 --workdir runs/ablate_meta
 
+``meta.granularity``: ``slice`` (default), ``patch`` (``meta.patch_size`` squared)
+or ``pixel`` (seed 02's literal per-pixel weights).
+
 Seed 02: crop 320 x 192, batch 6, meta-validation batch 32 from the top 11% of training
 cases by MR/CT mutual information, 100 epochs. Needs VGG-16 weights for the perceptual
 term (``weights/vgg16.npz``, see ``configs/pgan_pelvis.py``) unless
@@ -26,6 +29,13 @@ def get_config(arg=None):
         val_batch_size=32,
         val_fraction=0.11,  # top 11% of the training cases by mutual information
         val_exclusive=True,  # those cases are "allocated" to validation, not trained on
+        # What one weight covers: "slice" (Ren et al.'s per-example form), "patch"
+        # (k x k tiles, k = patch_size) or "pixel" (seed 02's literal form). Per pixel,
+        # the weights act as a filter on the sign of the residual and starve bone of
+        # L1 (README, seed-02 results); per slice they do not.
+        granularity="slice",
+        patch_size=16,
+        diagnostics=True,  # D sign/layer shares and weight share per tissue (metrics)
     )
     # Weight maps of the first training slice (with its L1 error, MR and CT) go to
     # TensorBoard and workdir/images/ every this many steps.

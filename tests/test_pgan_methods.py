@@ -160,8 +160,20 @@ def test_meta_pgan_jvp_equals_lookahead_then_trains(tmp_path):
     assert abs(jvp["meta/weight_zero_fraction"]
                - look["meta/weight_zero_fraction"]) <= 2 / n_pixels
 
+    # Diagnostics: the jvp form has D; the lookahead form reports NaN for it.
+    assert 0.5 <= jvp["meta/d_majority_sign_share"] <= 1.0
+    assert 0.0 < jvp["meta/d_output_layer_share"] <= 1.0
+    assert math.isnan(look["meta/d_majority_sign_share"])
+    for tissue in ("air", "soft", "bone"):
+        assert jvp[f"meta/weight_share_{tissue}"] == pytest.approx(
+            look[f"meta/weight_share_{tissue}"], abs=2e-3)
+
     result = loop.train(config, tmp_path)  # the jvp program again: a cache hit
     assert_trained(config, result, ("gen", "disc"))
+    # At the default granularity bone keeps part of the weight (the per-pixel sign
+    # filter could drop it whole): the batch has bone, and bone has weight.
+    assert result.metrics["meta/pixel_share_bone"] > 0.01
+    assert result.metrics["meta/weight_share_bone"] > 0.0
     # The weight maps are images: written before step 2 (image_every=2), one per map.
     images = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert images == [f"meta_{k}_step2.png" for k in ("ct", "l1_error_hu", "mr",
@@ -187,13 +199,41 @@ def test_meta_pgan_image_summaries_are_the_steps_weights():
                                local["ct"]),
         lambda p: pixel.l1(pgan_common.generator_fn(gen, local["val_mr"], val_key)(p),
                            local["val_ct"]),
-        gen.params, alpha=config.meta.alpha, method="lookahead")
+        gen.params, alpha=config.meta.alpha, method="lookahead",
+        granularity=config.meta.granularity, patch_size=config.meta.patch_size)
     np.testing.assert_allclose(weight, weights[0, ..., 0] * weights.size, rtol=2e-3,
                                atol=1e-4 * float(np.max(weight)))
     np.testing.assert_allclose(maps["meta/l1_error_hu"],
                                np.abs(loss_map[0, ..., 0]) * pgan_common.HU_PER_UNIT,
                                rtol=1e-4, atol=1e-2)
     np.testing.assert_array_equal(maps["meta/ct"], local["ct"][0, ..., 0])
+
+
+def test_meta_diagnostics_match_numpy():
+    from sct_jax.methods import meta_pgan
+
+    rng = np.random.default_rng(0)
+    hu = rng.choice([-1000.0, -500.0, 40.0, 200.0, 251.0, 1200.0], size=(2, 6, 5, 1))
+    ct = np.clip((hu + 1024.0) / 4024.0 * 2.0 - 1.0, -1, 1).astype(np.float32)
+    mask = (rng.uniform(size=hu.shape) > 0.2).astype(np.float32)
+    weights = np.where(rng.uniform(size=hu.shape) > 0.5, rng.uniform(size=hu.shape), 0.0)
+    weights = (weights / weights.sum()).astype(np.float32)
+    d_map = rng.normal(0.3, 1.0, hu.shape).astype(np.float32)
+    d_out = (0.5 * d_map + rng.normal(0, 0.1, hu.shape)).astype(np.float32)
+    got = jax.device_get(meta_pgan.diagnostics(weights, ct, mask, d_map, d_out))
+    body = mask > 0
+    tissues = {"air": body & (hu < -200), "bone": body & (hu > 250),
+               "soft": body & (hu >= -200) & (hu <= 250)}
+    for name, sel in tissues.items():
+        assert sel.any()
+        assert got[f"meta/weight_share_{name}"] == pytest.approx(weights[sel].sum(), rel=1e-5)
+        assert got[f"meta/pixel_share_{name}"] == pytest.approx(sel.mean(), rel=1e-6)
+        assert got[f"meta/zero_fraction_{name}"] == pytest.approx(
+            (weights[sel] == 0).mean(), rel=1e-6)
+    assert got["meta/d_majority_sign_share"] == pytest.approx(
+        max((d_map > 0).mean(), (d_map < 0).mean()))
+    a, b = np.abs(d_out).sum(), np.abs(d_map - d_out).sum()
+    assert got["meta/d_output_layer_share"] == pytest.approx(a / (a + b), rel=1e-5)
 
 
 def test_meta_slices_come_from_the_best_registered_case():

@@ -181,3 +181,62 @@ def test_api_errors_are_data_errors():
         phantom.generate_case("pelvis", 0, seed=0, misalign_mm=-1.0)
     with pytest.raises(DataError, match="shape"):
         phantom.generate_case("pelvis", 0, seed=0, shape=(64, 40))
+
+
+# ---------------------------------------------- seed 02: aligned minority, aligned CT
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory):
+    """5 cases at 4 mm, of which round(0.4 * 5) = 2 with no motion."""
+    out = tmp_path_factory.mktemp("mixed")
+    return phantom.write_dataset(out, "pelvis", cases=5, seed=3, misalign_mm=4.0,
+                                 shape=TINY_PELVIS, aligned_fraction=0.4)
+
+
+def test_aligned_minority_is_recorded_and_found_by_mutual_information(mixed_dataset):
+    from sct_jax.data.alignment import rank_cases_by_mi
+
+    manifest = json.loads((mixed_dataset / "manifest.json").read_text())
+    assert manifest["aligned_fraction"] == 0.4
+    records = {c["id"]: c for c in manifest["cases"]}
+    aligned = sorted(i for i, c in records.items() if c["aligned"])
+    assert len(aligned) == 2
+    assert aligned == sorted(phantom.case_id("pelvis", i)[0]
+                             for i in phantom.aligned_indices("pelvis", 5, 3, 0.4))
+    for case_id, c in records.items():
+        moved = c["displacement_mm"]["mean"]
+        if c["aligned"]:
+            assert c["misalign_mm"] == 0.0 and moved == 0.0
+        else:
+            assert c["misalign_mm"] == 4.0 and moved > 1.0
+    # The best-registered cases by MR/CT mutual information are exactly the aligned ones.
+    ranked = list(rank_cases_by_mi(mixed_dataset))
+    assert sorted(ranked[:2]) == aligned
+
+
+def test_aligned_ct_is_the_ct_the_mr_sees(mixed_dataset):
+    from sct_jax.data.alignment import mutual_information
+
+    manifest = json.loads((mixed_dataset / "manifest.json").read_text())
+    for c in manifest["cases"]:
+        vol = {name: load_volume(mixed_dataset / c["id"] / f"{name}.nii.gz").data
+               for name in ("mr", "ct", "mask", "ct_aligned", "mask_aligned", "ct_ideal")}
+        if c["aligned"]:
+            np.testing.assert_array_equal(vol["ct_aligned"], vol["ct"])
+            np.testing.assert_array_equal(vol["mask_aligned"], vol["mask"])
+        else:
+            # The MR matches the moved CT better than the scanner's CT (a field applied
+            # the wrong way round would move the CT further from the MR).
+            mask = vol["mask_aligned"] > 0
+            mi_aligned = mutual_information(vol["mr"], vol["ct_aligned"], mask)
+            mi_scanner = mutual_information(vol["mr"], vol["ct"], mask)
+            assert mi_aligned > 1.2 * mi_scanner, (c["id"], mi_aligned, mi_scanner)
+        # The ideal CT differs from the reference by the CT noise alone.
+        body = vol["mask_aligned"] > 0
+        noise = np.abs(vol["ct_aligned"] - vol["ct_ideal"])[body]
+        assert 0.4 * c["ct_noise_hu"] < noise.mean() < 1.2 * c["ct_noise_hu"]
+
+
+def test_aligned_fraction_out_of_range_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="aligned fraction 1.5"):
+        phantom.write_dataset(tmp_path, "pelvis", cases=2, seed=0, misalign_mm=4.0,
+                              shape=(16, 16, 4), aligned_fraction=1.5)

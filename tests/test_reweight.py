@@ -14,7 +14,7 @@ import pytest
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.meta.reweight import (normalize_weights, spatial_weights,
+from sct_jax.meta.reweight import (normalize_weights, reweight, spatial_weights,
                                    spatial_weights_and_pullback, weighted_l1)
 from sct_jax.models.layers import Conv
 from sct_jax.models.unet import UNetGenerator
@@ -280,3 +280,78 @@ def test_unet_forms_agree_under_jit_and_pullback_is_the_weighted_gradient():
     for got in (g_jvp, g_la):
         for r, g in zip(ref_leaves, jax.tree_util.tree_leaves(got)):
             np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4 * scale)
+
+
+# ------------------------------------------------ per-patch and per-slice granularity
+def _group_mean_numpy(u, k_h, k_w):
+    b, h, w, c = u.shape
+    return u.reshape(b, h // k_h, k_h, w // k_w, k_w, c).mean(axis=(2, 4))
+
+
+@pytest.mark.parametrize("granularity,patch,k", [("patch", 2, (2, 2)), ("slice", 1, (8, 8))])
+def test_group_granularity_matches_finite_differences_and_closed_form(
+        conv_problem, granularity, patch, k):
+    """u_g = -dL_val(theta'(eps))/d eps_g with eps_g on l_g = mean_{p in g} l_p."""
+    model, params, x, y, xv, yv = conv_problem
+    alpha = 0.5
+    with jax.enable_x64(True):
+        loss_map_fn = lambda p: jnp.abs(y - model.apply({"params": p}, x))
+        val_loss_fn = lambda p: jnp.mean(jnp.abs(yv - model.apply({"params": p}, xv)))
+
+        @jax.jit
+        def forms(p):
+            out = {}
+            for m in METHODS:
+                r = reweight(loss_map_fn, val_loss_fn, p, alpha=alpha, method=m,
+                             granularity=granularity, patch_size=patch)
+                out[m] = (r.scores, r.weights)
+            return out, _naive_lookahead_u(loss_map_fn, val_loss_fn, p, alpha)
+
+        out, u_pixel = forms(params)
+        u_ref = _group_mean_numpy(np.asarray(u_pixel), *k)  # chain rule, pooled in numpy
+        assert u_ref.shape == (2, 8 // k[0], 8 // k[1], 1)
+        scale = float(np.max(np.abs(u_ref)))
+        for m in METHODS:
+            np.testing.assert_allclose(out[m][0], u_ref, atol=1e-10 * scale)
+
+        # Central differences of the lookahead loss in one group's eps: the group's
+        # pixels all get eps / |g| on their loss (sum_g eps_g * mean_p l_p).
+        def lookahead_loss(eps_map):
+            inner = jax.grad(lambda th: jnp.sum(eps_map * loss_map_fn(th)))(params)
+            return val_loss_fn(_sub(params, inner, alpha))
+        lookahead_loss = jax.jit(lookahead_loss)
+        h = 1e-6
+        groups = [np.unravel_index(int(np.argmax(u_ref)), u_ref.shape),
+                  np.unravel_index(int(np.argmin(u_ref)), u_ref.shape)]
+        for b, gi, gj, _ in groups:
+            eps = np.zeros(y.shape)
+            eps[b, gi * k[0]:(gi + 1) * k[0], gj * k[1]:(gj + 1) * k[1]] = h / (k[0] * k[1])
+            u_fd = -(float(lookahead_loss(eps)) - float(lookahead_loss(-eps))) / (2 * h)
+            for m in METHODS:
+                np.testing.assert_allclose(out[m][0][b, gi, gj, 0], u_fd,
+                                           atol=1e-6 * scale)
+
+        # Pixel weights: the group weight spread evenly over its pixels, summing to 1.
+        w_group = np.maximum(u_ref, 0) / np.maximum(u_ref, 0).sum()
+        w_ref = np.repeat(np.repeat(w_group, k[0], axis=1), k[1], axis=2) / (k[0] * k[1])
+        for m in METHODS:
+            np.testing.assert_allclose(out[m][1], w_ref, atol=1e-10 * w_ref.max())
+        loss_map = np.asarray(loss_map_fn(params))
+        np.testing.assert_allclose(  # sum(w * l) = sum_g w_g l_g
+            float(weighted_l1(out["jvp"][1], jnp.asarray(loss_map))),
+            float((w_group * _group_mean_numpy(loss_map, *k)).sum()), rtol=1e-10)
+
+
+def test_patch_of_one_is_pixel_and_bad_granularity_is_refused():
+    with jax.enable_x64(True):
+        params, x, y, xv, yv = _linear_problem()
+        loss_map_fn, val_loss_fn = _linear_fns(x, y, xv, yv)
+        w_pixel, _, _ = spatial_weights(loss_map_fn, val_loss_fn, params)
+        w_patch, _, _ = spatial_weights(loss_map_fn, val_loss_fn, params,
+                                        granularity="patch", patch_size=1)
+        np.testing.assert_array_equal(w_pixel, w_patch)
+    with pytest.raises(ConfigError, match="granularity"):
+        spatial_weights(loss_map_fn, val_loss_fn, params, granularity="voxel")
+    with pytest.raises(ConfigError, match="patch_size=3: must divide"):
+        spatial_weights(loss_map_fn, val_loss_fn, params, granularity="patch",
+                        patch_size=3)  # the maps are 4 x 3

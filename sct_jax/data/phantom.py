@@ -13,7 +13,16 @@ in HU (tissue values, texture, partial volume, noise) and a T1-weighted MR (cort
 and air both dark, fat and marrow bright, bias field, Rician noise, per-centre gain,
 offset and contrast), then moves the MR against the CT by a rigid transform plus a
 smooth elastic field whose size is set by ``misalign_mm`` (0: perfectly aligned); the
-displacement actually applied inside the body is measured and recorded. Generation is
+displacement actually applied inside the body is measured and recorded. With
+``aligned_fraction`` (:func:`write_dataset`) a well-registered minority of the cases
+(that share, chosen by the seed) gets no motion at all and the rest the configured
+level, so a method that looks for well-registered cases (seed 02's meta-validation:
+top 11% by mutual information) has some to find; the manifest records each case's
+level and whether it is aligned. Every case folder also holds the CT as the MR sees it:
+``ct_aligned`` and ``mask_aligned`` (the CT and body mask moved by the MR's
+displacement, noise added after the move; equal to ``ct`` and ``mask`` for an aligned
+case), the reference to score an sCT against, and ``ct_ideal`` (the same without CT
+noise: the prediction of a perfect model, whose score is the floor). Generation is
 deterministic: the same seed gives byte-identical arrays. The direction of the
 misalignment does not depend on its size, so one seed at 0, 4 and 8 mm gives the same
 motion, scaled.
@@ -121,7 +130,10 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
       - ``labels``: ``(X, Y, Z)`` uint8 tissue classes of the CT
         (:data:`phantom_anatomy.TISSUE_NAMES`), for tests and analysis;
       - ``affine``: ``(4, 4)`` voxel -> RAS+ mm, volume centred on the origin;
-      - ``info``: the JSON-ready record written to the manifest.
+      - ``info``: the JSON-ready record written to the manifest;
+      - ``ct_aligned``, ``mask_aligned``: the CT (noise added after the move) and body
+        mask in the MR's frame, like ``ct`` and ``mask``; ``ct_ideal``: ``ct_aligned``
+        without CT noise (a perfect model's sCT).
 
     Raises:
       DataError: unknown region, bad index, seed, misalignment or shape.
@@ -142,7 +154,8 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
     # One texture field for both modalities: the same trabeculae show in CT and MR.
     texture = _unit_field(ndimage.gaussian_filter(
         rng.standard_normal(shape, dtype=np.float32), (0.8, 0.8, 0.5)))
-    ct, ct_noise_hu = _render_ct(labels, table, texture, rng)
+    ct_clean, ct_noise, ct_noise_hu = _render_ct(labels, table, texture, rng)
+    ct = _quantize_ct(ct_clean + ct_noise)
     t1 = np.maximum(table[labels, 3] + table[labels, 4] * texture, 0.0)
     t1 = ndimage.gaussian_filter(t1, _PARTIAL_VOLUME_VOX)
     motion = _misalignment(_rng(seed, region, index, _STREAM_MOTION), shape, spacing,
@@ -150,13 +163,24 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
     if motion["field"] is not None:
         t1 = ndimage.map_coordinates(t1, motion["field"], order=1, mode="nearest",
                                      output=np.float32)
+        ct_clean = ndimage.map_coordinates(ct_clean, motion["field"], order=1,
+                                           mode="nearest", output=np.float32)
+        body_seen = ndimage.map_coordinates(body.astype(np.float32), motion["field"],
+                                            order=1, mode="nearest") >= 0.5
+    else:
+        body_seen = body
+    # The CT the MR shows (the MR's frame), with the noise of the scanner's CT added
+    # after the move: the reference an sCT is scored against, and its noise-free form.
+    ct_aligned, ct_ideal = _quantize_ct(ct_clean + ct_noise), _quantize_ct(ct_clean)
     case, centre = case_id(region, index)
     mr, scaling = _render_mr(t1, centre, rng, spacing)
 
     xy_steps = max(1, int(round(3.0 / spacing[0])))  # dilate ~3 mm in-plane
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    mask = ndimage.binary_dilation(body, in_plane, iterations=xy_steps).astype(np.uint8)
+    mask, mask_aligned = (
+        ndimage.binary_dilation(b, in_plane, iterations=xy_steps).astype(np.uint8)
+        for b in (body, body_seen))
     info = {
         "id": case, "centre": centre, "index": int(index), "seed": int(seed),
         "region": region, "shape": list(shape), "spacing_mm": list(spacing),
@@ -167,21 +191,28 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
         "mr_scaling": scaling, "ct_noise_hu": ct_noise_hu,
     }
     return dict(mr=mr, ct=ct, mask=mask, labels=labels, affine=affine_for(shape, spacing),
-                info=info)
+                info=info, ct_aligned=ct_aligned, mask_aligned=mask_aligned,
+                ct_ideal=ct_ideal)
 
 
-def _render_ct(labels, table, texture, rng) -> tuple[np.ndarray, float]:
-    """CT in HU: tissue values + texture, blurred borders, correlated noise, integers.
+def _render_ct(labels, table, texture, rng) -> tuple[np.ndarray, np.ndarray, float]:
+    """CT in HU: tissue values + texture, blurred borders; and its correlated noise.
 
     Returns:
-      ``(ct, noise_std_hu)`` with ``ct`` ``(X, Y, Z)`` float32 in [-1024, 3071].
+      ``(clean, noise, noise_std_hu)``: ``(X, Y, Z)`` float32 fields; the scanner's CT
+      is :func:`_quantize_ct` of ``clean + noise``.
     """
-    ct = ndimage.gaussian_filter(table[labels, 0] + table[labels, 1] * texture,
-                                 _PARTIAL_VOLUME_VOX)
+    clean = ndimage.gaussian_filter(table[labels, 0] + table[labels, 1] * texture,
+                                    _PARTIAL_VOLUME_VOX)
     noise_hu = float(rng.uniform(10.0, 18.0))
-    ct += noise_hu * _unit_field(ndimage.gaussian_filter(
+    noise = noise_hu * _unit_field(ndimage.gaussian_filter(
         rng.standard_normal(labels.shape, dtype=np.float32), 0.5))
-    return np.clip(np.rint(ct), -1024, 3071).astype(np.float32), noise_hu
+    return clean, noise, noise_hu
+
+
+def _quantize_ct(ct: np.ndarray) -> np.ndarray:
+    """Integer HU in [-1024, 3071], float32, as a scanner writes them."""
+    return np.clip(np.rint(ct), -1024, 3071).astype(np.float32)
 
 
 def _render_mr(t1, centre, rng, spacing) -> tuple[np.ndarray, dict]:
@@ -298,14 +329,29 @@ def _misalignment(rng, shape, spacing, misalign_mm, body) -> dict:
     return record
 
 
+def aligned_indices(region: str, cases: int, seed: int, aligned_fraction: float) -> list[int]:
+    """The cases of a dataset that get no misalignment: ``round(fraction * cases)`` of
+    them (halves up), chosen by the dataset seed, sorted."""
+    if not (np.isfinite(aligned_fraction) and 0.0 <= aligned_fraction <= 1.0):
+        raise DataError(f"aligned fraction {aligned_fraction}: must be in [0, 1]")
+    count = int(np.floor(aligned_fraction * int(cases) + 0.5))
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [int(seed), _REGION_CODE[region], 999_999, _STREAM_MOTION]))
+    return sorted(int(i) for i in rng.permutation(int(cases))[:count])
+
+
+
 def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 0.0,
-                  shape=None) -> Path:
+                  shape=None, aligned_fraction: float = 0.0) -> Path:
     """Writes ``cases`` phantom cases and a manifest in the SynthRAD2023 layout.
 
     Args:
       out: dataset root; cases go to ``out/Task1/<region>/<id>/{mr,ct,mask}.nii.gz``.
       region, seed, misalign_mm, shape: as in :func:`generate_case`.
       cases: number of cases (1..999).
+      aligned_fraction: share of the cases generated with no misalignment (a
+        well-registered minority, :func:`aligned_indices`); the others get
+        ``misalign_mm``.
 
     Returns:
       The region folder ``out/Task1/<region>``.
@@ -316,6 +362,7 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
     if not 1 <= int(cases) <= 999:
         raise DataError(f"cases {cases}: must be in 1..999")
     shape = _check_args(region, 0, seed, misalign_mm, shape)
+    aligned = set(aligned_indices(region, cases, seed, aligned_fraction))
     region_dir = Path(out) / "Task1" / region
     try:
         region_dir.mkdir(parents=True, exist_ok=True)
@@ -323,14 +370,19 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
         raise DataError(f"{region_dir}: cannot create the output folder ({e.strerror})") from e
     records = []
     for index in range(int(cases)):
-        case = generate_case(region, index, seed, misalign_mm, shape)
+        case = generate_case(region, index, seed, 0.0 if index in aligned else misalign_mm,
+                             shape)
         case_dir = region_dir / case["info"]["id"]
         save_volume(case_dir / "mr.nii.gz", case["mr"], case["affine"], dtype=np.int16)
-        save_volume(case_dir / "ct.nii.gz", case["ct"], case["affine"], dtype=np.int16)
-        save_volume(case_dir / "mask.nii.gz", case["mask"], case["affine"])
-        records.append(case["info"])
+        for name in ("ct", "ct_aligned", "ct_ideal"):
+            save_volume(case_dir / f"{name}.nii.gz", case[name], case["affine"],
+                        dtype=np.int16)
+        for name in ("mask", "mask_aligned"):
+            save_volume(case_dir / f"{name}.nii.gz", case[name], case["affine"])
+        records.append({**case["info"], "aligned": index in aligned or misalign_mm == 0.0})
     manifest = {"generator": "sct_jax.data.phantom", "task": 1, "region": region,
-                "seed": int(seed), "misalign_mm": float(misalign_mm), "shape": list(shape),
+                "seed": int(seed), "misalign_mm": float(misalign_mm),
+                "aligned_fraction": float(aligned_fraction), "shape": list(shape),
                 "spacing_mm": list(SPACING_MM[region]), "cases": records}
     atomic_write_text(region_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return region_dir

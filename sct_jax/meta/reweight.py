@@ -24,6 +24,18 @@ Two forms of the same ``u``, chosen by ``method``:
 ``alpha`` only scales ``u``; the normalisation removes it (except that it decides
 nothing when every ``u <= 0``). It is kept to reproduce the reference's raw ``u``.
 
+Granularity (``granularity``): seed 02 weights every pixel (``"pixel"``); Ren et al.
+weight every example (``"slice"``: one ``eps`` per slice of the batch); ``"patch"``
+weights ``k x k`` tiles. A group ``g`` has the loss ``l_g = mean_{p in g} l_p`` and its
+own ``eps_g``; the lookahead form differentiates with respect to the group-shaped
+``eps`` literally, the jvp form averages the pixel scores (``u_g = mean_{p in g} u_p``,
+the chain rule). The weights are normalised over the groups of the mini-batch and
+spread over their pixels as ``w_p = w_g / |g|``, so ``sum(w * l) = sum_g w_g l_g``.
+Per pixel, ``u_p = alpha * sign(f_p - y_p) * D_p`` with ``D_p = <grad f_p, g_val>``:
+when ``D`` has one sign over most of the batch, per-pixel weights keep only the pixels
+whose residual has the step's majority sign (a residual-sign filter that can drop a
+whole tissue); pooled scores weigh the evidence of a group together.
+
 Randomness: ``loss_map_fn`` and ``val_loss_fn`` must be deterministic functions of the
 parameters. A generator with dropout closes over one fixed ``"dropout"`` key: the
 lookahead differentiates ``l`` once more inside the eps-gradient, and the real update
@@ -45,7 +57,7 @@ FLOPs under ``jax.jit``: XLA merges the duplicated train forward itself.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +70,7 @@ ValLossFn = Callable[[Params], jax.Array]
 Pullback = Callable[[Any], Params]
 
 METHODS = ("jvp", "lookahead")
+GRANULARITIES = ("pixel", "patch", "slice")
 
 
 def check_method(method: str, config_key: str = "meta.method") -> str:
@@ -66,6 +79,57 @@ def check_method(method: str, config_key: str = "meta.method") -> str:
         raise ConfigError(f"{config_key}: unknown reweighting method {method!r}; "
                           f"expected one of {METHODS}")
     return method
+
+
+def check_granularity(granularity: str, patch_size: int = 1, image_hw=None,
+                      config_key: str = "meta") -> str:
+    """Returns ``granularity`` or raises :class:`ConfigError` naming ``config_key``.
+
+    Args:
+      granularity: ``"pixel"``, ``"patch"`` or ``"slice"``.
+      patch_size: ``k`` of the ``k x k`` patches (``"patch"`` only); positive.
+      image_hw: ``(H, W)`` of the weight maps, checked to be divisible by ``k``.
+      config_key: the config section named in the message.
+    """
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"config.{config_key}.granularity: unknown {granularity!r}; "
+                          f"expected one of {GRANULARITIES}")
+    if granularity == "patch":
+        k = int(patch_size)
+        if k < 1:
+            raise ConfigError(f"config.{config_key}.patch_size={patch_size}: must be >= 1")
+        if image_hw is not None and any(int(n) % k for n in image_hw):
+            raise ConfigError(f"config.{config_key}.patch_size={k}: must divide the "
+                              f"training crop {tuple(int(n) for n in image_hw)}")
+    return granularity
+
+
+def _group_factors(map_shape, granularity: str, patch_size: int) -> tuple[int, int]:
+    """``(kh, kw)``: the pixels of one group along H and W."""
+    _, h, w, _ = map_shape
+    if granularity == "pixel":
+        return 1, 1
+    if granularity == "slice":
+        return h, w
+    return int(patch_size), int(patch_size)
+
+
+def pool_groups(x: jax.Array, granularity: str = "pixel", patch_size: int = 1) -> jax.Array:
+    """Mean of a ``(B, H, W, C)`` map over each group: ``(B, H/kh, W/kw, C)``."""
+    kh, kw = _group_factors(x.shape, granularity, patch_size)
+    if (kh, kw) == (1, 1):
+        return x
+    b, h, w, c = x.shape
+    return x.reshape(b, h // kh, kh, w // kw, kw, c).mean(axis=(2, 4))
+
+
+def expand_groups(g: jax.Array, map_shape, granularity: str = "pixel",
+                  patch_size: int = 1) -> jax.Array:
+    """A group map ``(B, H/kh, W/kw, C)`` repeated onto the pixels: ``map_shape``."""
+    kh, kw = _group_factors(map_shape, granularity, patch_size)
+    if (kh, kw) == (1, 1):
+        return g
+    return jnp.repeat(jnp.repeat(g, kh, axis=1), kw, axis=2)
 
 
 def normalize_weights(u: jax.Array) -> jax.Array:
@@ -121,20 +185,116 @@ def _scores_stats(u: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
             "weight_max": jnp.max(weights)}
 
 
-def _finish(u: jax.Array, normalize: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _finish(u: jax.Array, normalize: bool, map_shape=None, granularity: str = "pixel",
+            patch_size: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Group weights from group scores ``u``, spread onto the pixels (``w_g / |g|``)."""
     weights = normalize_weights(u) if normalize else jnp.maximum(u, 0)
     weights = jax.lax.stop_gradient(weights)
-    return weights, _scores_stats(jax.lax.stop_gradient(u), weights)
+    stats = _scores_stats(jax.lax.stop_gradient(u), weights)
+    if map_shape is not None and tuple(map_shape) != tuple(u.shape):
+        kh, kw = _group_factors(map_shape, granularity, patch_size)
+        weights = expand_groups(weights, map_shape, granularity, patch_size) / (kh * kw)
+    return weights, stats
 
 
 def _zeros_like_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
+class Reweighting(NamedTuple):
+    """Everything one reweighted step needs (see :func:`reweight`).
+
+    Attributes:
+      weights: ``(B, H, W, 1)`` pixel weights (stop-gradient), ``w_g / |g|`` per group.
+      result: ``loss_map_fn(params)`` from the shared forward.
+      pullback: cotangent of ``result`` -> gradient shaped like ``params``.
+      stats: scalar summaries of the group scores ``u`` and the weights.
+      scores: ``u`` per group, ``(B, H/kh, W/kw, 1)`` (``(B, H, W, 1)`` per pixel).
+      output_tangent: ``"jvp"`` only, else None: the tangent of ``loss_map_fn``'s
+        result in the direction ``g_val`` (with ``has_outputs``, ``(dl, dout)``: for a
+        generator output ``f``, ``dout`` is ``D = <grad f, g_val>`` per pixel).
+      tangent_of: ``"jvp"`` only, else None: ``direction_fn -> tangent of the result
+        in the direction direction_fn(g_val)`` (say ``g_val`` restricted to one layer),
+        evaluated on the shared linearisation.
+    """
+
+    weights: jax.Array
+    result: Any
+    pullback: Pullback
+    stats: dict
+    scores: jax.Array
+    output_tangent: Any = None
+    tangent_of: Callable | None = None
+
+
+def reweight(loss_map_fn: LossMapFn, val_loss_fn: ValLossFn, params: Params, *,
+             alpha: float = 1.0, method: str = "jvp", normalize: bool = True,
+             has_outputs: bool = False, granularity: str = "pixel",
+             patch_size: int = 1) -> Reweighting:
+    """Learning-to-reweight weights at a granularity, with the shared-forward pullback.
+
+    Args: as :func:`spatial_weights_and_pullback`, plus ``granularity`` (``"pixel"``,
+    ``"patch"``, ``"slice"``) and ``patch_size`` (``k`` of the ``k x k`` patches; it
+    must divide ``H`` and ``W``).
+
+    Returns:
+      A :class:`Reweighting`.
+
+    Raises:
+      ConfigError: unknown ``method`` or ``granularity``, or a patch size that does not
+        divide the map.
+    """
+    check_method(method)
+    check_granularity(granularity, patch_size)
+    output_tangent = tangent_of = None
+    if method == "jvp":
+        out, linear_fn = jax.linearize(loss_map_fn, params)
+        loss_map, _ = _split_outputs(out, has_outputs)
+        check_granularity(granularity, patch_size, loss_map.shape[1:3])
+        g_val = jax.grad(val_loss_fn)(params)
+        output_tangent = linear_fn(g_val)
+        jac_g, _ = _split_outputs(output_tangent, has_outputs)
+        # u_g = alpha <grad l_g, g_val> with l_g the group's mean loss: pool u_p.
+        u = pool_groups(alpha * jac_g, granularity, patch_size)
+        transposed = jax.linear_transpose(linear_fn, params)
+
+        def pullback(cotangent: Any) -> Params:
+            return transposed(cotangent)[0]
+
+        def tangent_of(direction_fn: Callable[[Params], Params]) -> Any:
+            return linear_fn(direction_fn(g_val))
+    else:
+        out, vjp_fn = jax.vjp(loss_map_fn, params)
+        loss_map, outputs = _split_outputs(out, has_outputs)
+        check_granularity(granularity, patch_size, loss_map.shape[1:3])
+        kh, kw = _group_factors(loss_map.shape, granularity, patch_size)
+
+        def inner_grad(eps: jax.Array) -> Params:
+            # grad_theta sum_g(eps_g * mean_{p in g} l_p) is the pullback of the
+            # group eps spread over its pixels (divided by the group size).
+            eps_map = expand_groups(eps, loss_map.shape, granularity, patch_size) / (kh * kw)
+            cotangent = (eps_map, _zeros_like_tree(outputs)) if has_outputs else eps_map
+            return vjp_fn(cotangent)[0]
+
+        def lookahead_val_loss(eps: jax.Array) -> jax.Array:
+            step = inner_grad(eps)
+            lookahead = jax.tree_util.tree_map(lambda p, g: p - alpha * g, params, step)
+            return val_loss_fn(lookahead)
+
+        eps0 = jnp.zeros_like(pool_groups(loss_map, granularity, patch_size))
+        u = -jax.grad(lookahead_val_loss)(eps0)
+
+        def pullback(cotangent: Any) -> Params:
+            return vjp_fn(cotangent)[0]
+    weights, stats = _finish(u, normalize, loss_map.shape, granularity, patch_size)
+    return Reweighting(weights, out, pullback, stats, jax.lax.stop_gradient(u),
+                       output_tangent, tangent_of)
+
+
 def spatial_weights_and_pullback(
         loss_map_fn: LossMapFn, val_loss_fn: ValLossFn, params: Params, *,
         alpha: float = 1.0, method: str = "jvp", normalize: bool = True,
-        has_outputs: bool = False,
+        has_outputs: bool = False, granularity: str = "pixel", patch_size: int = 1,
 ) -> tuple[jax.Array, jax.Array, Pullback, dict[str, jax.Array]]:
     """Per-pixel weights plus the pullback of the train loss map, sharing its forward.
 
@@ -154,6 +314,7 @@ def spatial_weights_and_pullback(
       method: ``"jvp"`` or ``"lookahead"`` (see the module docstring).
       normalize: divide ``max(u, 0)`` by its sum; ``False`` returns ``max(u, 0)``.
       has_outputs: see ``loss_map_fn``.
+      granularity, patch_size: see :func:`reweight` (default: per pixel, seed 02).
 
     Returns:
       ``(weights, result, pullback, stats)``: ``weights`` ``(B, H, W, 1)``
@@ -166,46 +327,20 @@ def spatial_weights_and_pullback(
       ``stats`` of ``u`` and the weights.
 
     Raises:
-      ConfigError: unknown ``method``.
+      ConfigError: unknown ``method`` or ``granularity``.
     """
-    check_method(method)
-    if method == "jvp":
-        out, linear_fn = jax.linearize(loss_map_fn, params)
-        g_val = jax.grad(val_loss_fn)(params)
-        loss_map, outputs = _split_outputs(out, has_outputs)
-        jac_g, _ = _split_outputs(linear_fn(g_val), has_outputs)
-        u = alpha * jac_g
-        transposed = jax.linear_transpose(linear_fn, params)
-
-        def pullback(cotangent: Any) -> Params:
-            return transposed(cotangent)[0]
-    else:
-        out, vjp_fn = jax.vjp(loss_map_fn, params)
-        loss_map, outputs = _split_outputs(out, has_outputs)
-
-        def inner_grad(eps: jax.Array) -> Params:
-            # grad_theta sum(eps * l(theta)) is the pullback of eps through l.
-            cotangent = (eps, _zeros_like_tree(outputs)) if has_outputs else eps
-            return vjp_fn(cotangent)[0]
-
-        def lookahead_val_loss(eps: jax.Array) -> jax.Array:
-            step = inner_grad(eps)
-            lookahead = jax.tree_util.tree_map(lambda p, g: p - alpha * g, params, step)
-            return val_loss_fn(lookahead)
-
-        u = -jax.grad(lookahead_val_loss)(jnp.zeros_like(loss_map))
-
-        def pullback(cotangent: Any) -> Params:
-            return vjp_fn(cotangent)[0]
-    weights, stats = _finish(u, normalize)
-    return weights, (loss_map, outputs) if has_outputs else loss_map, pullback, stats
+    r = reweight(loss_map_fn, val_loss_fn, params, alpha=alpha, method=method,
+                 normalize=normalize, has_outputs=has_outputs, granularity=granularity,
+                 patch_size=patch_size)
+    return r.weights, r.result, r.pullback, r.stats
 
 
 def spatial_weights(
         loss_map_fn: LossMapFn, val_loss_fn: ValLossFn, params: Params, *,
         alpha: float = 1.0, method: str = "jvp", normalize: bool = True,
+        granularity: str = "pixel", patch_size: int = 1,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Per-pixel learning-to-reweight weights of a training batch.
+    """Learning-to-reweight weights of a training batch (per pixel by default).
 
     Args:
       loss_map_fn: ``params -> (B, H, W, 1)`` per-pixel training loss
@@ -220,6 +355,7 @@ def spatial_weights(
         (literal nested gradient); equal up to rounding.
       normalize: divide ``max(u, 0)`` by its sum over the mini-batch (all zeros when
         that sum is 0); ``False`` returns ``max(u, 0)``.
+      granularity, patch_size: see :func:`reweight`.
 
     Returns:
       ``(weights, loss_map, stats)``: ``weights`` ``(B, H, W, 1)``, non-negative,
@@ -229,16 +365,19 @@ def spatial_weights(
       weight_max``.
 
     Raises:
-      ConfigError: unknown ``method``.
+      ConfigError: unknown ``method`` or ``granularity``.
     """
     check_method(method)
+    check_granularity(granularity, patch_size)
     if method == "jvp":
         # No pullback wanted: a plain jvp keeps no residuals for a backward pass.
         g_val = jax.grad(val_loss_fn)(params)
         loss_map, jac_g = jax.jvp(loss_map_fn, (params,), (g_val,))
-        weights, stats = _finish(alpha * jac_g, normalize)
+        check_granularity(granularity, patch_size, loss_map.shape[1:3])
+        u = pool_groups(alpha * jac_g, granularity, patch_size)
+        weights, stats = _finish(u, normalize, loss_map.shape, granularity, patch_size)
         return weights, loss_map, stats
     weights, loss_map, _, stats = spatial_weights_and_pullback(
         loss_map_fn, val_loss_fn, params, alpha=alpha, method=method,
-        normalize=normalize)
+        normalize=normalize, granularity=granularity, patch_size=patch_size)
     return weights, loss_map, stats

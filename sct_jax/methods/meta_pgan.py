@@ -1,14 +1,15 @@
 """meta-pGAN (seed 02): pGAN whose L1 term is spatially reweighted by learning-to-reweight.
 
-Each step scores every pixel of the training batch by how much a virtual SGD step on
-that pixel's L1 would lower the plain L1 on a *meta-validation* batch drawn from the
-best-registered cases (top 11% by MR/CT mutual information), keeps the positive scores
-and normalises them over the mini-batch (Ren et al. 2018, per pixel; see
-:mod:`sct_jax.meta.reweight`). G then minimises
+Each step scores every slice, patch or pixel of the training batch
+(``config.meta.granularity``) by how much a virtual SGD step on its L1 would lower the
+plain L1 on a *meta-validation* batch drawn from the best-registered cases (top 11% by
+MR/CT mutual information), keeps the positive scores and normalises them over the
+mini-batch (Ren et al. 2018; seed 02 weights pixels; see :mod:`sct_jax.meta.reweight`).
+G then minimises
 
     adv + l1_weight * sum(w * |fake - ct|) + perceptual_weight * perceptual
 
-in place of pGAN's ``adv + 100 mean|fake - ct| + 100 perceptual``: misaligned pixels,
+in place of pGAN's ``adv + 100 mean|fake - ct| + 100 perceptual``: misaligned regions,
 whose L1 gradient disagrees with the well-registered cases, get little or no weight.
 
 ``config.meta.method`` picks ``"jvp"`` (one forward-mode pass, the default) or
@@ -24,6 +25,22 @@ Batch (data mode ``slices_with_meta``): ``mr``, ``ct``, ``mask`` as pGAN plus ``
 ``(V, H, W, 2c+1)``, ``val_ct``, ``val_mask`` ``(V, H, W, 1)`` with
 ``V = config.meta.val_batch_size`` (32 in seed 02).
 
+``config.meta.granularity`` chooses what one weight covers: ``"pixel"`` (seed 02's
+literal form), ``"patch"`` (``config.meta.patch_size`` squared tiles) or ``"slice"``
+(Ren et al.'s per-example form); all go through the same lookahead / jvp forms.
+
+Diagnostics (``config.meta.diagnostics``, on by default; jvp form only, NaN with
+``"lookahead"``) explain what the weighting does. Per pixel ``u_p = alpha sign(f_p -
+y_p) D_p`` with ``D_p = <grad f_p, g_val>``, so ``meta/d_majority_sign_share`` (the
+share of the batch's pixels where ``D`` has its majority sign: near 1 means per-pixel
+weights act as a residual-sign filter), ``meta/d_output_layer_share`` (``|D_out|_1 /
+(|D_out|_1 + |D - D_out|_1)``, ``D_out`` from the output conv's parameters alone; one
+more tangent pass), and per tissue of the training CT (``air`` < -200 HU, ``bone`` >
+250 HU, ``soft`` between, inside the body mask) ``meta/weight_share_<tissue>`` (its
+share of the total weight; compare ``meta/pixel_share_<tissue>``, its share under
+uniform weights) and ``meta/zero_fraction_<tissue>`` (its pixels with zero
+weight). A bone weight share of 0 is the failure this is for.
+
 Weight maps cannot go through the scalar metrics: the step reports their statistics
 (``meta/weight_mean``, ``meta/weight_max``, ``meta/weight_zero_fraction``, and
 ``meta/weight_max_over_uniform`` = max * number of pixels, 1 for uniform weights) and
@@ -37,6 +54,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sct_jax.data import preprocess
 from sct_jax.errors import ConfigError
 from sct_jax.losses import pixel
 from sct_jax.meta import reweight
@@ -56,6 +74,9 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.meta.val_batch_size={config.meta.val_batch_size} must be "
                           f"positive and divisible by the {n_data} devices of the mesh's "
                           "data axis")
+    reweight.check_granularity(config.meta.get("granularity", "pixel"),
+                               config.meta.get("patch_size", 1),
+                               tuple(config.data.crop), "meta")
     if not 0.0 < float(config.meta.val_fraction) <= 1.0:
         raise ConfigError(f"config.meta.val_fraction={config.meta.val_fraction}: must be "
                           "in (0, 1]")
@@ -74,8 +95,64 @@ def weight_statistics(weights: jax.Array) -> dict[str, jax.Array]:
             "meta/weight_zero_fraction": jnp.mean((weights == 0).astype(jnp.float32))}
 
 
+# Tissue classes of the training CT for the diagnostics, as the SynthRAD metrics.
+_AIR_BELOW_HU, _BONE_ABOVE_HU = -200.0, 250.0
+
+
+def _output_layer_only(tree):
+    """``tree`` with every leaf outside the generator's output conv set to zero."""
+    return {name: (sub if name == "conv_out" else jax.tree_util.tree_map(jnp.zeros_like, sub))
+            for name, sub in tree.items()}
+
+
+def diagnostics(weights: jax.Array, ct: jax.Array, mask: jax.Array, d_map=None,
+                d_out=None) -> dict[str, jax.Array]:
+    """What the weights do to each tissue, and how one-signed ``D`` is.
+
+    Args:
+      weights: ``(B, H, W, 1)`` pixel weights summing to 1 (or all 0).
+      ct: ``(B, H, W, 1)`` training CT in [-1, 1].
+      mask: ``(B, H, W, 1)`` body mask (> 0 inside).
+      d_map: ``(B, H, W, 1)`` ``D = <grad f, g_val>``, or None (NaN statistics).
+      d_out: ``(B, H, W, 1)`` the output conv's part of ``D``, or None.
+
+    Returns:
+      Scalars ``meta/weight_share_{air,soft,bone}``, ``meta/pixel_share_{...}`` (the
+      tissue's share of the batch's pixels: its weight share under uniform weights),
+      ``meta/zero_fraction_{...}``
+      (NaN for a tissue absent from the batch), ``meta/d_majority_sign_share`` and
+      ``meta/d_output_layer_share``.
+    """
+    hu = preprocess.unit_to_ct(ct)
+    body = mask > 0
+    tissues = {"air": body & (hu < _AIR_BELOW_HU), "bone": body & (hu > _BONE_ABOVE_HU)}
+    tissues["soft"] = body & ~tissues["air"] & ~tissues["bone"]
+    total = jnp.sum(weights)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    out = {}
+    for name, sel in tissues.items():
+        n = jnp.sum(sel)
+        out[f"meta/pixel_share_{name}"] = n / weights.size  # its share under uniform weights
+        out[f"meta/weight_share_{name}"] = jnp.sum(jnp.where(sel, weights, 0)) / safe_total
+        out[f"meta/zero_fraction_{name}"] = jnp.where(
+            n > 0, jnp.sum(sel & (weights == 0)) / jnp.maximum(n, 1), jnp.nan)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    if d_map is None:
+        out["meta/d_majority_sign_share"] = nan
+    else:
+        pos = jnp.mean((d_map > 0).astype(jnp.float32))
+        neg = jnp.mean((d_map < 0).astype(jnp.float32))
+        out["meta/d_majority_sign_share"] = jnp.maximum(pos, neg)
+    if d_map is None or d_out is None:
+        out["meta/d_output_layer_share"] = nan
+    else:
+        a, b = jnp.sum(jnp.abs(d_out)), jnp.sum(jnp.abs(d_map - d_out))
+        out["meta/d_output_layer_share"] = a / jnp.maximum(a + b, 1e-30)
+    return out
+
+
 def _reweight(config, gen_state, batch, rng):
-    """Weights, L1 map, fake CT, the pullback and raw-score statistics of one step."""
+    """Weights, L1 map, fake CT, the pullback, score statistics and diagnostics."""
     train_key, val_key, _ = common.dropout_keys(step_rng(rng, gen_state))
     generate = common.generator_fn(gen_state, batch["mr"], train_key)
     generate_val = common.generator_fn(gen_state, batch["val_mr"], val_key)
@@ -87,10 +164,20 @@ def _reweight(config, gen_state, batch, rng):
     def val_loss_fn(params):
         return pixel.l1(generate_val(params), batch["val_ct"])
 
-    weights, (loss_map, fake), pullback, u_stats = reweight.spatial_weights_and_pullback(
+    r = reweight.reweight(
         loss_map_fn, val_loss_fn, gen_state.params, alpha=config.meta.alpha,
-        method=config.meta.method, has_outputs=True)
-    return weights, loss_map, fake, pullback, u_stats
+        method=config.meta.method, has_outputs=True,
+        granularity=config.meta.get("granularity", "pixel"),
+        patch_size=config.meta.get("patch_size", 1))
+    weights, (loss_map, fake) = r.weights, r.result
+    diag = {}
+    if config.meta.get("diagnostics", True):
+        d_map = d_out = None
+        if r.output_tangent is not None:  # jvp form: D is the fake's tangent
+            d_map = jax.lax.stop_gradient(r.output_tangent[1])
+            d_out = jax.lax.stop_gradient(r.tangent_of(_output_layer_only)[1])
+        diag = diagnostics(weights, batch["ct"], batch["mask"], d_map, d_out)
+    return weights, loss_map, fake, r.pullback, {**r.stats, **diag}
 
 
 def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
@@ -146,6 +233,7 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     metrics = {"loss": other + w.l1_weight * weighted_l1, "d_loss": d_loss, "g_adv": adv,
                "g_perceptual": perc, "g_l1": plain_l1, "g_l1_weighted": weighted_l1,
                "mae_hu": plain_l1 * common.HU_PER_UNIT, **weight_statistics(weights),
-               **{f"meta/{k}": v for k, v in u_stats.items() if k != "weight_max"},
+               **{k if k.startswith("meta/") else f"meta/{k}": v
+                  for k, v in u_stats.items() if k != "weight_max"},
                **d_metrics, **g_metrics}
     return {**state, "gen": gen_state, "disc": disc_state}, metrics

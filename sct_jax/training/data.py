@@ -34,8 +34,9 @@ def phantom_root(config) -> Path:
     """Where the phantom dataset of this config lives (generated if missing)."""
     p = config.data.phantom
     shape = "x".join(str(int(s)) for s in p.shape) if p.shape else "default"
+    aligned = float(p.get("aligned_fraction", 0.0))
     name = (f"phantom_{config.data.region}_n{p.cases}_seed{p.seed}"
-            f"_mis{float(p.misalign):g}_{shape}")
+            f"_mis{float(p.misalign):g}{f'_al{aligned:g}' if aligned else ''}_{shape}")
     root = cache_root(config) / "datasets" / name
     if not (root / "Task1" / config.data.region / "manifest.json").exists():
         from sct_jax.data import phantom
@@ -44,7 +45,8 @@ def phantom_root(config) -> Path:
         try:
             phantom.write_dataset(tmp, config.data.region, p.cases, p.seed,
                                   misalign_mm=float(p.misalign),
-                                  shape=tuple(p.shape) if p.shape else None)
+                                  shape=tuple(p.shape) if p.shape else None,
+                                  aligned_fraction=aligned)
             if root.exists():  # another process finished first
                 shutil.rmtree(tmp)
             else:

@@ -1,0 +1,91 @@
+"""sct-reproduce: the table (mean ± std over seeds), the baselines and the seed02 command."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+
+from sct_jax.reproduce import __main__ as cli
+from sct_jax.reproduce import baselines, table
+
+
+def _row(method, seed, mae, dice=math.nan, note=""):
+    return {"method": method, "seed": seed, "mae": mae, "psnr": 20.0, "ssim": 0.5,
+            "bone_mae": 2 * mae, "bone_dice": dice, "wall_s": 10.0, "note": note}
+
+
+def test_table_mean_and_sample_std_over_seeds(tmp_path):
+    maes = [100.0, 110.0, 130.0]
+    rows = [_row("A", k, m, dice=0.5 + 0.1 * k, note="n1" if k else "") for k, m in enumerate(maes)]
+    rows += [_row("B", 0, 90.0), _row("floor", None, 12.0, note="ideal")]
+    md_path, csv_path = table.write_tables(tmp_path, rows, "title")
+    entries = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert [e["method"] for e in entries] == ["A", "B", "floor"]
+    a, b, floor = entries
+    assert float(a["mae_mean"]) == pytest.approx(np.mean(maes))
+    assert float(a["mae_std"]) == pytest.approx(np.std(maes, ddof=1))
+    assert float(a["bone_dice_mean"]) == pytest.approx(0.6)
+    assert (a["seeds"], b["seeds"], floor["seeds"]) == ("3", "1", "")
+    assert b["mae_std"] == "" and b["bone_dice_mean"] == ""  # one seed; NaN
+    md = md_path.read_text()
+    assert f"| A | 3 | {np.mean(maes):.1f} ± {np.std(maes, ddof=1):.1f} |" in md
+    assert "| floor | - | 12.0 |" in md and "| n1 |" in md
+
+
+def test_constant_and_mean_ct_baselines_against_closed_forms():
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
+    mask = np.zeros(ct.shape, bool)
+    mask[1:11, 1:9, :] = True
+    const = baselines.constant_row([(ct, mask)])
+    assert const["mae"] == pytest.approx(np.abs(ct[mask] - 40.0).mean(), rel=1e-5)
+    assert const["bone_dice"] == 0.0 and const["seed"] is None
+    train = [rng.uniform(-100, 100, (12, 10, 9)), rng.uniform(-100, 100, (14, 10, 7))]
+    average = baselines.mean_ct(train)
+    # The second volume is centre-cropped in x and padded with air in z.
+    padded = np.full((12, 10, 9), -1000.0)
+    padded[:, :, 1:8] = train[1][1:13]
+    np.testing.assert_allclose(average, (train[0] + padded) / 2, atol=1e-3)
+    mean_row = baselines.mean_training_ct_row(train, [(ct, mask)])
+    assert mean_row["mae"] == pytest.approx(np.abs(ct[mask] - average[mask]).mean(), rel=1e-5)
+
+
+def test_cli_refuses_bad_arguments_before_writing(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed02", "--seeds", "0", "--out", str(out)])
+    assert err.value.code == 2 and "error: --seeds 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed02", "--vgg19", str(tmp_path / "none.npz"), "--out", str(out)])
+    assert err.value.code == 2 and "none.npz: --vgg19 weights file not found" in \
+        capsys.readouterr().err
+    assert not out.exists()
+    assert cli._load("seed99") is None  # a seed module this version lacks
+
+
+@pytest.mark.slow
+def test_reproduce_seed02_tiny_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "seed02"
+    assert cli.main(["seed02", "--tiny", "--seeds", "1", "--out", str(out)]) == 0
+    entries = {e["method"]: e for e in csv.DictReader(io.StringIO(
+        (out / "table.csv").read_text()))}
+    trained = ["pGAN", "REG-pGAN", "meta-pGAN (per pixel)", "meta-pGAN (16x16 patch)",
+               "meta-pGAN (per slice)"]
+    assert list(entries) == [trained[0], "CTX-pGAN", *trained[1:], "constant 40 HU",
+                             "mean training CT", "perfect model (floor)"]
+    for name in trained + ["constant 40 HU", "mean training CT", "perfect model (floor)"]:
+        for key in ("mae_mean", "psnr_mean", "ssim_mean", "bone_mae_mean"):
+            assert math.isfinite(float(entries[name][key])), (name, key)
+    assert "needs VGG-19 weights" in entries["CTX-pGAN"]["note"]
+    assert "bone weight share" in entries["meta-pGAN (per slice)"]["note"]
+    floor = float(entries["perfect model (floor)"]["mae_mean"])
+    assert 0 < floor < float(entries["mean training CT"]["mae_mean"])
+    assert "| pGAN | 1 |" in (out / "table.md").read_text()
+    # Run again: every run is reused, nothing retrained.
+    capsys.readouterr()
+    assert cli.main(["seed02", "--tiny", "--seeds", "1", "--out", str(out)]) == 0
+    assert "steps in" not in capsys.readouterr().out  # no "training N steps in DIR"
