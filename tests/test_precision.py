@@ -176,3 +176,75 @@ def test_bf16_pix2pix_training_float32_state_and_falling_l1():
         for leaf in jax.tree.leaves((state[name].params, state[name].opt_state)):
             if jnp.issubdtype(leaf.dtype, jnp.floating):
                 assert leaf.dtype == jnp.float32, name
+
+
+# ------------------------------------------------------------------ rematerialisation
+
+REMAT_CASES = {
+    # The residual blocks' dropout must draw the same mask when recomputed.
+    "resnet": (ResnetGenerator, dict(ngf=4, n_blocks=2, dropout_rate=0.5, conv_impl="xla"),
+               lambda u: (u(2, 16, 16, 3),), dict(train=True)),
+    "registration": (RegistrationNet, dict(down_channels=(4, 8), up_channels=(8, 4),
+                                           n_bottleneck_blocks=1, output_init_std=0.1,
+                                           conv_impl="xla"),
+                     lambda u: (u(2, 16, 16, 1), u(2, 16, 16, 1)), {}),
+    "autoencoder": (AutoencoderKL, dict(channels=(8, 8), num_res_blocks=1, norm_num_groups=4,
+                                        attention_levels=(False, True), conv_impl="xla"),
+                    lambda u: (u(1, 8, 8, 8, 1), jax.random.key(3)), {}),
+    "diffusion_unet": (DiffusionUNet, UNET3D, lambda u: (u(2, 4, 4, 4, 3), jnp.asarray([3, 500])),
+                       {}),
+    "controlnet": (ControlNet, dict(UNET3D, conditioning_embedding_num_channels=(4, 8)),
+                   lambda u: (u(2, 4, 4, 4, 3), jnp.asarray([3, 500]), u(2, 8, 8, 8, 1)), {}),
+}
+
+
+def _remat_setup(name, remat):
+    cls, kwargs, make_inputs, call_kw = REMAT_CASES[name]
+    rng = np.random.default_rng(0)
+    inputs = make_inputs(lambda *s: jnp.asarray(rng.uniform(-1, 1, s), jnp.float32))
+    model = cls(**kwargs, remat=remat)
+    rngs = {"dropout": jax.random.key(7)}
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **call_kw))
+    params = _random_params(abstract["params"], seed=2)
+
+    def loss(params):
+        out = model.apply({"params": params}, *inputs, rngs=rngs, **call_kw)
+        return sum(jnp.mean(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(out))
+    return loss, params
+
+
+def _residual_bytes(loss, params) -> int:
+    """Bytes the forward pass keeps for the backward: the leaves of ``jax.vjp``'s
+    closure (no compilation; XLA:CPU then re-fuses recomputation, so its
+    ``memory_analysis`` shows no difference; see benchmarks/remat_memory.py)."""
+    residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
+    return sum(math.prod(r.shape) * r.dtype.itemsize for r in jax.tree.leaves(residuals))
+
+
+@pytest.mark.parametrize("name", sorted(REMAT_CASES))
+def test_remat_saves_fewer_residuals(name):
+    sizes = {remat: _residual_bytes(*_remat_setup(name, remat))
+             for remat in ("none", "blocks", "dots_saveable")}
+    print(name, sizes)
+    assert sizes["blocks"] < sizes["none"]
+    assert sizes["blocks"] <= sizes["dots_saveable"] < sizes["none"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "diffusion_unet"])
+def test_remat_same_gradients(name):
+    settings = ("none", "blocks", "dots_saveable")
+    setups = [_remat_setup(name, remat) for remat in settings]
+    params = setups[0][1]
+    grads = jax.jit(lambda p: [jax.grad(loss)(p) for loss, _ in setups])(params)
+    flat = [jax.tree.leaves(g) for g in grads]
+    assert any(float(jnp.abs(g).max()) > 0 for g in flat[0])
+    for other in flat[1:]:
+        for a, b in zip(flat[0], other):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_pix2pix_refuses_remat():
+    config = load_config_file("configs/pix2pix_pelvis.py:tiny")
+    config.model.remat = "blocks"
+    with pytest.raises(ConfigError, match="model.remat"):
+        pix2pix.validate_config(config)
