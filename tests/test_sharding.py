@@ -62,6 +62,27 @@ def test_eight_devices_equal_one(single_device, tmp_path):
     _compare(single_device, dict(np.load(out)))
 
 
+def test_fsdp_mesh_equals_one(single_device, tmp_path):
+    """2 x 4 mesh: the batch over data x fsdp, parameters and Adam moments over fsdp."""
+    out = tmp_path / "fsdp.npz"
+    log = _wait(_run(out, "--devices", 8, "--mesh", "data=2,fsdp=4"))
+    assert "devices=8" in log
+    n_split = int(log.split("sharded_leaves=")[1].split()[0])
+    assert n_split > 10, log  # the kernels and their moments are split, not replicated
+    _compare(single_device, dict(np.load(out)))
+
+
+def test_fsdp_spec_rule():
+    from jax.sharding import PartitionSpec as P
+    from sct_jax.training.sharding import fsdp_spec
+    assert fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")  # largest divisible
+    assert fsdp_spec((3, 3, 128, 64), 4) == P(None, None, "fsdp")
+    assert fsdp_spec((4, 4, 1, 8), 8) == P(None, None, None, "fsdp")
+    assert fsdp_spec((3, 3, 1, 6), 4) == P()                              # none divides
+    assert fsdp_spec((), 4) == P()                                        # step counter
+    assert fsdp_spec((256, 256), 1) == P()
+
+
 def test_two_processes_equal_one(single_device, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
