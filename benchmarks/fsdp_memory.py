@@ -105,6 +105,13 @@ def measure(devices: int, dtype: str, patch: int, meshes):
                   "fsdp": {"data": 1, "fsdp": devices}}
     for name in meshes:
         mesh = sharding.make_mesh(mesh_sizes[name], jax.devices()[:devices])
+        # What each device holds of the state, from the shardings alone (no compile).
+        shard_bytes = sum(math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                          for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(
+                              sharding.state_shardings(state, mesh))))
+        print(json.dumps({"mesh": mesh_sizes[name],
+                          "state_gib_per_device_from_shardings": round(shard_bytes / 2**30, 3)}),
+              file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         compiled, _, _ = loop.build_step(ldm_controlnet, config, mesh, state, spec)
         compile_s = time.perf_counter() - t0
@@ -114,6 +121,7 @@ def measure(devices: int, dtype: str, patch: int, meshes):
                "batch": list(shape), "params_m": {k: round(v / 1e6, 1)
                                                    for k, v in n_params.items()},
                "state_gib_total": round(state_bytes / 2**30, 3),
+               "state_gib_per_device_from_shardings": round(shard_bytes / 2**30, 3),
                "argument_gib_per_device": round(mem.argument_size_in_bytes / 2**30, 3),
                "temp_gib_per_device": round(mem.temp_size_in_bytes / 2**30, 3),
                "output_gib_per_device": round(mem.output_size_in_bytes / 2**30, 3),
