@@ -40,6 +40,7 @@ def measure(config_spec: str, remat: str) -> dict:
     import numpy as np
     config = load_config_file(config_spec)
     config.model.remat = remat
+    config.loss.perceptual_weight = 0.0  # no VGG weights file needed; G and D only
     method = methods.get_method(config.method)
     batch = random_batch(config, np.random.default_rng(0))
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}

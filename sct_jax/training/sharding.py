@@ -94,7 +94,7 @@ BATCH_AXES = ("data", "fsdp")
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes the batch is split over: ``"data"`` and ``"fsdp"`` where present."""
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return tuple(a for a in BATCH_AXES if a in mesh.shape)
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -189,6 +189,6 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     Returns:
       The same tree structure with a ``NamedSharding`` per leaf.
     """
-    fsdp = mesh.shape["fsdp"] if "fsdp" in mesh.axis_names else 1
+    fsdp = mesh.shape.get("fsdp", 1)
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp)),
                         abstract_state)
