@@ -26,7 +26,8 @@ the perceptual weight to 0 (no VGG file needed); the full config needs the VGG-1
 (or ``--config.loss.perceptual_weight=0``).
 """
 
-from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
+from sct_jax.config_utils import (accelerator_settings, base_config, parse_variants,
+                                   tiny_run_settings)
 from sct_jax.methods._ldm_common import STAGES
 
 SIZES = ("small", "tiny")
@@ -124,4 +125,4 @@ def get_config(arg=None):
         c.train.batch_size = 1
         tiny_run_settings(c)
         c.eval.panels = False
-    return c
+    return accelerator_settings(c, variants)

@@ -7,7 +7,8 @@ Volumes are predicted by overlapping sliding windows of the patch size, blended.
 Variants: ``small`` (CPU), ``tiny`` (tests).
 """
 
-from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
+from sct_jax.config_utils import (accelerator_settings, base_config, parse_variants,
+                                   tiny_run_settings)
 
 
 def get_config(arg=None):
@@ -46,4 +47,4 @@ def get_config(arg=None):
         c.model.disc.ndf = 4
         c.model.disc.n_layers = 1
         tiny_run_settings(c)
-    return c
+    return accelerator_settings(c, variants)

@@ -7,7 +7,8 @@ Variants: ``small`` (the CPU demo: trains to a useful sCT in well under 20 minut
 2 cores), ``tiny`` (seconds; tests). Real data: ``--config.data.root=/path/to/synthrad``.
 """
 
-from sct_jax.config_utils import base_config, parse_variants, tiny_run_settings
+from sct_jax.config_utils import (accelerator_settings, base_config, parse_variants,
+                                   tiny_run_settings)
 
 
 def get_config(arg=None):
@@ -49,4 +50,4 @@ def get_config(arg=None):
         c.train.batch_size = 2
         tiny_run_settings(c)
         c.eval.batch_size = 4
-    return c
+    return accelerator_settings(c, variants)

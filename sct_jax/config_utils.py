@@ -3,6 +3,11 @@
 A config file is ``configs/<experiment>.py`` with ``get_config(arg)`` returning an
 ``ml_collections.ConfigDict``; ``arg`` is a comma-separated list of variant words
 (``"tiny"``, ``"controlnet,tiny"``). Unknown words fail at start-up.
+
+Every config also takes the accelerator words of :data:`SHARED_VARIANTS`: ``bf16``
+computes convolutions and matmuls in bfloat16 (``config.model.dtype``; parameters,
+optimizer state, norm statistics, softmax, losses and the diffusion scheduler stay
+float32), e.g. ``configs/pix2pix_pelvis.py:bf16`` or ``configs/ldm_brain.py:controlnet,bf16``.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ import ml_collections
 from sct_jax.errors import ConfigError
 
 
+# Variant words every config accepts (applied by :func:`accelerator_settings`).
+SHARED_VARIANTS = frozenset({"bf16"})
+
+
 def parse_variants(arg: str | None, allowed: set[str] | frozenset[str]) -> set[str]:
-    """``"a,b"`` -> ``{"a", "b"}``; words outside ``allowed`` raise ``ConfigError``."""
+    """``"a,b"`` -> ``{"a", "b"}``; words outside ``allowed`` and :data:`SHARED_VARIANTS`
+    raise ``ConfigError``."""
     words = {w.strip() for w in (arg or "").split(",") if w.strip()}
-    unknown = sorted(words - set(allowed))
+    allowed = set(allowed) | SHARED_VARIANTS
+    unknown = sorted(words - allowed)
     if unknown:
         raise ConfigError(f"unknown config variant(s) {unknown}; allowed: {sorted(allowed)}")
     return words
@@ -55,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.tensorboard = True
     c.train.progress = True
 
-    c.mesh = ml_collections.ConfigDict({"data": -1})
+    # "data" shards the batch; "fsdp" shards the parameters and optimizer state (and the
+    # batch too: it is split over data x fsdp). See sct_jax.training.sharding.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
@@ -81,6 +94,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def accelerator_settings(c: ml_collections.ConfigDict,
+                         variants: set[str]) -> ml_collections.ConfigDict:
+    """Sets ``c.model.dtype`` and ``c.model.remat`` (every config calls it last).
+
+    ``model.dtype``: ``"float32"``, or ``"bfloat16"`` with the ``bf16`` variant word.
+    ``model.remat``: ``"none"``; ``"blocks"`` or a ``jax.checkpoint_policies`` name
+    (``--config.model.remat=dots_saveable``) rematerialises the residual / U-Net blocks,
+    see :data:`sct_jax.models.layers.REMAT_CHOICES`.
+    """
+    c.model.dtype = "bfloat16" if "bf16" in variants else "float32"
+    c.model.remat = "none"
+    return c
 
 
 def tiny_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

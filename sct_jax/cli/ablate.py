@@ -29,8 +29,15 @@ Compilation: the loop compiles ``train_step`` ahead of time once per run. Runs w
 programs are identical (the seeds of one grid point: the seed only enters through the
 key) share one compilation through JAX's persistent compilation cache, which this
 module points at ``ROOT/.jit_cache`` (unless a cache directory is already configured).
-Seeds are *not* vmapped into one program: each seed is its own loop run, its own
-checkpoints and evaluation, so any method ablates without changes to the loop.
+By default each seed is its own loop run, so any method ablates without changes to
+the loop. With ``--vmap`` the seeds of a grid point are trained as one program (a
+leading seed axis on the state and the keys, each seed its own data order; see
+:mod:`sct_jax.training.vmap_seeds`) into the same per-seed run directories, and scored
+seed by seed as separate runs are; the s/step column is then the vmapped program's
+step time divided by the number of seeds (seconds per seed-step)::
+
+  python -m sct_jax.cli.ablate --config configs/meta_pgan_pelvis.py:small \
+      --sweep meta.method=lookahead,jvp --seeds 4 --vmap --workdir runs/ablate_meta
 """
 
 from __future__ import annotations
@@ -185,16 +192,12 @@ def _config_digest(config) -> str:
 def run_one(config, workdir: Path, point: str, seed: int,
             echo: Callable[[str], None] = print) -> RunResult:
     """Trains ``config`` into ``workdir`` (or reuses a finished run) and scores it."""
-    from sct_jax.cli import run
     from sct_jax.training import loop
 
-    cached = workdir / RESULT_FILE
-    digest = _config_digest(config)
-    if cached.exists():
-        record = json.loads(cached.read_text())
-        if record.get("config_digest") == digest:
-            echo(f"[ablate] {point} seed {seed}: reusing {cached}")
-            return RunResult(**record["result"])
+    cached = cached_result(config, workdir)
+    if cached is not None:
+        echo(f"[ablate] {point} seed {seed}: reusing {workdir / RESULT_FILE}")
+        return cached
     echo(f"[ablate] {point} seed {seed}: training {config.train.steps} steps in {workdir}")
     t0 = time.perf_counter()
     try:
@@ -203,15 +206,29 @@ def run_one(config, workdir: Path, point: str, seed: int,
         echo(f"[ablate] {point} seed {seed}: diverged ({err})")
         return RunResult(point, seed, str(workdir), {}, math.nan, error=str(err))
     train_s = time.perf_counter() - t0
+    return score_run(config, workdir, point, seed, result.compile_s, train_s)
+
+
+def score_run(config, workdir: Path, point: str, seed: int, compile_s: float,
+              train_s: float, seeds_per_program: int = 1) -> RunResult:
+    """Evaluates a trained run and caches its result next to it.
+
+    Args:
+      seeds_per_program: how many seeds the training program stepped together
+        (``--vmap``): the step time is divided by it (seconds per seed-step).
+    """
+    from sct_jax.cli import run
     speed = seconds_per_step(workdir)
     if math.isnan(speed):  # too few records: whole call minus compilation
-        speed = max(train_s - result.compile_s, 0.0) / max(int(config.train.steps), 1)
+        speed = max(train_s - compile_s, 0.0) / max(int(config.train.steps), 1)
+    speed /= seeds_per_program
     report = run.evaluate_run(config, workdir, panels=False)
     summary = report.summary()
     metrics = {name: summary[name]["mean"] for name, _, _ in COLUMNS if name in summary}
     metrics["s_per_step"] = speed
-    out = RunResult(point, seed, str(workdir), metrics, float(result.compile_s))
-    atomic_write_text(cached, json.dumps({"config_digest": digest,
+    out = RunResult(point, seed, str(workdir), metrics, float(compile_s))
+    atomic_write_text(Path(workdir) / RESULT_FILE, json.dumps({"config_digest":
+                                                               _config_digest(config),
                                           "result": dataclasses.asdict(out)},
                                          indent=2, default=_json_default))
     return out
@@ -312,10 +329,50 @@ def enable_compilation_cache(root: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def cached_result(config, workdir: Path) -> RunResult | None:
+    """The cached result of a finished run made with exactly ``config``, or None."""
+    cached = Path(workdir) / RESULT_FILE
+    if cached.exists():
+        record = json.loads(cached.read_text())
+        if record.get("config_digest") == _config_digest(config):
+            return RunResult(**record["result"])
+    return None
+
+
+def run_vmapped(group: list, root: Path, echo: Callable[[str], None]) -> list[RunResult]:
+    """Trains one grid point's seeds as one vmapped program, then scores each seed.
+
+    Args:
+      group: ``(point, name, k, config)`` per seed of one grid point.
+    """
+    from sct_jax.training import vmap_seeds
+    label = point_label(group[0][0], group[0][1])
+    workdirs = [root / point_dirname(point, name) / f"seed{k}"
+                for point, name, k, _ in group]
+    cached = [cached_result(config, w) for (_, _, _, config), w in zip(group, workdirs)]
+    if all(c is not None for c in cached):
+        echo(f"[ablate] {label}: reusing {len(group)} seed run(s)")
+        return cached
+    configs = [config for *_, config in group]
+    echo(f"[ablate] {label}: training {len(group)} seeds vmapped, "
+         f"{configs[0].train.steps} steps, in {workdirs[0].parent}")
+    t0 = time.perf_counter()
+    seed_results = vmap_seeds.train_seeds(configs, workdirs)
+    train_s = time.perf_counter() - t0
+    results = []
+    for (_, _, k, config), w, r in zip(group, workdirs, seed_results):
+        if r.error:
+            echo(f"[ablate] {label} seed {k}: diverged ({r.error})")
+            results.append(RunResult(label, k, str(w), {}, math.nan, error=r.error))
+        else:
+            results.append(score_run(config, w, label, k, r.compile_s, train_s, len(group)))
+    return results
+
+
 def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds: int,
                  workdir: str | Path, steps: int | None = None,
                  echo: Callable[[str], None] = print,
-                 sets: Sequence[str] = ()) -> list[dict[str, Any]]:
+                 sets: Sequence[str] = (), vmap: bool = False) -> list[dict[str, Any]]:
     """Trains and scores every config x grid point x seed, prints and writes the table.
 
     Args:
@@ -327,6 +384,7 @@ def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds:
       steps: override ``config.train.steps`` (all runs).
       echo: where progress and the table go.
       sets: ``"key=value"`` overrides applied to every run (not part of the labels).
+      vmap: train the seeds of each grid point as one vmapped program.
 
     Returns:
       The table rows (see :func:`summarize`).
@@ -371,16 +429,20 @@ def run_ablation(config_spec: str | Sequence[str], sweeps: Sequence[str], seeds:
     root.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(root)
     results = []
-    for point, name, k, config in configs:
-        results.append(run_one(config, root / point_dirname(point, name) / f"seed{k}",
-                               point_label(point, name), k, echo))
+    if vmap:
+        for start in range(0, len(configs), int(seeds)):
+            results += run_vmapped(configs[start:start + int(seeds)], root, echo)
+    else:
+        for point, name, k, config in configs:
+            results.append(run_one(config, root / point_dirname(point, name) / f"seed{k}",
+                                   point_label(point, name), k, echo))
     rows = summarize(results, labels)
     echo(f"\nablation of {', '.join(specs)}: {len(labels)} row(s) x {seeds} seed(s), "
          f"mean ± std over seeds")
     echo(format_table(rows))
     csv_path, json_path = write_outputs(root, rows, results, {
         "config": specs[0] if len(specs) == 1 else specs, "sweeps": list(sweeps),
-        "sets": list(sets), "seeds": int(seeds), "steps": steps})
+        "sets": list(sets), "seeds": int(seeds), "steps": steps, "vmap": bool(vmap)})
     echo(f"wrote {csv_path} and {json_path}")
     return rows
 
@@ -401,11 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="runs per grid point")
     parser.add_argument("--workdir", default="runs/ablate", help="root of the runs")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    parser.add_argument("--vmap", action="store_true",
+                        help="train the seeds of each grid point as one vmapped program")
     args = parser.parse_args(argv)
 
     def run() -> int:
         run_ablation(args.config, args.sweep, args.seeds, args.workdir, args.steps,
-                     sets=args.sets)
+                     sets=args.sets, vmap=args.vmap)
         return guard.EXIT_OK
 
     return guard.run_main(run)

@@ -141,7 +141,7 @@ def contextual_loss_vgg(vgg_params: Mapping[str, Any], fake: jax.Array, real: ja
                         band_width: float = DEFAULT_BAND_WIDTH,
                         max_positions: int = DEFAULT_MAX_POSITIONS,
                         input_norm: str = "imagenet",
-                        conv_impl: str = "auto") -> jax.Array:
+                        conv_impl: str = "auto", dtype: Any = None) -> jax.Array:
     """Sum over VGG layers of the contextual loss between fake and real CT features.
 
     Args:
@@ -152,7 +152,7 @@ def contextual_loss_vgg(vgg_params: Mapping[str, Any], fake: jax.Array, real: ja
         a layer has more than ``max_positions`` positions.
       layers: feature layers (Mechrez's ``conv3_2``, ``conv4_2`` = our ``relu3_2``,
         ``relu4_2``).
-      arch, input_norm, conv_impl: see :func:`sct_jax.models.vgg.vgg_features`.
+      arch, input_norm, conv_impl, dtype: see :func:`sct_jax.models.vgg.vgg_features`.
       band_width, max_positions: see :func:`contextual_loss`.
 
     Returns:
@@ -162,7 +162,7 @@ def contextual_loss_vgg(vgg_params: Mapping[str, Any], fake: jax.Array, real: ja
         raise ValueError(f"contextual_loss_vgg: fake {fake.shape} != real {real.shape}")
     both = jnp.concatenate([fake, real.astype(fake.dtype)], axis=0)
     features = vgg_features(vgg_params, both, arch=arch, layers=tuple(layers),
-                            input_norm=input_norm, conv_impl=conv_impl)
+                            input_norm=input_norm, conv_impl=conv_impl, dtype=dtype)
     total = jnp.zeros((), jnp.float32)
     for index, layer in enumerate(layers):
         fake_features, real_features = jnp.split(features[layer], 2, axis=0)

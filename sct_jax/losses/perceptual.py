@@ -19,7 +19,8 @@ from sct_jax.models.vgg import vgg_features
 
 def perceptual_l1(vgg_params: Mapping[str, Any], fake: jax.Array, real: jax.Array,
                   arch: str = "vgg16", layer: str = "relu2_2",
-                  input_norm: str = "imagenet", conv_impl: str = "auto") -> jax.Array:
+                  input_norm: str = "imagenet", conv_impl: str = "auto",
+                  dtype: Any = None) -> jax.Array:
     """Mean absolute difference of VGG features of ``fake`` and ``real``.
 
     Args:
@@ -31,6 +32,7 @@ def perceptual_l1(vgg_params: Mapping[str, Any], fake: jax.Array, real: jax.Arra
       input_norm: ``"imagenet"`` or ``"none"`` (pGAN's reference), see
         :func:`sct_jax.models.vgg.preprocess`.
       conv_impl: convolution lowering.
+      dtype: the VGG's compute dtype (``None``: float32); features compared in float32.
 
     Returns:
       A scalar: the mean over batch, positions and channels (float32 at least).
@@ -40,7 +42,8 @@ def perceptual_l1(vgg_params: Mapping[str, Any], fake: jax.Array, real: jax.Arra
     # One VGG pass over both halves: one program, twice the batch.
     both = jnp.concatenate([fake, real.astype(fake.dtype)], axis=0)
     features = vgg_features(vgg_params, both, arch=arch, layers=(layer,),
-                            input_norm=input_norm, conv_impl=conv_impl)[layer]
+                            input_norm=input_norm, conv_impl=conv_impl,
+                            dtype=dtype)[layer]
     features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
     fake_features, real_features = jnp.split(features, 2, axis=0)
     # The real image's features are a target, not something to differentiate.

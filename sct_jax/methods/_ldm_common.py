@@ -40,6 +40,7 @@ from sct_jax.errors import ConfigError
 from sct_jax.models.autoencoder import AutoencoderKL
 from sct_jax.models.controlnet import ControlNet, embed_conditioning
 from sct_jax.models.diffusion_unet import DiffusionUNet
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
@@ -57,7 +58,7 @@ def build_autoencoder(config) -> AutoencoderKL:
                          attention_levels=tuple(a.attention_levels),
                          with_encoder_nonlocal_attn=a.nonlocal_attn,
                          with_decoder_nonlocal_attn=a.nonlocal_attn,
-                         conv_impl=config.model.conv_impl)
+                         conv_impl=config.model.conv_impl, **precision_kwargs(config))
 
 
 def _unet_kwargs(config) -> dict:
@@ -66,7 +67,8 @@ def _unet_kwargs(config) -> dict:
     return dict(in_channels=config.model.ae.latent_channels, channels=tuple(u.channels),
                 attention_levels=tuple(u.attention_levels), num_res_blocks=u.num_res_blocks,
                 num_head_channels=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
-                norm_num_groups=u.norm_num_groups, conv_impl=config.model.conv_impl)
+                norm_num_groups=u.norm_num_groups, conv_impl=config.model.conv_impl,
+                **precision_kwargs(config))
 
 
 def build_unet(config) -> DiffusionUNet:
@@ -81,7 +83,8 @@ def build_controlnet(config) -> ControlNet:
 def build_discriminator(config) -> PatchDiscriminator:
     d = config.model.disc
     return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm,
-                              conv_impl=config.model.conv_impl)
+                              conv_impl=config.model.conv_impl,
+                              dtype=precision_kwargs(config)["dtype"])
 
 
 def make_config_schedule(config):

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sct_jax.config_utils import base_config, tiny_run_settings
+from sct_jax.config_utils import accelerator_settings, base_config, tiny_run_settings
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual, pixel
 from sct_jax.methods.common import (TrainState, apply_updates, dummy_input,
                                     validate_resnet_gan_config)
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models import vgg
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
 from sct_jax.training import optim
 
@@ -44,13 +45,15 @@ HU_PER_UNIT = 2012.0
 def build_generator(config) -> ResnetGenerator:
     g = config.model.gen
     return ResnetGenerator(out_channels=1, ngf=g.ngf, n_blocks=g.n_blocks, norm=g.norm,
-                           dropout_rate=g.dropout, conv_impl=config.model.conv_impl)
+                           dropout_rate=g.dropout, conv_impl=config.model.conv_impl,
+                           **precision_kwargs(config))
 
 
 def build_discriminator(config) -> PatchDiscriminator:
     d = config.model.disc
     return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm,
-                              conv_impl=config.model.conv_impl)
+                              conv_impl=config.model.conv_impl,
+                              dtype=precision_kwargs(config)["dtype"])
 
 
 def validate_pgan_config(config, modes: tuple[str, ...] = ("slices",)) -> None:
@@ -152,7 +155,8 @@ def perceptual_term(config, state: dict, fake: jax.Array, ct: jax.Array) -> jax.
     return perceptual.perceptual_l1(state["vgg16"].params, fake, ct, arch="vgg16",
                                     layer=config.loss.perceptual_layer,
                                     input_norm=config.loss.perceptual_input_norm,
-                                    conv_impl=config.model.conv_impl)
+                                    conv_impl=config.model.conv_impl,
+                                    dtype=precision_kwargs(config)["dtype"])
 
 
 def gan_step(config, state: dict, batch: dict, rng: jax.Array,
@@ -289,4 +293,4 @@ def pelvis_config(method: str, variants: set[str]):
         tiny_run_settings(c)
         c.eval.batch_size = 4
         c.eval.panels = False
-    return c
+    return accelerator_settings(c, variants)

@@ -22,6 +22,7 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import contextual
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, step_rng
+from sct_jax.models.layers import precision_kwargs
 
 predict = common.predict
 check_sampling = common.check_sampling
@@ -58,7 +59,7 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
             state["vgg19"].params, fake, ct, key, layers=tuple(w.contextual_layers),
             arch="vgg19", band_width=w.contextual_band_width,
             max_positions=w.contextual_max_positions, input_norm=w.contextual_input_norm,
-            conv_impl=config.model.conv_impl)
+            conv_impl=config.model.conv_impl, dtype=precision_kwargs(config)["dtype"])
         return w.contextual_weight * cx, {"g_contextual": cx}
 
     return common.gan_step(config, state, batch, step_rng(rng, state["gen"]),

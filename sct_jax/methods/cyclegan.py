@@ -35,6 +35,7 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
 from sct_jax.methods.common import (TrainState, apply_updates, dummy_input, step_rng,
                                     validate_resnet_gan_config)
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
 from sct_jax.training import optim
@@ -152,13 +153,14 @@ def build_generator(config, out_channels: int) -> ResnetGenerator:
     g = config.model.gen
     return ResnetGenerator(out_channels=out_channels, ngf=g.ngf, n_blocks=g.n_blocks,
                            norm=g.norm, dropout_rate=g.dropout,
-                           conv_impl=config.model.conv_impl)
+                           conv_impl=config.model.conv_impl, **precision_kwargs(config))
 
 
 def build_discriminator(config) -> PatchDiscriminator:
     d = config.model.disc
     return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, norm=d.norm,
-                              conv_impl=config.model.conv_impl)
+                              conv_impl=config.model.conv_impl,
+                              dtype=precision_kwargs(config)["dtype"])
 
 
 def validate_config(config) -> None:

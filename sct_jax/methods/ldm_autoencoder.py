@@ -35,6 +35,7 @@ from sct_jax.methods import _ldm_common as common
 from sct_jax.methods._pgan_common import frozen_vgg_state
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.autoencoder import kl_loss
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.training import optim
 
 
@@ -77,7 +78,8 @@ def random_slices(volume: jax.Array, axis: int, index: jax.Array) -> jax.Array:
 
 
 def perceptual_25d(vgg_params, fake: jax.Array, real: jax.Array, rng: jax.Array,
-                   slices: int, layer: str, conv_impl: str = "auto") -> jax.Array:
+                   slices: int, layer: str, conv_impl: str = "auto",
+                   dtype=None) -> jax.Array:
     """Mean over the three axes of the VGG perceptual L1 of random 2D slices.
 
     Args:
@@ -88,6 +90,7 @@ def perceptual_25d(vgg_params, fake: jax.Array, real: jax.Array, rng: jax.Array,
       slices: slices per axis.
       layer: VGG feature layer.
       conv_impl: convolution lowering.
+      dtype: the VGG's compute dtype (``None``: float32).
 
     Returns:
       A scalar.
@@ -98,7 +101,7 @@ def perceptual_25d(vgg_params, fake: jax.Array, real: jax.Array, rng: jax.Array,
                                    fake.shape[axis])
         terms.append(perceptual.perceptual_l1(
             vgg_params, random_slices(fake, axis, index), random_slices(real, axis, index),
-            layer=layer, conv_impl=conv_impl))
+            layer=layer, conv_impl=conv_impl, dtype=dtype))
     return sum(terms) / 3.0
 
 
@@ -129,7 +132,8 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
         if loss_cfg.perceptual_weight > 0:
             perc = perceptual_25d(state["vgg16"].params, recon, ct, slice_rng,
                                   int(loss_cfg.perceptual_slices), loss_cfg.perceptual_layer,
-                                  config.model.conv_impl)
+                                  config.model.conv_impl,
+                                  precision_kwargs(config)["dtype"])
         else:
             perc = jnp.zeros((), jnp.float32)
         g_adv = adversarial.generator_loss(

@@ -69,11 +69,11 @@ check_sampling = common.check_sampling
 def validate_config(config) -> None:
     common.validate_pgan_config(config, modes=("slices_with_meta",))
     reweight.check_method(config.meta.method, "config.meta.method")
-    n_data = sharding.make_mesh(dict(config.mesh)).shape["data"]
+    n_data = sharding.batch_shards(sharding.make_mesh(dict(config.mesh)))
     if config.meta.val_batch_size <= 0 or config.meta.val_batch_size % n_data:
         raise ConfigError(f"config.meta.val_batch_size={config.meta.val_batch_size} must be "
                           f"positive and divisible by the {n_data} devices of the mesh's "
-                          "data axis")
+                          "data x fsdp axes")
     reweight.check_granularity(config.meta.get("granularity", "pixel"),
                                config.meta.get("patch_size", 1),
                                tuple(config.data.crop), "meta")

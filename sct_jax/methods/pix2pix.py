@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
 from sct_jax.training import optim
@@ -28,9 +29,10 @@ from sct_jax.training import optim
 def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
     m = config.model
     gen = UNetGenerator(out_channels=1, ngf=m.gen.ngf, num_downs=m.gen.num_downs,
-                        norm=m.gen.norm, dropout_rate=m.gen.dropout, conv_impl=m.conv_impl)
+                        norm=m.gen.norm, dropout_rate=m.gen.dropout, conv_impl=m.conv_impl,
+                        dtype=compute_dtype(m.get("dtype")))
     disc = PatchDiscriminator(ndf=m.disc.ndf, n_layers=m.disc.n_layers, norm=m.disc.norm,
-                              conv_impl=m.conv_impl)
+                              conv_impl=m.conv_impl, dtype=compute_dtype(m.get("dtype")))
     return gen, disc
 
 
@@ -49,6 +51,9 @@ def validate_config(config) -> None:
                           f"{stride} (the U-Net's total stride)")
     if config.loss.gan not in ("vanilla", "lsgan"):
         raise ConfigError(f"config.loss.gan={config.loss.gan!r}: expected 'vanilla' or 'lsgan'")
+    if precision_kwargs(config)["remat"] != "none":
+        raise ConfigError(f"config.model.remat={config.model.remat!r}: the pix2pix U-Net has "
+                          "no residual blocks to rematerialise; use 'none'")
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:

@@ -27,6 +27,7 @@ from sct_jax.losses import pixel
 from sct_jax.losses.smoothness import smoothness
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.registration import RegistrationNet, check_registration_input, warp
 from sct_jax.training import optim
 
@@ -39,7 +40,7 @@ def build_registration(config) -> RegistrationNet:
     return RegistrationNet(down_channels=tuple(r.down_channels),
                            up_channels=tuple(r.up_channels),
                            n_bottleneck_blocks=r.n_bottleneck_blocks,
-                           conv_impl=config.model.conv_impl)
+                           conv_impl=config.model.conv_impl, **precision_kwargs(config))
 
 
 def validate_config(config) -> None:

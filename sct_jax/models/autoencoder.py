@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import Conv
+from sct_jax.models.layers import Conv, remat_block
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -160,9 +160,10 @@ class _CoderBase(nn.Module):
     with_nonlocal_attn: bool = False
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     def _res(self, channels: int, name: str) -> ResBlock:
-        return ResBlock(channels, self.norm_num_groups, self.norm_eps, self.conv_impl,
+        return remat_block(ResBlock, self.remat)(channels, self.norm_num_groups, self.norm_eps, self.conv_impl,
                         self.dtype, name=name)
 
     def _attn(self, name: str) -> AttentionBlock:
@@ -279,7 +280,10 @@ class AutoencoderKL(nn.Module):
       with_encoder_nonlocal_attn: ResBlock-Attention-ResBlock at the encoder's bottom.
       with_decoder_nonlocal_attn: the same at the decoder's top.
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (``None``: from the input and parameters).
+      dtype: computation dtype (``None``: from the input and parameters); ``mu``,
+        ``sigma`` and the reconstruction are float32 whatever it is.
+      remat: rematerialise the residual blocks, see
+        :data:`~sct_jax.models.layers.REMAT_CHOICES`.
     """
 
     in_channels: int = 1
@@ -294,6 +298,7 @@ class AutoencoderKL(nn.Module):
     with_decoder_nonlocal_attn: bool = False
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     @property
     def downsampling_factor(self) -> int:
@@ -316,7 +321,7 @@ class AutoencoderKL(nn.Module):
         shared = dict(channels=channels, latent_channels=self.latent_channels,
                       num_res_blocks=res_blocks, norm_num_groups=self.norm_num_groups,
                       norm_eps=self.norm_eps, attention_levels=tuple(self.attention_levels),
-                      conv_impl=self.conv_impl, dtype=self.dtype)
+                      conv_impl=self.conv_impl, dtype=self.dtype, remat=self.remat)
         self.encoder = Encoder(with_nonlocal_attn=self.with_encoder_nonlocal_attn, **shared)
         self.decoder = Decoder(with_nonlocal_attn=self.with_decoder_nonlocal_attn,
                                out_channels=self.out_channels, **shared)
@@ -354,8 +359,9 @@ class AutoencoderKL(nn.Module):
         """
         self._check_input(x)
         h = self.encoder(x)
-        mu = self.quant_conv_mu(h)
-        log_var = jnp.clip(self.quant_conv_log_sigma(h), LOGVAR_MIN, LOGVAR_MAX)
+        mu = self.quant_conv_mu(h).astype(jnp.float32)
+        log_var = jnp.clip(self.quant_conv_log_sigma(h).astype(jnp.float32),
+                           LOGVAR_MIN, LOGVAR_MAX)
         return mu, jnp.exp(log_var / 2)
 
     def sample(self, mu: jax.Array, sigma: jax.Array, rng: jax.Array) -> jax.Array:
@@ -364,7 +370,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Latent ``(B, *s, latent_channels)`` -> image ``(B, *s * factor, out_channels)``."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z)).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, rng: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -89,6 +89,7 @@ class ControlNet(nn.Module):
     conditioning_embedding_num_channels: Sequence[int] = (16, 32, 96, 256)
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     def conditioning_embedding(self) -> ConditioningEmbedding:
         """The (unbound) conditioning embedding module, for :func:`embed_conditioning`."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import Conv
+from sct_jax.models.layers import Conv, check_remat, remat_block
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -315,6 +315,7 @@ class UNetSettings:
     attention_out_projection: bool
     conv_impl: str
     dtype: Any
+    remat: str = "none"
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "UNetSettings":
@@ -344,14 +345,14 @@ class UNetSettings:
                    _per_level(model.num_res_blocks, levels, "num_res_blocks"),
                    num_head_channels, model.norm_num_groups, model.norm_eps,
                    model.resblock_updown, model.attention_out_projection, model.conv_impl,
-                   model.dtype)
+                   model.dtype, check_remat(getattr(model, "remat", "none")))
 
     def res_block(self, out_channels: int, name: str, resample: str = "none") -> ResBlock:
-        return ResBlock(out_channels, self.norm_num_groups, self.norm_eps, resample,
+        return remat_block(ResBlock, self.remat)(out_channels, self.norm_num_groups, self.norm_eps, resample,
                         self.conv_impl, self.dtype, name=name)
 
     def attention(self, name: str, num_head_channels: Optional[int]) -> AttentionBlock:
-        return AttentionBlock(num_head_channels, self.norm_num_groups, self.norm_eps,
+        return remat_block(AttentionBlock, self.remat)(num_head_channels, self.norm_num_groups, self.norm_eps,
                               self.attention_out_projection, self.dtype, name=name)
 
     def check_input(self, x: jax.Array, in_channels: int) -> None:

@@ -97,7 +97,10 @@ class DiffusionUNet(nn.Module):
       resblock_updown: down/upsample with res blocks instead of (stride-2 / nearest) convs.
       attention_out_projection: see the module docstring.
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (parameters stay float32).
+      dtype: computation dtype (parameters stay float32); the prediction is float32
+        whatever it is (the scheduler runs in float32).
+      remat: rematerialise the res and attention blocks, see
+        :data:`~sct_jax.models.layers.REMAT_CHOICES`.
     """
 
     in_channels: int = 3
@@ -112,6 +115,7 @@ class DiffusionUNet(nn.Module):
     attention_out_projection: bool = True
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array,
@@ -155,4 +159,4 @@ class DiffusionUNet(nn.Module):
         h = nn.silu(group_norm(h, s.norm_num_groups, s.norm_eps, name="out_norm",
                                dtype=s.dtype))
         return conv_nd(h, self.out_channels, 3, name="out_conv", zero_init=True,
-                       conv_impl=s.conv_impl, dtype=s.dtype)
+                       conv_impl=s.conv_impl, dtype=s.dtype).astype(jnp.float32)

@@ -30,6 +30,18 @@ Initializer = Callable[..., jax.Array]
 
 NORM_KINDS = ("instance", "batch", "none")
 
+# config.model.dtype -> the compute dtype of convolutions and matmuls. Parameters and
+# optimizer state stay float32 whatever it is; norm statistics, softmax, model outputs
+# (hence the losses) and the diffusion scheduler run in float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# config.model.remat: "none", "blocks" (nn.remat of every residual / U-Net block, saving
+# only its inputs) or one of these jax.checkpoint_policies, which choose what a block
+# saves for the backward pass instead of recomputing it.
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+REMAT_CHOICES = ("none", "blocks") + REMAT_POLICIES
+
 
 def normal_init(stddev: float, mean: float = 0.0) -> Initializer:
     """Initialiser drawing i.i.d. N(mean, stddev**2), sampled flat and then reshaped.
@@ -324,6 +336,63 @@ class BatchStatsNorm(nn.Module):
         c = x.shape[-1]
         return (y * self.param("scale", self.scale_init, (c,)).astype(y.dtype)
                 + self.param("bias", nn.initializers.zeros, (c,)).astype(y.dtype))
+
+
+def compute_dtype(name: str | None, config_key: str = "model.dtype") -> Any:
+    """The ``jnp`` dtype for a config's ``model.dtype`` string (``None``: float32).
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    name = "float32" if name is None else str(name)
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"{config_key}: unknown compute dtype {name!r}; expected one of "
+                          f"{tuple(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def check_remat(remat: str | None, config_key: str = "model.remat") -> str:
+    """Returns ``remat`` (``None``: ``"none"``) or raises :class:`ConfigError`."""
+    remat = "none" if remat is None else str(remat)
+    if remat not in REMAT_CHOICES:
+        raise ConfigError(f"{config_key}: unknown rematerialisation {remat!r}; expected one "
+                          f"of {REMAT_CHOICES}")
+    return remat
+
+
+def remat_block(module_cls: type, remat: str, static_argnums: tuple[int, ...] = ()) -> type:
+    """``module_cls`` wrapped in ``nn.remat`` as ``remat`` asks (unchanged for ``"none"``).
+
+    The wrapped class has the same attributes and parameter tree, so a checkpoint trained
+    with one setting restores with another.
+
+    Args:
+      module_cls: a block class (a residual block, an attention block).
+      remat: see :data:`REMAT_CHOICES`.
+      static_argnums: ``__call__`` arguments that are Python values (``self`` is 0),
+        e.g. a ``train`` flag passed positionally.
+
+    Returns:
+      A module class.
+    """
+    remat = check_remat(remat)
+    if remat == "none":
+        return module_cls
+    policy = None if remat == "blocks" else getattr(jax.checkpoint_policies, remat)
+    return nn.remat(module_cls, policy=policy, static_argnums=static_argnums)
+
+
+def precision_kwargs(config) -> dict[str, Any]:
+    """A model's ``dtype`` and ``remat`` attributes from ``config.model``.
+
+    Missing keys (a run directory's config from before they existed) mean float32 and no
+    rematerialisation.
+
+    Raises:
+      ConfigError: an unknown ``model.dtype`` or ``model.remat``.
+    """
+    m = config.model
+    return dict(dtype=compute_dtype(m.get("dtype")), remat=check_remat(m.get("remat")))
 
 
 def check_norm_kind(kind: str, config_key: str = "model.norm") -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.models.layers import Conv, conv_bias_before_norm, make_norm
@@ -76,4 +77,6 @@ class PatchDiscriminator(nn.Module):
                      name=f"conv_{n}", **conv_kw)(h)
             h = make_norm(self.norm, name=f"norm_{n}")(h)
             h = nn.leaky_relu(h, negative_slope=0.2)
-        return Conv(1, strides=1, use_bias=True, name="logits", **conv_kw)(h)
+        # float32 logits: the GAN losses are computed in float32 whatever the dtype.
+        return Conv(1, strides=1, use_bias=True, name="logits", **conv_kw)(h).astype(
+            jnp.float32)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import Conv, normal_init
+from sct_jax.models.layers import Conv, normal_init, remat_block
 from sct_jax.models.resnet_generator import ResnetBlock
 
 # Reference config 'A': 7 levels. 256 x 256 inputs leave 2 x 2 at the bottleneck; for
@@ -107,7 +107,10 @@ class RegistrationNet(nn.Module):
       output_init_std: standard deviation of the output kernel (1e-5, the reference's
         ``init_to_identity``).
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (``None``: from the input and parameters).
+      dtype: computation dtype (``None``: from the input and parameters); the field
+        is float32 whatever it is (the warp interpolates in float32).
+      remat: rematerialise the residual blocks, see
+        :data:`~sct_jax.models.layers.REMAT_CHOICES`.
     """
 
     down_channels: Sequence[int] = REFERENCE_DOWN_CHANNELS
@@ -116,6 +119,7 @@ class RegistrationNet(nn.Module):
     output_init_std: float = 1e-5
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, moving: jax.Array, fixed: jax.Array) -> jax.Array:
@@ -148,12 +152,13 @@ class RegistrationNet(nn.Module):
         block_kw = dict(norm="instance", dropout_rate=0.0,
                         kernel_init=kaiming_normal_init(0.0), **common)
 
+        block = remat_block(ResnetBlock, self.remat)
         h = jnp.concatenate([moving, fixed], axis=-1)
         skips = []
         for level, channels in enumerate(self.down_channels):
             h = _leaky(Conv(channels, kernel_size=3, padding=1, kernel_init=leaky_init,
                             name=f"down_conv_{level}", **common)(h))
-            h = ResnetBlock(name=f"down_block_{level}", **block_kw)(h)
+            h = block(name=f"down_block_{level}", **block_kw)(h)
             skips.append(h)
             h = _max_pool2(h)
 
@@ -161,7 +166,7 @@ class RegistrationNet(nn.Module):
         h = _leaky(Conv(2 * width, kernel_size=1, kernel_init=leaky_init,
                         name="bottleneck_in", **common)(h))
         for i in range(self.n_bottleneck_blocks):
-            h = ResnetBlock(name=f"bottleneck_block_{i}", **block_kw)(h)
+            h = block(name=f"bottleneck_block_{i}", **block_kw)(h)
         h = _leaky(Conv(width, kernel_size=1, kernel_init=leaky_init,
                         name="bottleneck_out", **common)(h))
 
@@ -174,12 +179,12 @@ class RegistrationNet(nn.Module):
             h = _leaky(Conv(channels, kernel_size=3, padding=1, kernel_init=leaky_init,
                             name=f"up_conv_{level}", **common)(h))
 
-        h = ResnetBlock(name="refine_block", **block_kw)(h)
+        h = block(name="refine_block", **block_kw)(h)
         h = _leaky(Conv(h.shape[-1], kernel_size=1, kernel_init=leaky_init,
                         name="refine_conv", **common)(h))
         return Conv(nd, kernel_size=3, padding=1,
                     kernel_init=normal_init(self.output_init_std), name="flow",
-                    **common)(h)
+                    **common)(h).astype(jnp.float32)
 
 
 def warp(image: jax.Array, flow: jax.Array) -> jax.Array:

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from sct_jax.errors import ConfigError
 from sct_jax.models.layers import (Conv, ConvTranspose, Dropout, conv_bias_before_norm,
-                                   make_norm, reflect_pad)
+                                   make_norm, reflect_pad, remat_block)
 
 # Two stride-2 downsamplings: spatial sizes must be multiples of 4 to come back intact.
 N_DOWNSAMPLINGS = 2
@@ -96,12 +96,13 @@ class ResnetBlock(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the block: ``(B, *spatial, C)`` -> same shape.
 
         Args:
           x: ``(B, *spatial, C)``, every spatial size at least 2.
-          train: enables dropout (needs a ``"dropout"`` rng).
+          train: enables dropout (needs a ``"dropout"`` rng); positional under
+            :func:`~sct_jax.models.layers.remat_block` (a static argument).
         """
         channels = x.shape[-1]
         conv_kw = dict(kernel_size=3, use_bias=conv_bias_before_norm(self.norm),
@@ -128,7 +129,10 @@ class ResnetGenerator(nn.Module):
       dropout_rate: dropout inside each residual block (0.5 in pGAN, 0 in CycleGAN).
         Uses the ``"dropout"`` rng collection.
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (``None``: from the input and parameters).
+      dtype: computation dtype (``None``: from the input and parameters); the output
+        is float32 whatever it is.
+      remat: rematerialise the residual blocks, see
+        :data:`~sct_jax.models.layers.REMAT_CHOICES`.
     """
 
     out_channels: int = 1
@@ -138,6 +142,7 @@ class ResnetGenerator(nn.Module):
     dropout_rate: float = 0.5
     conv_impl: str = "auto"
     dtype: Any = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -172,9 +177,10 @@ class ResnetGenerator(nn.Module):
                      name=f"down_conv_{i}", **common)(h)
             h = nn.relu(make_norm(self.norm, name=f"down_norm_{i}")(h))
 
+        block = remat_block(ResnetBlock, self.remat, static_argnums=(2,))
         for i in range(self.n_blocks):
-            h = ResnetBlock(norm=self.norm, dropout_rate=self.dropout_rate,
-                            name=f"block_{i}", **common)(h, train=train)
+            h = block(norm=self.norm, dropout_rate=self.dropout_rate,
+                      name=f"block_{i}", **common)(h, train)
 
         for i in range(N_DOWNSAMPLINGS):
             channels //= 2
@@ -185,4 +191,4 @@ class ResnetGenerator(nn.Module):
 
         h = Conv(self.out_channels, kernel_size=7, use_bias=True, name="conv_out",
                  **common)(reflect_pad(h, 3))
-        return jnp.tanh(h)
+        return jnp.tanh(h.astype(jnp.float32))

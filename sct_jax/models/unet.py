@@ -80,7 +80,8 @@ class UNetGenerator(nn.Module):
       dropout_rate: dropout in the capped middle levels (0.5; 0 disables it, the
         reference's ``--no_dropout``). Uses the ``"dropout"`` rng collection.
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (``None``: from the input and parameters).
+      dtype: computation dtype (``None``: from the input and parameters); the output
+        is float32 whatever it is.
     """
 
     out_channels: int = 1
@@ -147,4 +148,4 @@ class UNetGenerator(nn.Module):
         # Outermost up block; the reference keeps the default bias on this layer.
         h = nn.relu(h)
         h = ConvTranspose(self.out_channels, use_bias=True, name="up_conv_0", **conv_kw)(h)
-        return jnp.tanh(h)
+        return jnp.tanh(h.astype(jnp.float32))

@@ -125,7 +125,8 @@ class VGGFeatures(nn.Module):
       layers: feature names to return, see :func:`vgg_layer_names`.
       input_norm: see :func:`preprocess`.
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
-      dtype: computation dtype (``None``: from the input and parameters).
+      dtype: computation dtype (``None``: from the input and parameters); the features
+        are returned in float32 whatever it is (the losses on them run in float32).
     """
 
     arch: str = "vgg16"
@@ -156,7 +157,7 @@ class VGGFeatures(nn.Module):
 
         def keep(name: str, value: jax.Array) -> None:
             if name in wanted:
-                out[name] = value
+                out[name] = value.astype(jnp.float32)
 
         h = preprocess(images, self.input_norm)
         for name, _, _, c_out in vgg_conv_layout(self.arch):
@@ -178,20 +179,20 @@ class VGGFeatures(nn.Module):
 
 def vgg_features(params: Mapping[str, Any], images: jax.Array, arch: str = "vgg16",
                  layers: Sequence[str] = ("relu2_2",), input_norm: str = "imagenet",
-                 conv_impl: str = "auto") -> dict[str, jax.Array]:
+                 conv_impl: str = "auto", dtype: Any = None) -> dict[str, jax.Array]:
     """Applies :class:`VGGFeatures` with frozen ``params`` (from :func:`load_vgg_params`).
 
     Args:
       params: ``{"conv1_1": {"kernel": (3, 3, I, O), "bias": (O,)}, ...}``; layers past
         the deepest requested one are ignored.
       images: ``(B, H, W, 1 or 3)`` in ``[-1, 1]``.
-      arch, layers, input_norm, conv_impl: see :class:`VGGFeatures`.
+      arch, layers, input_norm, conv_impl, dtype: see :class:`VGGFeatures`.
 
     Returns:
       ``{name: (B, h, w, C)}``.
     """
     model = VGGFeatures(arch=arch, layers=tuple(layers), input_norm=input_norm,
-                        conv_impl=conv_impl)
+                        conv_impl=conv_impl, dtype=dtype)
     return model.apply({"params": params}, images)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from sct_jax import methods
 from sct_jax.config_utils import check_run_config
 from sct_jax.errors import RunFailed, SctError
+from sct_jax.models.layers import precision_kwargs
 from sct_jax.training import checkpoint, run_dir, sharding
 from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
 
@@ -90,7 +91,7 @@ def build_step(method, config, mesh, abstract_state, spec):
       ``(compiled, state_shardings, compile_seconds)``.
     """
     repl = sharding.replicated(mesh)
-    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in spec}
     jitted = jax.jit(functools.partial(method.train_step, config),
                      in_shardings=(state_shardings, batch_shardings, repl),
@@ -153,6 +154,7 @@ def train(config, workdir: str | Path,
     method = methods.get_method(config.method)
     if hasattr(method, "validate_config"):
         method.validate_config(config)
+    precision_kwargs(config)  # an unknown model.dtype / model.remat fails here
     mesh = sharding.make_mesh(dict(config.mesh))
     local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
     # The data is checked (and the phantom generated) before anything is written to

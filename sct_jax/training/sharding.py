@@ -1,9 +1,14 @@
 """Device mesh, shardings and multi-host set-up.
 
 Parallelism lives in the config (``config.mesh``), not in the code: the mesh has a
-``"data"`` axis that shards the batch (its size ``-1`` means all devices) and an optional
-``"model"`` axis reserved for parameter sharding. Batches are
-``NamedSharding(mesh, P("data"))``; the train state is replicated.
+``"data"`` axis (its size ``-1`` means the remaining devices) and an ``"fsdp"`` axis
+(fully sharded data parallelism, as maxdiffusion / maxtext call it). Batches are split
+over both, ``NamedSharding(mesh, P(("data", "fsdp")))``; every array of the train state
+(parameters, optimizer moments) is split along ``"fsdp"`` on one of its dimensions by
+:func:`fsdp_spec` (the largest dimension divisible by the axis size; replicated when
+none is), so each device holds ~1/fsdp of the state and XLA all-gathers a layer's
+weights where it needs them. ``{"data": -1, "fsdp": 1}`` is plain data parallelism with
+a replicated state; ``{"data": 2, "fsdp": 4}`` on 8 devices shards the state 4 ways.
 
 Multi-host: :func:`maybe_initialize_distributed` calls ``jax.distributed.initialize()``
 when the environment asks for it (SLURM, Open MPI, TPU pods, or the explicit
@@ -83,9 +88,23 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None,
     return Mesh(np.asarray(devices).reshape(shape), names)
 
 
+# Mesh axes, in order, that split the batch.
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over: ``"data"`` and ``"fsdp"`` where present."""
+    return tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: ``data * fsdp``."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ``"data"``; other axes replicated."""
-    return NamedSharding(mesh, P("data"))
+    """Leading (batch) axis split over ``"data"`` x ``"fsdp"``; other axes replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -94,10 +113,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Validates the global batch against the mesh and processes; returns the per-process batch."""
-    n_data = mesh.shape["data"]
+    n_data = batch_shards(mesh)
     if global_batch_size % n_data:
         raise ConfigError(f"config.train.batch_size={global_batch_size} is not divisible by "
-                          f"the {n_data} devices of the mesh's data axis")
+                          f"the {n_data} devices of the mesh's data x fsdp axes")
     if global_batch_size % jax.process_count():
         raise ConfigError(f"config.train.batch_size={global_batch_size} is not divisible by "
                           f"the {jax.process_count()} processes")
@@ -112,7 +131,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
       mesh: the mesh; the global batch is ``B_local * process_count``.
 
     Returns:
-      name -> ``(B_global, ...)`` ``jax.Array`` sharded as ``P("data")``.
+      name -> ``(B_global, ...)`` ``jax.Array`` sharded as ``P(("data", "fsdp"))``.
     """
     sharding = batch_sharding(mesh)
     out = {}
@@ -132,3 +151,44 @@ def batch_spec(local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.ShapeDtyp
 
 def tree_replicated_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, axis: str = "fsdp") -> P:
+    """Where one state array is split along the ``fsdp`` axis.
+
+    Rule: the largest dimension divisible by ``fsdp`` (the last of equal ones, usually
+    the output channels of a kernel); replicated when no dimension divides, for scalars
+    (step counters) and when ``fsdp`` is 1.
+
+    Args:
+      shape: the array's shape, e.g. a conv kernel ``(3, 3, 3, 256, 256)``.
+      fsdp: the size of the mesh's ``fsdp`` axis.
+      axis: the mesh axis name.
+
+    Returns:
+      A ``PartitionSpec`` with ``axis`` on at most one dimension.
+    """
+    if fsdp <= 1:
+        return P()
+    candidates = [(size, dim) for dim, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return P()
+    _, dim = max(candidates)
+    return P(*([None] * dim + [axis]))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` of every leaf of a (abstract) train state, by :func:`fsdp_spec`.
+
+    Args:
+      abstract_state: a pytree of arrays or ``jax.ShapeDtypeStruct`` (from
+        ``jax.eval_shape(create_state)``).
+      mesh: the mesh; without an ``"fsdp"`` axis (or with size 1) everything is
+        replicated.
+
+    Returns:
+      The same tree structure with a ``NamedSharding`` per leaf.
+    """
+    fsdp = mesh.shape.get("fsdp", 1)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp)),
+                        abstract_state)

@@ -1,6 +1,6 @@
 """One pix2pix train step on a fixed batch, for the sharding tests (run as a subprocess).
 
-  python tests/helpers/one_step.py --out params.npz [--devices 8]
+  python tests/helpers/one_step.py --out params.npz [--devices 8] [--mesh data=2,fsdp=4]
   python tests/helpers/one_step.py --out p.npz --num-processes 2 --process-id I --port P
 
 Each process feeds its own rows of the same global batch, as a real multi-host run does,
@@ -20,6 +20,7 @@ def main():
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mesh", default="data=-1", help="axis=size,... (config.mesh)")
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -50,7 +51,8 @@ def main():
     rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
     local = {k: v[rows] for k, v in full.items()}
 
-    mesh = sharding.make_mesh({"data": -1})
+    mesh = sharding.make_mesh({k: int(v) for k, v in
+                               (item.split("=") for item in args.mesh.split(","))})
     spec = sharding.batch_spec(local)
     key = jax.random.key_data(jax.random.key(0))
     create = functools.partial(pix2pix.create_state, config, batch_spec=spec)
@@ -70,6 +72,10 @@ def main():
                                                   if args.num_processes > 1 else v)
               for p, v in leaves}
     arrays["loss"] = np.asarray(metrics["loss"])
+    # How many state arrays each device holds a 1/fsdp slice of.
+    n_split = sum(any(a is not None for a in leaf.sharding.spec)
+                  for leaf in jax.tree.leaves(state))
+    print(f"sharded_leaves={n_split}")
     if jax.process_index() == 0:
         np.savez(args.out, **arrays)
     print(f"devices={jax.device_count()} processes={jax.process_count()} "
