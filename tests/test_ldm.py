@@ -231,6 +231,18 @@ def test_config_errors(tmp_path):
     pix2pix = load_config_file("configs/pix2pix_pelvis.py:tiny")
     with pytest.raises(ConfigError, match="--samples 2"):
         predict_lib.predict_split(pix2pix, tmp_path, samples=2)
+    with pytest.raises(ConfigError, match="'concat' has no controlnet stage"):
+        load_config_file("configs/ldm_brain.py:controlnet,concat")
+    with pytest.raises(ConfigError, match="choose one conditioning"):
+        load_config_file("configs/ldm_brain.py:diffusion,concat,unconditional")
+    concat = stage_config("controlnet", tmp_path)
+    concat.ldm.conditioning = "concat"
+    with pytest.raises(ConfigError, match="no ControlNet stage"):
+        ldm_controlnet.validate_config(concat)
+    crop = stage_config("diffusion", tmp_path)
+    crop.ldm.train_crop = (10, 16, 16)  # not a multiple of factor x stride = 4
+    with pytest.raises(ConfigError, match="train_crop"):
+        common.validate_ldm_config(crop, "diffusion")
     bad = stage_config("controlnet", tmp_path)
     bad.model.controlnet.conditioning_embedding_num_channels = (8, 8, 8)
     with pytest.raises(ConfigError, match="conditioning_embedding_num_channels"):
