@@ -1,24 +1,46 @@
-"""Brain latent diffusion model (seed 03): autoencoder -> diffusion UNet -> ControlNet.
+"""Brain latent diffusion model (seed 03): autoencoder -> diffusion UNet [-> ControlNet].
 
-Three chained runs, then evaluation of the last (the MR steers the ControlNet; a latent
-is sampled from noise with the frozen UNet and decoded)::
+Two conditioning modes (``config.ldm.conditioning``):
 
-  python scripts/convert_vgg_weights.py --arch vgg16 --pth vgg16-397923af.pth --out weights/vgg16.npz
-  python train.py --config configs/ldm_brain.py:autoencoder --workdir runs/ldm_brain_autoencoder
-  python train.py --config configs/ldm_brain.py:diffusion --workdir runs/ldm_brain_diffusion
-  python train.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet
-  python evaluate.py --config configs/ldm_brain.py:controlnet \
-      --workdir runs/ldm_brain_controlnet --samples 8      # mean sCT + std (uncertainty)
-  python -m sct_jax.bench.sampling --config configs/ldm_brain.py --steps 50 --batch 1
+- ``concat`` (the ``small`` default): the diffusion UNet sees the MR on the latent grid
+  (space-to-depth, pooled or a jointly trained encoder: ``ldm.mr_encoding``)
+  concatenated to the noisy latent; two chained runs, the diffusion stage is the sCT
+  model::
+
+    python train.py --config configs/ldm_brain.py:autoencoder,small \
+        --workdir runs/ldm_brain_autoencoder_small
+    python train.py --config configs/ldm_brain.py:diffusion,small \
+        --workdir runs/ldm_brain_diffusion_small
+    python evaluate.py --config configs/ldm_brain.py:diffusion,small \
+        --workdir runs/ldm_brain_diffusion_small --samples 4   # mean sCT + std
+
+- ``none`` (the full-size default, the seed's design): an unconditional UNet, then a
+  ControlNet that steers it with the MR; three chained runs::
+
+    python scripts/convert_vgg_weights.py --arch vgg16 --pth vgg16-397923af.pth --out weights/vgg16.npz
+    python train.py --config configs/ldm_brain.py:autoencoder --workdir runs/ldm_brain_autoencoder
+    python train.py --config configs/ldm_brain.py:diffusion --workdir runs/ldm_brain_diffusion
+    python train.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet
+    python evaluate.py --config configs/ldm_brain.py:controlnet \
+        --workdir runs/ldm_brain_controlnet --samples 8      # mean sCT + std (uncertainty)
+    python -m sct_jax.bench.sampling --config configs/ldm_brain.py --steps 50 --batch 1
+
+Both predict with v-prediction (``ldm.prediction_type``; ``epsilon`` and ``sample`` are
+the alternatives) and standardise the latents per channel with a shift and scale
+estimated over the training data (stored in the diffusion run's checkpoint).
 
 Variant words (comma-separated): the stage, ``autoencoder`` | ``diffusion`` |
-``controlnet`` (default ``controlnet``), and a size, ``small`` (CPU: 64 x 80 x 64
-phantom heads, 16 x 20 x 16 latents; each stage ~10-20 min on 2 cores, more when the
-machine is shared) or ``tiny`` (tests, seconds), e.g.
-``configs/ldm_brain.py:diffusion,small``. The stages of one size find each other through
-``ldm.autoencoder_workdir`` / ``ldm.diffusion_workdir``, which default to the
-``runs/<name>`` directories the commands above use; point them elsewhere with
-``--config.ldm.diffusion_workdir=...``.
+``controlnet`` (default: the last stage of the conditioning); the conditioning,
+``concat`` | ``unconditional`` (default: ``concat`` for ``small``, else
+``unconditional``; ``controlnet`` implies ``unconditional``); and a size, ``small``
+(CPU: 64 x 80 x 64 phantom heads, 2x autoencoder with 4 latent channels, every
+stage trained on 32^3 crops, sCT sampled in overlapping 32^3 windows; about an hour
+of 2-core CPU per stage) or ``tiny`` (tests, seconds), e.g. ``configs/ldm_brain.py:diffusion,small``
+or ``:controlnet,small`` (after ``:diffusion,small,unconditional``). The stages of one
+size find each other through ``ldm.autoencoder_workdir`` / ``ldm.diffusion_workdir``,
+which default to the ``runs/<name>`` directories the commands above use (a UNet of the
+size's non-default conditioning gets the suffix ``_concat`` or ``_uncond``); point them
+elsewhere with ``--config.ldm.diffusion_workdir=...``.
 
 Full size (GPU): 192^3 CT patches -> 48^3 x 3 latents (autoencoder (64, 128, 128)),
 UNet (64, 128, 128) with 2 res blocks and attention at 12^3. ``tiny`` and ``small`` set
@@ -31,21 +53,40 @@ from sct_jax.config_utils import (accelerator_settings, base_config, parse_varia
 from sct_jax.methods._ldm_common import STAGES
 
 SIZES = ("small", "tiny")
+# Conditioning words: the diffusion UNet sees the MR on the latent grid ("concat", the
+# ``small`` default: the diffusion stage is then the sCT model) or not ("unconditional",
+# the full-size default: the ControlNet stage adds the MR).
+CONDITIONING_WORDS = {"concat": "concat", "unconditional": "none"}
 
 
 def get_config(arg=None):
-    variants = parse_variants(arg, set(STAGES) | set(SIZES))
+    from sct_jax.errors import ConfigError
+    variants = parse_variants(arg, set(STAGES) | set(SIZES) | set(CONDITIONING_WORDS))
     stages = [s for s in STAGES if s in variants]
     if len(stages) > 1:
-        from sct_jax.errors import ConfigError
         raise ConfigError(f"configs/ldm_brain.py: choose one stage, got {stages}")
-    stage = stages[0] if stages else "controlnet"
     size = next((s for s in SIZES if s in variants), "")
     suffix = f"_{size}" if size else ""
+    words = [w for w in CONDITIONING_WORDS if w in variants]
+    if len(words) > 1:
+        raise ConfigError(f"configs/ldm_brain.py: choose one conditioning, got {words}")
+    default_conditioning = "concat" if size == "small" else "none"
+    if "controlnet" in stages:
+        if words == ["concat"]:
+            raise ConfigError("configs/ldm_brain.py: the controlnet stage steers an "
+                              "unconditional UNet; 'concat' has no controlnet stage")
+        conditioning = "none"
+    else:
+        conditioning = CONDITIONING_WORDS[words[0]] if words else default_conditioning
+    # The last stage of the chosen conditioning is the sCT model (the default stage).
+    stage = stages[0] if stages else ("diffusion" if conditioning == "concat" else "controlnet")
+    # A UNet of the size's other conditioning gets its own run directory.
+    cond_suffix = "" if conditioning == default_conditioning else (
+        "_concat" if conditioning == "concat" else "_uncond")
 
     c = base_config()
     c.method = f"ldm_{stage}"
-    c.name = f"ldm_brain_{stage}{suffix}"
+    c.name = f"ldm_brain_{stage}{suffix}" + (cond_suffix if stage == "diffusion" else "")
     c.data.region = "brain"
     c.data.mode = "patches"
     # The autoencoder is fully convolutional: it trains on smaller patches than the
@@ -69,11 +110,18 @@ def get_config(arg=None):
                   perceptual_slices=4, kl_weight=1e-6, adv_weight=0.01)
     c.ldm = dict(
         autoencoder_workdir=f"runs/ldm_brain_autoencoder{suffix}",
-        diffusion_workdir=f"runs/ldm_brain_diffusion{suffix}",
+        diffusion_workdir=f"runs/ldm_brain_diffusion{suffix}{cond_suffix}",
         adv_start=5000,  # autoencoder steps before the adversarial term switches on
         scale_batches=50,  # diffusion steps that estimate 1/std(z) before the UNet trains
         sample_latents=False,  # encode with the posterior mean (True: draw z)
-        prediction_type="epsilon",
+        # v-prediction (Salimans & Ho): the x0 estimate stays useful at high noise, where
+        # epsilon-prediction's is not (its x0 weight is the SNR, < 0.1 on half the steps).
+        prediction_type="v_prediction",
+        conditioning=conditioning,
+        # "concat": how the MR reaches the latent grid (space_to_depth | pool | encoder).
+        mr_encoding="space_to_depth",
+        mr_encoder=dict(channels=(16, 32, 96), out_channels=16),  # mr_encoding="encoder"
+        train_crop=(),  # diffusion/controlnet train crops (image voxels); () = the patch
         schedule=dict(kind="scaled_linear", num_train_timesteps=1000,
                       beta_start=0.0015, beta_end=0.0195),
         sampler="ddim", sample_steps=50, eta=0.0, conditioning_scale=1.0,
@@ -90,23 +138,30 @@ def get_config(arg=None):
     if size == "small":
         c.data.phantom.cases = 12
         c.data.phantom.shape = (64, 80, 64)
-        # The whole head, one window per volume; the autoencoder trains on 32^3 crops.
-        c.data.patch = (32, 32, 32) if stage == "autoencoder" else (64, 80, 64)
-        c.model.ae.update(channels=(8, 16, 32), num_res_blocks=1, norm_num_groups=4)
-        c.model.unet.update(channels=(16, 32, 32), num_res_blocks=1, num_head_channels=8,
-                            norm_num_groups=8)
-        c.model.controlnet.conditioning_embedding_num_channels = (8, 16, 32)
+        # Every stage trains on 32^3 crops of the heads (cheaper per step, more varied),
+        # and the sCT is sampled in overlapping 32^3 windows, blended: sampling the
+        # whole head at once with a UNet trained on crops shifts its GroupNorm
+        # statistics (measured: 328 vs 282 HU MAE for the same checkpoint).
+        c.data.patch = (32, 32, 32)
+        # 2x per axis and 4 latent channels (32 x 40 x 32 x 4 latents): the 4x, 3-channel
+        # autoencoder decoded the true CT's latent at 200-228 HU MAE, the ceiling of the
+        # whole model; see the README for the sweep.
+        c.model.ae.update(channels=(16, 32), latent_channels=4, num_res_blocks=1,
+                          norm_num_groups=4, attention_levels=(False, False))
+        c.model.unet.update(channels=(16, 32, 32), attention_levels=(False, False, False),
+                            num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
+        c.model.controlnet.conditioning_embedding_num_channels = (8, 32)
+        c.ldm.mr_encoder = dict(channels=(8, 16), out_channels=8)
         c.model.disc.update(ndf=8, n_layers=2)
         c.loss.perceptual_weight = 0.0
         c.ldm.adv_start = 200
         c.ldm.scale_batches = 20
         c.ldm.sample_steps = 25
-        c.train.batch_size = 1
-        # Measured on the shared 2-core CPU (load ~6): 0.43, 1.1, 1.05 s/step.
-        c.train.steps = {"autoencoder": 1500, "diffusion": 1500, "controlnet": 1000}[stage]
+        c.train.batch_size = 1 if stage == "autoencoder" else 2
+        c.train.steps = {"autoencoder": 1000, "diffusion": 3000, "controlnet": 1000}[stage]
         c.train.ckpt_every = 250
         c.train.log_every = 25
-        c.optim.lr = {"autoencoder": 5e-4, "diffusion": 2.5e-4, "controlnet": 2.5e-4}[stage]
+        c.optim.lr = {"autoencoder": 5e-4, "diffusion": 5e-4, "controlnet": 2.5e-4}[stage]
     if size == "tiny":
         c.data.phantom.shape = (32, 32, 32)
         c.data.patch = (32, 32, 32)

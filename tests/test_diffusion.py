@@ -112,6 +112,30 @@ def test_v_target_formula(schedule, x0_and_noise):
     np.testing.assert_allclose(v, math.sqrt(ab) * noise - math.sqrt(1 - ab) * x0, atol=1e-6)
 
 
+def test_v_prediction_target_and_inversion_match_float64_closed_form(x0_and_noise):
+    """v = a eps - b x0 with a = sqrt(abar_t), b = sqrt(1 - abar_t) from the float64
+    closed-form schedule; x0 = a x_t - b v and eps = b x_t + a v invert it, also at the
+    ends of the schedule where epsilon-prediction's x0 = (x_t - b eps) / a degrades."""
+    s = make_schedule("scaled_linear", T, 0.0015, 0.0195)
+    abar = _reference_alphas_cumprod("scaled_linear", T, 0.0015, 0.0195)
+    x0 = np.asarray(x0_and_noise[0], np.float64)
+    noise = np.asarray(x0_and_noise[1], np.float64)
+    for t in ([0, 999], [500, 960]):
+        a = np.sqrt(abar[t])[:, None, None, None, None]
+        b = np.sqrt(1.0 - abar[t])[:, None, None, None, None]
+        v_ref = a * noise - b * x0
+        x_t_ref = a * x0 + b * noise
+        t = jnp.asarray(t)
+        v = training_target(s, x0_and_noise[0], x0_and_noise[1], t, "v_prediction")
+        np.testing.assert_allclose(np.asarray(v, np.float64), v_ref, rtol=1e-5, atol=2e-6)
+        # The inversion of the exact v (in float32) recovers x0 and eps of the float64 data.
+        x0_hat, eps_hat = predict_x0_and_eps(s, jnp.asarray(v_ref, jnp.float32),
+                                             jnp.asarray(x_t_ref, jnp.float32), t,
+                                             "v_prediction")
+        np.testing.assert_allclose(np.asarray(x0_hat, np.float64), x0, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(eps_hat, np.float64), noise, atol=2e-5)
+
+
 # ---------------------------------------------------------------- timesteps, steps
 
 def test_ddim_timesteps_leading_spacing():

@@ -85,46 +85,83 @@ def test_random_slices_match_numpy():
 
 
 def test_merge_moments_matches_float64():
-    chunks = [np.random.default_rng(k).normal(3.0 + k, 0.5 * (k + 1), (k + 2, 7))
-              for k in range(4)]
-    stats = common.init_moments()
+    chunks = [np.random.default_rng(k).normal([3.0 + k, -2.0, 0.5 * k], 0.5 * (k + 1),
+                                              (k + 2, 2, 3)) for k in range(4)]
+    stats = common.init_moments(3)
     for chunk in chunks:
         stats = common.merge_moments(stats, jnp.asarray(chunk, jnp.float32))
-    every = np.concatenate([c.ravel() for c in chunks])
-    assert float(stats["count"]) == every.size
-    np.testing.assert_allclose(float(stats["mean"]), every.mean(), rtol=1e-6)
-    np.testing.assert_allclose(float(stats["m2"]) / every.size, every.var(), rtol=1e-5)
+    every = np.concatenate([c.reshape(-1, 3) for c in chunks])  # per channel
+    assert float(stats["count"]) == every.shape[0]
+    np.testing.assert_allclose(np.asarray(stats["mean"]), every.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats["m2"]) / every.shape[0], every.var(0),
+                               rtol=1e-5)
+    shift, scale = common.shift_and_scale(stats)
+    z = jnp.asarray(chunks[0], jnp.float32)
+    np.testing.assert_allclose(common.standardise(z, shift, scale),
+                               (chunks[0] - every.mean(0)) / every.std(0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(common.unstandardise(common.standardise(z, shift, scale),
+                                                    shift, scale), z, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusion_stage_scale_factor_stored_and_restored(chain):
+def test_diffusion_stage_latent_statistics_stored_and_applied(chain):
     _, ae_result = chain["autoencoder"]
     config, result = chain["diffusion"]
     state = result.state
     # The frozen autoencoder is the stage-1 run's.
     jax.tree.map(np.testing.assert_array_equal, state["ae"], ae_result.state["ae"].params)
-    # scale_batches = 1: step 1 estimates 1/std(z) of the first batch, step 2 trains.
+    # scale_batches = 1: step 1 estimates the per-channel mean and 1/std of the first
+    # batch's latents, step 2 trains.
     records = metric_records(result.workdir)
-    assert [r["estimating_scale"] for r in records] == [1.0, 0.0]
+    assert [r["estimating_statistics"] for r in records] == [1.0, 0.0]
     assert records[0]["unet/grad_norm"] == 0.0 and records[1]["unet/grad_norm"] > 0
     first = next(iter(train_data.train_dataset(config, config.train.batch_size)))
     ae = common.build_autoencoder(config)
     mu, _ = jax.jit(functools.partial(ae.apply, method=ae.encode))(
         {"params": state["ae"]}, jnp.asarray(first["ct"]))
-    expected = 1.0 / np.asarray(mu, np.float64).std()
-    np.testing.assert_allclose(float(state["scale_factor"]), expected, rtol=1e-4)
-    assert records[1]["scale_factor"] == pytest.approx(expected, rel=1e-4)
+    mu = np.asarray(mu, np.float64).reshape(-1, mu.shape[-1])
+    np.testing.assert_allclose(np.asarray(state["latent_shift"]), mu.mean(0), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state["latent_scale"]), 1.0 / mu.std(0), rtol=1e-4)
 
+    # Restored from the checkpoint, and handed on to the ControlNet stage.
     _, restored = loop.load_state(config, result.workdir)
-    assert float(restored["scale_factor"]) == float(state["scale_factor"])
     controlnet_state = chain["controlnet"][1].state
-    assert float(controlnet_state["scale_factor"]) == float(state["scale_factor"])
+    for key in ("latent_shift", "latent_scale"):
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
+        np.testing.assert_array_equal(np.asarray(controlnet_state[key]),
+                                      np.asarray(state[key]))
+
+    # Applied at sampling time: the sampled standardised latent is unstandardised with
+    # the restored statistics before decoding (a sampler without the inverse, or with
+    # the default zeros/ones, decodes another image).
+    mr = jnp.asarray(first["mr"])
+    decoded = {}
+    restored_stats = {k: restored[k] for k in ("latent_shift", "latent_scale")}
+    for name, stats in (("restored", restored_stats), ("identity", {
+            "latent_shift": jnp.zeros_like(restored["latent_shift"]),
+            "latent_scale": jnp.ones_like(restored["latent_scale"])})):
+        captured = {}
+
+        def decode(config_, ae_params, z, captured=captured):
+            captured["z"] = z
+            return jnp.zeros(mr.shape)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(common, "decode_latent", decode)
+            ldm_controlnet.predict(config, {**chain["controlnet"][1].state, **stats}, mr)
+        decoded[name] = np.asarray(captured["z"], np.float64)
+    shift = np.asarray(restored["latent_shift"], np.float64)
+    scale = np.asarray(restored["latent_scale"], np.float64)
+    np.testing.assert_allclose(decoded["restored"], decoded["identity"] / scale + shift,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_controlnet_stage_freezes_unet_and_starts_from_it(chain):
     diffusion_state = chain["diffusion"][1].state
     config, result = chain["controlnet"]
     state = result.state
-    assert set(state) == {"controlnet", "unet", "ae", "scale_factor"}
+    assert set(state) == {"controlnet", "unet", "ae", "latent_shift", "latent_scale"}
     jax.tree.map(np.testing.assert_array_equal, state["unet"],
                  diffusion_state["unet"].params)
     jax.tree.map(np.testing.assert_array_equal, state["ae"], diffusion_state["ae"])
@@ -194,6 +231,18 @@ def test_config_errors(tmp_path):
     pix2pix = load_config_file("configs/pix2pix_pelvis.py:tiny")
     with pytest.raises(ConfigError, match="--samples 2"):
         predict_lib.predict_split(pix2pix, tmp_path, samples=2)
+    with pytest.raises(ConfigError, match="'concat' has no controlnet stage"):
+        load_config_file("configs/ldm_brain.py:controlnet,concat")
+    with pytest.raises(ConfigError, match="choose one conditioning"):
+        load_config_file("configs/ldm_brain.py:diffusion,concat,unconditional")
+    concat = stage_config("controlnet", tmp_path)
+    concat.ldm.conditioning = "concat"
+    with pytest.raises(ConfigError, match="no ControlNet stage"):
+        ldm_controlnet.validate_config(concat)
+    crop = stage_config("diffusion", tmp_path)
+    crop.ldm.train_crop = (10, 16, 16)  # not a multiple of factor x stride = 4
+    with pytest.raises(ConfigError, match="train_crop"):
+        common.validate_ldm_config(crop, "diffusion")
     bad = stage_config("controlnet", tmp_path)
     bad.model.controlnet.conditioning_embedding_num_channels = (8, 8, 8)
     with pytest.raises(ConfigError, match="conditioning_embedding_num_channels"):

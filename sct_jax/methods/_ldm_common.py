@@ -39,13 +39,17 @@ from sct_jax.diffusion.select import check_sampler, sample_any
 from sct_jax.errors import ConfigError
 from sct_jax.models.autoencoder import AutoencoderKL
 from sct_jax.models.controlnet import ControlNet, embed_conditioning
-from sct_jax.models.diffusion_unet import DiffusionUNet
+from sct_jax.models.diffusion_unet import (MR_ENCODINGS, DiffusionUNet, MRConditionedUNet,
+                                           mr_channels_on_latent_grid)
 from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 
 # [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
 HU_PER_UNIT = 2012.0
 STAGES = ("autoencoder", "diffusion", "controlnet")
+# How the diffusion stage sees the MR: "concat" (on the latent grid, the UNet is the
+# sCT model) or "none" (unconditional; the ControlNet stage adds the MR).
+CONDITIONINGS = ("concat", "none")
 
 
 # ----------------------------------------------------------------------------- models
@@ -71,8 +75,25 @@ def _unet_kwargs(config) -> dict:
                 **precision_kwargs(config))
 
 
-def build_unet(config) -> DiffusionUNet:
-    return DiffusionUNet(out_channels=config.model.ae.latent_channels, **_unet_kwargs(config))
+def is_concat(config) -> bool:
+    return config.ldm.conditioning == "concat"
+
+
+def build_unet(config) -> DiffusionUNet | MRConditionedUNet:
+    """The diffusion stage's denoiser: a plain UNet, or (``ldm.conditioning == "concat"``)
+    one that also takes the MR, ``(x_t, t, mr)``."""
+    latent = int(config.model.ae.latent_channels)
+    if not is_concat(config):
+        return DiffusionUNet(out_channels=latent, **_unet_kwargs(config))
+    enc = config.ldm.mr_encoder
+    mr_channels = mr_channels_on_latent_grid(config.ldm.mr_encoding, ae_factor(config), 3,
+                                             int(enc.out_channels))
+    kwargs = {**_unet_kwargs(config), "in_channels": latent + mr_channels}
+    return MRConditionedUNet(unet=DiffusionUNet(out_channels=latent, **kwargs),
+                             factor=ae_factor(config), mr_encoding=config.ldm.mr_encoding,
+                             encoder_channels=tuple(enc.channels),
+                             encoder_out_channels=int(enc.out_channels),
+                             conv_impl=config.model.conv_impl)
 
 
 def build_controlnet(config) -> ControlNet:
@@ -124,6 +145,21 @@ def validate_ldm_config(config, stage: str) -> None:
                 f"{tuple(config.model.controlnet.conditioning_embedding_num_channels)} "
                 f"downsamples the MR by {cond_factor}, but the autoencoder's factor is "
                 f"{ae_factor(config)}: give it log2(factor) + 1 entries")
+    if config.ldm.conditioning not in CONDITIONINGS:
+        raise ConfigError(f"config.ldm.conditioning={config.ldm.conditioning!r}: expected one "
+                          f"of {CONDITIONINGS}")
+    if is_concat(config) and config.ldm.mr_encoding not in MR_ENCODINGS:
+        raise ConfigError(f"config.ldm.mr_encoding={config.ldm.mr_encoding!r}: expected one "
+                          f"of {MR_ENCODINGS}")
+    if stage == "controlnet" and is_concat(config):
+        raise ConfigError("config.ldm.conditioning='concat' conditions the diffusion UNet on "
+                          "the MR itself: there is no ControlNet stage; evaluate the "
+                          "diffusion stage (or use the conditioning 'none' for a ControlNet)")
+    crop = tuple(int(p) for p in config.ldm.get("train_crop", ()) or ())
+    if stage != "autoencoder" and crop:
+        if len(crop) != 3 or any(c % divisor or c > p for c, p in zip(crop, patch)):
+            raise ConfigError(f"config.ldm.train_crop={crop}: three sizes, each divisible by "
+                              f"{divisor} and at most config.data.patch={patch}")
     if int(config.ldm.sample_steps) < 1:
         raise ConfigError(f"config.ldm.sample_steps={config.ldm.sample_steps}: must be >= 1")
     check_sampler(config.ldm.sampler)
@@ -233,25 +269,69 @@ def decode_latent(config, ae_params, z: jax.Array) -> jax.Array:
 
 
 def merge_moments(stats: dict, z: jax.Array) -> dict:
-    """Chan et al.'s parallel update of ``{count, mean, m2}`` with the values of ``z``.
+    """Chan et al.'s parallel update of per-channel ``{count, mean, m2}`` with ``z``.
 
-    Each batch contributes its exact two-pass mean and sum of squared deviations, so the
-    running variance ``m2 / count`` does not suffer the cancellation of
+    Each batch contributes its exact two-pass mean and sum of squared deviations per
+    channel, so the running variance ``m2 / count`` does not suffer the cancellation of
     ``E[z^2] - E[z]^2``.
+
+    Args:
+      stats: ``count ()``, ``mean (C,)``, ``m2 (C,)`` (see :func:`init_moments`).
+      z: latents ``(B, *s, C)``.
+
+    Returns:
+      The updated statistics.
     """
-    z = z.astype(jnp.float32)
-    n_b = jnp.float32(z.size)
-    mean_b = jnp.mean(z)
-    m2_b = jnp.sum(jnp.square(z - mean_b))
+    z = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    n_b = jnp.float32(z.shape[0])
+    mean_b = jnp.mean(z, axis=0)
+    m2_b = jnp.sum(jnp.square(z - mean_b), axis=0)
     n = stats["count"] + n_b
     delta = mean_b - stats["mean"]
     return {"count": n, "mean": stats["mean"] + delta * n_b / n,
             "m2": stats["m2"] + m2_b + jnp.square(delta) * stats["count"] * n_b / n}
 
 
-def init_moments() -> dict:
-    return {"count": jnp.zeros((), jnp.float32), "mean": jnp.zeros((), jnp.float32),
-            "m2": jnp.zeros((), jnp.float32)}
+def init_moments(channels: int) -> dict:
+    """Empty per-channel moments of ``channels`` latent channels."""
+    return {"count": jnp.zeros((), jnp.float32), "mean": jnp.zeros((channels,), jnp.float32),
+            "m2": jnp.zeros((channels,), jnp.float32)}
+
+
+def shift_and_scale(stats: dict) -> tuple[jax.Array, jax.Array]:
+    """The latent standardisation ``(mean, 1 / std)`` per channel from the moments."""
+    return stats["mean"], jax.lax.rsqrt(stats["m2"] / stats["count"])
+
+
+def standardise(z: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """Autoencoder latent ``(B, *s, C)`` -> the diffusion model's ``(z - shift) * scale``."""
+    return (z - shift) * scale
+
+
+def unstandardise(z: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """Inverse of :func:`standardise`: a sampled latent back to the autoencoder's."""
+    return z / scale + shift
+
+
+def random_crop(config, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The batch's ``(ct, mr)``, cropped to ``config.ldm.train_crop`` at one random
+    offset (a multiple of the autoencoder factor, so the crop's latent grid is the
+    volume's), or whole when ``train_crop`` is empty.
+
+    The denoiser is convolutional: it trains on crops (cheaper, more varied) and samples
+    the whole window ``config.data.patch``.
+    """
+    ct, mr = batch["ct"], batch.get("mr")
+    crop = tuple(int(c) for c in config.ldm.get("train_crop", ()) or ())
+    if not crop:
+        return ct, mr
+    f = ae_factor(config)
+    keys = jax.random.split(rng, 3)
+    starts = [jax.random.randint(k, (), 0, (s - c) // f + 1) * f
+              for k, s, c in zip(keys, ct.shape[1:4], crop)]
+    size = (ct.shape[0], *crop, ct.shape[-1])
+    cut = lambda x: jax.lax.dynamic_slice(x, (0, *starts, 0), size[:-1] + x.shape[-1:])
+    return cut(ct), (cut(mr) if mr is not None else None)
 
 
 def diffusion_mse(config, schedule, z0: jax.Array, rng: jax.Array, model_fn):
@@ -311,16 +391,36 @@ def controlnet_denoiser(config, unet_params, controlnet_params, embedded_mr: jax
     return denoise
 
 
-def controlnet_sample(config, ae_params, unet_params, controlnet_params, scale_factor,
+def controlnet_sample(config, ae_params, unet_params, controlnet_params, shift, scale,
                       mr: jax.Array, rng: jax.Array, num_steps: int | None = None,
                       sampler: str | None = None) -> jax.Array:
     """MR ``(B, D, H, W, 1)`` in [-1, 1] -> one sCT sample ``(B, D, H, W, 1)`` in [-1, 1].
 
     Embeds the MR once, samples a latent with the scanned sampler (ControlNet + frozen
-    UNet at every step), divides by the scale factor and decodes.
+    UNet at every step), undoes the latent standardisation (``shift``, ``scale``: ``(C,)``)
+    and decodes. One jittable program.
     """
     embedded = embed_conditioning(build_controlnet(config), controlnet_params, mr)
     denoise = controlnet_denoiser(config, unet_params, controlnet_params, embedded)
     z = sample_latents(config, denoise, latent_shape(config, mr.shape), rng,
                        num_steps=num_steps, sampler=sampler)
-    return decode_latent(config, ae_params, z / scale_factor)
+    return decode_latent(config, ae_params, unstandardise(z, shift, scale))
+
+
+def concat_denoiser(config, unet_params, mr: jax.Array):
+    """``(x_t, t) -> UNet(concat(x_t, MR on the latent grid), t)`` with the MR encoded
+    once (``ldm.conditioning == "concat"``)."""
+    model = build_unet(config)
+    cond = model.apply({"params": unet_params}, mr, method=model.embed)
+    return lambda x_t, t: model.apply({"params": unet_params}, x_t, t, cond,
+                                      cond_is_embedded=True)
+
+
+def concat_sample(config, ae_params, unet_params, shift, scale, mr: jax.Array,
+                  rng: jax.Array, num_steps: int | None = None,
+                  sampler: str | None = None) -> jax.Array:
+    """:func:`controlnet_sample` for the directly conditioned UNet (one jittable program)."""
+    z = sample_latents(config, concat_denoiser(config, unet_params, mr),
+                       latent_shape(config, mr.shape), rng, num_steps=num_steps,
+                       sampler=sampler)
+    return decode_latent(config, ae_params, unstandardise(z, shift, scale))

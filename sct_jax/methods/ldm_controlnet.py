@@ -5,7 +5,8 @@
       --workdir runs/ldm_brain_controlnet [--samples 8]
 
 (``config.ldm.diffusion_workdir`` names the stage-2 run; its checkpoint provides the
-UNet, the autoencoder and the latent scale factor, all frozen here.) Training: the CT
+UNet (trained with conditioning ``"none"``), the autoencoder and the latent
+standardisation, all frozen here.) Training: the CT
 patch's scaled latent is noised as in stage 2 and the UNet, fed the ControlNet's
 residuals for the MR patch (image resolution; the conditioning embedding brings it
 down to the latent grid), regresses the same target; only the ControlNet learns. It
@@ -13,14 +14,14 @@ starts as a copy of the UNet's encoder (:func:`controlnet_params_from_unet`) wit
 zero-initialised outputs, so step 0 reproduces the unconditional model exactly.
 
 Prediction: the MR is embedded once, a latent is drawn from noise with the scanned
-sampler (``config.ldm.sample_steps`` DDIM steps by default, one ``lax.scan``), divided
-by the scale factor, decoded and clipped. Different ``rng`` give different samples;
+sampler (``config.ldm.sample_steps`` DDIM steps by default, one ``lax.scan``), the latent
+standardisation undone, decoded and clipped. Different ``rng`` give different samples;
 ``evaluate.py --samples K`` writes their mean and per-voxel standard deviation. A volume
 larger than ``config.data.patch`` is predicted by overlapping windows sampled
 independently (each with its own key) and blended: choose a patch that covers the head.
 
 State: ``{"controlnet": TrainState, "unet": frozen params, "ae": frozen params,
-"scale_factor": ()}``.
+"latent_shift": (C,), "latent_scale": (C,)}`` (the stage-2 latent standardisation).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sct_jax.errors import ConfigError
 from sct_jax.methods import _ldm_common as common
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.controlnet import controlnet_params_from_unet
@@ -40,8 +42,12 @@ def validate_config(config) -> None:
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
     """The ControlNet (from the stage-2 UNet) and the frozen stage-2 parts."""
-    _, diffusion_run = common.load_upstream_run(config, "ldm.diffusion_workdir",
-                                                "ldm_diffusion", ("ae", "unet"))
+    run_config, diffusion_run = common.load_upstream_run(
+        config, "ldm.diffusion_workdir", "ldm_diffusion", ("ae", "unet"))
+    if run_config.ldm.get("conditioning", "none") != "none":
+        raise ConfigError(f"config.ldm.diffusion_workdir={config.ldm.diffusion_workdir!r} "
+                          f"holds a UNet with conditioning {run_config.ldm.conditioning!r}; "
+                          "the ControlNet steers an unconditional one (conditioning 'none')")
     unet_params = jax.tree.map(jnp.asarray, diffusion_run["unet"].params)
     controlnet = common.build_controlnet(config)
     mr = dummy_input(batch_spec["mr"])
@@ -53,7 +59,8 @@ def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
                                         tx=optim.adam(config.optim, config.train.steps)),
         "unet": unet_params,
         "ae": jax.tree.map(jnp.asarray, diffusion_run["ae"]),
-        "scale_factor": jnp.asarray(diffusion_run["scale_factor"], jnp.float32),
+        "latent_shift": jnp.asarray(diffusion_run["latent_shift"], jnp.float32),
+        "latent_scale": jnp.asarray(diffusion_run["latent_scale"], jnp.float32),
     }
 
 
@@ -71,15 +78,17 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     """
     cn_state = state["controlnet"]
     rng = step_rng(rng, cn_state)
-    encode_rng, loss_rng = jax.random.split(rng)
-    z = common.encode_ct(config, state["ae"], batch["ct"], encode_rng) * state["scale_factor"]
+    crop_rng, encode_rng, loss_rng = jax.random.split(rng, 3)
+    ct, mr = common.random_crop(config, batch, crop_rng)
+    z = common.standardise(common.encode_ct(config, state["ae"], ct, encode_rng),
+                           state["latent_shift"], state["latent_scale"])
     unet = common.build_unet(config)
     schedule = common.make_config_schedule(config)
     cond_scale = float(config.ldm.conditioning_scale)
 
     def loss_fn(params):
         def model(x_t, t):
-            down, mid = cn_state.apply_fn({"params": params}, x_t, t, batch["mr"], cond_scale)
+            down, mid = cn_state.apply_fn({"params": params}, x_t, t, mr, cond_scale)
             return unet.apply({"params": state["unet"]}, x_t, t, down, mid)
         return common.diffusion_mse(config, schedule, z, loss_rng, model)
 
@@ -103,5 +112,6 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
       ``(B, D, H, W, 1)`` sCT in [-1, 1].
     """
     return common.controlnet_sample(config, state["ae"], state["unet"],
-                                    state["controlnet"].params, state["scale_factor"], mr,
+                                    state["controlnet"].params, state["latent_shift"],
+                                    state["latent_scale"], mr,
                                     common.default_rng(config, rng))

@@ -1,24 +1,37 @@
-"""LDM stage 2: the diffusion UNet on scaled latents of CT patches, autoencoder frozen.
+"""LDM stage 2: the diffusion UNet on standardised latents of CT, autoencoder frozen.
 
-  python train.py --config configs/ldm_brain.py:diffusion --workdir runs/ldm_brain_diffusion
+  python train.py --config configs/ldm_brain.py:diffusion,small --workdir runs/ldm_brain_diffusion_small
+  python evaluate.py --config configs/ldm_brain.py:diffusion,small \
+      --workdir runs/ldm_brain_diffusion_small --samples 4        # conditioning "concat"
 
-(``config.ldm.autoencoder_workdir`` names the stage-1 run.) Each step encodes the CT
-patch with the frozen autoencoder (posterior mean, or a draw with
-``config.ldm.sample_latents``), scales it, noises it at ``t ~ U{0..T-1}`` and regresses
-the target of ``config.ldm.prediction_type`` (epsilon by default) with an MSE.
+(``config.ldm.autoencoder_workdir`` names the stage-1 run.) Each step crops the CT (and
+MR) to ``config.ldm.train_crop`` when it is set, encodes the CT with the frozen
+autoencoder (posterior mean, or a draw with ``config.ldm.sample_latents``), standardises
+it, noises it at ``t ~ U{0..T-1}`` and regresses the target of
+``config.ldm.prediction_type`` (``v_prediction`` by default) with an MSE.
 
-The latent scale factor ``1 / std(z)`` (Rombach et al.; MONAI's tutorials) is estimated
-by the training step itself: the first ``config.ldm.scale_batches`` steps only encode
-their batch and merge its moments into a running (Chan/Welford) estimate kept in the
-state; from then on the factor is frozen and the UNet trains. Both phases are branches
-of one ``lax.cond`` on the step, so the run compiles ONE program, the estimate sees as
-many batches as asked without a second pass over the data before training, and the UNet
-only ever sees latents under the final scale. The optimizer's schedule starts with the
-first UNet update; a resumed run restores the estimate with the checkpoint.
+Conditioning (``config.ldm.conditioning``):
 
-State: ``{"unet": TrainState, "ae": frozen autoencoder params, "scale_factor": (),
-"scale_stats": {"count", "mean", "m2"}}`` (plain arrays: checkpointed, never updated by
-an optimizer).
+- ``"concat"``: the UNet sees the MR on the latent grid concatenated to the noisy latent
+  (:class:`~sct_jax.models.diffusion_unet.MRConditionedUNet`, ``config.ldm.mr_encoding``
+  space-to-depth, pooled or a jointly trained encoder); this stage is then the sCT
+  model and :func:`predict` samples an sCT for the MR;
+- ``"none"``: unconditional (the ControlNet stage adds the MR); :func:`predict` draws an
+  unconditional CT of the MR's shape.
+
+Latent standardisation: ``z_std = (z - shift) * scale`` per latent channel, with
+``shift`` the mean and ``scale`` ``1 / std`` over the training data (Rombach et al.
+scale by ``1 / std``; the shift matters when the latents are far from zero-mean). The
+training step estimates them itself: the first ``config.ldm.scale_batches`` steps only
+encode their batch and merge its moments into a running (Chan/Welford) estimate kept in
+the state; from then on they are frozen and the UNet trains. Both phases are branches
+of one ``lax.cond`` on the step, so the run compiles ONE program and the UNet only ever
+sees latents under the final statistics, which the checkpoint stores and every sampler
+applies in reverse before decoding. A resumed run restores them with the checkpoint.
+
+State: ``{"unet": TrainState, "ae": frozen autoencoder params, "latent_shift": (C,),
+"latent_scale": (C,), "latent_stats": {"count", "mean", "m2"}}`` (plain arrays:
+checkpointed, never updated by an optimizer).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import jax.numpy as jnp
 
 from sct_jax.errors import ConfigError
 from sct_jax.methods import _ldm_common as common
-from sct_jax.methods.common import TrainState, apply_updates, step_rng
+from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.training import optim
 
 
@@ -43,28 +56,34 @@ def validate_config(config) -> None:
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
-    """UNet parameters, the frozen autoencoder of the stage-1 run, the scale estimate."""
+    """UNet parameters, the frozen autoencoder of the stage-1 run, the latent statistics."""
     _, ae_run = common.load_upstream_run(config, "ldm.autoencoder_workdir",
                                          "ldm_autoencoder", ("ae",))
     unet = common.build_unet(config)
     z = jnp.zeros(common.latent_shape(config, (1, *batch_spec["ct"].shape[1:])), jnp.float32)
-    params = unet.init(rng, z, jnp.zeros((1,), jnp.int32))["params"]
+    t = jnp.zeros((1,), jnp.int32)
+    if common.is_concat(config):
+        params = unet.init(rng, z, t, dummy_input(batch_spec["mr"]))["params"]
+    else:
+        params = unet.init(rng, z, t)["params"]
+    channels = int(config.model.ae.latent_channels)
     return {
         "unet": TrainState.create(apply_fn=unet.apply, params=params,
                                   tx=optim.adam(config.optim, config.train.steps)),
         "ae": jax.tree.map(jnp.asarray, ae_run["ae"].params),
-        "scale_factor": jnp.ones((), jnp.float32),
-        "scale_stats": common.init_moments(),
+        "latent_shift": jnp.zeros((channels,), jnp.float32),
+        "latent_scale": jnp.ones((channels,), jnp.float32),
+        "latent_stats": common.init_moments(channels),
     }
 
 
 def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
-    """A scale-estimation step (the first ``scale_batches``) or a UNet update.
+    """A statistics-estimation step (the first ``scale_batches``) or a UNet update.
 
     Args:
       config: the experiment config (bound by the loop).
       state: see the module docstring.
-      batch: ``ct (B, D, H, W, 1)`` in [-1, 1].
+      batch: ``ct`` (and ``mr`` for ``"concat"``) ``(B, D, H, W, 1)`` in [-1, 1].
       rng: the run's base key (folded with the step inside).
 
     Returns:
@@ -72,51 +91,59 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     """
     unet_state = state["unet"]
     rng = step_rng(rng, unet_state)
-    encode_rng, loss_rng = jax.random.split(rng)
-    z = common.encode_ct(config, state["ae"], batch["ct"], encode_rng)
+    crop_rng, encode_rng, loss_rng = jax.random.split(rng, 3)
+    ct, mr = common.random_crop(config, batch, crop_rng)
+    z = common.encode_ct(config, state["ae"], ct, encode_rng)
     schedule = common.make_config_schedule(config)
+    concat = common.is_concat(config)
 
     def train_unet(operand):
-        unet_state, stats, scale = operand
+        unet_state, stats, shift, scale = operand
 
         def loss_fn(params):
-            return common.diffusion_mse(
-                config, schedule, z * scale, loss_rng,
-                lambda x_t, t: unet_state.apply_fn({"params": params}, x_t, t))
+            def model(x_t, t):
+                if concat:
+                    return unet_state.apply_fn({"params": params}, x_t, t, mr)
+                return unet_state.apply_fn({"params": params}, x_t, t)
+            return common.diffusion_mse(config, schedule, common.standardise(z, shift, scale),
+                                        loss_rng, model)
 
         loss, grads = jax.value_and_grad(loss_fn)(unet_state.params)
         unet_state, metrics = apply_updates(unet_state, grads, "unet")
-        return unet_state, stats, scale, {"loss": loss, **metrics}
+        return unet_state, stats, shift, scale, {"loss": loss, **metrics}
 
-    def estimate_scale(operand):
-        unet_state, stats, _ = operand
+    def estimate_statistics(operand):
+        unet_state, stats, _, _ = operand
         stats = common.merge_moments(stats, z)
-        scale = jax.lax.rsqrt(stats["m2"] / stats["count"])
+        shift, scale = common.shift_and_scale(stats)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(train_unet, operand)[3])
+                             jax.eval_shape(train_unet, operand)[4])
         # The step still counts (it keys the rng and decides the phase); params do not move.
-        return unet_state.replace(step=unet_state.step + 1), stats, scale, zeros
+        return unet_state.replace(step=unet_state.step + 1), stats, shift, scale, zeros
 
     estimating = unet_state.step < int(config.ldm.scale_batches)
-    unet_state, stats, scale, metrics = jax.lax.cond(
-        estimating, estimate_scale, train_unet,
-        (unet_state, state["scale_stats"], state["scale_factor"]))
-    metrics = {**metrics, "scale_factor": scale,
-               "estimating_scale": estimating.astype(jnp.float32),
+    unet_state, stats, shift, scale, metrics = jax.lax.cond(
+        estimating, estimate_statistics, train_unet,
+        (unet_state, state["latent_stats"], state["latent_shift"], state["latent_scale"]))
+    metrics = {**metrics, "latent_scale_mean": jnp.mean(scale),
+               "latent_shift_mean": jnp.mean(shift),
+               "estimating_statistics": estimating.astype(jnp.float32),
                "latent_std": jnp.std(z)}
-    return {**state, "unet": unet_state, "scale_stats": stats, "scale_factor": scale}, metrics
+    return {**state, "unet": unet_state, "latent_stats": stats, "latent_shift": shift,
+            "latent_scale": scale}, metrics
 
 
 def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """An *unconditional* CT sample of ``mr``'s shape (the MR is not used).
+    """An sCT sample for ``mr`` (``"concat"``) or an unconditional CT of its shape.
 
-    A baseline for the ControlNet stage (what the LDM draws without the MR), and a check
-    of the UNet and the scale factor.
+    The unconditional draw (conditioning ``"none"``: the MR is not used) is a baseline for
+    the ControlNet stage and a check of the UNet and the latent statistics.
 
     Args:
-      config: the config.
+      config: the config (``ldm.sample_steps``, ``ldm.sampler``, ``ldm.eta``).
       state: the stage's state.
-      mr: ``(B, D, H, W, 1)``, only its shape is used.
+      mr: ``(B, D, H, W, 1)`` in [-1, 1], each size divisible by the autoencoder factor
+        times the UNet stride.
       rng: sampling key (default: fixed from ``config.seed``).
 
     Returns:
@@ -124,7 +151,10 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
     """
     rng = common.default_rng(config, rng)
     params = state["unet"].params
+    shift, scale = state["latent_shift"], state["latent_scale"]
+    if common.is_concat(config):
+        return common.concat_sample(config, state["ae"], params, shift, scale, mr, rng)
     unet = common.build_unet(config)
     z = common.sample_latents(config, lambda x, t: unet.apply({"params": params}, x, t),
                               common.latent_shape(config, mr.shape), rng)
-    return common.decode_latent(config, state["ae"], z / state["scale_factor"])
+    return common.decode_latent(config, state["ae"], common.unstandardise(z, shift, scale))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sct_jax.errors import ConfigError
 from sct_jax.models.diffusion_blocks import (IntOrSeq, UNetSettings, conv_nd, group_norm,
                                              unet_encoder, upsample_nearest)
 
@@ -160,3 +161,115 @@ class DiffusionUNet(nn.Module):
                                dtype=s.dtype))
         return conv_nd(h, self.out_channels, 3, name="out_conv", zero_init=True,
                        conv_impl=s.conv_impl, dtype=s.dtype).astype(jnp.float32)
+
+
+# --------------------------------------------------- direct conditioning on the MR
+
+MR_ENCODINGS = ("space_to_depth", "pool", "encoder")
+
+
+def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
+    """``(B, *s, C)`` -> ``(B, *s / factor, C * factor^d)``: every ``factor^d`` block of
+    voxels becomes the channels of one voxel (no information is lost)."""
+    b, *spatial, c = x.shape
+    if any(s % factor for s in spatial):
+        raise ConfigError(f"space_to_depth: spatial shape {tuple(spatial)} is not divisible "
+                          f"by {factor}")
+    split = [b]
+    for s in spatial:
+        split += [s // factor, factor]
+    x = x.reshape(*split, c)
+    d = len(spatial)
+    # (B, s0, f, s1, f, ..., C) -> (B, s0, s1, ..., f, f, ..., C)
+    order = [0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1]
+    return x.transpose(order).reshape(b, *(s // factor for s in spatial), -1)
+
+
+def mr_channels_on_latent_grid(encoding: str, factor: int, spatial_dims: int,
+                               encoder_out_channels: int, mr_channels: int = 1) -> int:
+    """Channels the MR contributes to the UNet's input under ``encoding``."""
+    if encoding == "space_to_depth":
+        return mr_channels * factor ** spatial_dims
+    if encoding == "pool":
+        return mr_channels
+    if encoding == "encoder":
+        return encoder_out_channels
+    raise ConfigError(f"MR encoding {encoding!r} is unknown; expected one of {MR_ENCODINGS}")
+
+
+class MRConditionedUNet(nn.Module):
+    """A :class:`DiffusionUNet` conditioned directly on the MR, concatenated to the noisy
+    latent on the latent grid (the direct-conditioning alternative to a ControlNet).
+
+    The MR ``(B, *s * factor, 1)`` reaches the latent grid ``(B, *s, C_mr)`` by
+
+    - ``"space_to_depth"``: each ``factor^d`` block becomes channels (lossless);
+    - ``"pool"``: the block mean (one channel);
+    - ``"encoder"``: a jointly trained strided conv encoder (the ControlNet's
+      conditioning embedding, ``log2(factor)`` stride-2 stages, ``encoder_channels``).
+
+    ``unet.in_channels`` must be the latent channels plus
+    :func:`mr_channels_on_latent_grid`. The MR encoding does not depend on the noisy
+    latent or the step: a sampler computes it once with :meth:`embed` and calls the
+    model with ``cond_is_embedded=True``.
+
+    Attributes:
+      unet: the denoiser.
+      factor: the autoencoder's downsampling factor per axis.
+      mr_encoding: one of :data:`MR_ENCODINGS`.
+      encoder_channels: the encoder's channel stages (``"encoder"`` only).
+      encoder_out_channels: the encoder's output channels (``"encoder"`` only).
+      conv_impl: convolution lowering of the encoder.
+    """
+
+    unet: DiffusionUNet
+    factor: int
+    mr_encoding: str = "space_to_depth"
+    encoder_channels: Sequence[int] = (16, 32)
+    encoder_out_channels: int = 8
+    conv_impl: str = "auto"
+
+    def setup(self):
+        if self.mr_encoding not in MR_ENCODINGS:
+            raise ConfigError(f"MR encoding {self.mr_encoding!r} is unknown; expected one "
+                              f"of {MR_ENCODINGS}")
+        if self.mr_encoding == "encoder":
+            from sct_jax.models.controlnet import ConditioningEmbedding  # no import cycle
+            if 2 ** (len(self.encoder_channels) - 1) != self.factor:
+                raise ConfigError(f"MR encoder channels {tuple(self.encoder_channels)} "
+                                  f"downsample by {2 ** (len(self.encoder_channels) - 1)}, "
+                                  f"the autoencoder by {self.factor}: give log2(factor) + 1 "
+                                  "entries")
+            self.mr_encoder = ConditioningEmbedding(
+                out_channels=self.encoder_out_channels, channels=tuple(self.encoder_channels),
+                conv_impl=self.conv_impl)
+
+    def embed(self, mr: jax.Array) -> jax.Array:
+        """``(B, *s * factor, C)`` MR -> ``(B, *s, C_mr)`` on the latent grid."""
+        if self.mr_encoding == "space_to_depth":
+            return space_to_depth(mr, self.factor)
+        if self.mr_encoding == "pool":
+            blocks = space_to_depth(mr, self.factor)  # channels ordered (block, C)
+            return blocks.reshape(*blocks.shape[:-1], -1, mr.shape[-1]).mean(-2)
+        return self.mr_encoder(mr)
+
+    def __call__(self, x: jax.Array, timesteps: jax.Array, mr: jax.Array,
+                 cond_is_embedded: bool = False) -> jax.Array:
+        """The UNet's prediction for ``concat(x, embed(mr))``.
+
+        Args:
+          x: noisy latent ``(B, *s, C_lat)``.
+          timesteps: ``(B,)``.
+          mr: the MR ``(B, *s * factor, 1)``, or its :meth:`embed` when
+            ``cond_is_embedded``.
+          cond_is_embedded: see above.
+
+        Returns:
+          ``(B, *s, unet.out_channels)``.
+        """
+        cond = mr if cond_is_embedded else self.embed(mr)
+        if cond.shape[1:-1] != x.shape[1:-1]:
+            raise ConfigError(f"the MR on the latent grid has spatial shape "
+                              f"{cond.shape[1:-1]}, the latent {x.shape[1:-1]}: the MR "
+                              f"must be {self.factor} times the latent per axis")
+        return self.unet(jnp.concatenate([x, cond.astype(x.dtype)], axis=-1), timesteps)

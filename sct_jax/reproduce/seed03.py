@@ -1,0 +1,219 @@
+"""Seed 03 (brain latent diffusion vs pix2pix) on the brain phantom.
+
+  sct-reproduce seed03 [--seeds 3] [--tiny] [--out runs/reproduce/seed03]
+
+Per seed, trains the chained ``configs/ldm_brain.py`` runs of both conditioning modes
+(sharing one autoencoder) and pix2pix on axial slices of the same heads, then predicts
+the held-out test heads and scores them:
+
+- ``LDM (MR concat)``: autoencoder -> diffusion UNet conditioned on the MR on the latent
+  grid (the ``small`` default);
+- ``LDM (ControlNet)``: autoencoder -> unconditional UNet -> ControlNet on the MR (the
+  seed's design);
+- ``pix2pix``: ``configs/pix2pix_pelvis.py:small`` on 64 x 96 axial slices of the heads.
+
+The LDM rows give the mean of :data:`SAMPLES` samples per head and note the
+autoencoder's reconstruction MAE on the test heads (the LDM's ceiling) and, for the
+first seed, the MR-swap check: the MAE when each head is sampled from another head's
+MR (a model that uses the MR must get worse). Baseline rows: constant 40 HU and the mean
+training CT. Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file
+matches the config) is skipped, an interrupted one resumes from its checkpoint. One
+``sct-reproduce`` process per output folder.
+
+Cost: the ``small`` chain is about an hour of 2-core CPU per stage (autoencoder, each
+UNet, ControlNet), so one seed of the full table takes several CPU hours; ``--tiny``
+runs every stage's ``tiny`` variant (a smoke test, not a result).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sct_jax.cli import ablate
+from sct_jax.config_utils import load_config_file
+from sct_jax.data import preprocess, synthrad
+from sct_jax.data.io import atomic_write_text, load_volume
+from sct_jax.evaluation import metrics
+from sct_jax.reproduce import baselines
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DONE_FILE = "stage_done.json"
+SAMPLES = {"small": 4, "tiny": 2}
+# pix2pix on the brain heads: 64 x 80 axial slices padded to 64 x 96 (5 downsamplings).
+PIX2PIX_BRAIN = {"data.region": "brain", "data.phantom.shape": (64, 80, 64),
+                 "data.phantom.cases": 12, "data.crop": (64, 96),
+                 "name": "pix2pix_brain_small"}
+PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32),
+                      "data.crop": (32, 32), "name": "pix2pix_brain_tiny"}
+
+
+def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int):
+    config = load_config_file(f"{REPO / 'configs/ldm_brain.py'}:{words},{size}")
+    config.ldm.autoencoder_workdir = str(runs["autoencoder"])
+    config.ldm.diffusion_workdir = str(runs.get("diffusion", ""))
+    config.seed = seed
+    return config
+
+
+def pix2pix_config(size: str, seed: int):
+    config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}")
+    for key, value in (PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY).items():
+        ablate.set_override(config, key, value)
+    config.eval.panels = False
+    config.seed = seed
+    return config
+
+
+def train_stage(config, workdir: Path) -> float:
+    """Trains ``config`` into ``workdir`` unless a finished run of the same config is
+    there; returns the training wall time (the recorded one when skipped)."""
+    from sct_jax.training import loop
+
+    digest = ablate._config_digest(config)
+    done = workdir / DONE_FILE
+    if done.exists():
+        record = json.loads(done.read_text())
+        if record.get("config_digest") == digest:
+            print(f"[seed03] {config.name}: reusing {workdir}")
+            return float(record["wall_s"])
+    print(f"[seed03] {config.name}: training {config.train.steps} steps in {workdir}",
+          flush=True)
+    t0 = time.perf_counter()
+    loop.train(config, workdir)
+    wall = time.perf_counter() - t0
+    atomic_write_text(done, json.dumps({"config_digest": digest, "wall_s": wall}))
+    return wall
+
+
+def predict_and_score(config, workdir: Path, references: dict, samples: int) -> dict:
+    from sct_jax.inference import predict
+
+    pred_dir, cases = predict.predict_split(config, workdir, samples=samples)
+    pairs = [(load_volume(pred_dir / c.id / "sct.nii.gz").data, references[c.id])
+             for c in cases]
+    return baselines.score(pairs)
+
+
+def _unit_mr(config, case) -> np.ndarray:
+    data = synthrad.load_case(case)
+    lo, hi = config.data.mr_percentiles
+    return np.asarray(preprocess.mr_to_unit(data.mr.data, data.mask, lo_pct=lo, hi_pct=hi),
+                      np.float32)
+
+
+def autoencoder_ceiling(config, workdir: Path, references: dict) -> float:
+    """Mean MAE (HU, in the body) of the test CTs decoded from their own latents."""
+    from sct_jax.methods import ldm_autoencoder
+    from sct_jax.training import loop
+
+    _, state = loop.load_state(config, workdir)
+    reconstruct = jax.jit(functools.partial(ldm_autoencoder.reconstruct, config))
+    maes = []
+    for ct, mask in references.values():
+        unit = np.asarray(preprocess.ct_to_unit(ct), np.float32)[None, ..., None]
+        recon = np.asarray(preprocess.unit_to_ct(
+            np.asarray(reconstruct(state, unit))[0, ..., 0]), np.float32)
+        maes.append(metrics.mae(ct, recon, mask))
+    return float(np.mean(maes))
+
+
+def mr_swap_mae(config, workdir: Path, cases, references: dict, donors) -> float:
+    """Mean MAE when each test head is sampled from ``donors``' next head's MR instead of
+    its own (same grid): higher than the model's own MAE iff the MR is used."""
+    from sct_jax import methods
+    from sct_jax.inference import predict
+    from sct_jax.training import loop
+
+    _, state = loop.load_state(config, workdir)
+    jitted = jax.jit(functools.partial(methods.get_method(config.method).predict, config))
+    maes = []
+    for i, case in enumerate(cases):
+        donor = donors[(i + 1) % len(donors)]
+        if donor.id == case.id:
+            donor = donors[(i + 2) % len(donors)]
+        mr = _unit_mr(config, donor)
+        ct, mask = references[case.id]
+        if mr.shape != ct.shape:
+            continue
+        volume = predict.make_volume_predictor(config, state, jitted_predict=jitted)
+        sct = np.asarray(preprocess.unit_to_ct(volume(mr)), np.float32)
+        maes.append(metrics.mae(ct, sct, mask))
+    return float(np.mean(maes)) if maes else math.nan
+
+
+def run(out_dir: Path, seeds: int, tiny: bool) -> list[dict]:
+    """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds."""
+    from sct_jax.training import data as train_data
+
+    out_dir = Path(out_dir)
+    size = "tiny" if tiny else "small"
+    samples = SAMPLES[size]
+    # Every config is built and checked before the first run starts.
+    probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
+             "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
+    from sct_jax import methods
+    for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet"):
+        config = ldm_config(words, size, probe, 0)
+        methods.get_method(config.method).validate_config(config)
+    pix2pix_config(size, 0)
+    ablate.enable_compilation_cache(out_dir)
+
+    first = ldm_config("autoencoder", size, probe, 0)
+    splits = train_data.case_splits(first)
+    test_cases = splits[first.eval.split]
+    if first.eval.max_cases:
+        test_cases = test_cases[:first.eval.max_cases]
+    loaded = {c.id: baselines.load_reference(c) for c in test_cases}
+    references = {i: (ct, mask) for i, (ct, mask, _) in loaded.items()}
+    print(f"[seed03] scoring {len(references)} held-out head(s)")
+
+    rows = []
+    for k in range(int(seeds)):
+        seed = int(first.seed) + k
+        runs = {name: out_dir / name / f"seed{k}" for name in (
+            "ldm_autoencoder", "ldm_concat", "ldm_diffusion_uncond", "ldm_controlnet",
+            "pix2pix")}
+        ae_config = ldm_config("autoencoder", size, {"autoencoder": runs["ldm_autoencoder"]},
+                               seed)
+        ae_wall = train_stage(ae_config, runs["ldm_autoencoder"])
+        ceiling = autoencoder_ceiling(ae_config, runs["ldm_autoencoder"], references)
+        ae_note = f"autoencoder recon {ceiling:.1f} HU"
+
+        chains = (("LDM (MR concat)", [("diffusion,concat", "ldm_concat")]),
+                  ("LDM (ControlNet)", [("diffusion,unconditional", "ldm_diffusion_uncond"),
+                                        ("controlnet", "ldm_controlnet")]))
+        for label, chain in chains:
+            wall = ae_wall
+            for words, name in chain:
+                config = ldm_config(words, size, {"autoencoder": runs["ldm_autoencoder"],
+                                                  "diffusion": runs["ldm_diffusion_uncond"]},
+                                    seed)
+                wall += train_stage(config, runs[name])
+            t0 = time.perf_counter()
+            scores = predict_and_score(config, runs[name], references, samples)
+            note = f"{ae_note}; mean of {samples} samples"
+            if k == 0:
+                swap = mr_swap_mae(config, runs[name], test_cases, references,
+                                   [*test_cases, *splits["train"]])
+                note += f"; another head's MR: MAE {swap:.1f} HU"
+            rows.append(baselines.row(label, scores, seed,
+                                      wall + time.perf_counter() - t0, note))
+
+        config = pix2pix_config(size, seed)
+        wall = train_stage(config, runs["pix2pix"])
+        t0 = time.perf_counter()
+        scores = predict_and_score(config, runs["pix2pix"], references, 1)
+        rows.append(baselines.row("pix2pix", scores, seed, wall + time.perf_counter() - t0,
+                                  "axial slices" + (" 64 x 96" if not tiny else "")))
+
+    rows.append(baselines.constant_row(list(references.values())))
+    rows.append(baselines.mean_training_ct_row(
+        [load_volume(c.ct).data for c in splits["train"]], list(references.values())))
+    return rows
