@@ -8,6 +8,7 @@ CSV/JSON, a PNG panel per case)::
       --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
   python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
       --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
+  python evaluate.py --config ... --workdir ... --checkpoint latest   # or best (default), or a step
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -40,6 +41,9 @@ flags.DEFINE_string("workdir", None, "Training run directory (with --config).")
 flags.DEFINE_integer("samples", 1, "sCT samples per case (sampling methods, e.g. the LDM): "
                      "the mean is scored, the per-voxel std written as <id>/sct_std.nii.gz. "
                      "The GANs sample by test-time (Monte-Carlo) dropout.")
+flags.DEFINE_string("checkpoint", "best", "With --config: which checkpoint predicts: best "
+                    "(the lowest validation MAE; the latest when the run was never "
+                    "validated), latest, or a step number.")
 flags.DEFINE_boolean("qa", False, "With --config: also run the reference-free fidelity checks "
                      "on every case (<id>/qa.json, qa.png; the sample spread with --samples, "
                      "cycle consistency for CycleGAN) and print a case x check table.")
@@ -49,6 +53,8 @@ def score_predictions() -> None:
     """The ``--pred DIR --data ROOT`` mode: score an existing prediction folder."""
     if not FLAGS.pred or not FLAGS.data:
         raise ConfigError("--pred and --data are both required to score predictions")
+    if FLAGS.checkpoint != "best":
+        raise ConfigError("--checkpoint needs --config and --workdir (a training run)")
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
@@ -62,8 +68,10 @@ def main(argv):
         if not FLAGS.workdir:
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
         from sct_jax.cli import run
+        from sct_jax.training.checkpoint import parse_choice
         run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                         samples=FLAGS.samples, qa=FLAGS.qa)
+                         samples=FLAGS.samples, qa=FLAGS.qa,
+                         checkpoint=parse_choice(FLAGS.checkpoint))
         return
     score_predictions()
 

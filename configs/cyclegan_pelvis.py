@@ -40,6 +40,8 @@ def get_config(arg=None):
     c.train.steps = 200_000
     c.train.log_every = 100
     c.train.ckpt_every = 5000
+    c.train.eval_every = 5000
+    c.train.image_every = 5000
 
     if "small" in variants:
         c.name += "_small"
@@ -51,6 +53,8 @@ def get_config(arg=None):
         c.train.steps = 600
         c.train.log_every = 25
         c.train.ckpt_every = 200
+        c.train.eval_every = 100
+        c.train.image_every = 100
     if "tiny" in variants:
         c.name += "_tiny"
         c.data.phantom.shape = (48, 32, 8)

@@ -58,7 +58,7 @@ def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
 
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
-                 samples: int = 1, qa: bool = False):
+                 samples: int = 1, qa: bool = False, checkpoint: int | str = "best"):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -73,15 +73,19 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       qa: then run the fidelity checks on every case
         (:func:`sct_jax.evaluation.qa_report.qa_predictions`): ``<id>/qa.json`` and
         ``<id>/qa.png``, and a case x check table.
+      checkpoint: ``"best"`` (the lowest validation MAE; the latest when the run was
+        never validated), ``"latest"`` or a step number.
 
     Returns:
       The :class:`scoring.ScoreReport`.
     """
     workdir = Path(workdir)
     t0 = time.perf_counter()
+    step = loop.resolve_checkpoint(config, workdir, checkpoint)
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
-                                            samples=samples)
-    print(f"predicted {len(cases)} case(s) in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
+                                            samples=samples, checkpoint=step)
+    print(f"predicted {len(cases)} case(s) with the step-{step} checkpoint ({checkpoint}) "
+          f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else train_data.dataset_root(config)
     report = scoring.evaluate_folder(pred_dir, root, out=out,
                                      region=config.data.region or None)
@@ -107,7 +111,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                     data.mask, spacing=data.mr.spacing, title=title)
         print(f"panels: {pred_dir}/<id>/panel.png")
     if qa:
-        qa_report.qa_predictions(config, workdir, pred_dir, cases, samples=samples)
+        qa_report.qa_predictions(config, workdir, pred_dir, cases, samples=samples,
+                                 checkpoint=step)
     return report
 
 

@@ -187,7 +187,8 @@ def qa_case(case_data: synthrad.CaseData, case_dir: str | os.PathLike, reference
 
 
 def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLike,
-                   cases: Sequence[synthrad.Case], samples: int = 1) -> dict[str, dict]:
+                   cases: Sequence[synthrad.Case], samples: int = 1,
+                   checkpoint: int | str = "best") -> dict[str, dict]:
     """QA of every case of a prediction folder (see the module docstring); prints a table.
 
     Args:
@@ -196,6 +197,7 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
       pred_dir: the folder :func:`~sct_jax.inference.predict.predict_split` wrote.
       cases: the predicted cases.
       samples: the ``samples`` the folder was predicted with.
+      checkpoint: the checkpoint the folder was predicted with (the cycle model).
 
     Returns:
       ``{case id: QA report}``.
@@ -205,7 +207,7 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
     atomic_write_text(pred_dir / "qa_reference.json", json.dumps(reference, indent=1) + "\n")
     ct_to_mr = None
     if hasattr(methods.get_method(config.method), "predict_ct_to_mr"):
-        ct_to_mr = make_ct_to_mr(config, loop.load_state(config, workdir)[1])
+        ct_to_mr = make_ct_to_mr(config, loop.load_state(config, workdir, step=checkpoint)[1])
     reports = {}
     for case in cases:
         result = qa_case(synthrad.load_case(case), pred_dir / case.id, reference,

@@ -1,7 +1,9 @@
 """Predict the evaluation split of a trained run, write sCT NIfTIs, score and draw them.
 
-``predict_split(config, workdir)`` restores the latest checkpoint, predicts every case
-of ``config.eval.split`` (2D models slice by slice, 3D models by sliding windows),
+``predict_split(config, workdir)`` restores the best checkpoint (the lowest validation
+MAE; the latest when the run was never validated; ``checkpoint=`` picks another),
+predicts every case of ``config.eval.split`` (2D models slice by slice, 3D models by
+sliding windows),
 writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
 metrics and draws a panel per case.
@@ -126,7 +128,8 @@ def predict_case(predict_volume, config, case_data: synthrad.CaseData) -> np.nda
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
                   out_dir: str | Path | None = None,
-                  samples: int = 1) -> tuple[Path, list[synthrad.Case]]:
+                  samples: int = 1,
+                  checkpoint: int | str = "best") -> tuple[Path, list[synthrad.Case]]:
     """Predicts the evaluation cases and writes their sCT NIfTIs.
 
     Args:
@@ -136,6 +139,7 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       out_dir: where to write ``<id>/sct.nii.gz`` (default ``workdir/predictions``).
       samples: sCT samples per case (sampling methods only): with ``K > 1``,
         ``sct.nii.gz`` is their mean and ``sct_std.nii.gz`` their standard deviation.
+      checkpoint: ``"best"``, ``"latest"`` or a step (see :func:`loop.load_state`).
 
     Returns:
       ``(out_dir, cases)``.
@@ -149,7 +153,7 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)
-    step, state = loop.load_state(config, workdir)
+    step, state = loop.load_state(config, workdir, step=checkpoint)
     log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
              len(cases), samples, step)
     jitted = jax.jit(functools.partial(method.predict, config))

@@ -12,15 +12,6 @@ import jax
 import numpy as np
 
 
-def tree_norm(tree: Any) -> jax.Array:
-    """Global L2 norm of every leaf of a pytree (parameters, gradients, updates)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jax.numpy.zeros(())
-    return jax.numpy.sqrt(sum(jax.numpy.sum(jax.numpy.square(x.astype(jax.numpy.float32)))
-                              for x in leaves))
-
-
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Device scalars -> Python floats (one host transfer for the whole dict)."""
     host = jax.device_get(dict(metrics))
@@ -64,12 +55,19 @@ class MetricWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))
 
-    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """``images``: name -> ``(H, W)`` float array, min-max scaled for display.
+    def write_images(self, step: int, images: Mapping[str, np.ndarray],
+                     ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
+        """``images``: name -> ``(H, W)`` float array, scaled to [0, 1] for display.
 
         Each goes to TensorBoard (when enabled) and to
         ``workdir/images/<name>_step<step>.png`` (``/`` in names becomes ``_``), written
         atomically, with the value range in the PNG's metadata.
+
+        Args:
+          step: the training step.
+          images: name -> ``(H, W)`` array.
+          ranges: name -> ``(lo, hi)`` display window (values outside are clipped), so
+            that images of different steps compare; images not named are min-max scaled.
         """
         if not self.enabled:
             return
@@ -81,8 +79,10 @@ class MetricWriter:
         folder.mkdir(exist_ok=True)
         for k, img in images.items():
             img = np.asarray(img, np.float32)
-            lo, hi = float(img.min()), float(img.max())
-            scaled = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            window = (ranges or {}).get(k)
+            lo, hi = window if window else (float(img.min()), float(img.max()))
+            scaled = (np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo
+                      else np.zeros_like(img))
             if self._tb is not None:
                 self._tb.add_image(k, scaled[None], int(step))
             path = folder / f"{k.replace('/', '_')}_step{int(step)}.png"
