@@ -16,7 +16,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
   python evaluate.py --pred runs/pix2pix/predictions --data data/synthrad \
       [--region pelvis] [--out results/pix2pix.json]
 
-Writes the JSON summary (default ``PRED/metrics.json``) and the per-case CSV next to
+Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
+``report.html`` (one self-contained page: the case table, and with ``--config`` each
+case's panel, the baseline, the QA verdicts and the std maps of ``--samples``) next to
 it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
 """
@@ -26,7 +28,7 @@ from ml_collections import config_flags
 
 from sct_jax.cli.guard import guarded
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import scoring
+from sct_jax.evaluation import report_html, scoring
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("pred", None, "Folder of predicted sCT volumes to score.")
@@ -58,7 +60,12 @@ def score_predictions() -> None:
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
-    scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out, region=FLAGS.region)
+    report = scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out,
+                                     region=FLAGS.region)
+    json_path, _ = scoring.output_paths(FLAGS.pred, FLAGS.out)
+    page = report_html.write(report_html.path_for(json_path), report, title=str(FLAGS.pred),
+                             notes=(f"predictions {FLAGS.pred} scored against {FLAGS.data}",))
+    print(f"report: {page}")
 
 
 def main(argv):

@@ -36,8 +36,8 @@ from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, vol
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
 
-# Metric -> (table header, number format).
-_TABLE_COLUMNS = {
+# Metric -> (table header, number format); report_html.py shows the same.
+TABLE_COLUMNS = {
     "mae": ("MAE", "{:.2f}"), "psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
     "me": ("ME", "{:.2f}"), "mae_air": ("MAE air", "{:.1f}"),
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
@@ -270,9 +270,9 @@ def format_table(report: ScoreReport) -> str:
     """A plain-text table: one line per case, then ``mean`` and ``std`` lines and a
     line that counts the scored and unscored cases."""
     def fmt(name: str, value: float) -> str:
-        return _TABLE_COLUMNS[name][1].format(value)
+        return TABLE_COLUMNS[name][1].format(value)
 
-    header = ["id", "region"] + [_TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
+    header = ["id", "region"] + [TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
     rows = [[c.id, c.region] + [fmt(n, c.metrics[n]) for n in METRIC_NAMES]
             for c in report.cases]
     summary = report.summary()
