@@ -28,8 +28,19 @@ from sct_jax.errors import DataError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 METAIMAGE_SUFFIXES = (".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES
-# nibabel/SimpleITK LPS <-> RAS: flip the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# World axes: the affines here are NIfTI's RAS+; ITK (.mha) and DICOM use LPS+. One
+# flip of the first two world axes turns either into the other (it is its own inverse).
+_RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def ras_to_lps(affine: np.ndarray) -> np.ndarray:
+    """A ``(4, 4)`` voxel -> RAS+ mm affine as voxel -> LPS+ mm (float64)."""
+    return _RAS_LPS_FLIP @ np.asarray(affine, dtype=np.float64)
+
+
+def lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """A ``(4, 4)`` voxel -> LPS+ mm affine as voxel -> RAS+ mm (float64)."""
+    return _RAS_LPS_FLIP @ np.asarray(affine, dtype=np.float64)
 
 
 @dataclasses.dataclass
@@ -149,7 +160,7 @@ def _load_metaimage(path: Path, dtype):
     lps = np.eye(4)
     lps[:3, :3] = direction * spacing[None, :]
     lps[:3, 3] = img.GetOrigin()
-    return data, _LPS_TO_RAS @ lps, None
+    return data, lps_to_ras(lps), None
 
 
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
@@ -207,7 +218,7 @@ def _save_metaimage(path: Path, tmp: str, data: np.ndarray, affine: np.ndarray) 
         import SimpleITK as sitk
     except ImportError as e:
         raise DataError(f"{path}: writing .mha needs SimpleITK") from e
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    lps = ras_to_lps(affine)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     img = sitk.GetImageFromArray(np.asarray(data).transpose(2, 1, 0))
     img.SetSpacing(tuple(float(s) for s in spacing))
