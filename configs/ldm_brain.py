@@ -105,7 +105,7 @@ def get_config(arg=None):
         c.ldm.scale_batches = 20
         c.ldm.sample_steps = 25
         c.train.batch_size = 1
-        # Measured on the shared 2-core CPU (load ~6): 0.43, 1.1, 1.05 s/step.
+        # 0.43, 1.1, 1.05 s/step on a 2-core AVX-512 CPU at load ~6.
         c.train.steps = {"autoencoder": 1500, "diffusion": 1500, "controlnet": 1000}[stage]
         c.train.ckpt_every = 250
         c.train.eval_every = 250 if stage == "controlnet" else 0

@@ -46,7 +46,7 @@ _STREAM_ANATOMY, _STREAM_APPEARANCE, _STREAM_MOTION = 0, 1, 2
 _PARTIAL_VOLUME_VOX = (0.6, 0.6, 0.5)  # tissue borders blur by this much before sampling
 
 # Per tissue (index = anatomy label): CT mean HU, CT texture std, case-to-case CT spread,
-# T1 signal relative to fat, T1 texture std (DESIGN.md section 4).
+# T1 signal relative to fat, T1 texture std (cortical bone and air are both void in MR).
 _TISSUE_TABLE = np.array([
     # ct_hu, ct_tex, ct_jitter, t1, t1_tex
     [-1000.0, 0.0, 0.0, 0.00, 0.00],   # air, bowel gas, sinuses: void in MR

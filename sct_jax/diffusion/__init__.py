@@ -1,4 +1,5 @@
-"""Diffusion schedules and samplers as pure functions (see DESIGN.md section 5, LDM)."""
+"""Diffusion schedules and samplers as pure functions (the LDM's: see
+``sct_jax/methods/_ldm_common.py``)."""
 
 from sct_jax.diffusion.samplers import (ddim_step, ddim_timesteps, ddpm_step, sample,
                                         sample_python_loop)
