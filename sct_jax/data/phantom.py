@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from scipy import ndimage
 
 from sct_jax.data import phantom_anatomy as anatomy
 from sct_jax.data import phantom_shapes as shapes
-from sct_jax.data.io import atomic_write_text, load_volume, save_volume
+from sct_jax.data.io import atomic_path, atomic_write_text, load_volume, save_volume
 from sct_jax.errors import DataError
 
 REGIONS = ("pelvis", "brain")
@@ -375,16 +373,8 @@ def save_phantom_panel(case_dir, out_png) -> Path:
             ax.set_title(f"{label}, {view}", fontsize=9)
     fig.suptitle(f"phantom case {case_dir.name}", fontsize=10)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_png
 
 

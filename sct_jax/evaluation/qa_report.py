@@ -22,7 +22,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
-from sct_jax.data.io import atomic_write_text, load_volume
+from sct_jax.data.io import atomic_path, atomic_write_text, load_volume
 from sct_jax.errors import DataError
 from sct_jax.evaluation import qa
 from sct_jax.inference import windows as inference
@@ -92,16 +91,8 @@ def save_qa_figure(path: str | os.PathLike, sct: np.ndarray, result: qa.QAResult
     fig.suptitle(f"{title + ': ' if title else ''}QA {report['status'].upper()}"
                  + (f" - {', '.join(bad)}" if bad else ""), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

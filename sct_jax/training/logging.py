@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from sct_jax.data.io import atomic_path
+
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Device scalars -> Python floats (one host transfer for the whole dict)."""
@@ -86,10 +88,10 @@ class MetricWriter:
             if self._tb is not None:
                 self._tb.add_image(k, scaled[None], int(step))
             path = folder / f"{k.replace('/', '_')}_step{int(step)}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            plt.imsave(tmp, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png",
-                       metadata={"Description": f"{k} at step {step}, range [{lo:.6g}, {hi:.6g}]"})
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                plt.imsave(tmp, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png",
+                           metadata={"Description": f"{k} at step {step}, "
+                                                    f"range [{lo:.6g}, {hi:.6g}]"})
 
     def close(self) -> None:
         if self._jsonl is not None:
