@@ -234,3 +234,27 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     capsys.readouterr()
     run.evaluate_run(config, workdir, checkpoint="latest", panels=False)
     assert "with the step-4 checkpoint (latest)" in capsys.readouterr().out
+
+
+def test_report_std_maps_and_non_finite_values(tmp_path):
+    """With --samples the std map is embedded per case; NaN shows n/a, inf shows inf."""
+    import math
+    from sct_jax.evaluation import report_html, scoring
+    from sct_jax.evaluation.metrics import METRIC_NAMES
+    values = dict.fromkeys(METRIC_NAMES, 1.0) | {"psnr": math.inf, "mae_air": math.nan}
+    report = scoring.ScoreReport(
+        cases=(scoring.CaseScore("1PA001", "pelvis", tmp_path / "p.nii.gz", values),),
+        unscored=(), skipped=(), pred_dir=tmp_path, data_root=tmp_path, region=None)
+    std = np.random.default_rng(0).uniform(0, 50, (12, 10, 8)).astype(np.float32)
+    mask = np.zeros(std.shape, bool)
+    mask[2:10, 2:8, 3:6] = True
+    png = report_html.std_map_png(std, mask)
+    assert png.startswith(b"\x89PNG")
+    path = report_html.write(report_html.path_for(tmp_path / "metrics.json"), report,
+                             title="run", std_maps={"1PA001": png})
+    assert path.name == "report.html"
+    page = _Table()
+    page.feed(path.read_text())
+    assert page.rows["1PA001"]["psnr"] == "inf" and page.rows["1PA001"]["mae_air"] == "n/a"
+    assert page.images == {"1PA001"} and "baseline" not in page.rows
+    assert report_html.path_for(tmp_path / "p2p.json").name == "p2p.html"
