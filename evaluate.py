@@ -3,12 +3,13 @@
 Predict the evaluation split of a trained run, then score it (sCT NIfTIs, metrics
 CSV/JSON, a PNG panel per case)::
 
+  python evaluate.py --workdir runs/pix2pix_pelvis_small   # the run's own config.json
   python evaluate.py --config configs/pix2pix_pelvis.py:small --workdir runs/pix2pix_pelvis_small
   python evaluate.py --config configs/ldm_brain.py:controlnet --workdir runs/ldm_brain_controlnet \
       --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
   python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
       --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
-  python evaluate.py --config ... --workdir ... --checkpoint latest   # or best (default), or a step
+  python evaluate.py --workdir ... --checkpoint latest   # or best (default), or a step
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -17,71 +18,16 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
       [--region pelvis] [--out results/pix2pix.json]
 
 Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
-``report.html`` (one self-contained page: the case table, and with ``--config`` each
+``report.html`` (one self-contained page: the case table, and with ``--workdir`` each
 case's panel, the baseline, the QA verdicts and the std maps of ``--samples``) next to
 it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from sct_jax.cli import evaluate as _cli
 
-from sct_jax.cli.guard import guarded
-from sct_jax.errors import ConfigError
-from sct_jax.evaluation import report_html, scoring
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("pred", None, "Folder of predicted sCT volumes to score.")
-flags.DEFINE_string("data", None, "SynthRAD-layout data root holding the reference cases.")
-flags.DEFINE_string("out", None, "JSON summary path (default: PRED/metrics.json); the "
-                    "per-case CSV is written next to it with the same stem.")
-flags.DEFINE_string("region", None, "Score only cases of this region (brain, pelvis).")
-config_flags.DEFINE_config_file("config", None, "The run's config (path.py[:variants]): "
-                                "predict its evaluation split with --workdir's checkpoint.",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Training run directory (with --config).")
-flags.DEFINE_integer("samples", 1, "sCT samples per case (sampling methods, e.g. the LDM): "
-                     "the mean is scored, the per-voxel std written as <id>/sct_std.nii.gz. "
-                     "The GANs sample by test-time (Monte-Carlo) dropout.")
-flags.DEFINE_string("checkpoint", "best", "With --config: which checkpoint predicts: best "
-                    "(the lowest validation MAE; the latest when the run was never "
-                    "validated), latest, or a step number.")
-flags.DEFINE_boolean("qa", False, "With --config: also run the reference-free fidelity checks "
-                     "on every case (<id>/qa.json, qa.png; the sample spread with --samples, "
-                     "cycle consistency for CycleGAN) and print a case x check table.")
-
-
-def score_predictions() -> None:
-    """The ``--pred DIR --data ROOT`` mode: score an existing prediction folder."""
-    if not FLAGS.pred or not FLAGS.data:
-        raise ConfigError("--pred and --data are both required to score predictions")
-    if FLAGS.checkpoint != "best":
-        raise ConfigError("--checkpoint needs --config and --workdir (a training run)")
-    if FLAGS.qa:
-        raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
-                          "training split); use python -m sct_jax.cli.qa for single files")
-    report = scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out,
-                                     region=FLAGS.region)
-    json_path, _ = scoring.output_paths(FLAGS.pred, FLAGS.out)
-    page = report_html.write(report_html.path_for(json_path), report, title=str(FLAGS.pred),
-                             notes=(f"predictions {FLAGS.pred} scored against {FLAGS.data}",))
-    print(f"report: {page}")
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.config is not None:
-        if not FLAGS.workdir:
-            raise ConfigError("--config needs --workdir (the training run to evaluate)")
-        from sct_jax.cli import run
-        from sct_jax.training.checkpoint import parse_choice
-        run.evaluate_run(FLAGS.config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                         samples=FLAGS.samples, qa=FLAGS.qa,
-                         checkpoint=parse_choice(FLAGS.checkpoint))
-        return
-    score_predictions()
-
+_cli.define_flags()
+main = _cli.main  # the flags are parsed by absl; tests call main directly
 
 if __name__ == "__main__":
-    app.run(guarded(main))
+    _cli.run_main()

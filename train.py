@@ -5,31 +5,10 @@
   python train.py --config configs/pix2pix_pelvis.py:tiny --workdir runs/tiny \
       [--config.train.steps=10 ...]
 
-Everything but flag parsing lives in ``sct_jax`` (see ``sct_jax/cli/run.py``).
+The same as ``sct-train`` (:mod:`sct_jax.cli.train`); the logic lives in ``sct_jax``.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from sct_jax.cli import run
-from sct_jax.cli.guard import guarded
-
-config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py[:variants].",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs); resumed if it exists.")
-flags.DEFINE_bool("evaluate", None, "Evaluate on the test split after training "
-                  "(default: only for the no-argument demo).")
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        run.demo(workdir=FLAGS.workdir)
-        return
-    run.train_and_maybe_evaluate(FLAGS.config, FLAGS.workdir, evaluate=bool(FLAGS.evaluate))
-
+from sct_jax.cli import train as _cli
 
 if __name__ == "__main__":
-    app.run(guarded(main))
+    _cli.run_main()

@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
     c.eval.batch_size = 8
-    c.eval.overlap = 0.5  # 3D sliding windows
+    c.eval.overlap = 0.5  # inference windows (2D tiles, 3D patches) shared by neighbours
+    # 2D inference window (h, w): () the training crop; 0 along an axis: the whole slice.
+    # Slices larger than the window are covered by blended overlapping windows.
+    c.eval.tile = ()
     c.eval.max_cases = 0  # 0: all
     c.eval.panels = True
     return c

@@ -244,3 +244,82 @@ def test_attention_block_matches_numpy():
     weights /= weights.sum(-1, keepdims=True)
     ref = np.asarray(x, np.float64) + dense("proj_attn", weights @ v).reshape(x.shape)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------- encoder and decoder against float64 numpy (2D)
+
+def _np_conv(x, p, stride=1, pad=None):
+    """``x (B, C, H, W)``, our kernel ``(k, k, I, O)``; "same" padding unless ``pad`` =
+    ``((top, bottom), (left, right))``."""
+    from test_resnet_generator import _conv
+    w = np.float64(p["kernel"]).transpose(3, 2, 0, 1)
+    k = w.shape[-1]
+    pad = ((k // 2,) * 2,) * 2 if pad is None else pad
+    x = np.pad(x, ((0, 0), (0, 0)) + tuple(pad))
+    return _conv(x, w, np.float64(p["bias"]), stride, 0)
+
+
+def _np_group_norm(x, p, groups, eps=1e-6):
+    b, c, h, w = x.shape
+    g = x.reshape(b, groups, c // groups, h, w)
+    g = (g - g.mean(axis=(2, 3, 4), keepdims=True)) / np.sqrt(
+        g.var(axis=(2, 3, 4), keepdims=True) + eps)
+    return (g.reshape(x.shape) * np.float64(p["scale"])[None, :, None, None]
+            + np.float64(p["bias"])[None, :, None, None])
+
+
+def _np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _np_res(x, p, groups):
+    h = _np_conv(_np_silu(_np_group_norm(x, p["norm1"], groups)), p["conv1"])
+    h = _np_conv(_np_silu(_np_group_norm(h, p["norm2"], groups)), p["conv2"])
+    return (_np_conv(x, p["nin_shortcut"]) if "nin_shortcut" in p else x) + h
+
+
+def numpy_encoder(p, x_nhwc, levels, groups):
+    """MONAI's Encoder, one ResBlock per level, no attention."""
+    h = _np_conv(np.float64(x_nhwc).transpose(0, 3, 1, 2), p["conv_in"])
+    for i in range(levels):
+        h = _np_res(h, p[f"down_{i}_res_0"], groups)
+        if i != levels - 1:  # asymmetric (0, 1) zero pad, stride-2 conv3
+            h = _np_conv(h, p[f"down_{i}_downsample"], 2, ((0, 1), (0, 1)))
+    h = _np_conv(_np_group_norm(h, p["norm_out"], groups), p["conv_out"])
+    return h.transpose(0, 2, 3, 1)
+
+
+def numpy_decoder(p, z_nhwc, levels, groups):
+    h = _np_conv(np.float64(z_nhwc).transpose(0, 3, 1, 2), p["conv_in"])
+    for level in reversed(range(levels)):
+        h = _np_res(h, p[f"up_{level}_res_0"], groups)
+        if level != 0:  # nearest x2 then conv3
+            h = _np_conv(h.repeat(2, axis=2).repeat(2, axis=3), p[f"up_{level}_upsample"])
+    h = _np_conv(_np_group_norm(h, p["norm_out"], groups), p["conv_out"])
+    return h.transpose(0, 2, 3, 1)
+
+
+def test_encoder_and_decoder_match_numpy_reference():
+    from sct_jax.models.autoencoder import Decoder, Encoder
+    kw = dict(channels=(4, 8), latent_channels=2, num_res_blocks=(1, 1), norm_num_groups=2,
+              attention_levels=(False, False))
+    encoder, decoder = Encoder(**kw), Decoder(out_channels=1, **kw)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(2, 4, 4, 2)), jnp.float32)
+
+    def draw(path, leaf):  # N(0, 0.3^2); GroupNorm scales around 1
+        offset = 1.0 if path[-1].key == "scale" else 0.0
+        return jnp.asarray(offset + 0.3 * rng.normal(size=leaf.shape), jnp.float32)
+
+    params = [jax.tree_util.tree_map_with_path(draw, jax.eval_shape(m.init, KEY, v)["params"])
+              for m, v in ((encoder, x), (decoder, z))]
+    latent, image = jax.jit(lambda pe, pd: (encoder.apply({"params": pe}, x),
+                                            decoder.apply({"params": pd}, z)))(*params)
+    enc_ref = numpy_encoder(jax.device_get(params[0]), np.asarray(x), 2, 2)
+    dec_ref = numpy_decoder(jax.device_get(params[1]), np.asarray(z), 2, 2)
+    assert latent.shape == enc_ref.shape == (2, 4, 4, 2)
+    assert image.shape == dec_ref.shape == (2, 8, 8, 1)
+    for out, ref in ((latent, enc_ref), (image, dec_ref)):
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())

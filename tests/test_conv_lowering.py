@@ -115,7 +115,7 @@ def path(request, monkeypatch):
 def test_conv_cpu_fast_matches_xla(case, path):
     spatial, k, c_in, c_out, strides, padding = CONV_CASES[case]
     if path == "im2col" and len(spatial) != 2:
-        return  # im2col is 2D only: the same lowering as "rewrite", tested there
+        pytest.skip("im2col is 2D only: a 3D case takes the 'rewrite' lowering, tested there")
     _compare_impls(lambda impl: lambda x, w: cl.conv(x, w, strides, padding, impl=impl),
                    spatial, k, c_in, c_out)
 
@@ -124,7 +124,7 @@ def test_conv_cpu_fast_matches_xla(case, path):
 def test_conv_transpose_cpu_fast_matches_xla(case, path):
     spatial, k, c_in, c_out, strides, padding, output_padding = TRANSPOSE_CASES[case]
     if path == "im2col" and len(spatial) != 2:
-        return  # as above
+        pytest.skip("im2col is 2D only: a 3D case takes the 'rewrite' lowering, tested there")
     _compare_impls(lambda impl: lambda x, w: cl.conv_transpose(
         x, w, strides, padding, output_padding, impl=impl), spatial, k, c_in, c_out)
 
@@ -239,7 +239,7 @@ def test_forward_mode_and_nested_grad_match_xla(monkeypatch, case, path_name):
     ``linear_call`` kernel gradients.)
     """
     if path_name == "im2col" and case == "3d_stride2":
-        return  # im2col is 2D only
+        pytest.skip("im2col is 2D only: a 3D case takes the 'rewrite' lowering, tested there")
     _force_path(monkeypatch, path_name)
     x_shape, k_shape, fn = FORWARD_MODE_CASES[case]
     x, kernel = _random(30, x_shape), _random(31, k_shape)

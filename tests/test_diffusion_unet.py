@@ -178,6 +178,33 @@ def test_fresh_controlnet_leaves_the_unet_unchanged_until_trained(models):
     assert all(np.any(np.asarray(d)) for d in down2) and np.any(np.asarray(mid2))
 
 
+def test_controlnet_residuals_are_added_to_the_skips(models):
+    """A ControlNet copied from the UNet with -identity output convs returns minus the
+    UNet's own skips and middle output; added (as MONAI adds them) they cancel, so the
+    decoder sees zeros only and the prediction no longer depends on the latent. A
+    subtracted residual would double them instead."""
+    m = models
+    unet_params = _random_like(m["unet_params"], 9)
+    # The fresh conditioning embedding ends in a zero conv: the copy sees the UNet's input.
+    cn_params = controlnet_params_from_unet(unet_params, m["cn_params"])
+
+    def minus_identity(path, leaf):
+        if not path[0].key.startswith("controlnet_"):
+            return leaf
+        if path[-1].key == "bias":
+            return jnp.zeros_like(leaf)
+        return -jnp.eye(leaf.shape[-1], dtype=leaf.dtype).reshape(leaf.shape)
+
+    cn_params = jax.tree_util.tree_map_with_path(minus_identity, cn_params)
+    other_x = jnp.asarray(np.random.default_rng(2).normal(size=LATENT), jnp.float32)
+    plain_a, controlled_a, down, mid = m["run"](unet_params, cn_params, m["x"], m["t"],
+                                                m["cond"])
+    plain_b, controlled_b, _, _ = m["run"](unet_params, cn_params, other_x, m["t"], m["cond"])
+    assert np.abs(np.asarray(plain_a) - np.asarray(plain_b)).max() > 1e-2
+    assert all(np.abs(np.asarray(d)).max() > 1e-2 for d in down)
+    np.testing.assert_allclose(np.asarray(controlled_a), np.asarray(controlled_b), atol=1e-5)
+
+
 def test_precomputed_conditioning_embedding_gives_the_same_residuals(models):
     m = models
     # Non-zero embedding and zero convs, so that the check sees the conditioning path.
@@ -325,3 +352,37 @@ def test_configuration_errors(models):
         jax.eval_shape(DiffusionUNet(**{**TINY, "num_head_channels": 12}).init, KEY, x, t)
     with pytest.raises(ConfigError, match="attention_levels"):
         jax.eval_shape(DiffusionUNet(**{**TINY, "attention_levels": (True,)}).init, KEY, x, t)
+
+
+def test_time_resblock_matches_float64_numpy():
+    """GN-SiLU-[pool]-conv3, + Linear(SiLU(temb)), GN-SiLU-conv3, plus the (1x1) skip."""
+    from test_autoencoder import _np_conv, _np_group_norm, _np_silu
+
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+    temb = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+    blocks = {r: diffusion_blocks.ResBlock(8, norm_num_groups=2, resample=r)
+              for r in ("none", "down")}
+    params = {r: _random_like(jax.eval_shape(b.init, KEY, x, temb)["params"], 12, scale=0.3)
+              for r, b in blocks.items()}
+    out = jax.jit(lambda p: {r: b.apply({"params": p[r]}, x, temb)
+                             for r, b in blocks.items()})(params)
+
+    def pool(v):  # 2x2 average, (B, C, H, W)
+        b, c, h, w = v.shape
+        return v.reshape(b, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+
+    for r in blocks:
+        p = jax.device_get(params[r])
+        xs = np.float64(np.asarray(x)).transpose(0, 3, 1, 2)
+        h = _np_silu(_np_group_norm(xs, p["norm1"], 2))
+        if r == "down":
+            xs, h = pool(xs), pool(h)
+        h = _np_conv(h, p["conv1"])
+        t = _np_silu(np.float64(np.asarray(temb))) @ np.float64(p["time_emb_proj"]["kernel"])
+        h = h + (t + np.float64(p["time_emb_proj"]["bias"]))[:, :, None, None]
+        h = _np_conv(_np_silu(_np_group_norm(h, p["norm2"], 2)), p["conv2"])
+        expected = (_np_conv(xs, p["skip"]) + h).transpose(0, 2, 3, 1)
+        assert out[r].shape == expected.shape
+        np.testing.assert_allclose(np.asarray(out[r]), expected, rtol=1e-4,
+                                   atol=1e-4 * np.abs(expected).max(), err_msg=r)

@@ -106,6 +106,49 @@ def test_sampling_needs_a_dropout_layer():
 
 # ----------------------------------------------------------------- evaluate_run with QA
 
+def _assert_samples_on_disk(config, workdir, case, n_samples=3):
+    """sct.nii.gz / sct_std.nii.gz are the voxel-wise mean / std (ddof 0) of the K
+    Monte-Carlo dropout sCTs, recomputed here from the raw files: each axial slice
+    centre-padded (air) to the crop, in batches of ``config.eval.batch_size`` (the last
+    zero-padded), batch ``i`` of sample ``k`` with key ``fold_in(fold_in(key(seed), k),
+    i)`` (the documented keys), mapped to HU."""
+    import nibabel as nib
+
+    from sct_jax.data import preprocess
+
+    mr = np.asarray(nib.load(case.mr).dataobj, np.float64)
+    mask = np.asarray(nib.load(case.mask).dataobj) > 0
+    lo, hi = config.data.mr_percentiles
+    unit = preprocess.mr_to_unit(mr, mask, lo_pct=lo, hi_pct=hi)
+    (h, w), (x, y, z) = tuple(config.data.crop), mr.shape
+    assert x <= h and y <= w and config.data.context == 0  # padded, not cropped
+    ox, oy = (h - x) // 2, (w - y) // 2
+    batch = config.eval.batch_size
+    n_batches = -(-z // batch)
+    inputs = np.zeros((n_batches * batch, h, w, 1), np.float32)
+    inputs[:z] = -1.0
+    inputs[:z, ox:ox + x, oy:oy + y, 0] = np.moveaxis(unit, 2, 0)
+    _, state = loop.load_state(config, workdir)
+    gen = state["gen"]
+    sample = jax.jit(lambda p, v, key: gen.apply_fn({"params": p}, v, train=True,
+                                                     rngs={"dropout": key}))
+    draws = []
+    for k in range(n_samples):
+        base = jax.random.fold_in(jax.random.key_data(jax.random.key(config.seed)), k)
+        out = np.concatenate([np.asarray(sample(gen.params, inputs[i * batch:(i + 1) * batch],
+                                                jax.random.fold_in(base, i)))
+                              for i in range(n_batches)])[:z, ox:ox + x, oy:oy + y, 0]
+        draws.append((np.clip(np.moveaxis(out, 0, 2).astype(np.float64), -1, 1) + 1)
+                     * 2012.0 - 1024.0)
+    draws = np.stack(draws)
+    pred = workdir / "predictions" / case.id
+    mean = np.asarray(nib.load(pred / "sct.nii.gz").dataobj, np.float64)
+    std = np.asarray(nib.load(pred / "sct_std.nii.gz").dataobj, np.float64)
+    assert draws.std(axis=0)[mask].mean() > 1.0  # the samples differ
+    np.testing.assert_allclose(mean, draws.mean(axis=0), rtol=0, atol=0.05)
+    np.testing.assert_allclose(std, draws.std(axis=0), rtol=0, atol=0.05)
+
+
 def test_evaluate_samples_and_qa_pix2pix(pix2pix_run, capsys):
     config, workdir, _ = pix2pix_run
     run.evaluate_run(config, workdir, samples=3, qa=True, panels=False)
@@ -115,11 +158,15 @@ def test_evaluate_samples_and_qa_pix2pix(pix2pix_run, capsys):
     mask = synthrad.load_case(case).mask
     assert std.shape == mask.shape and std.min() >= 0.0 and std[mask].max() > 0.0
 
+    _assert_samples_on_disk(config, workdir, case)
+
     report = json.loads((pred / case.id / "qa.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
     assert {"hu_range", "tissue_fractions", "sample_spread"} <= set(checks)
     assert "cycle_consistency" not in checks  # pix2pix has no CT->MR generator
-    assert report["status"] in qa.STATUSES
+    # The case's status is its worst check's (pass < warn < fail).
+    order = ["pass", "warn", "fail"]
+    assert report["status"] == max((c["status"] for c in report["checks"]), key=order.index)
     spread = checks["sample_spread"]["value"]
     # The file holds the population std (ddof 0) of 3 draws; the check the sample std.
     assert spread["n_samples"] == 3

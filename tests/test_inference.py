@@ -10,25 +10,52 @@ def _volume(shape, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("crop", [(16, 12), (24, 20), (10, 8)])
+@pytest.mark.parametrize("tile", [(16, 12), (24, 20), (8, 8), (0, 0), (0, 8)])
 @pytest.mark.parametrize("context", [0, 1])
-def test_slicewise_identity_reproduces_volume(crop, context):
+def test_slicewise_identity_covers_the_whole_slice(tile, context):
+    """Every voxel, also outside the tile, gets the model's value (never a fill)."""
     vol = _volume((14, 11, 5))
     calls = []
 
     def centre_channel(batch):
         calls.append(batch.shape)
+        assert batch.shape[1] % 4 == 0 and batch.shape[2] % 4 == 0  # the network stride
         return batch[..., context:context + 1]  # the slice itself among its neighbours
 
-    out = inference.predict_volume_2d(centre_channel, vol, crop=crop, context=context,
-                                      batch_size=2)
-    assert all(c == (2, *crop, 2 * context + 1) for c in calls)  # fixed batch shape
-    x0, y0 = max(0, (14 - crop[0]) // 2), max(0, (11 - crop[1]) // 2)
-    inside = (slice(x0, x0 + min(14, crop[0])), slice(y0, y0 + min(11, crop[1])))
-    np.testing.assert_array_equal(out[inside], vol[inside])
-    outside = np.ones(vol.shape, bool)
-    outside[inside] = False
-    assert np.all(out[outside] == -1.0)  # what the crop cut away is air
+    out = inference.predict_volume_2d(centre_channel, vol, tile=tile, context=context,
+                                      batch_size=2, stride=4, min_size=8)
+    window = tuple(t if t else -(-max(n, 8) // 4) * 4 for t, n in zip(tile, (14, 11)))
+    assert len(set(calls)) == 1 and calls[0] == (2, *window, 2 * context + 1)
+    np.testing.assert_allclose(out, vol, rtol=0, atol=1e-6)
+
+
+def test_slicewise_blends_overlapping_tiles():
+    """A model whose output is the window's ordinal in its slice: where windows overlap
+    the result is their mean weighted by ``blend_weight`` (reference: explicit loops
+    over the window origins in float64)."""
+    vol = np.zeros((20, 9, 2), np.float32)
+    tile, overlap = (8, 8), 0.5
+    origins = [(a, b) for a in inference.window_starts(20, 8, overlap)
+               for b in inference.window_starts(9, 8, overlap)]
+    assert len(origins) == 8  # 4 along x, 2 along y (9 > 8)
+    seen = []
+
+    def window_ordinal(batch):
+        out = np.empty(batch.shape[:3] + (1,), np.float32)
+        for k in range(batch.shape[0]):
+            out[k] = len(seen) % len(origins)
+            seen.append(k)
+        return out
+
+    out = inference.predict_volume_2d(window_ordinal, vol, tile=tile, batch_size=3,
+                                      overlap=overlap, stride=4)
+    weight = inference.blend_weight(tile).astype(np.float64)
+    acc, norm = np.zeros((20, 9)), np.zeros((20, 9))
+    for ordinal, (a, b) in enumerate(origins):
+        acc[a:a + 8, b:b + 8] += weight * ordinal
+        norm[a:a + 8, b:b + 8] += weight
+    for z in range(2):
+        np.testing.assert_allclose(out[..., z], acc / norm, rtol=1e-5)
 
 
 def test_slice_stack_replicates_edges():

@@ -45,14 +45,23 @@ def _compare(reference, other):
     # Some gradients are exactly zero in theory (a conv bias right before instance
     # norm) and float noise in practice: scale the tolerance by the largest gradient.
     scale = max(np.abs(reference[k]).max() for k in mu_keys)
-    for key in reference:
-        if key in mu_keys:
-            np.testing.assert_allclose(other[key], reference[key], rtol=1e-3, atol=1e-5 * scale,
-                                       err_msg=key)
-        elif key != "loss":
-            # First Adam step: |update| <= lr, sign may flip only where grad ~ 0.
-            np.testing.assert_allclose(other[key], reference[key], rtol=0, atol=2.01 * LR,
-                                       err_msg=key)
+    n_clear = n_total = 0
+    for key in mu_keys:
+        np.testing.assert_allclose(other[key], reference[key], rtol=1e-3, atol=1e-5 * scale,
+                                   err_msg=key)
+        # First Adam step: each parameter moves by -lr g / (|g| + eps), about -lr sign(g)
+        # where the gradient is well above the float noise; there both runs must agree
+        # to a small fraction of lr. Only where g ~ 0 may the sign (and so the parameter,
+        # by up to 2 lr) differ.
+        param_key = key.replace("'mu'", "'params'")
+        grad = reference[key]
+        clear = np.abs(grad) > 1e-3 * scale
+        n_clear, n_total = n_clear + clear.sum(), n_total + clear.size
+        np.testing.assert_allclose(other[param_key][clear], reference[param_key][clear],
+                                   rtol=0, atol=0.01 * LR, err_msg=param_key)
+        np.testing.assert_allclose(other[param_key], reference[param_key], rtol=0,
+                                   atol=2.01 * LR, err_msg=param_key)
+    assert n_clear > 0.5 * n_total  # the tight check covers most parameters
 
 
 def test_eight_devices_equal_one(single_device, tmp_path):

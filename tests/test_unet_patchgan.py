@@ -184,7 +184,7 @@ def test_dropout_only_in_training(tiny_unet):
     model, params, x = tiny_unet
     apply = jax.jit(model.apply, static_argnames="train")
     evaluated = np.asarray(apply(params, x, train=False))
-    assert np.all(np.abs(evaluated) <= 1) and np.isfinite(evaluated).all()
+    assert np.isfinite(evaluated).all()  # the values: test_unet_forward_matches_numpy_reference
     np.testing.assert_array_equal(evaluated, np.asarray(apply(params, x, train=False)))
     train_a = np.asarray(apply(params, x, train=True, rngs={"dropout": jax.random.key(1)}))
     train_b = np.asarray(apply(params, x, train=True, rngs={"dropout": jax.random.key(2)}))
@@ -202,6 +202,92 @@ def test_unet_3d_batch_norm_forward():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 4, 1)), jnp.float32)
     params = _numpy_params(model, x, train=False)
     assert set(params) == {"params"}  # batch statistics: no batch_stats collection
-    y = np.asarray(jax.jit(lambda p, x: model.apply(p, x, train=False))(params, x))
+    apply = jax.jit(lambda p, x: model.apply(p, x, train=False))
+    y = np.asarray(apply(params, x))
     assert y.shape == (2, 8, 8, 4, 1)
-    assert np.isfinite(y).all() and np.all(np.abs(y) <= 1) and y.std() > 0
+    assert np.isfinite(y).all() and y.std() > 0
+    # Batch statistics (also at test time, as the reference): sample 0's output depends
+    # on sample 1, which an instance norm or running statistics would not do.
+    other = x.at[1].set(3.0 * x[1] + 1.0)
+    y_other = np.asarray(apply(params, other))
+    assert np.abs(y_other[0] - y[0]).max() > 1e-4
+
+
+# ------------------------------------------- independent float64 numpy (torch semantics)
+
+def _torch_layout(params):
+    """Our kernels ``(k, k, I, O)`` -> torch Conv2d ``(O, I, k, k)`` and ConvTranspose2d
+    ``(I, O, k, k)`` (spatially flipped), float64, biases 0 where absent."""
+    conv = {n: np.float64(p["kernel"]).transpose(3, 2, 0, 1) for n, p in params.items()}
+    conv_t = {n: np.float64(p["kernel"])[::-1, ::-1].transpose(2, 3, 0, 1)
+              for n, p in params.items()}
+    bias = {n: np.float64(p["bias"]) if "bias" in p else np.zeros(p["kernel"].shape[-1])
+            for n, p in params.items()}
+    return conv, conv_t, bias
+
+
+def _leaky(v):
+    return np.where(v > 0, v, 0.2 * v)
+
+
+def numpy_unet(params, x_nhwc, num_downs):
+    """The reference UnetGenerator (instance norm, eval mode) written as its recursion:
+    ``block_i(x) = concat(lrelu(x), up_i(block_{i+1}(down_i(lrelu(x)))))``."""
+    from test_resnet_generator import _conv, _conv_transpose, _instance_norm
+    conv, conv_t, bias = _torch_layout(params)
+
+    def block(i, x):  # x: the input of level i (already LeakyReLU'd for i > 0)
+        h = _conv(x, conv[f"down_conv_{i}"], bias[f"down_conv_{i}"], 2, 1)
+        if i == num_downs - 1:      # innermost: down (no norm) then up
+            inner = h
+        else:
+            if i > 0:
+                h = _instance_norm(h)
+            inner = block(i + 1, _leaky(h))
+        up = _conv_transpose(np.maximum(inner, 0), conv_t[f"up_conv_{i}"],
+                             bias[f"up_conv_{i}"], 2, 1, 0)
+        if i == 0:
+            return np.tanh(up)
+        return np.concatenate([x, _instance_norm(up)], axis=1)
+
+    return block(0, np.float64(x_nhwc).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+
+
+def numpy_patchgan(params, x_nhwc, n_layers):
+    from test_resnet_generator import _conv, _instance_norm
+    conv, _, bias = _torch_layout(params)
+    h = _leaky(_conv(np.float64(x_nhwc).transpose(0, 3, 1, 2), conv["conv_0"], bias["conv_0"],
+                     2, 1))
+    for n in range(1, n_layers + 1):
+        stride = 2 if n < n_layers else 1
+        h = _leaky(_instance_norm(_conv(h, conv[f"conv_{n}"], bias[f"conv_{n}"], stride, 1)))
+    return _conv(h, conv["logits"], bias["logits"], 1, 1).transpose(0, 2, 3, 1)
+
+
+def _large_params(model, x, seed, **kwargs):
+    """N(0, 0.3^2) weights and biases: every layer (and bias) visibly shapes the output."""
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda x: model.init(KEY, x, **kwargs), x)
+    return jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.normal(size=leaf.shape),
+                                                 jnp.float32), abstract)
+
+
+def test_unet_forward_matches_numpy_reference(tiny_unet):
+    model, _, x = tiny_unet
+    params = _large_params(model, x, 3, train=False)
+    apply = jax.jit(model.apply, static_argnames="train")  # the program of the test above
+    out = np.asarray(apply(params, x, train=False))
+    expected = numpy_unet(jax.device_get(params["params"]), np.asarray(x), model.num_downs)
+    assert out.shape == expected.shape == (2, 16, 16, 1)
+    assert expected.std() > 0.1
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_patchgan_forward_matches_numpy_reference():
+    model = PatchDiscriminator(ndf=4, n_layers=2, norm="instance")
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 16, 2)), jnp.float32)
+    params = _large_params(model, x, 5)
+    out = np.asarray(jax.jit(model.apply)(params, x))
+    expected = numpy_patchgan(jax.device_get(params["params"]), np.asarray(x), 2)
+    assert out.shape == expected.shape == (2, 2, 2, 1)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

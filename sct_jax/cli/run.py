@@ -18,6 +18,7 @@ import numpy as np
 
 from sct_jax.data import synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
+from sct_jax.errors import ConfigError
 from sct_jax.evaluation import figures, metrics, qa_report, report_html, scoring
 from sct_jax.inference import predict
 from sct_jax.training import data as train_data
@@ -25,7 +26,8 @@ from sct_jax.training import loop
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+# The checkout holding configs/ (this file is sct_jax/cli/run.py).
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = "configs/pix2pix_pelvis.py:small"
 # The "no model" reference: every body voxel set to soft tissue (muscle-like HU).
 SOFT_TISSUE_HU = 40.0
@@ -40,9 +42,54 @@ def train_and_maybe_evaluate(config, workdir: str | Path | None, evaluate: bool 
     result = loop.train(config, workdir)
     print(f"trained {config.name or config.method} to step {result.step} in {workdir} "
           f"(train_step compiled in {result.compile_s:.1f}s)")
+    from sct_jax.export import model_files
+    model_dir = model_files.export_model(workdir, workdir / "model")
+    print(f"exported the model to {model_dir} (sct-predict -m {model_dir})")
     if evaluate:
         evaluate_run(config, workdir)
     return result
+
+
+# Settings that may differ between training and evaluation without changing the model.
+_EVAL_FREE_PREFIXES = ("eval.", "train.", "mesh.")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def run_config(config, workdir: str | Path):
+    """The config to evaluate ``workdir`` with.
+
+    ``None``: the run's own ``config.json``. A given config must match it on every key
+    that shapes the model or its data (``eval.*``, ``train.*`` and ``mesh.*`` may
+    differ); otherwise one :class:`ConfigError` line names the differing keys.
+    """
+    from sct_jax.export.model import read_run_config
+
+    workdir = Path(workdir)
+    if config is None:
+        return read_run_config(workdir)
+    stored_path = workdir / "config.json"
+    if not stored_path.is_file():
+        return config  # no run here: loading the checkpoint reports it
+    stored = _flatten(json.loads(stored_path.read_text()))
+    given = _flatten(json.loads(config.to_json_best_effort()))
+    differing = sorted(k for k in set(stored) | set(given)
+                       if not k.startswith(_EVAL_FREE_PREFIXES)
+                       and stored.get(k, "<absent>") != given.get(k, "<absent>"))
+    if differing:
+        shown = ", ".join(f"{k} (run: {stored.get(k, '<absent>')!r}, given: "
+                          f"{given.get(k, '<absent>')!r})" for k in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise ConfigError(f"{stored_path}: --config does not match the run: {shown}{more}; "
+                          "leave --config out to use the run's own config")
+    return config
 
 
 def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
@@ -87,8 +134,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     print(f"predicted {len(cases)} case(s) with the step-{step} checkpoint ({checkpoint}) "
           f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else train_data.dataset_root(config)
+    # Only this call's predictions: a file left by an earlier call is never scored.
     report = scoring.evaluate_folder(pred_dir, root, out=out,
-                                     region=config.data.region or None)
+                                     region=config.data.region or None,
+                                     case_ids=[c.id for c in cases])
     json_path, _ = scoring.output_paths(pred_dir, out)
     with_ct = [c for c in cases if c.ct is not None]
     base = None

@@ -198,8 +198,14 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
                                   dtype=data.dtype)
             # Write raw values: a copied header's scl_slope would rescale them again.
             img.header.set_slope_inter(1.0, 0.0)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
+            if hdr is not None and np.allclose(hdr.get_best_affine(), affine, rtol=0,
+                                               atol=1e-5):
+                # The reference's own grid: keep its qform and sform and their codes.
+                img.set_qform(hdr.get_qform(), code=int(hdr["qform_code"]))
+                img.set_sform(hdr.get_sform(), code=int(hdr["sform_code"]))
+            else:
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
             nib.save(img, tmp)
         else:
             _save_metaimage(path, tmp, data, affine)

@@ -134,10 +134,13 @@ def make_ct_to_mr(config, state) -> Callable[[np.ndarray], np.ndarray]:
     method = methods.get_method(config.method)
     to_mr = jax.jit(functools.partial(method.predict_ct_to_mr, config))
     # context 0: the CT->MR generator reads one CT slice (the CT domain has one channel).
+    from sct_jax.inference.predict import network_input_rule, slice_tile
+    stride, min_size = network_input_rule(config)
     return lambda sct_hu: inference.predict_volume_2d(
         lambda batch: np.asarray(to_mr(state, batch)),
-        np.asarray(preprocess.ct_to_unit(sct_hu), np.float32), crop=tuple(config.data.crop),
-        context=0, batch_size=config.eval.batch_size)
+        np.asarray(preprocess.ct_to_unit(sct_hu), np.float32), tile=slice_tile(config),
+        context=0, batch_size=config.eval.batch_size, overlap=config.eval.overlap,
+        stride=stride, min_size=min_size)
 
 
 def qa_case(case_data: synthrad.CaseData, case_dir: str | os.PathLike, reference: Mapping,

@@ -13,7 +13,8 @@ stops the run with a one-line :class:`~sct_jax.errors.DataError` naming the file
 leaves no partial results. The results are a per-case CSV and a JSON summary (per
 metric mean, std, n, plus the per-case rows), both written atomically.
 
-References without a prediction are not scored (the summary counts and lists them).
+References without a prediction are not scored (the summary counts and lists them),
+nor are predictions of cases that have no reference CT (listed as ``no_reference_ct``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ScoreReport:
       unscored: ids of reference cases (with a CT) that have no prediction.
       skipped: ids of predictions whose case belongs to a region filtered out.
       pred_dir, data_root, region: what was scored.
+      no_reference: ids of predictions whose case has no CT (not scored).
     """
 
     cases: tuple[CaseScore, ...]
@@ -74,6 +76,7 @@ class ScoreReport:
     pred_dir: Path
     data_root: Path
     region: str | None
+    no_reference: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         """Per metric ``{"mean", "std", "n"}`` over the cases.
@@ -175,7 +178,8 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
 
 
 def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
-                 region: str | None = None, *, progress: bool = True) -> ScoreReport:
+                 region: str | None = None, *, progress: bool = True,
+                 case_ids: Iterable[str] | None = None) -> ScoreReport:
     """Scores every prediction in ``pred_dir`` against its case under ``data_root``.
 
     Args:
@@ -185,6 +189,8 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
         predictions of other regions are skipped and listed. Cases of a bare
         layout have no region and are always kept.
       progress: show a progress bar (only on a terminal).
+      case_ids: score only these cases' predictions (the ones a caller has just
+        written); other files in ``pred_dir`` are ignored. ``None``: every prediction.
 
     Returns:
       The :class:`ScoreReport`; nothing is written.
@@ -198,6 +204,9 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
     if not data_root.is_dir():
         raise DataError(f"{data_root}: data root not found")
     predictions = find_predictions(pred_dir)
+    if case_ids is not None:
+        wanted = set(case_ids)
+        predictions = {i: p for i, p in predictions.items() if i in wanted}
     all_cases = {case.id: case for case in synthrad.discover_cases(data_root)}
     unknown = sorted(set(predictions) - set(all_cases))
     if unknown:
@@ -214,9 +223,11 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
         regions = sorted({c.region for c in all_cases.values()})
         raise DataError(f"{data_root}: no cases of region {region!r} (found: "
                         f"{', '.join(regions)})")
-    to_score = sorted(set(predictions) & set(cases))
+    in_region = set(predictions) & set(cases)
+    no_reference = tuple(sorted(i for i in in_region if cases[i].ct is None))
+    to_score = sorted(in_region - set(no_reference))
     skipped = tuple(sorted(set(predictions) - set(cases)))
-    if not to_score:
+    if not to_score and not no_reference:
         raise DataError(f"{pred_dir}: no prediction for a {region} case "
                         f"({len(skipped)} of other regions)")
     scores = []
@@ -226,8 +237,10 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
         scores.append(CaseScore(case_id, case.region, predictions[case_id],
                                 score_case(case, predictions[case_id])))
     unscored = tuple(sorted(i for i, c in cases.items()
-                            if i not in predictions and c.ct is not None))
-    return ScoreReport(tuple(scores), unscored, skipped, pred_dir, data_root, region)
+                            if i not in predictions and c.ct is not None
+                            and (case_ids is None or i in wanted)))
+    return ScoreReport(tuple(scores), unscored, skipped, pred_dir, data_root, region,
+                       no_reference)
 
 
 def _json_value(value):
@@ -247,6 +260,7 @@ def report_json(report: ScoreReport) -> str:
         "n_unscored": len(report.unscored),
         "unscored": list(report.unscored),
         "skipped_other_region": list(report.skipped),
+        "no_reference_ct": list(report.no_reference),
         "metrics": {name: {k: _json_value(v) for k, v in stats.items()}
                     for name, stats in report.summary().items()},
         "cases": [{"id": c.id, "region": c.region, "prediction": str(c.prediction),
@@ -291,6 +305,9 @@ def format_table(report: ScoreReport) -> str:
         counts += f" ({len(report.unscored)} without a prediction)"
     if report.skipped:
         counts += f"; skipped {len(report.skipped)} predictions of other regions"
+    if report.no_reference:
+        counts += (f"; predicted but not scored (no reference CT): "
+                   f"{', '.join(report.no_reference)}")
     return "\n".join([line(header), rule] + [line(r) for r in rows] + [rule]
                      + [line(r) for r in stats] + [counts])
 
@@ -308,7 +325,8 @@ def output_paths(pred_dir: str | os.PathLike,
 
 def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
                     out: str | os.PathLike | None = None, region: str | None = None,
-                    echo: Callable[[str], None] = print) -> ScoreReport:
+                    echo: Callable[[str], None] = print,
+                    case_ids: Iterable[str] | None = None) -> ScoreReport:
     """Scores a prediction folder, writes the CSV and JSON, and echoes the table.
 
     Args:
@@ -318,6 +336,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
         next to it with the same stem.
       region: score only this region.
       echo: where the table goes (``print`` for the CLI).
+      case_ids: score only these cases (see :func:`score_folder`).
 
     Returns:
       The :class:`ScoreReport`.
@@ -326,7 +345,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
       DataError, ConfigError: one-line messages naming the file; nothing is written.
     """
     json_path, csv_path = output_paths(pred_dir, out)
-    report = score_folder(pred_dir, data_root, region)
+    report = score_folder(pred_dir, data_root, region, case_ids=case_ids)
     # Both texts are built before either file is written; JSON last marks completion.
     json_text, csv_text = report_json(report), report_csv(report)
     atomic_write_text(csv_path, csv_text)

@@ -2,8 +2,9 @@
 
 ``predict_split(config, workdir)`` restores the best checkpoint (the lowest validation
 MAE; the latest when the run was never validated; ``checkpoint=`` picks another),
-predicts every case of ``config.eval.split`` (2D models slice by slice, 3D models by
-sliding windows),
+predicts every case of ``config.eval.split`` (2D models slice by slice over the whole
+field of view, 3D models by sliding windows),
+brings each MR onto the training grid and back (:mod:`sct_jax.inference.geometry`),
 writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
 metrics and draws a panel per case.
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import nibabel as nib
 import numpy as np
 
 from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
-from sct_jax.data.io import save_like
+from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
+from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
 from sct_jax.training import data as train_data
 from sct_jax.training import loop
@@ -102,8 +105,41 @@ def make_volume_predictor(config, state, rng=None, jitted_predict=None):
         return functools.partial(inference.predict_volume_3d, call,
                                  patch=tuple(config.data.patch), overlap=config.eval.overlap,
                                  batch_size=config.eval.batch_size)
-    return functools.partial(inference.predict_volume_2d, call, crop=tuple(config.data.crop),
-                             context=config.data.context, batch_size=config.eval.batch_size)
+    stride, min_size = network_input_rule(config)
+    return functools.partial(inference.predict_volume_2d, call, tile=slice_tile(config),
+                             context=config.data.context, batch_size=config.eval.batch_size,
+                             overlap=config.eval.overlap, stride=stride, min_size=min_size)
+
+
+def network_input_rule(config) -> tuple[int, int]:
+    """``(stride, min_size)`` of a 2D generator's input sizes.
+
+    The U-Net (pix2pix) needs multiples of ``2**num_downs``; the ResNet generator (pGAN
+    family, CycleGAN) multiples of 4 and at least 8 (see ``check_resnet_input``).
+    """
+    gen = config.model.gen
+    if "num_downs" in gen:
+        stride = 2 ** int(gen.num_downs)
+        return stride, stride
+    from sct_jax.models.resnet_generator import N_DOWNSAMPLINGS
+    stride = 2 ** N_DOWNSAMPLINGS
+    return stride, 2 * stride
+
+
+def slice_tile(config) -> tuple[int, int]:
+    """The 2D inference window: ``config.eval.tile`` or, when unset, the training crop.
+
+    A 0 entry means the whole slice along that axis (padded to the network's stride).
+    """
+    tile = tuple(config.eval.get("tile", ()) or ())
+    if not tile:
+        return tuple(int(c) for c in config.data.crop)
+    stride, _ = network_input_rule(config)
+    bad = [t for t in tile if int(t) < 0 or int(t) % stride]
+    if len(tile) != 2 or bad:
+        raise ConfigError(f"config.eval.tile={tile}: expected two sizes, each 0 (whole "
+                          f"slice) or a positive multiple of the network stride {stride}")
+    return tuple(int(t) for t in tile)
 
 
 def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Case]:
@@ -118,12 +154,61 @@ def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Cas
     return cases
 
 
-def predict_case(predict_volume, config, case_data: synthrad.CaseData) -> np.ndarray:
-    """One case's sCT in HU, ``(X, Y, Z)`` float32 on the MR's grid."""
+def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = None,
+               geometry: geometry_lib.TrainingGeometry | None = None) -> np.ndarray:
+    """One MR's sCT in HU, ``(X, Y, Z)`` float32 on the MR's own voxel grid.
+
+    The MR is brought onto the training grid (:mod:`sct_jax.inference.geometry`:
+    reoriented to the training axis codes, resampled when its spacing differs),
+    normalised by its percentiles inside the body mask, predicted, mapped to HU and
+    back onto the input grid.
+
+    Args:
+      predict_volume: ``(X', Y', Z')`` normalised MR -> prediction in [-1, 1] (from
+        :func:`make_volume_predictor`).
+      config: the model's config (MR percentiles).
+      mr: the input MR.
+      mask: ``(X, Y, Z)`` body mask on the MR's grid; ``None``: made from the MR.
+      geometry: the model's training geometry; ``None``: the MR's own (no change).
+    """
+    if geometry is None:
+        geometry = geometry_lib.TrainingGeometry(
+            tuple(nib.aff2axcodes(mr.affine)), tuple(mr.spacing))
+    grid = geometry_lib.to_model_grid(mr.affine, mr.shape, geometry)
+    mr_model = grid.to_grid(np.asarray(mr.data, np.float32), order=1)
+    if mask is None:
+        mask_model = preprocess.body_mask_from_mr(mr_model)
+    else:
+        mask_model = grid.to_grid(np.asarray(mask, np.float32), order=0) > 0.5
     lo, hi = config.data.mr_percentiles
-    mr = preprocess.mr_to_unit(case_data.mr.data, case_data.mask, lo_pct=lo, hi_pct=hi)
-    unit = predict_volume(np.asarray(mr, np.float32))
-    return np.asarray(preprocess.unit_to_ct(unit), np.float32)
+    unit = preprocess.mr_to_unit(mr_model, mask_model if mask_model.any() else None,
+                                 lo_pct=lo, hi_pct=hi)
+    pred = predict_volume(np.asarray(unit, np.float32))
+    sct = np.asarray(preprocess.unit_to_ct(pred), np.float32)
+    return grid.to_input(sct, order=1).astype(np.float32)
+
+
+def predict_case(predict_volume, config, case_data: synthrad.CaseData,
+                 geometry: geometry_lib.TrainingGeometry | None = None) -> np.ndarray:
+    """One case's sCT in HU, ``(X, Y, Z)`` float32 on the MR's grid (see
+    :func:`predict_mr`; the case's body mask sets the MR normalisation)."""
+    return predict_mr(predict_volume, config, case_data.mr, case_data.mask, geometry)
+
+
+def predict_draws(config, state, mr: Volume, mask: np.ndarray | None,
+                  geometry: geometry_lib.TrainingGeometry | None, samples: int = 1,
+                  jitted_predict=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(sct, std)`` in HU on the MR's grid: one deterministic sCT (``std`` None), or
+    the mean and per-voxel standard deviation (``ddof=0``) of ``samples`` draws."""
+    if samples == 1:
+        return predict_mr(make_volume_predictor(config, state, jitted_predict=jitted_predict),
+                          config, mr, mask, geometry), None
+    draws = np.stack([
+        predict_mr(make_volume_predictor(config, state, rng=sample_rng(config, k),
+                                         jitted_predict=jitted_predict),
+                   config, mr, mask, geometry)
+        for k in range(samples)])
+    return draws.mean(axis=0).astype(np.float32), draws.std(axis=0).astype(np.float32)
 
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
@@ -156,22 +241,17 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
     step, state = loop.load_state(config, workdir, step=checkpoint)
     log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
              len(cases), samples, step)
+    geometry = geometry_lib.run_geometry(config, workdir)
     jitted = jax.jit(functools.partial(method.predict, config))
     for case in cases:
         case_data = synthrad.load_case(case)
-        if samples == 1:
-            sct = predict_case(make_volume_predictor(config, state, jitted_predict=jitted),
-                               config, case_data)
+        sct, std = predict_draws(config, state, case_data.mr, case_data.mask, geometry,
+                                 samples, jitted_predict=jitted)
+        if std is None:
             save_like(out_dir / case.id / "sct.nii.gz", sct, case_data.mr)
             # A std map of an earlier multi-sample run would no longer describe sct.nii.gz.
             (out_dir / case.id / "sct_std.nii.gz").unlink(missing_ok=True)
             continue
-        draws = np.stack([
-            predict_case(make_volume_predictor(config, state, rng=sample_rng(config, k),
-                                               jitted_predict=jitted), config, case_data)
-            for k in range(samples)])
-        save_like(out_dir / case.id / "sct_std.nii.gz",
-                  draws.std(axis=0).astype(np.float32), case_data.mr)
-        save_like(out_dir / case.id / "sct.nii.gz", draws.mean(axis=0).astype(np.float32),
-                  case_data.mr)
+        save_like(out_dir / case.id / "sct_std.nii.gz", std, case_data.mr)
+        save_like(out_dir / case.id / "sct.nii.gz", sct, case_data.mr)
     return out_dir, cases

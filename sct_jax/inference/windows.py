@@ -1,10 +1,14 @@
 """Whole-volume inference from a model that sees 2D slices or 3D patches.
 
-2D models run slice by slice (axial, ``arr[:, :, z]``) in fixed-size batches, so one
-compilation serves every volume; 3D models run over overlapping sliding windows whose
-predictions are blended with a smooth weight that falls towards the window border
-(the border voxels of a patch see the least context). Everything here works in the
-normalised [-1, 1] space; callers map to HU with ``preprocess.unit_to_ct``.
+2D models run slice by slice (axial, ``arr[:, :, z]``) over the whole field of view:
+each slice is covered by overlapping windows (the tile, by default the training crop;
+or the whole slice padded to the network's stride) whose predictions are blended, so no
+voxel is ever cut away or filled with a constant. 3D models run over overlapping
+sliding windows of the training patch, blended the same way. The blend weight falls
+towards the window border (the border voxels of a window see the least context) but
+stays positive. Batches have a fixed size, so one compilation serves a volume.
+Everything here works in the normalised [-1, 1] space; callers map to HU with
+``preprocess.unit_to_ct``.
 """
 
 from __future__ import annotations
@@ -39,33 +43,89 @@ def slice_stack(mr: np.ndarray, z: int, context: int) -> np.ndarray:
     return np.stack([mr[:, :, k] for k in zs], axis=-1)
 
 
-def predict_volume_2d(predict: PredictFn, mr: np.ndarray, crop: Sequence[int],
-                      context: int = 0, batch_size: int = 8) -> np.ndarray:
-    """Predicts a volume slice by slice.
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-int(n) // int(multiple)) * int(multiple)
+
+
+def slice_window(slice_shape: Sequence[int], tile: Sequence[int], stride: int,
+                 min_size: int = 1) -> tuple[int, int]:
+    """The 2D window a model sees for slices of ``slice_shape``.
+
+    A tile entry > 0 fixes the window along that axis (the default tile is the
+    training crop, so the network sees inputs of its training size); 0 means the
+    whole slice, padded up to the network's stride (fully convolutional).
 
     Args:
-      predict: ``(B, H, W, C_in)`` -> ``(B, H, W, 1)``, both in [-1, 1].
-      mr: ``(X, Y, Z)`` normalised MR.
-      crop: ``(H, W)`` the model's input size; slices are centre-cropped/padded to it
-        (padding value -1, i.e. air) and the prediction is placed back.
-      context: MR neighbours on each side (2.5D input has ``2*context+1`` channels).
-      batch_size: slices per call (the last batch is zero-padded: one compilation).
+      slice_shape: ``(H, W)`` of one slice.
+      tile: ``(h, w)``; each a multiple of ``stride``, or 0 for the whole axis.
+      stride: the network's total stride (inputs must be multiples of it).
+      min_size: the network's smallest input along an axis.
 
     Returns:
-      ``(X, Y, Z)`` prediction in [-1, 1]; the region outside the crop is -1.
+      ``(h, w)`` window.
+    """
+    window = []
+    for n, t in zip(slice_shape, tile):
+        t = int(t)
+        window.append(t if t > 0 else round_up(max(int(n), int(min_size)), stride))
+    return tuple(window)
+
+
+def predict_volume_2d(predict: PredictFn, mr: np.ndarray, tile: Sequence[int],
+                      context: int = 0, batch_size: int = 8, overlap: float = 0.25,
+                      stride: int = 1, min_size: int = 1) -> np.ndarray:
+    """Predicts a volume slice by slice over the whole field of view.
+
+    Each axial slice is padded with air (-1) to at least the window, covered by
+    overlapping windows and the window predictions blended with :func:`blend_weight`
+    (centre-weighted, positive everywhere), so every voxel of the slice gets a network
+    prediction: nothing is cut away or filled with a constant. A slice no larger than
+    the window is one window, i.e. the whole slice.
+
+    Args:
+      predict: ``(B, h, w, C_in)`` -> ``(B, h, w, 1)``, both in [-1, 1].
+      mr: ``(X, Y, Z)`` normalised MR.
+      tile: ``(h, w)`` window (see :func:`slice_window`; 0 along an axis: the whole
+        slice padded to ``stride``).
+      context: MR neighbours on each side (2.5D input has ``2*context+1`` channels).
+      batch_size: windows per call (the last batch is zero-padded: one compilation).
+      overlap: fraction of a window shared by neighbours along an axis.
+      stride: the network's total stride.
+      min_size: the network's smallest input along an axis.
+
+    Returns:
+      ``(X, Y, Z)`` prediction in [-1, 1].
     """
     x, y, z_len = mr.shape
-    crop = tuple(crop)
-    slices = (crop_or_pad(slice_stack(mr, z, context), crop, axes=(0, 1), value=-1.0)
-              for z in range(z_len))
-    out = np.empty((x, y, z_len), np.float32)
-    z = 0
-    for batch, n in _batched(slices, batch_size):
+    window = slice_window((x, y), tile, stride, min_size)
+    padded = (max(x, window[0]), max(y, window[1]))
+    starts = list(itertools.product(window_starts(padded[0], window[0], overlap),
+                                    window_starts(padded[1], window[1], overlap)))
+    jobs = [(z, s) for z in range(z_len) for s in starts]
+    weight = blend_weight(window)
+    acc = np.zeros(padded + (z_len,), np.float32)
+    norm = np.zeros(padded + (z_len,), np.float32)
+    stacks: dict[int, np.ndarray] = {}
+
+    def windows():
+        for z, (a, b) in jobs:
+            if z not in stacks:  # one padded slice stack at a time
+                stacks.clear()
+                stacks[z] = crop_or_pad(slice_stack(mr, z, context), padded, axes=(0, 1),
+                                        value=-1.0)
+            yield stacks[z][a:a + window[0], b:b + window[1]]
+
+    i = 0
+    for batch, n in _batched(windows(), batch_size):
         pred = np.asarray(predict(batch.astype(np.float32)))[:n, ..., 0]
         for k in range(n):
-            out[:, :, z + k] = undo_crop_or_pad(pred[k], (x, y), axes=(0, 1), value=-1.0)
-        z += n
-    return out
+            z, (a, b) = jobs[i + k]
+            acc[a:a + window[0], b:b + window[1], z] += pred[k] * weight
+            norm[a:a + window[0], b:b + window[1], z] += weight
+        i += n
+    blended = acc / np.maximum(norm, 1e-8)
+    return undo_crop_or_pad(blended, (x, y), axes=(0, 1), value=-1.0)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:

@@ -61,6 +61,14 @@ def save_config(config, workdir: Path) -> None:
         atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
 
+def save_geometry(training_geometry, workdir: Path) -> None:
+    """Records the training MRs' orientation, spacing and region (``geometry.json``):
+    prediction brings every new MR onto that grid (:mod:`sct_jax.inference.geometry`)."""
+    if jax.process_index() == 0:
+        from sct_jax.inference import geometry
+        geometry.save(training_geometry, workdir)
+
+
 def save_batch_spec(spec: dict[str, jax.ShapeDtypeStruct], workdir: Path) -> None:
     """Records the training batch shapes: prediction rebuilds the state from them."""
     from sct_jax.data.io import atomic_write_text
@@ -150,9 +158,14 @@ def train(config, workdir: str | Path,
     local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
     # The data is checked (and the phantom generated) before anything is written to
     # the workdir, so bad input leaves no half-made run directory behind.
+    default_data = make_dataset is None
     if make_dataset is None:
         from sct_jax.training.data import train_dataset as make_dataset
     dataset = make_dataset(config, local_batch)
+    training_geometry = None
+    if default_data:  # the config's own cases: read their orientation and spacing
+        from sct_jax.inference import geometry
+        training_geometry = geometry.from_config(config)
     iterator = iter(dataset)
     start_position = iterator.get_state()
     spec = sharding.batch_spec(next(iterator))
@@ -162,9 +175,11 @@ def train(config, workdir: str | Path,
     init_rng, base_rng = jax.random.split(rng)
     create = functools.partial(method.create_state, config, batch_spec=spec)
     abstract_state = jax.eval_shape(create, init_rng)
-    validator = validation.build(config, abstract_state, spec["mr"])
+    validator = validation.build(config, abstract_state, spec["mr"], training_geometry)
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir)
+    if training_geometry is not None:
+        save_geometry(training_geometry, workdir)
     save_batch_spec(spec, workdir)
     compiled, state_shardings, compile_s = build_step(method, config, mesh, abstract_state, spec)
 

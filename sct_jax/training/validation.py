@@ -3,8 +3,9 @@
 Every ``config.train.eval_every`` steps (0: never, and always at the last step when on)
 the loop hands the current state to :meth:`Validator.evaluate`, which predicts every
 case of the validation split (the first ``config.train.eval_cases`` of it; 0: all) as
-``evaluate.py`` does (:func:`sct_jax.inference.predict.predict_case`: per-patient MR
-normalisation, slice-by-slice or sliding-window inference, back to HU on the MR's grid)
+``evaluate.py`` does (:func:`sct_jax.inference.predict.predict_case`: onto the training
+grid, per-patient MR normalisation, slice-by-slice or sliding-window inference, back to
+HU on the MR's grid)
 and scores it with :func:`sct_jax.evaluation.metrics.synthrad_metrics`. The case means
 are logged as ``val/mae``, ``val/psnr``, ``val/ssim``, ``val/dice_bone``,
 ``val/mae_bone`` and ``val/me`` (JSON lines and TensorBoard), the pass's wall time as
@@ -64,13 +65,15 @@ class Validator:
     Args:
       config: the run's config.
       cases: the validation cases (with CT).
+      geometry: the run's training geometry (``None``: read from the config's data, as
+        evaluation does for a run without a record).
 
     Raises:
       ConfigError: no validation case, or a method that does not predict sCT.
       DataError: a validation case that cannot be loaded.
     """
 
-    def __init__(self, config, cases: list[synthrad.Case]):
+    def __init__(self, config, cases: list[synthrad.Case], geometry: Any = None):
         if not cases:
             raise ConfigError(
                 f"config.train.eval_every={config.train.eval_every}: the validation split "
@@ -80,6 +83,8 @@ class Validator:
         self.method = methods.get_method(config.method)
         self.cases = list(cases)
         self.data = [synthrad.load_case(c) for c in self.cases]
+        from sct_jax.inference import geometry as geometry_lib
+        self.geometry = geometry if geometry is not None else geometry_lib.from_config(config)
         # One compilation of the method's predict for every pass and every case.
         self._predict = jax.jit(functools.partial(self.method.predict, config))
         mask = self.data[0].mask
@@ -91,7 +96,7 @@ class Validator:
         from sct_jax.inference import predict as predict_lib
         volume = predict_lib.make_volume_predictor(self.config, state,
                                                    jitted_predict=self._predict)
-        return predict_lib.predict_case(volume, self.config, self.data[index])
+        return predict_lib.predict_case(volume, self.config, self.data[index], self.geometry)
 
     def evaluate(self, state: Any) -> tuple[dict[str, float], np.ndarray]:
         """One validation pass.
@@ -158,13 +163,15 @@ def predicts_sct(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct) -> 
     return True
 
 
-def build(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct) -> Validator | None:
+def build(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct,
+          geometry: Any = None) -> Validator | None:
     """The run's :class:`Validator`; None when neither validation nor images need one.
 
     Args:
       config: the run's config.
       abstract_state: the method's state as ``ShapeDtypeStruct`` leaves.
       mr_spec: the training batch's ``mr`` entry (a window of the model's rank).
+      geometry: the run's training geometry (see :class:`Validator`).
 
     Raises:
       ConfigError: ``config.train.eval_every`` set for a method that predicts no sCT,
@@ -179,7 +186,7 @@ def build(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct) -> Validat
             raise ConfigError(f"config.train.eval_every={eval_every}: config.method="
                               f"{config.method!r} does not predict sCT; set it to 0")
         return None  # the method's own image summaries only
-    return Validator(config, validation_cases(config))
+    return Validator(config, validation_cases(config), geometry)
 
 
 def announce(step: int, values: dict[str, float], n_cases: int, echo=print) -> None:

@@ -1,0 +1,212 @@
+"""The grid a model was trained on, and the way a new MR is brought onto it and back.
+
+A network learns its anatomy in one voxel order and at one voxel size: the training
+cases' orientation (nibabel axis codes of the MR affine, e.g. ``("R", "A", "S")``) and
+spacing (mm). :class:`TrainingGeometry` records them (with the region) in
+``<workdir>/geometry.json`` when training starts. At prediction time
+:func:`to_model_grid` reorients an MR to the training axis codes (a lossless
+permutation and flips of the voxel array, nibabel's orientation tools), resamples it
+linearly (``scipy.ndimage.map_coordinates``) to the training spacing when the two differ
+by more than :data:`SPACING_TOLERANCE`, and :meth:`ModelGrid.to_input` maps a result
+back onto the input's exact voxel grid. Reorientation alone is exact both ways;
+resampling is linear interpolation (voxel edges of the two grids coincide at the ends,
+so the field of view is kept).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+from scipy import ndimage
+
+from sct_jax.data.io import atomic_write_text
+from sct_jax.errors import DataError
+
+GEOMETRY_FILE = "geometry.json"
+# Relative spacing difference above which an MR is resampled to the training spacing.
+SPACING_TOLERANCE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingGeometry:
+    """What a model assumes about its input grid.
+
+    Attributes:
+      axcodes: orientation of the training MRs' voxel axes, e.g. ``("R", "A", "S")``.
+      spacing: voxel size in mm along those axes (median over the training cases).
+      region: the anatomy trained on (``"pelvis"``, ``"brain"``, ``""`` unknown).
+      cases: how many training cases this was read from (0: not recorded).
+    """
+
+    axcodes: tuple[str, str, str]
+    spacing: tuple[float, float, float]
+    region: str = ""
+    cases: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"axcodes": list(self.axcodes), "spacing_mm": list(self.spacing),
+                           "region": self.region, "cases": self.cases}, indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingGeometry":
+        return cls(tuple(str(c) for c in d["axcodes"]),
+                   tuple(float(s) for s in d["spacing_mm"]),
+                   str(d.get("region", "")), int(d.get("cases", 0)))
+
+
+def from_mr_files(paths: Sequence[str | Path], region: str = "") -> TrainingGeometry:
+    """The geometry of a set of training MRs (headers only).
+
+    The most common orientation wins (a model trained on mixed orientations has no
+    single one; the count of the others is not kept); the spacing is the per-axis
+    median over the cases in that orientation.
+    """
+    if not paths:
+        raise DataError("no training cases to read the training geometry from")
+    by_codes: dict[tuple, list] = collections.defaultdict(list)
+    for path in paths:
+        try:
+            affine = nib.load(str(path)).affine
+        except Exception as err:  # nibabel raises many kinds for a broken header
+            raise DataError(f"{path}: unreadable header ({type(err).__name__})") from err
+        by_codes[tuple(nib.aff2axcodes(affine))].append(
+            np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    codes, spacings = max(by_codes.items(), key=lambda kv: len(kv[1]))
+    spacing = tuple(float(round(s, 6)) for s in np.median(np.stack(spacings), axis=0))
+    return TrainingGeometry(codes, spacing, region, len(paths))
+
+
+def from_config(config) -> TrainingGeometry:
+    """The geometry of ``config``'s training split (reads the MR headers)."""
+    from sct_jax.training import data as train_data
+    cases = train_data.case_splits(config)["train"]
+    return from_mr_files([c.mr for c in cases], region=config.data.region or "")
+
+
+def save(geometry: TrainingGeometry, directory: str | Path) -> Path:
+    return atomic_write_text(Path(directory) / GEOMETRY_FILE, geometry.to_json())
+
+
+def load(directory: str | Path) -> TrainingGeometry | None:
+    """The recorded geometry of a run or model directory, ``None`` when there is none."""
+    path = Path(directory) / GEOMETRY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TrainingGeometry.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a training geometry ({err})") from err
+
+
+def run_geometry(config, workdir: str | Path) -> TrainingGeometry:
+    """``workdir``'s recorded geometry; for runs older than the record, the training
+    split's (read now, from the config's data)."""
+    return load(workdir) or from_config(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGrid:
+    """How one input MR maps onto the model's grid and back.
+
+    Attributes:
+      input_shape: ``(X, Y, Z)`` of the input volume.
+      input_ornt: nibabel orientation of the input's axes (``io_orientation``).
+      model_ornt: the training axis codes as a nibabel orientation.
+      oriented_shape: shape after reorientation.
+      model_shape: shape after resampling (== ``oriented_shape`` when not resampled).
+      oriented_spacing: voxel size after reorientation (mm).
+      model_spacing: voxel size on the model grid (mm).
+    """
+
+    input_shape: tuple[int, int, int]
+    input_ornt: np.ndarray
+    model_ornt: np.ndarray
+    oriented_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+    oriented_spacing: tuple[float, float, float]
+    model_spacing: tuple[float, float, float]
+
+    @property
+    def resampled(self) -> bool:
+        return self.model_shape != self.oriented_shape
+
+    @property
+    def reoriented(self) -> bool:
+        return not np.array_equal(self.input_ornt, self.model_ornt)
+
+    def to_grid(self, data: np.ndarray, order: int = 1) -> np.ndarray:
+        """``input_shape`` array -> ``model_shape`` (``order`` 0 for masks)."""
+        transform = orientations.ornt_transform(self.input_ornt, self.model_ornt)
+        oriented = np.ascontiguousarray(orientations.apply_orientation(data, transform))
+        if not self.resampled:
+            return oriented
+        return _resample(oriented, self.model_shape, order)
+
+    def to_input(self, data: np.ndarray, order: int = 1) -> np.ndarray:
+        """``model_shape`` array -> ``input_shape``, on the input's exact voxel grid."""
+        if tuple(data.shape) != self.model_shape:
+            raise ValueError(f"shape {data.shape} is not the model grid {self.model_shape}")
+        if self.resampled:
+            data = _resample(data, self.oriented_shape, order)
+        transform = orientations.ornt_transform(self.model_ornt, self.input_ornt)
+        return np.ascontiguousarray(orientations.apply_orientation(data, transform))
+
+
+def to_model_grid(affine: np.ndarray, shape: Sequence[int], geometry: TrainingGeometry,
+                  tolerance: float | None = None) -> ModelGrid:
+    """Plans the mapping of a volume ``(shape, affine)`` onto the training grid.
+
+    Args:
+      affine: ``(4, 4)`` voxel -> RAS+ mm of the input.
+      shape: ``(X, Y, Z)`` of the input.
+      geometry: the model's training geometry.
+      tolerance: relative spacing difference above which the volume is resampled
+        (default :data:`SPACING_TOLERANCE`).
+    """
+    tolerance = SPACING_TOLERANCE if tolerance is None else float(tolerance)
+    shape = tuple(int(s) for s in shape)
+    affine = np.asarray(affine, np.float64)
+    input_ornt = orientations.io_orientation(affine)
+    model_ornt = orientations.axcodes2ornt(geometry.axcodes)
+    transform = orientations.ornt_transform(input_ornt, model_ornt)
+    # Input axis i goes to output axis transform[i, 0].
+    oriented_shape = [0, 0, 0]
+    spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
+    oriented_spacing = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(transform):
+        oriented_shape[int(axis)] = shape[i]
+        oriented_spacing[int(axis)] = float(spacing_in[i])
+    target = np.asarray(geometry.spacing, np.float64)
+    relative = np.abs(np.asarray(oriented_spacing) - target) / target
+    if np.any(relative > tolerance):
+        # Keep the physical extent: n' voxels of the training spacing span n * s mm.
+        model_shape = tuple(max(1, int(round(n * s / t)))
+                            for n, s, t in zip(oriented_shape, oriented_spacing, target))
+        model_spacing = tuple(n * s / m for n, s, m in
+                              zip(oriented_shape, oriented_spacing, model_shape))
+    else:
+        model_shape = tuple(oriented_shape)
+        model_spacing = tuple(oriented_spacing)
+    return ModelGrid(shape, input_ornt, model_ornt, tuple(oriented_shape), tuple(model_shape),
+                     tuple(oriented_spacing), tuple(float(s) for s in model_spacing))
+
+
+def _resample(data: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resamples ``data`` onto ``shape`` voxels spanning the same extent.
+
+    Voxel ``j`` of the output has its centre at input coordinate
+    ``(j + 0.5) * n_in / n_out - 0.5`` along each axis (edges aligned); values beyond the
+    first/last voxel centre take the edge value.
+    """
+    coords = np.meshgrid(*[(np.arange(m) + 0.5) * (n / m) - 0.5
+                           for n, m in zip(data.shape, shape)], indexing="ij", sparse=True)
+    coords = np.broadcast_arrays(*coords)
+    return ndimage.map_coordinates(np.asarray(data, np.float32), coords, order=order,
+                                   mode="nearest").astype(np.float32)
