@@ -9,6 +9,7 @@ CSV/JSON, a PNG panel per case)::
       --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
   python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
       --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
+  python evaluate.py --workdir ... --checkpoint latest   # or best (default), or a step
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -16,7 +17,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
   python evaluate.py --pred runs/pix2pix/predictions --data data/synthrad \
       [--region pelvis] [--out results/pix2pix.json]
 
-Writes the JSON summary (default ``PRED/metrics.json``) and the per-case CSV next to
+Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
+``report.html`` (one self-contained page: the case table, and with ``--workdir`` each
+case's panel, the baseline, the QA verdicts and the std maps of ``--samples``) next to
 it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
 """

@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.train.steps = 200_000
     c.train.log_every = 100
     c.train.ckpt_every = 5000
+    c.train.eval_every = c.train.image_every = 5000  # validation + images
 
     if "small" in variants:
         c.name += "_small"
@@ -52,6 +53,7 @@ def get_config(arg=None):
         c.train.steps = 600
         c.train.log_every = 25
         c.train.ckpt_every = 200
+        c.train.eval_every = c.train.image_every = 100  # validation + images
     if "tiny" in variants:
         c.name += "_tiny"
         c.data.phantom.shape = (48, 32, 8)

@@ -132,6 +132,10 @@ def get_config(arg=None):
     c.train.batch_size = 2 if stage == "autoencoder" else 1
     c.train.steps = {"autoencoder": 20000, "diffusion": 50000, "controlnet": 20000}[stage]
     c.train.ckpt_every = 2000
+    # Only the ControlNet stage predicts sCT (validation: one DDIM sample per case);
+    # the other stages draw their own images (reconstruction, unconditional sample).
+    c.train.eval_every = 2000 if stage == "controlnet" else 0
+    c.train.image_every = 2000
     c.eval.batch_size = 1
     c.eval.overlap = 0.25
 
@@ -160,6 +164,8 @@ def get_config(arg=None):
         c.train.batch_size = 1 if stage == "autoencoder" else 2
         c.train.steps = {"autoencoder": 1000, "diffusion": 3000, "controlnet": 1000}[stage]
         c.train.ckpt_every = 250
+        c.train.eval_every = 250 if stage == "controlnet" else 0
+        c.train.image_every = 250
         c.train.log_every = 25
         c.optim.lr = {"autoencoder": 5e-4, "diffusion": 5e-4, "controlnet": 2.5e-4}[stage]
     if size == "tiny":

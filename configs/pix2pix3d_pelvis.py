@@ -28,6 +28,7 @@ def get_config(arg=None):
     c.train.batch_size = 1
     c.train.steps = 20000
     c.train.ckpt_every = 2000
+    c.train.eval_every = c.train.image_every = 2000  # validation + images
     c.eval.batch_size = 2
 
     if "small" in variants:
@@ -38,6 +39,7 @@ def get_config(arg=None):
         c.model.disc.ndf = 8
         c.train.steps = 1000
         c.train.ckpt_every = 500
+        c.train.eval_every = c.train.image_every = 250  # validation + images
     if "tiny" in variants:
         c.name = "pix2pix3d_pelvis_tiny"
         c.data.phantom.shape = (48, 32, 16)

@@ -28,6 +28,7 @@ def get_config(arg=None):
     c.train.batch_size = 6
     c.train.steps = 20000
     c.train.ckpt_every = 2000
+    c.train.eval_every = c.train.image_every = 2000  # validation + images
 
     if "small" in variants:
         c.name = "pix2pix_pelvis_small"
@@ -39,6 +40,7 @@ def get_config(arg=None):
         c.train.steps = 1500
         c.train.log_every = 50
         c.train.ckpt_every = 500
+        c.train.eval_every = c.train.image_every = 250  # validation + images
     if "tiny" in variants:
         c.name = "pix2pix_pelvis_tiny"
         c.data.phantom.shape = (48, 32, 8)

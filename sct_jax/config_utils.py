@@ -62,7 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.ckpt_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.image_every = 0  # image summaries of methods that define them; 0: never
+    # Validation while training (sct_jax/training/validation.py): every eval_every
+    # steps predict and score the validation split (whole volumes, as evaluate.py does)
+    # and keep the best checkpoint by its MAE; 0: never. eval_cases: the first N
+    # validation cases (0: all).
+    c.train.eval_every = 0
+    c.train.eval_cases = 0
+    # Image summaries (TensorBoard and <workdir>/images/): a fixed validation slice
+    # (MR, CT, sCT, |error|) and the method's own maps; 0: never.
+    c.train.image_every = 0
     c.train.tensorboard = True
     c.train.progress = True
 
@@ -112,13 +120,15 @@ def accelerator_settings(c: ml_collections.ConfigDict,
 
 def tiny_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The run settings every ``tiny`` variant shares: 4 phantom cases, 2 steps logged
-    and checkpointed each step, no TensorBoard or progress bar, one evaluation case."""
+    and checkpointed each step, no TensorBoard, no validation or images (tests switch
+    them on), one evaluation case."""
     c.data.phantom.cases = 4
     c.train.steps = 2
     c.train.log_every = 1
     c.train.ckpt_every = 1
     c.train.tensorboard = False
-    c.train.progress = False
+    c.train.eval_every = 0
+    c.train.image_every = 0
     c.eval.max_cases = 1
     return c
 

@@ -237,3 +237,23 @@ def test_bad_config_raises(key, value, message):
     config[section][name] = value
     with pytest.raises(ConfigError, match=message):
         cyclegan.validate_config(config)
+
+
+def test_validation_slice_images(tiny_run, tmp_path):
+    """CycleGAN draws the fixed validation slice like every method: MR, CT, sCT, error."""
+    from sct_jax.training import validation
+    from sct_jax.training.logging import MetricWriter
+    config, result = tiny_run
+    validator = validation.Validator(config, validation.validation_cases(config))
+    images, ranges = validator.images(result.state)
+    data, z = validator.data[0], validator.slice_index
+    body = data.mask[:, :, z].T[::-1]
+    np.testing.assert_allclose(images["val/abs_error_hu"],
+                               np.abs(images["val/sct"] - images["val/ct"]) * body,
+                               rtol=1e-5, atol=1e-3)
+    assert images["val/abs_error_hu"].max() > 0 and ranges["val/ct"] == (-1000.0, 1500.0)
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    writer.write_images(7, images, ranges)
+    writer.close()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        f"val_{k}_step7.png" for k in ("abs_error_hu", "ct", "mr", "sct")]

@@ -263,3 +263,27 @@ def test_reduced_benchmark_model():
     assert common.latent_shape(reduced, (1, *reduced.data.patch, 1)) == (1, 48, 48, 48, 3)
     assert tuple(reduced.model.unet.channels) == (32, 64, 64)
     common.validate_ldm_config(reduced, "controlnet")
+
+
+def test_image_summaries_of_the_stages(chain):
+    """The autoencoder draws its reconstruction; the ControlNet stage, which predicts
+    sCT, draws a sample on the fixed validation slice."""
+    from sct_jax.training import validation
+    config, result = chain["autoencoder"]
+    ct = np.random.default_rng(1).uniform(-1, 1, (1, *config.data.patch, 1)).astype(np.float32)
+    maps = jax.device_get(jax.jit(functools.partial(ldm_autoencoder.image_summaries, config))(
+        result.state, {"ct": ct}, jax.random.key_data(jax.random.key(0))))
+    recon = np.asarray(ldm_autoencoder.reconstruct(config, result.state, ct))
+    centre = ct.shape[-2] // 2
+    np.testing.assert_allclose(maps["ae/reconstruction"], recon[0, ..., centre, 0], atol=1e-5)
+    np.testing.assert_array_equal(maps["ae/ct"], ct[0, ..., centre, 0])
+    np.testing.assert_allclose(maps["ae/abs_error_hu"],
+                               np.abs(recon - ct)[0, ..., centre, 0] * common.HU_PER_UNIT,
+                               rtol=1e-4, atol=1e-2)
+
+    config, result = chain["controlnet"]
+    validator = validation.Validator(config, validation.validation_cases(config))
+    images, _ = validator.images(result.state)
+    assert {k: v.shape for k, v in images.items()} == {
+        k: images["val/ct"].shape for k in ("val/mr", "val/ct", "val/sct", "val/abs_error_hu")}
+    assert np.all(np.abs(images["val/sct"]) <= 3000.0) and images["val/sct"].std() > 0

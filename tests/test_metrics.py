@@ -183,3 +183,19 @@ def test_invalid_inputs():
     border = np.zeros((8, 8, 8))
     border[0] = 1
     assert math.isnan(metrics.ssim(a, a, border))
+
+
+def test_one_dice_with_nan_for_two_empty_masks():
+    """The project's one Dice (bone Dice and the QA body outline): 2|A&B| / (|A|+|B|),
+    NaN when both masks are empty (left out of case means, never a perfect score)."""
+    from sct_jax.evaluation import qa
+    rng = np.random.default_rng(3)
+    a, b = rng.random((9, 8, 7)) > 0.6, rng.random((9, 8, 7)) > 0.5
+    reference = 2.0 * np.sum(a & b, dtype=np.float64) / (np.sum(a, dtype=np.float64)
+                                                         + np.sum(b, dtype=np.float64))
+    assert metrics.dice(a, b) == pytest.approx(reference, rel=1e-12)
+    assert metrics.dice(a, a) == 1.0
+    empty = np.zeros_like(a)
+    assert metrics.dice(a, empty) == 0.0
+    assert math.isnan(metrics.dice(empty, empty))
+    assert qa.dice is metrics.dice  # no second copy with another convention

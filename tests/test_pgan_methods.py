@@ -23,6 +23,7 @@ from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import pixel
 from sct_jax.meta import reweight
 from sct_jax.methods import _pgan_common as pgan_common
+from sct_jax.methods import reg_pgan
 from sct_jax.methods.common import step_rng
 from sct_jax.models import vgg
 from sct_jax.training import data as train_data
@@ -112,8 +113,27 @@ def test_ctx_pgan_two_steps_with_perceptual(tmp_path, vgg_files):
 
 def test_reg_pgan_two_steps_flow_starts_near_zero(tmp_path):
     config = tiny("reg_pgan")
+    config.train.image_every = 2
     result = loop.train(config, tmp_path)
     assert_trained(config, result, ("gen", "disc", "reg"))
+    # RegGAN's own maps and the validation slice, as images at step 2.
+    images = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert images == sorted(
+        [f"reg_{k}_step2.png" for k in ("ct", "fake", "flow_cols_px", "flow_magnitude_px",
+                                        "flow_rows_px", "registered")]
+        + [f"val_{k}_step2.png" for k in ("abs_error_hu", "ct", "mr", "sct")])
+    batch = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    maps = jax.device_get(jax.jit(functools.partial(reg_pgan.image_summaries, config))(
+        result.state, batch, jax.random.key_data(jax.random.key(0))))
+    flow = np.asarray(result.state["reg"].apply_fn(
+        {"params": result.state["reg"].params}, maps["reg/fake"][None, ..., None],
+        batch["ct"][:1]))[0]
+    np.testing.assert_allclose(maps["reg/flow_rows_px"], flow[..., 0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(maps["reg/flow_magnitude_px"],
+                               np.hypot(flow[..., 0], flow[..., 1]), rtol=1e-5, atol=1e-7)
+    fake = np.asarray(pgan_common.predict(config, result.state, batch["mr"][:1]))[0, ..., 0]
+    np.testing.assert_allclose(maps["reg/fake"], fake, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(maps["reg/ct"], batch["ct"][0, ..., 0])
     first = read_metrics(tmp_path)[0]
     assert first["step"] == 1
     # R's output layer starts at N(0, 1e-5): the identity warp, to well under a pixel.
@@ -174,10 +194,12 @@ def test_meta_pgan_jvp_equals_lookahead_then_trains(tmp_path):
     # filter could drop it whole): the batch has bone, and bone has weight.
     assert result.metrics["meta/pixel_share_bone"] > 0.01
     assert result.metrics["meta/weight_share_bone"] > 0.0
-    # The weight maps are images: written before step 2 (image_every=2), one per map.
+    # The weight maps are images: written before step 2 (image_every=2), one per map,
+    # beside the validation slice every method draws.
     images = sorted(p.name for p in (tmp_path / "images").iterdir())
-    assert images == [f"meta_{k}_step2.png" for k in ("ct", "l1_error_hu", "mr",
-                                                       "weight_over_uniform")]
+    assert images == sorted(
+        [f"meta_{k}_step2.png" for k in ("ct", "l1_error_hu", "mr", "weight_over_uniform")]
+        + [f"val_{k}_step2.png" for k in ("abs_error_hu", "ct", "mr", "sct")])
 
 
 def test_meta_pgan_image_summaries_are_the_steps_weights():

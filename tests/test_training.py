@@ -41,11 +41,14 @@ def synthetic_dataset(config, local_batch, nan_at=None):
     return grain.MapDataset.range(10_000).map(make).to_iter_dataset()
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     """3 steps straight == 2 steps, a fresh process-like restart, then step 3."""
     straight = loop.train(tiny_config(steps=3), tmp_path / "a", make_dataset=synthetic_dataset)
     loop.train(tiny_config(steps=2), tmp_path / "b", make_dataset=synthetic_dataset)
+    assert "resumed" not in capsys.readouterr().out
     resumed = loop.train(tiny_config(steps=3), tmp_path / "b", make_dataset=synthetic_dataset)
+    checkpoint_dir = (tmp_path / "b" / "checkpoints" / "2").absolute()
+    assert f"resumed from step 2 (checkpoint {checkpoint_dir})" in capsys.readouterr().out
     assert resumed.step == straight.step == 3
     # The step-3 loss depends on the restored params, optimizer state, data position
     # and RNG: all must match.

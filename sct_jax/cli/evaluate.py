@@ -9,6 +9,7 @@ CSV/JSON, a PNG panel per case)::
       --samples 8     # sampling methods: mean sCT scored, per-voxel std -> <id>/sct_std.nii.gz
   python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
       --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
+  python evaluate.py --workdir ... --checkpoint latest   # or best (default), or a step
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -16,7 +17,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
   python evaluate.py --pred runs/pix2pix/predictions --data data/synthrad \
       [--region pelvis] [--out results/pix2pix.json]
 
-Writes the JSON summary (default ``PRED/metrics.json``) and the per-case CSV next to
+Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
+``report.html`` (one self-contained page: the case table, and with ``--workdir`` each
+case's panel, the baseline, the QA verdicts and the std maps of ``--samples``) next to
 it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
 
@@ -31,7 +34,7 @@ from ml_collections import config_flags
 
 from sct_jax.cli.guard import guarded, parse_flags
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import scoring
+from sct_jax.evaluation import report_html, scoring
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +54,10 @@ def define_flags() -> None:
                                     "except for eval.*, train.* and mesh.*.",
                                     lock_config=False)
     flags.DEFINE_string("workdir", None, "Training run directory: predict its evaluation "
-                        "split with its latest checkpoint.")
+                        "split with the checkpoint --checkpoint names.")
+    flags.DEFINE_string("checkpoint", "best", "With --workdir: which checkpoint predicts: "
+                        "best (the lowest validation MAE; the latest when the run was never "
+                        "validated), latest, or a step number.")
     flags.DEFINE_integer("samples", 1, "sCT samples per case (sampling methods, e.g. the "
                          "LDM): the mean is scored, the per-voxel std written as "
                          "<id>/sct_std.nii.gz. The GANs sample by test-time (Monte-Carlo) "
@@ -66,10 +72,17 @@ def score_predictions() -> None:
     """The ``--pred DIR --data ROOT`` mode: score an existing prediction folder."""
     if not FLAGS.pred or not FLAGS.data:
         raise ConfigError("--pred and --data are both required to score predictions")
+    if FLAGS.checkpoint != "best":
+        raise ConfigError("--checkpoint needs --workdir (a training run)")
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
-    scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out, region=FLAGS.region)
+    report = scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out,
+                                     region=FLAGS.region)
+    json_path, _ = scoring.output_paths(FLAGS.pred, FLAGS.out)
+    page = report_html.write(report_html.path_for(json_path), report, title=str(FLAGS.pred),
+                             notes=(f"predictions {FLAGS.pred} scored against {FLAGS.data}",))
+    print(f"report: {page}")
 
 
 def main(argv):
@@ -79,9 +92,11 @@ def main(argv):
         if not FLAGS.workdir:
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
         from sct_jax.cli import run
+        from sct_jax.training.checkpoint import parse_choice
+        checkpoint = parse_choice(FLAGS.checkpoint)
         config = run.run_config(FLAGS.config, FLAGS.workdir)
         run.evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                         samples=FLAGS.samples, qa=FLAGS.qa)
+                         samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint)
         return
     score_predictions()
 

@@ -3,7 +3,8 @@
   sct-export-model --workdir runs/pix2pix_pelvis_small -o models/pix2pix_pelvis_small
   sct-predict -i mr.nii.gz -o sct.nii.gz -m models/pix2pix_pelvis_small
 
-The directory holds the parameters of the latest checkpoint, the resolved config, the
+The directory holds the parameters of the best checkpoint (the lowest validation MAE;
+the latest when the run was never validated), the resolved config, the
 training geometry, a readable ``model.json`` (method, normalisation, orientation,
 spacing, region, package version, content hash) and the network as a serialized JAX
 function (see :mod:`sct_jax.export.model_files`). ``sct-train`` writes one to

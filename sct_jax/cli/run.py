@@ -19,7 +19,7 @@ import numpy as np
 from sct_jax.data import synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import figures, metrics, qa_report, scoring
+from sct_jax.evaluation import figures, metrics, qa_report, report_html, scoring
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 from sct_jax.training import data as train_data
@@ -124,7 +124,7 @@ def check_outputs(config, workdir: Path, data_root, out) -> None:
 
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
-                 samples: int = 1, qa: bool = False):
+                 samples: int = 1, qa: bool = False, checkpoint: int | str = "best"):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -139,6 +139,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       qa: then run the fidelity checks on every case
         (:func:`sct_jax.evaluation.qa_report.qa_predictions`): ``<id>/qa.json`` and
         ``<id>/qa.png``, and a case x check table.
+      checkpoint: ``"best"`` (the lowest validation MAE; the latest when the run was
+        never validated), ``"latest"`` or a step number.
 
     Returns:
       The :class:`scoring.ScoreReport`.
@@ -146,23 +148,27 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     workdir = Path(workdir)
     check_outputs(config, workdir, data_root, out)
     t0 = time.perf_counter()
+    step = loop.resolve_checkpoint(config, workdir, checkpoint)
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
-                                            samples=samples)
-    print(f"predicted {len(cases)} case(s) in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
+                                            samples=samples, checkpoint=step)
+    print(f"predicted {len(cases)} case(s) with the step-{step} checkpoint ({checkpoint}) "
+          f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else train_data.dataset_root(config)
     # Only this call's predictions: a file left by an earlier call is never scored.
     report = scoring.evaluate_folder(pred_dir, root, out=out,
                                      region=config.data.region or None,
                                      case_ids=[c.id for c in cases])
+    json_path, _ = scoring.output_paths(pred_dir, out)
     with_ct = [c for c in cases if c.ct is not None]
+    base = None
     if with_ct:
         base = baseline_scores(with_ct)
-        json_path, _ = scoring.output_paths(pred_dir, out)
         atomic_write_text(json_path.with_name(json_path.stem + "_baseline.json"),
                           json.dumps({"baseline": f"constant {SOFT_TISSUE_HU:g} HU in the body",
                                       "mean": base}, indent=2))
         print(f"baseline (constant {SOFT_TISSUE_HU:g} HU soft tissue): MAE {base['mae']:.1f} HU, "
               f"PSNR {base['psnr']:.2f} dB, SSIM {base['ssim']:.4f}")
+    panel_png, std_png = {}, {}
     if config.eval.panels if panels is None else panels:
         scores = {c.id: c.metrics for c in report.cases}
         for case in cases:
@@ -174,9 +180,24 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
             figures.save_case_panel(pred_dir / case.id / "panel.png", data.mr.data,
                                     data.ct.data if data.ct is not None else None, sct,
                                     data.mask, spacing=data.mr.spacing, title=title)
+            panel_png[case.id] = (pred_dir / case.id / "panel.png").read_bytes()
         print(f"panels: {pred_dir}/<id>/panel.png")
+    if samples > 1:
+        for case in cases:
+            std = load_volume(pred_dir / case.id / "sct_std.nii.gz").data
+            std_png[case.id] = report_html.std_map_png(std, synthrad.load_case(case).mask)
+    verdicts = None
     if qa:
-        qa_report.qa_predictions(config, workdir, pred_dir, cases, samples=samples)
+        qa_reports = qa_report.qa_predictions(config, workdir, pred_dir, cases,
+                                              samples=samples, checkpoint=step)
+        verdicts = {case_id: r["status"] for case_id, r in qa_reports.items()}
+    page = report_html.write(
+        report_html.path_for(json_path), report, title=config.name or config.method,
+        baseline=base, baseline_label=f"constant {SOFT_TISSUE_HU:g} HU in the body (baseline)",
+        qa=verdicts, panels=panel_png, std_maps=std_png,
+        notes=(f"{workdir}: step-{step} checkpoint ({checkpoint}); "
+               f"{samples} sample(s) per case; data {root}",))
+    print(f"report: {page}")
     return report
 
 

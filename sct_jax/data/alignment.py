@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sct_jax.data import synthrad
 from sct_jax.data.io import VOLUME_SUFFIXES, load_volume
 from sct_jax.errors import DataError
 
@@ -103,20 +104,21 @@ def normalized_mutual_information(mr: np.ndarray, ct: np.ndarray,
     return 2.0 if h_joint == 0.0 else (h_mr + h_ct) / h_joint
 
 
-def _find_volume(case_dir: Path, name: str) -> Path:
-    for suffix in VOLUME_SUFFIXES:
-        if (case_dir / f"{name}{suffix}").is_file():
-            return case_dir / f"{name}{suffix}"
-    raise DataError(f"{case_dir}: no {name} volume ({name}.nii.gz, {name}.mha, ...)")
-
-
 def load_case_arrays(case_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mr, ct, mask)`` arrays of a SynthRAD-layout case folder."""
+    """``(mr, ct, mask)`` arrays of a SynthRAD-layout case folder (all three required;
+    files found as :func:`sct_jax.data.synthrad.discover_cases` finds them)."""
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise DataError(f"{case_dir}: case folder not found")
-    arrays = [load_volume(_find_volume(case_dir, name)).data for name in ("mr", "ct", "mask")]
-    return arrays[0], arrays[1], arrays[2]
+    cases = synthrad.discover_cases(case_dir)
+    if len(cases) != 1 or cases[0].dir != case_dir:
+        raise DataError(f"{case_dir}: no mr volume (mr.nii.gz, mr.mha, ...)")
+    case = cases[0]
+    for role in ("ct", "mask"):
+        if getattr(case, role) is None:
+            raise DataError(f"{case_dir}: no {role} volume ({role}.nii.gz, {role}.mha, ...)")
+    mr, ct, mask = (load_volume(getattr(case, role)).data for role in ("mr", "ct", "mask"))
+    return mr, ct, mask
 
 
 def _as_arrays(case_id: str, case) -> tuple:

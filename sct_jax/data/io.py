@@ -12,13 +12,14 @@ target folder and renamed, so a crash never leaves a half-written output behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -28,8 +29,19 @@ from sct_jax.errors import DataError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 METAIMAGE_SUFFIXES = (".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES
-# nibabel/SimpleITK LPS <-> RAS: flip the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# World axes: the affines here are NIfTI's RAS+; ITK (.mha) and DICOM use LPS+. One
+# flip of the first two world axes turns either into the other (it is its own inverse).
+_RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def ras_to_lps(affine: np.ndarray) -> np.ndarray:
+    """A ``(4, 4)`` voxel -> RAS+ mm affine as voxel -> LPS+ mm (float64)."""
+    return _RAS_LPS_FLIP @ np.asarray(affine, dtype=np.float64)
+
+
+def lps_to_ras(affine: np.ndarray) -> np.ndarray:
+    """A ``(4, 4)`` voxel -> LPS+ mm affine as voxel -> RAS+ mm (float64)."""
+    return _RAS_LPS_FLIP @ np.asarray(affine, dtype=np.float64)
 
 
 @dataclasses.dataclass
@@ -212,7 +224,7 @@ def _load_metaimage(path: Path, dtype):
     lps = np.eye(4)
     lps[:3, :3] = direction * spacing[None, :]
     lps[:3, 3] = img.GetOrigin()
-    return data, _LPS_TO_RAS @ lps, None
+    return data, lps_to_ras(lps), None
 
 
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
@@ -237,13 +249,11 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
     if suffix not in writable:
         raise DataError(f"{path}: unsupported output type (expected one of "
                         f"{', '.join(writable)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
     if data.dtype == bool:  # NIfTI has no boolean type: a mask is stored as uint8
         data = data.astype(np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    # The full suffix (.nii.gz): nibabel picks the format from the file name.
+    with atomic_path(path, suffix=suffix) as tmp:
         if suffix in NIFTI_SUFFIXES:
             hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
             # An explicit dtype: nibabel refuses int64 data without one.
@@ -262,12 +272,6 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray,
             nib.save(img, tmp)
         else:
             _save_metaimage(path, tmp, data, affine)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -276,7 +280,7 @@ def _save_metaimage(path: Path, tmp: str, data: np.ndarray, affine: np.ndarray) 
         import SimpleITK as sitk
     except ImportError as e:
         raise DataError(f"{path}: writing .mha needs SimpleITK") from e
-    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    lps = ras_to_lps(affine)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     img = sitk.GetImageFromArray(np.asarray(data).transpose(2, 1, 0))
     img.SetSpacing(tuple(float(s) for s in spacing))
@@ -295,17 +299,40 @@ def save_like(path: str | os.PathLike, data: np.ndarray, reference: Volume,
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes a text file (CSV, JSON) atomically."""
+    """Writes a text file (CSV, JSON, HTML) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` that becomes ``path`` when the block succeeds.
+
+    Every output of the project is written this way, so a reader never sees a half
+    file and a failed write leaves nothing behind::
+
+        with atomic_path(out / "panel.png") as tmp:
+            fig.savefig(tmp, format="png")
+
+    Args:
+      path: the final file (its folder is created).
+      suffix: the temporary name's suffix (default ``path``'s last suffix); writers
+        that choose the format from the name need the full one (``.nii.gz``).
+
+    Yields:
+      The temporary path (an empty file, readable by everyone once renamed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix if suffix is None else suffix,
+                               dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return path

@@ -31,9 +31,7 @@ motion, scaled.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,7 @@ from scipy import ndimage
 
 from sct_jax.data import phantom_anatomy as anatomy
 from sct_jax.data import phantom_shapes as shapes
-from sct_jax.data.io import atomic_write_text, load_volume, save_volume
+from sct_jax.data.io import atomic_path, atomic_write_text, load_volume, save_volume
 from sct_jax.errors import DataError
 
 REGIONS = ("pelvis", "brain")
@@ -54,7 +52,7 @@ _STREAM_ANATOMY, _STREAM_APPEARANCE, _STREAM_MOTION = 0, 1, 2
 _PARTIAL_VOLUME_VOX = (0.6, 0.6, 0.5)  # tissue borders blur by this much before sampling
 
 # Per tissue (index = anatomy label): CT mean HU, CT texture std, case-to-case CT spread,
-# T1 signal relative to fat, T1 texture std (DESIGN.md section 4).
+# T1 signal relative to fat, T1 texture std (cortical bone and air are both void in MR).
 _TISSUE_TABLE = np.array([
     # ct_hu, ct_tex, ct_jitter, t1, t1_tex
     [-1000.0, 0.0, 0.0, 0.00, 0.00],   # air, bowel gas, sinuses: void in MR
@@ -426,16 +424,8 @@ def save_phantom_panel(case_dir, out_png) -> Path:
             ax.set_title(f"{label}, {view}", fontsize=9)
     fig.suptitle(f"phantom case {case_dir.name}", fontsize=10)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out_png
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 
 from sct_jax.data import preprocess, synthrad
-from sct_jax.data.io import atomic_write_text
+from sct_jax.data.io import atomic_path, atomic_write_text
 from sct_jax.errors import ConfigError, DataError
 
 _CACHE_VERSION = 2
@@ -67,18 +66,10 @@ def _cache_key(case: synthrad.Case, mr_percentiles: Sequence[float]) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # Fortran order: an axial slice arr[:, :, z] is then one contiguous block of the
         # memory map (C order would gather X*Y values strided by Z).
         np.save(tmp, np.asfortranarray(array))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def prepare_case(case: synthrad.Case, cache_dir: str | Path,

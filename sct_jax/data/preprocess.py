@@ -1,6 +1,6 @@
 """Intensity normalisation, centred crop/pad and body masks.
 
-Conventions (DESIGN.md section 4): CT is clipped to ``[HU_MIN, HU_MAX]`` and mapped
+Conventions: CT is clipped to ``[HU_MIN, HU_MAX]`` and mapped
 linearly to ``[-1, 1]``; MR is normalised per patient by robust percentiles inside the
 body mask. Models see ``[-1, 1]`` on both sides; predictions go back to HU with
 :func:`unit_to_ct`.

@@ -89,10 +89,18 @@ def _psnr(ct_v: np.ndarray, sct_v: np.ndarray) -> float:
     return float(10.0 * np.log10(DATA_RANGE**2 / mse))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap ``2 |A & B| / (|A| + |B|)`` of two boolean arrays of one shape.
+
+    The project's one Dice (bone Dice here, the body outline of the QA checks).
+    Convention: NaN when both are empty. The overlap of nothing with nothing is
+    undefined, and a case without bone must not score as a perfect bone match: NaN is
+    left out of the case means (``ScoreReport.summary``), where 1.0 would inflate them.
+    """
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = int(a.sum()) + int(b.sum())
     if total == 0:
-        return math.nan  # No bone in either image: the overlap is undefined.
+        return math.nan
     return float(2.0 * np.logical_and(a, b).sum() / total)
 
 
@@ -170,7 +178,7 @@ def dice_bone(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
       ``2 |A & B| / (|A| + |B|)``; NaN when neither image has bone in the mask.
     """
     ct_v, sct_v = _masked_pair(*_check_inputs(ct, sct, mask))
-    return _dice(ct_v > BONE_ABOVE, sct_v > BONE_ABOVE)
+    return dice(ct_v > BONE_ABOVE, sct_v > BONE_ABOVE)
 
 
 def ssim(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
@@ -304,6 +312,6 @@ def synthrad_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> dict[
         "ssim": ssim(ct, sct, mask),
         "me": float((sct_v - ct_v).sum() / ct_v.size),
         **_tissue_mae(ct_v, sct_v),
-        "dice_bone": _dice(ct_v > BONE_ABOVE, sct_v > BONE_ABOVE),
+        "dice_bone": dice(ct_v > BONE_ABOVE, sct_v > BONE_ABOVE),
     }
     return {name: result[name] for name in METRIC_NAMES}

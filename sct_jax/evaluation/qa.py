@@ -49,6 +49,7 @@ from scipy import ndimage
 from sct_jax.data.alignment import normalized_mutual_information
 from sct_jax.data.preprocess import HU_MAX, HU_MIN
 from sct_jax.errors import ConfigError, DataError
+from sct_jax.evaluation.metrics import dice
 # Re-exported (callers use ``qa.<name>``): the reference profile and its tissue bins.
 from sct_jax.evaluation.qa_profile import (  # noqa: F401
     AIR_FAT_HU, BUILTIN_RANGES, FAT_SOFT_HU, PROFILE_KIND, PROFILE_STATS, SOFT_BONE_HU,
@@ -166,12 +167,6 @@ def _dilate_in_plane(mask: np.ndarray, steps: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure, iterations=steps)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
 def check_hu_range(sct, body) -> dict:
     """(a) Non-finite voxels anywhere, or body voxels outside :data:`PLAUSIBLE_HU`."""
     finite = np.isfinite(sct)
@@ -261,7 +256,11 @@ def slice_continuity_scores(sct: np.ndarray, body: np.ndarray) -> np.ndarray:
 
 
 def check_body_outline(body, sct, body_name: str) -> tuple[dict, np.ndarray]:
-    """(d) Dice of ``body`` with the sCT's body; returns the check and their XOR."""
+    """(d) Dice of ``body`` with the sCT's body; returns the check and their XOR.
+
+    ``body`` is never empty (:func:`run_qa` refuses an empty body), so the Dice is
+    defined (:func:`sct_jax.evaluation.metrics.dice` is NaN only for two empty masks).
+    """
     sct_body = sct_body_outline(sct)
     overlap = dice(body, sct_body)
     return _check("body_outline", _below(overlap, OUTLINE_DICE), {"dice": overlap},

@@ -22,7 +22,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from sct_jax import methods
 from sct_jax.data import preprocess, synthrad
-from sct_jax.data.io import atomic_write_text, load_volume
+from sct_jax.data.io import atomic_path, atomic_write_text, load_volume
 from sct_jax.errors import DataError
 from sct_jax.evaluation import qa
 from sct_jax.inference import windows as inference
@@ -92,16 +91,8 @@ def save_qa_figure(path: str | os.PathLike, sct: np.ndarray, result: qa.QAResult
     fig.suptitle(f"{title + ': ' if title else ''}QA {report['status'].upper()}"
                  + (f" - {', '.join(bad)}" if bad else ""), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a figure is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -190,7 +181,8 @@ def qa_case(case_data: synthrad.CaseData, case_dir: str | os.PathLike, reference
 
 
 def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLike,
-                   cases: Sequence[synthrad.Case], samples: int = 1) -> dict[str, dict]:
+                   cases: Sequence[synthrad.Case], samples: int = 1,
+                   checkpoint: int | str = "best") -> dict[str, dict]:
     """QA of every case of a prediction folder (see the module docstring); prints a table.
 
     Args:
@@ -199,6 +191,7 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
       pred_dir: the folder :func:`~sct_jax.inference.predict.predict_split` wrote.
       cases: the predicted cases.
       samples: the ``samples`` the folder was predicted with.
+      checkpoint: the checkpoint the folder was predicted with (the cycle model).
 
     Returns:
       ``{case id: QA report}``.
@@ -208,7 +201,7 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
     atomic_write_text(pred_dir / "qa_reference.json", json.dumps(reference, indent=1) + "\n")
     ct_to_mr = None
     if hasattr(methods.get_method(config.method), "predict_ct_to_mr"):
-        ct_to_mr = make_ct_to_mr(config, loop.load_state(config, workdir)[1])
+        ct_to_mr = make_ct_to_mr(config, loop.load_state(config, workdir, step=checkpoint)[1])
     reports = {}
     for case in cases:
         result = qa_case(synthrad.load_case(case), pred_dir / case.id, reference,

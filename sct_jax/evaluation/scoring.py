@@ -39,8 +39,8 @@ from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.io_guard import refuse_overwrite
 
-# Metric -> (table header, number format).
-_TABLE_COLUMNS = {
+# Metric -> (table header, number format); report_html.py shows the same.
+TABLE_COLUMNS = {
     "mae": ("MAE", "{:.2f}"), "psnr": ("PSNR", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
     "me": ("ME", "{:.2f}"), "mae_air": ("MAE air", "{:.1f}"),
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
@@ -288,9 +288,9 @@ def format_table(report: ScoreReport) -> str:
     """A plain-text table: one line per case, then ``mean`` and ``std`` lines and a
     line that counts the scored and unscored cases."""
     def fmt(name: str, value: float) -> str:
-        return _TABLE_COLUMNS[name][1].format(value)
+        return TABLE_COLUMNS[name][1].format(value)
 
-    header = ["id", "region"] + [_TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
+    header = ["id", "region"] + [TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
     rows = [[c.id, c.region] + [fmt(n, c.metrics[n]) for n in METRIC_NAMES]
             for c in report.cases]
     summary = report.summary()

@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sct_jax.data.io import Volume
+from sct_jax.data.io import Volume, ras_to_lps
 from sct_jax.errors import DataError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -56,7 +56,6 @@ LIKE_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDa
              "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
              "FrameOfReferenceUID", "PatientPosition")
 log = logging.getLogger(__name__)
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORTHOGONALITY_TOLERANCE = 1e-4
 
 
@@ -76,7 +75,7 @@ def slice_geometry(affine: np.ndarray, shape: Sequence[int]) -> dict:
     Raises:
       DataError: a singular, sheared or tilted affine (DICOM slices cannot carry it).
     """
-    lps = _RAS_TO_LPS @ np.asarray(affine, np.float64)
+    lps = ras_to_lps(affine)
     columns = lps[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if not np.all(np.isfinite(columns)) or np.any(spacing <= 0):

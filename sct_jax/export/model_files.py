@@ -102,7 +102,7 @@ def serialize_predict(config, state) -> tuple[bytes, dict]:
 
 def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
                  model: LoadedModel | None = None, serialized: bool = True) -> Path:
-    """Writes the model directory of the run in ``workdir`` (latest checkpoint).
+    """Writes the model directory of the run in ``workdir`` (its best checkpoint).
 
     Raises:
       DataError: no run in ``workdir``, or ``out_dir`` exists and is not a model

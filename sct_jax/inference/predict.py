@@ -1,8 +1,9 @@
 """Predict the evaluation split of a trained run, write sCT NIfTIs, score and draw them.
 
-``predict_split(config, workdir)`` restores the latest checkpoint, predicts every case
-of ``config.eval.split`` (2D models slice by slice over the whole field of view, 3D
-models by sliding windows),
+``predict_split(config, workdir)`` restores the best checkpoint (the lowest validation
+MAE; the latest when the run was never validated; ``checkpoint=`` picks another),
+predicts every case of ``config.eval.split`` (2D models slice by slice over the whole
+field of view, 3D models by sliding windows),
 brings each MR onto the training grid and back (:mod:`sct_jax.inference.geometry`),
 writes ``<out>/<id>/sct.nii.gz`` in HU on the MR's grid (affine and header), and
 returns the prediction folder; ``evaluate.py`` then scores it with the SynthRAD2023
@@ -212,7 +213,8 @@ def predict_draws(config, state, mr: Volume, mask: np.ndarray | None,
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
                   out_dir: str | Path | None = None,
-                  samples: int = 1) -> tuple[Path, list[synthrad.Case]]:
+                  samples: int = 1,
+                  checkpoint: int | str = "best") -> tuple[Path, list[synthrad.Case]]:
     """Predicts the evaluation cases and writes their sCT NIfTIs.
 
     Args:
@@ -222,6 +224,7 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       out_dir: where to write ``<id>/sct.nii.gz`` (default ``workdir/predictions``).
       samples: sCT samples per case (sampling methods only): with ``K > 1``,
         ``sct.nii.gz`` is their mean and ``sct_std.nii.gz`` their standard deviation.
+      checkpoint: ``"best"``, ``"latest"`` or a step (see :func:`loop.load_state`).
 
     Returns:
       ``(out_dir, cases)``.
@@ -235,7 +238,7 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)
-    step, state = loop.load_state(config, workdir)
+    step, state = loop.load_state(config, workdir, step=checkpoint)
     log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
              len(cases), samples, step)
     geometry = geometry_lib.run_geometry(config, workdir)

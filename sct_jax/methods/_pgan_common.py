@@ -267,6 +267,7 @@ def pelvis_config(method: str, variants: set[str]):
     c.train.steps = 290_000
     c.train.log_every = 100
     c.train.ckpt_every = 5000
+    c.train.eval_every = c.train.image_every = 5000  # validation + images
 
     if "small" in variants:
         c.name += "_small"
@@ -278,6 +279,7 @@ def pelvis_config(method: str, variants: set[str]):
         c.train.steps = 1200
         c.train.log_every = 50
         c.train.ckpt_every = 400
+        c.train.eval_every = c.train.image_every = 200  # validation + images
     if "tiny" in variants:
         c.name += "_tiny"
         c.data.phantom.shape = (48, 32, 8)

@@ -12,7 +12,6 @@ from flax.training import train_state
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial
 from sct_jax.models.resnet_generator import check_resnet_input
-from sct_jax.training.logging import tree_norm
 
 TrainState = train_state.TrainState
 
@@ -36,6 +35,10 @@ def apply_updates(state: TrainState, grads: Any, prefix: str) -> tuple[TrainStat
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # Norms accumulate in float32 whatever the leaves' dtype.
+    def tree_norm(tree):
+        return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
+
     metrics = {f"{prefix}/grad_norm": tree_norm(grads),
                f"{prefix}/update_norm": tree_norm(updates),
                f"{prefix}/param_norm": tree_norm(params)}

@@ -175,6 +175,22 @@ def reconstruct(config, state: dict, ct: jax.Array) -> jax.Array:
     return common.decode_latent(config, params, mu)
 
 
+def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    """The first training patch's centre slice (along its last axis), before the step.
+
+    Returns:
+      ``(D, H)`` arrays: ``ae/ct`` and ``ae/reconstruction`` (through the posterior
+      mean) in [-1, 1], and ``ae/abs_error_hu``.
+    """
+    del rng
+    ct = batch["ct"][:1]
+    recon = reconstruct(config, state, ct)
+    centre = ct.shape[-2] // 2
+    ct_slice, recon_slice = ct[0, ..., centre, 0], recon[0, ..., centre, 0]
+    return {"ae/ct": ct_slice, "ae/reconstruction": recon_slice,
+            "ae/abs_error_hu": jnp.abs(recon_slice - ct_slice) * common.HU_PER_UNIT}
+
+
 def predict(config, state: dict, mr: jax.Array) -> jax.Array:
     """Not an MR -> CT model: raises ``ConfigError`` (see :func:`reconstruct`)."""
     del state, mr

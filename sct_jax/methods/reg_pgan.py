@@ -115,3 +115,24 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
                "mae_hu": terms["g_l1"] * common.HU_PER_UNIT,
                **d_metrics, **g_metrics, **r_metrics}
     return {**state, "gen": gen_state, "disc": disc_state, "reg": reg_state}, metrics
+
+
+def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    """R's view of the first training slice, before the step about to run.
+
+    Returns:
+      ``(H, W)`` arrays: ``reg/flow_magnitude_px`` (displacement length in pixels),
+      ``reg/flow_rows_px`` and ``reg/flow_cols_px`` (its two components), and in
+      [-1, 1]: ``reg/fake`` (G's output, dropout off), ``reg/registered`` (it warped
+      by R onto the CT) and ``reg/ct``.
+    """
+    del rng
+    ct = batch["ct"][:1]
+    fake = common.predict(config, state, batch["mr"][:1])
+    reg_state = state["reg"]
+    flow = reg_state.apply_fn({"params": reg_state.params}, fake, ct)
+    registered = warp(fake, flow)
+    return {"reg/flow_magnitude_px": jnp.linalg.norm(flow[0], axis=-1),
+            "reg/flow_rows_px": flow[0, ..., 0], "reg/flow_cols_px": flow[0, ..., 1],
+            "reg/fake": fake[0, ..., 0], "reg/registered": registered[0, ..., 0],
+            "reg/ct": ct[0, ..., 0]}

@@ -30,7 +30,6 @@ argument, they are never part of a trained state's optimizer.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sct_jax.data.io import atomic_path
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.models.layers import Conv
 
@@ -295,17 +295,8 @@ def load_vgg_params(path: str | os.PathLike, arch: str) -> dict[str, dict[str, j
 def save_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Writes ``arrays`` to an uncompressed ``.npz`` atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

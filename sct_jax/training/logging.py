@@ -11,14 +11,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-
-def tree_norm(tree: Any) -> jax.Array:
-    """Global L2 norm of every leaf of a pytree (parameters, gradients, updates)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jax.numpy.zeros(())
-    return jax.numpy.sqrt(sum(jax.numpy.sum(jax.numpy.square(x.astype(jax.numpy.float32)))
-                              for x in leaves))
+from sct_jax.data.io import atomic_path
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -88,12 +81,19 @@ class MetricWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), int(step))
 
-    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """``images``: name -> ``(H, W)`` float array, min-max scaled for display.
+    def write_images(self, step: int, images: Mapping[str, np.ndarray],
+                     ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
+        """``images``: name -> ``(H, W)`` float array, scaled to [0, 1] for display.
 
         Each goes to TensorBoard (when enabled) and to
         ``workdir/images/<name>_step<step>.png`` (``/`` in names becomes ``_``), written
         atomically, with the value range in the PNG's metadata.
+
+        Args:
+          step: the training step.
+          images: name -> ``(H, W)`` array.
+          ranges: name -> ``(lo, hi)`` display window (values outside are clipped), so
+            that images of different steps compare; images not named are min-max scaled.
         """
         if not self.enabled:
             return
@@ -105,15 +105,17 @@ class MetricWriter:
         folder.mkdir(exist_ok=True)
         for k, img in images.items():
             img = np.asarray(img, np.float32)
-            lo, hi = float(img.min()), float(img.max())
-            scaled = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+            window = (ranges or {}).get(k)
+            lo, hi = window if window else (float(img.min()), float(img.max()))
+            scaled = (np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo
+                      else np.zeros_like(img))
             if self._tb is not None:
                 self._tb.add_image(k, scaled[None], int(step))
             path = folder / f"{k.replace('/', '_')}_step{int(step)}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            plt.imsave(tmp, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png",
-                       metadata={"Description": f"{k} at step {step}, range [{lo:.6g}, {hi:.6g}]"})
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                plt.imsave(tmp, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png",
+                           metadata={"Description": f"{k} at step {step}, "
+                                                    f"range [{lo:.6g}, {hi:.6g}]"})
 
     def close(self) -> None:
         if self._jsonl is not None:

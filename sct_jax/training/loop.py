@@ -8,7 +8,12 @@
   3. compiles ``train_step`` ahead of time with in/out shardings and donation, logging
      compile time and XLA's memory estimate;
   4. steps, logging JSON lines / TensorBoard / tqdm, checkpointing every N steps, and
-     stopping at the first non-finite metric with the step and the last good checkpoint.
+     stopping at the first non-finite metric with the step and the last good checkpoint;
+  5. every ``config.train.eval_every`` steps predicts and scores the validation split
+     (:mod:`sct_jax.training.validation`), saving that step's checkpoint with its
+     validation MAE so that the best one is kept; every ``config.train.image_every``
+     steps writes a fixed validation slice (MR, CT, sCT, error) and the method's own
+     maps as images.
 
 The step is called through the compiled executable, so a second call can never
 recompile. Metrics are fetched one step late so that the host never waits on the
@@ -32,7 +37,7 @@ from sct_jax import methods
 from sct_jax.config_utils import check_run_config
 from sct_jax.errors import RunFailed, SctError
 from sct_jax.models.layers import precision_kwargs
-from sct_jax.training import checkpoint, run_dir, sharding
+from sct_jax.training import checkpoint, run_dir, sharding, validation
 from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
 
 log = logging.getLogger(__name__)
@@ -184,21 +189,23 @@ def train(config, workdir: str | Path,
 def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
               training_geometry) -> TrainResult:
     """The body of :func:`train` once the run directory is held."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not resuming or not (workdir / "config.json").exists():
-        save_config(config, workdir)
-    if training_geometry is not None:
-        save_geometry(training_geometry, workdir)
     iterator = iter(dataset)
     start_position = iterator.get_state()
     spec = sharding.batch_spec(next(iterator))
     iterator.set_state(start_position)
-    save_batch_spec(spec, workdir)
 
     rng = jax.random.key_data(jax.random.key(config.seed))
     init_rng, base_rng = jax.random.split(rng)
     create = functools.partial(method.create_state, config, batch_spec=spec)
     abstract_state = jax.eval_shape(create, init_rng)
+    # Validation is configured (and refused) before anything is written to the workdir.
+    validator = validation.build(config, abstract_state, spec["mr"], training_geometry)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not resuming or not (workdir / "config.json").exists():
+        save_config(config, workdir)
+    if training_geometry is not None:
+        save_geometry(training_geometry, workdir)
+    save_batch_spec(spec, workdir)
     compiled, state_shardings, compile_s = build_step(method, config, mesh, abstract_state, spec)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
@@ -208,7 +215,9 @@ def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 abstract_state, state_shardings)
         start_step, state = ckpt.restore(abstract, iterator)
-        log.info("resumed from step %d", start_step)
+        if jax.process_index() == 0:
+            print(f"resumed from step {start_step} (checkpoint "
+                  f"{ckpt.directory / str(start_step)})", flush=True)
     else:
         state = jax.jit(create, out_shardings=state_shardings)(init_rng)
     base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
@@ -218,6 +227,7 @@ def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
         writer.mark_resume(start_step)  # drops records past the checkpoint, marks the resume
     write_images = image_summary_fn(method, config, mesh)
     image_every = int(config.train.get("image_every", 0))
+    eval_every = int(config.train.get("eval_every", 0))
     total = int(config.train.steps)
     bar = _progress(config, start_step, total)
     last_metrics: dict[str, float] = {}
@@ -251,10 +261,20 @@ def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
             if pending is not None:
                 check(pending)
             pending = (step, metrics)
-            if step % config.train.ckpt_every == 0 or step == total:
-                check(pending)  # never checkpoint a diverged state
+            validated = None
+            if validation.is_due(eval_every, step, total) or \
+                    (validator is not None and validation.is_due(image_every, step, total)):
+                check(pending)  # never validate or draw a diverged state
                 pending = None
-                ckpt.save(step, state, iterator, force=True)
+                validated = _validate(validator, writer, bar, state, step, total,
+                                      eval_every, image_every)
+            if step % config.train.ckpt_every == 0 or step == total or validated:
+                if pending is not None:
+                    check(pending)  # never checkpoint a diverged state
+                    pending = None
+                # A validated step is always saved: it may be the best one to keep.
+                ckpt.save(step, state, iterator, force=True,
+                          metrics=validation.checkpoint_metrics(validated or {}))
             if bar is not None:
                 bar.update(1)
         if pending is not None:
@@ -268,6 +288,22 @@ def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
                        workdir=workdir)
 
 
+def _validate(validator, writer, bar, state, step: int, total: int, eval_every: int,
+              image_every: int) -> dict[str, float] | None:
+    """The validation pass and/or validation images of ``step``; returns the metrics."""
+    values, sct = None, None
+    if validation.is_due(eval_every, step, total):
+        values, sct = validator.evaluate(state)
+        writer.write_scalars(step, values)
+        echo = bar.write if bar is not None else functools.partial(print, flush=True)
+        if jax.process_index() == 0:
+            validation.announce(step, values, len(validator.cases), echo=echo)
+    if validation.is_due(image_every, step, total):
+        images, ranges = validator.images(state, sct)
+        writer.write_images(step, images, ranges)
+    return values
+
+
 def _progress(config, start: int, total: int):
     if not config.train.progress or jax.process_index() != 0 or start >= total:
         return None
@@ -276,13 +312,14 @@ def _progress(config, start: int, total: int):
                 unit="step", dynamic_ncols=True)
 
 
-def load_state(config, workdir: str | Path, step: int | None = None) -> tuple[int, Any]:
+def load_state(config, workdir: str | Path, step: int | str = "best") -> tuple[int, Any]:
     """Restores a trained state (for prediction) without a data iterator.
 
     Args:
       config: the experiment config.
       workdir: the run directory.
-      step: which checkpoint; default the latest.
+      step: which checkpoint: ``"best"`` (the lowest validation MAE; the latest when
+        the run was never validated), ``"latest"`` or a step number.
 
     Returns:
       ``(step, state)`` on the default device(s), replicated.
@@ -297,11 +334,28 @@ def load_state(config, workdir: str | Path, step: int | None = None) -> tuple[in
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                             abstract_state)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    if ckpt.latest_step() is None:
-        raise SctError(f"{ckpt.directory}: no checkpoint found; train first with "
-                       f"python train.py --config ... --workdir {workdir}")
     try:
-        return ckpt.restore(abstract, step=step)
+        if ckpt.latest_step() is None:
+            raise SctError(f"{ckpt.directory}: no checkpoint found; train first with "
+                           f"python train.py --config ... --workdir {workdir}")
+        return ckpt.restore(abstract, step=ckpt.resolve(step))
+    finally:
+        ckpt.close()
+
+
+def resolve_checkpoint(config, workdir: str | Path, which: int | str = "best") -> int:
+    """The step ``which`` names in ``workdir``: ``"best"``, ``"latest"`` or a step.
+
+    For entry points that restore more than once (prediction, then the QA's cycle
+    model): resolve once, then pass the step to :func:`load_state`.
+
+    Raises:
+      ConfigError: ``which`` is not best, latest or a step number.
+      SctError: no checkpoint, or none at that step.
+    """
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+        return ckpt.resolve(which)
     finally:
         ckpt.close()
 

@@ -1,0 +1,162 @@
+"""``report.html``: one self-contained page per evaluation, readable offline.
+
+Written next to the metrics JSON/CSV by ``evaluate.py``: the case table (MAE, PSNR,
+SSIM, ME, MAE per tissue class, bone Dice, and the QA verdict when QA ran), the mean
+and standard deviation over the cases, the constant soft-tissue baseline when it was
+scored, then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
+(``--samples K``), the map of the per-voxel standard deviation of the samples. Every
+image is embedded as base64 PNG and the page has no script or external resource, so it
+can be mailed or archived as one file.
+
+The numbers use the formats of the printed table (``scoring.format_table``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from sct_jax.data.io import atomic_write_text
+from sct_jax.evaluation.metrics import METRIC_NAMES
+from sct_jax.evaluation.scoring import TABLE_COLUMNS, ScoreReport
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.summary td { font-weight: bold; background: #f2f2f2; }
+tr.baseline td { font-style: italic; background: #fafafa; }
+td.pass { color: #17692b; } td.warn { color: #8a5a00; } td.fail { color: #a11; }
+figure { display: inline-block; margin: 0.5em 1em 1em 0; vertical-align: top; }
+figcaption { font-size: 0.9em; color: #555; }
+img { max-width: 100%; }
+"""
+
+
+def format_value(name: str, value: float | None) -> str:
+    """A metric as the table shows it (``n/a`` for NaN, ``inf`` for a perfect PSNR)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return TABLE_COLUMNS[name][1].format(value)
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def std_map_png(std: np.ndarray, mask: np.ndarray, title: str = "") -> bytes:
+    """The axial slice at the body's centre of a ``(X, Y, Z)`` std map (HU), as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    zs = np.flatnonzero(np.asarray(mask).any(axis=(0, 1)))
+    z = int(zs[len(zs) // 2]) if zs.size else std.shape[2] // 2
+    plane = np.asarray(std[:, :, z], np.float32).T
+    fig, ax = plt.subplots(figsize=(4.2, 4.2 * plane.shape[0] / max(plane.shape[1], 1) + 0.4))
+    im = ax.imshow(plane, cmap="magma", origin="lower", vmin=0.0,
+                   vmax=max(float(np.percentile(plane, 99.5)), 1.0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"sample std (HU), axial slice {z}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def _cells(values: Mapping[str, float | None]) -> str:
+    return "".join(f'<td data-metric="{n}">{html.escape(format_value(n, values.get(n)))}</td>'
+                   for n in METRIC_NAMES)
+
+
+def render(report: ScoreReport, *, title: str, baseline: Mapping[str, float] | None = None,
+           baseline_label: str = "baseline", qa: Mapping[str, str] | None = None,
+           panels: Mapping[str, bytes] | None = None,
+           std_maps: Mapping[str, bytes] | None = None,
+           notes: tuple[str, ...] = ()) -> str:
+    """The page's HTML text.
+
+    Args:
+      report: the scored cases.
+      title: the page's heading (run name).
+      baseline: mean metrics of the constant baseline, when scored.
+      baseline_label: its row's label.
+      qa: case id -> overall QA status (``pass``/``warn``/``fail``), when QA ran.
+      panels: case id -> PNG bytes of its panel.
+      std_maps: case id -> PNG bytes of its sample std map.
+      notes: lines shown under the title (checkpoint, samples, data).
+    """
+    qa = dict(qa or {})
+    header = "".join(f"<th>{html.escape(TABLE_COLUMNS[n][0])}</th>" for n in METRIC_NAMES)
+    qa_header = "<th>QA</th>" if qa else ""
+    rows = []
+    for case in report.cases:
+        verdict = qa.get(case.id, "")
+        qa_cell = (f'<td class="{html.escape(verdict)}" data-metric="qa">'
+                   f"{html.escape(verdict or 'n/a')}</td>") if qa else ""
+        rows.append(f'<tr data-case="{html.escape(case.id)}"><td>{html.escape(case.id)}</td>'
+                    f"{_cells(case.metrics)}{qa_cell}</tr>")
+    summary = report.summary()
+    empty_qa = "<td></td>" if qa else ""
+    for stat in ("mean", "std"):
+        rows.append(f'<tr class="summary" data-case="{stat}"><td>{stat}</td>'
+                    f"{_cells({n: summary[n][stat] for n in METRIC_NAMES})}{empty_qa}</tr>")
+    if baseline:
+        rows.append(f'<tr class="baseline" data-case="baseline"><td>'
+                    f"{html.escape(baseline_label)}</td>{_cells(baseline)}{empty_qa}</tr>")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}: sCT evaluation</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *[f"<p>{html.escape(line)}</p>" for line in notes],
+        "<p>SynthRAD2023 metrics inside the body mask: MAE and ME in HU, PSNR in dB, "
+        "SSIM; MAE per tissue class of the CT (air &lt; -200 HU, soft tissue, bone &gt; "
+        "250 HU) and the Dice of bone (&gt; 250 HU) in CT and sCT.</p>",
+        f'<table id="metrics"><thead><tr><th>case</th>{header}{qa_header}</tr></thead>',
+        "<tbody>", *rows, "</tbody></table>",
+    ]
+    panels, std_maps = dict(panels or {}), dict(std_maps or {})
+    for case in report.cases:
+        figures = []
+        if case.id in panels:
+            figures.append(f'<figure><img alt="{html.escape(case.id)} panel" '
+                           f'src="{png_data_uri(panels[case.id])}"><figcaption>MR, CT, sCT '
+                           "and |sCT - CT|, axial and coronal</figcaption></figure>")
+        if case.id in std_maps:
+            figures.append(f'<figure><img alt="{html.escape(case.id)} sample std" '
+                           f'src="{png_data_uri(std_maps[case.id])}"><figcaption>per-voxel '
+                           "standard deviation of the samples (HU)</figcaption></figure>")
+        if figures:
+            parts += [f'<section data-case="{html.escape(case.id)}">'
+                      f"<h2>{html.escape(case.id)}</h2>", *figures, "</section>"]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def path_for(json_path: str | os.PathLike) -> Path:
+    """Where the page goes: ``report.html`` beside ``metrics.json`` (the default
+    summary), ``<stem>.html`` beside any other summary path."""
+    json_path = Path(json_path)
+    name = "report.html" if json_path.name == "metrics.json" else json_path.stem + ".html"
+    return json_path.with_name(name)
+
+
+def write(path: str | os.PathLike, report: ScoreReport, **kwargs) -> Path:
+    """Renders :func:`render` and writes it atomically to ``path``."""
+    return atomic_write_text(Path(path), render(report, **kwargs))
