@@ -20,8 +20,10 @@ from sct_jax.training import loop
 
 @pytest.fixture(scope="module")
 def trained_2d(tmp_path_factory):
-    """pix2pix tiny (2D) trained for 2 steps and evaluated (predictions written)."""
-    return _train_and_evaluate("configs/pix2pix_pelvis.py:tiny", tmp_path_factory)
+    """pix2pix tiny (2D) trained for 2 steps and evaluated (predictions written) with
+    whole-slice inference (``eval.tile = (0, 0)``), so the sCT has a simple reference."""
+    return _train_and_evaluate("configs/pix2pix_pelvis.py:tiny", tmp_path_factory,
+                               tile=(0, 0))
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,10 @@ def trained_3d(tmp_path_factory):
     return _train_and_evaluate("configs/pix2pix3d_pelvis.py:tiny", tmp_path_factory)
 
 
-def _train_and_evaluate(config_path, tmp_path_factory):
+def _train_and_evaluate(config_path, tmp_path_factory, tile=None):
     config = load_config_file(config_path)
+    if tile is not None:
+        config.eval.tile = tile
     workdir = tmp_path_factory.mktemp("run")
     result = loop.train(config, workdir)
     report = run.evaluate_run(config, workdir)
@@ -69,8 +73,8 @@ def _centre_window(n, size):
 
 def test_sct_on_disk_is_the_models_output(trained_2d):
     """The written NIfTI is unit_to_ct(G(mr_to_unit(mr))) voxel by voxel, computed here
-    from the raw files: every axial slice centre-cropped/padded (air outside) to the
-    training crop, the generator applied (dropout off), placed back, mapped to HU."""
+    from the raw files: every whole axial slice centre-padded with air to the network's
+    stride, the generator applied (dropout off), cropped back, mapped to HU."""
     config, workdir, _, _ = trained_2d
     assert config.data.context == 0  # one MR channel per slice
     case = train_data.case_splits(config)["test"][0]
@@ -80,7 +84,10 @@ def test_sct_on_disk_is_the_models_output(trained_2d):
     lo, hi = config.data.mr_percentiles
     unit = preprocess.mr_to_unit(mr, mask, lo_pct=lo, hi_pct=hi)
 
-    (h, w), (x, y, z) = tuple(config.data.crop), mr.shape
+    stride = 2 ** int(config.model.gen.num_downs)
+    (x, y, z) = mr.shape
+    h, w = (-(-max(n, stride) // stride) * stride for n in (x, y))
+    assert (h, w) != tuple(config.data.crop)  # the whole slice, not the training crop
     (ax, wx, nx), (ay, wy, ny) = _centre_window(x, h), _centre_window(y, w)
     inputs = np.full((z, h, w, 1), -1.0, np.float32)
     inputs[:, wx:wx + nx, wy:wy + ny, 0] = np.moveaxis(unit[ax:ax + nx, ay:ay + ny], 2, 0)

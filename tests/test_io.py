@@ -83,7 +83,10 @@ def test_nifti_round_trip_keeps_data_affine_spacing_and_header(tmp_path, volume_
     np.testing.assert_allclose(ref.header["pixdim"][1:4], SPACING, rtol=1e-6)
     assert ref.header["descrip"].tobytes().rstrip(b"\0") == b"sct_jax test"
     assert ref.header.get_xyzt_units() == ("mm", "sec")
-    assert int(ref.header["qform_code"]) == 1 and int(ref.header["sform_code"]) == 1
+    # On the reference's own grid its qform/sform codes are kept (an sCT keeps its MR's).
+    assert int(ref.header["qform_code"]) == int(source.header["qform_code"])
+    assert int(ref.header["sform_code"]) == int(source.header["sform_code"]) != 0
+    np.testing.assert_allclose(ref.get_sform(), oblique_affine, atol=1e-5)
     np.testing.assert_allclose(ref.get_qform(), oblique_affine, atol=1e-5)
 
 
