@@ -131,7 +131,9 @@ def test_evaluate_cli_without_checkpoint(tmp_path):
     proc = _cli("evaluate.py", "--config", "configs/pix2pix_pelvis.py:tiny",
                 "--workdir", str(tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: ") and "batch_spec.json" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(tmp_path / "checkpoints") in lines[0] and "no checkpoint" in lines[0]
     assert not (tmp_path / "predictions").exists()
 
 

@@ -31,6 +31,7 @@ motion, scaled.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 

@@ -338,7 +338,11 @@ def load_state(config, workdir: str | Path, step: int | str = "best") -> tuple[i
         if ckpt.latest_step() is None:
             raise SctError(f"{ckpt.directory}: no checkpoint found; train first with "
                            f"python train.py --config ... --workdir {workdir}")
-        return ckpt.restore(abstract, step=ckpt.resolve(step))
+        which = checkpoint.parse_choice(step)
+        if which == "latest" or (which == "best" and ckpt.best_step() is None):
+            # No step pinned: restore the latest, falling back past a damaged one.
+            return ckpt.restore(abstract)
+        return ckpt.restore(abstract, step=ckpt.resolve(which))
     finally:
         ckpt.close()
 
