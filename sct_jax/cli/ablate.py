@@ -259,7 +259,8 @@ def summarize(results: list[RunResult], points: list[str]) -> list[dict[str, Any
     return rows
 
 
-def _cell(mean: float, std: float, fmt: str) -> str:
+def format_cell(mean: float, std: float, fmt: str) -> str:
+    """``mean ± std`` (``mean`` alone for one run; ``n/a`` when there is none)."""
     if math.isnan(mean):
         return "n/a"
     return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
@@ -272,7 +273,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         seeds = str(row["n_seeds"]) + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
         lines.append([row["point"], seeds] + [
-            _cell(row[f"{name}_mean"], row[f"{name}_std"], fmt) for name, _, fmt in COLUMNS])
+            format_cell(row[f"{name}_mean"], row[f"{name}_std"], fmt) for name, _, fmt in COLUMNS])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
             for line in lines]

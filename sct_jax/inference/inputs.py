@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sct_jax.data.io import NIFTI_SUFFIXES, VOLUME_SUFFIXES, Volume, load_volume, volume_suffix
+from sct_jax.data.io import (NIFTI_SUFFIXES, VOLUME_SUFFIXES, Volume, load_volume,
+                            lps_to_ras, volume_suffix)
 from sct_jax.errors import DataError
 
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative slice-gap variation tolerated in a DICOM series.
 _SLICE_GAP_TOLERANCE = 1e-3
 
@@ -187,4 +187,4 @@ def load_dicom_series(folder: str | os.PathLike) -> Volume:
     shapes = {p.shape for p in planes}
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices of different sizes {sorted(shapes)}")
-    return Volume(np.stack(planes, axis=-1), _RAS_FROM_LPS @ lps, None)
+    return Volume(np.stack(planes, axis=-1), lps_to_ras(lps), None)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sct_jax.cli.ablate import format_cell as _cell
 from sct_jax.data.io import atomic_write_text
 
 # (row key, markdown heading, format)
@@ -56,12 +57,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
         entry["note"] = "; ".join(notes)
         out.append(entry)
     return out
-
-
-def _cell(mean: float, std: float, fmt: str) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def markdown(entries: list[dict], title: str = "") -> str:
