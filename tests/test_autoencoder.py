@@ -323,3 +323,22 @@ def test_encoder_and_decoder_match_numpy_reference():
     for out, ref in ((latent, enc_ref), (image, dec_ref)):
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4,
                                    atol=1e-4 * np.abs(ref).max())
+
+
+def test_init_log_variance_sets_the_log_sigma_bias_through_the_config():
+    """``model.ae.init_log_variance`` reaches the log-variance conv's bias (and only it):
+    the ``small`` config starts the posterior at sigma ~ exp(-4), not ~1."""
+    from sct_jax.config_utils import load_config_file
+    from sct_jax.methods import _ldm_common as common
+
+    config = load_config_file("configs/ldm_brain.py:autoencoder,small")
+    assert config.model.ae.init_log_variance == -8.0
+    shape = jax.ShapeDtypeStruct((1, 8, 8, 8, 1), jnp.float32)
+    params = common.build_autoencoder(config).init(KEY, jnp.zeros(shape.shape), KEY)["params"]
+    np.testing.assert_array_equal(params["quant_conv_log_sigma"]["bias"], -8.0)
+    # The reference's init (None): PyTorch's U(-b, b) bias, the other convs unchanged.
+    config.model.ae.init_log_variance = None
+    ref = common.build_autoencoder(config).init(KEY, jnp.zeros(shape.shape), KEY)["params"]
+    bound = 1 / math.sqrt(config.model.ae.latent_channels)
+    assert np.abs(np.asarray(ref["quant_conv_log_sigma"]["bias"])).max() <= bound
+    np.testing.assert_array_equal(ref["quant_conv_mu"]["bias"], params["quant_conv_mu"]["bias"])

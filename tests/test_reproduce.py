@@ -1,4 +1,4 @@
-"""sct-reproduce: the table (mean ± std over seeds), the baselines and the seed02 command."""
+"""sct-reproduce: the table (mean ± std over seeds), the baselines and the seed commands."""
 
 from __future__ import annotations
 
@@ -89,3 +89,30 @@ def test_reproduce_seed02_tiny_writes_every_row(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["seed02", "--tiny", "--seeds", "1", "--out", str(out)]) == 0
     assert "steps in" not in capsys.readouterr().out  # no "training N steps in DIR"
+
+
+@pytest.mark.slow
+def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "seed03"
+    assert cli.main(["seed03", "--tiny", "--seeds", "1", "--out", str(out)]) == 0
+    entries = {e["method"]: e for e in csv.DictReader(io.StringIO(
+        (out / "table.csv").read_text()))}
+    trained = ["LDM (MR concat)", "LDM (ControlNet)", "pix2pix"]
+    fixed = ["constant 40 HU", "mean training CT", "perfect model (floor)"]
+    assert list(entries) == trained + fixed
+    for name in trained + fixed:
+        for key in ("mae_mean", "psnr_mean", "ssim_mean"):
+            assert math.isfinite(float(entries[name][key])), (name, key)
+    for name in trained[:2]:
+        assert "autoencoder recon" in entries[name]["note"]
+        assert "another head's MR" in entries[name]["note"]
+    floor = float(entries["perfect model (floor)"]["mae_mean"])
+    assert 0 < floor < float(entries["mean training CT"]["mae_mean"])
+    # --only retrains nothing it is not asked to; the other rows come from their runs.
+    capsys.readouterr()
+    assert cli.main(["seed03", "--tiny", "--seeds", "1", "--only", "pix2pix",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps in" not in printed and "| LDM (ControlNet) | 1 |" in printed
+    assert cli.main(["seed03", "--tiny", "--only", "ldm", "--out", str(out)]) == 2
+    assert "--only ldm: unknown method" in capsys.readouterr().err

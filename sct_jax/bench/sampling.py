@@ -9,7 +9,8 @@
 (``tests/test_samplers.py``), and a step costs the same network call.
 
 Prints one JSON line per model: the *configured* one (the config's UNet, ControlNet and
-latent size) and the *reduced* one, the size the CPU goals are set for: UNet and
+latent size; for a config conditioned by concatenation, ``:small``, its UNet with the MR
+on the latent grid and no ControlNet) and the *reduced* one, the size the CPU goals are set for: UNet and
 ControlNet channels (32, 64, 64), 1 res block, attention only at the 12^3 level, a
 3-channel 48^3 latent (a 192^3 MR). For each it reports
 
@@ -65,6 +66,7 @@ def reduced_config(config):
                       attention_levels=(False,) * len(r["ae_channels"]),
                       norm_num_groups=32)
     c.model.controlnet.conditioning_embedding_num_channels = r["conditioning_channels"]
+    c.ldm.conditioning = "none"  # the goals are stated for the ControlNet design
     factor = 2 ** (len(r["ae_channels"]) - 1)
     c.data.patch = (r["latent_size"] * factor,) * 3
     return c
@@ -92,29 +94,45 @@ def bench_model(config, label: str, steps: int, batch: int, sampler: str,
                 decode: bool = False,
                 matmul_peak: float = float("nan")) -> dict:
     """Measures one model size; returns (and prints) its JSON record."""
-    unet, controlnet = common.build_unet(config), common.build_controlnet(config)
+    concat = common.is_concat(config)
+    unet = common.build_unet(config)
     mr_shape = (batch, *(int(s) for s in config.data.patch), 1)
     z_shape = common.latent_shape(config, mr_shape)
     key = jax.random.key(0)
     z_abs = jax.ShapeDtypeStruct(z_shape, jnp.float32)
     t_abs = jax.ShapeDtypeStruct((batch,), jnp.int32)
     mr_abs = jax.ShapeDtypeStruct(mr_shape, jnp.float32)
-    unet_params = random_params(jax.eval_shape(unet.init, key, z_abs, t_abs)["params"], 0)
-    cn_params = random_params(
-        jax.eval_shape(controlnet.init, key, z_abs, t_abs, mr_abs)["params"], 1)
     rng = np.random.default_rng(2)
     mr = jnp.asarray(rng.uniform(-1, 1, mr_shape).astype(np.float32))
     x = jnp.asarray(rng.standard_normal(z_shape, np.float32))
     t = jnp.full((batch,), 500, jnp.int32)
     sample_rng = jax.random.key_data(jax.random.key(1))
+    if concat:
+        # The UNet sees the MR on the latent grid at every step: no ControlNet, nothing
+        # to embed beforehand (``cn_params`` stays an empty tree).
+        unet_params = random_params(
+            jax.eval_shape(unet.init, key, z_abs, t_abs, mr_abs)["params"], 0)
+        cn_params = {}
+        embed_s, embed_compile, embedded = 0.0, 0.0, mr
 
-    embed = lambda p, m: embed_conditioning(controlnet, p, m)  # noqa: E731
-    embed_c, embed_compile = timing.compile_timed(embed, cn_params, mr)
-    embed_s, _ = timing.median_seconds(lambda: embed_c(cn_params, mr), 1, warmup=0)
-    embedded = embed_c(cn_params, mr)
+        def make_denoiser(up, cp, emb):
+            del cp
+            return common.concat_denoiser(config, up, emb)
+    else:
+        controlnet = common.build_controlnet(config)
+        unet_params = random_params(jax.eval_shape(unet.init, key, z_abs, t_abs)["params"], 0)
+        cn_params = random_params(
+            jax.eval_shape(controlnet.init, key, z_abs, t_abs, mr_abs)["params"], 1)
+        embed = lambda p, m: embed_conditioning(controlnet, p, m)  # noqa: E731
+        embed_c, embed_compile = timing.compile_timed(embed, cn_params, mr)
+        embed_s, _ = timing.median_seconds(lambda: embed_c(cn_params, mr), 1, warmup=0)
+        embedded = embed_c(cn_params, mr)
+
+        def make_denoiser(up, cp, emb):
+            return common.controlnet_denoiser(config, up, cp, emb)
 
     def call(up, cp, emb, x_t, t_):
-        return common.controlnet_denoiser(config, up, cp, emb)(x_t, t_)
+        return make_denoiser(up, cp, emb)(x_t, t_)
 
     call_c, call_compile = timing.compile_timed(call, unet_params, cn_params, embedded, x, t)
     call_s, call_all, call_cpu = timing.median_wall_and_cpu(
@@ -122,8 +140,8 @@ def bench_model(config, label: str, steps: int, batch: int, sampler: str,
     flops = timing.cost_analysis_flops(call_c)
 
     def loop(up, cp, emb, key_):
-        return common.sample_latents(config, common.controlnet_denoiser(config, up, cp, emb),
-                                     z_shape, key_, num_steps=steps, sampler=sampler)
+        return common.sample_latents(config, make_denoiser(up, cp, emb), z_shape, key_,
+                                     num_steps=steps, sampler=sampler)
 
     loop_c, loop_compile = timing.compile_timed(loop, unet_params, cn_params, embedded,
                                                 sample_rng)
@@ -133,6 +151,7 @@ def bench_model(config, label: str, steps: int, batch: int, sampler: str,
 
     record = {
         "benchmark": "ldm_sampling", "model": label, "sampler": sampler, "steps": steps,
+        "conditioning": "concat" if concat else "controlnet",
         "batch": batch, "latent_shape": list(z_shape[1:]), "mr_shape": list(mr_shape[1:-1]),
         "unet_channels": list(config.model.unet.channels),
         "num_res_blocks": config.model.unet.num_res_blocks,

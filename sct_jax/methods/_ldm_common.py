@@ -62,6 +62,7 @@ def build_autoencoder(config) -> AutoencoderKL:
                          attention_levels=tuple(a.attention_levels),
                          with_encoder_nonlocal_attn=a.nonlocal_attn,
                          with_decoder_nonlocal_attn=a.nonlocal_attn,
+                         init_log_variance=a.get("init_log_variance"),
                          conv_impl=config.model.conv_impl, **precision_kwargs(config))
 
 

@@ -122,7 +122,9 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     z_rng, slice_rng = jax.random.split(rng)
     ct = batch["ct"]
     loss_cfg = config.loss
-    adv_on = ae_state.step >= int(config.ldm.adv_start)
+    # A zero adversarial weight never trains D (its update is skipped, not computed).
+    adv_on = jnp.logical_and(ae_state.step >= int(config.ldm.adv_start),
+                             float(loss_cfg.adv_weight) > 0)
     adv_weight = jnp.where(adv_on, jnp.float32(loss_cfg.adv_weight), 0.0)
 
     def ae_loss_fn(params):

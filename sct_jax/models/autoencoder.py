@@ -284,6 +284,9 @@ class AutoencoderKL(nn.Module):
         ``sigma`` and the reconstruction are float32 whatever it is.
       remat: rematerialise the residual blocks, see
         :data:`~sct_jax.models.layers.REMAT_CHOICES`.
+      init_log_variance: initial bias of the log-variance conv (``None``: PyTorch's
+        default init, the reference's); e.g. ``-8`` starts the posterior at
+        ``sigma = exp(-4)`` so that a short run's latents carry signal from the start.
     """
 
     in_channels: int = 1
@@ -299,6 +302,7 @@ class AutoencoderKL(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = None
     remat: str = "none"
+    init_log_variance: float | None = None
 
     @property
     def downsampling_factor(self) -> int:
@@ -326,12 +330,18 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(with_nonlocal_attn=self.with_decoder_nonlocal_attn,
                                out_channels=self.out_channels, **shared)
 
-        def conv1x1(name):
+        def conv1x1(name, bias_init=None):
             return Conv(self.latent_channels, 1, kernel_init=torch_default_init(
-                self.latent_channels), bias_init=torch_default_init(self.latent_channels),
-                conv_impl=self.conv_impl, dtype=self.dtype, name=name)
+                self.latent_channels), bias_init=bias_init or torch_default_init(
+                    self.latent_channels), conv_impl=self.conv_impl, dtype=self.dtype,
+                name=name)
         self.quant_conv_mu = conv1x1("quant_conv_mu")
-        self.quant_conv_log_sigma = conv1x1("quant_conv_log_sigma")
+        # A short run cannot wait for the log-variance to fall from ~0: Adam moves its
+        # bias by about the learning rate per step, and until it has fallen the latent
+        # is as much noise as signal and the decoder learns to blur.
+        self.quant_conv_log_sigma = conv1x1(
+            "quant_conv_log_sigma", None if self.init_log_variance is None else
+            nn.initializers.constant(float(self.init_log_variance)))
         self.post_quant_conv = conv1x1("post_quant_conv")
 
     def _check_input(self, x: jax.Array) -> None:

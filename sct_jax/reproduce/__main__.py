@@ -35,9 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="output folder (default runs/reproduce/<seed>[_tiny])")
     parser.add_argument("--vgg16", help="seed02: VGG-16 .npz for the perceptual term")
     parser.add_argument("--vgg19", help="seed02: VGG-19 .npz for CTX-pGAN")
-    parser.add_argument("--only", help="seed02: train only these methods (run folder "
-                        "names, comma-separated, e.g. pgan,meta_pgan_slice); the others "
-                        "are reported from their finished runs")
+    parser.add_argument("--only", help="train only these methods (run folder names, "
+                        "comma-separated, e.g. seed02: pgan,meta_pgan_slice; seed03: "
+                        "ldm_concat,pix2pix); the others are reported from their "
+                        "finished runs")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.exit(2, f"error: --seeds {args.seeds}: need at least 1\n")
@@ -52,13 +53,10 @@ def main(argv=None) -> int:
     if module is None:
         parser.exit(2, f"error: sct_jax/reproduce/{args.seed}.py: {args.seed} is not "
                        "available in this version of sct_jax\n")
-    extra = {}
+    extra = {"only": None if args.only is None else
+             tuple(s.strip() for s in args.only.split(",") if s.strip())}
     if args.seed == "seed02":
-        extra = {"vgg16": args.vgg16, "vgg19": args.vgg19,
-                 "only": None if args.only is None else
-                 tuple(s.strip() for s in args.only.split(",") if s.strip())}
-    elif args.only is not None:
-        parser.exit(2, f"error: --only: only seed02 takes it\n")
+        extra.update(vgg16=args.vgg16, vgg19=args.vgg19)
     t0 = time.perf_counter()
     try:
         rows = module.run(out, args.seeds, args.tiny, **extra)

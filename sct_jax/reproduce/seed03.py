@@ -1,6 +1,7 @@
 """Seed 03 (brain latent diffusion vs pix2pix) on the brain phantom.
 
   sct-reproduce seed03 [--seeds 3] [--tiny] [--out runs/reproduce/seed03]
+                       [--only ldm_concat,ldm_controlnet,pix2pix]
 
 Per seed, trains the chained ``configs/ldm_brain.py`` runs of both conditioning modes
 (sharing one autoencoder) and pix2pix on axial slices of the same heads, then predicts
@@ -15,8 +16,10 @@ the held-out test heads and scores them:
 The LDM rows give the mean of :data:`SAMPLES` samples per head and note the
 autoencoder's reconstruction MAE on the test heads (the LDM's ceiling) and, for the
 first seed, the MR-swap check: the MAE when each head is sampled from another head's
-MR (a model that uses the MR must get worse). Baseline rows: constant 40 HU and the mean
-training CT. Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file
+MR (a model that uses the MR must get worse). Baseline rows: constant 40 HU, the mean
+training CT and the perfect-model floor (the phantom's noise-free CT). ``--only`` trains
+a subset of the model rows and reports the others from their finished runs (each
+writes ``reproduce_row.json`` with its config digest). Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file
 matches the config) is skipped, an interrupted one resumes from its checkpoint. One
 ``sct-reproduce`` process per output folder.
 
@@ -48,7 +51,7 @@ DONE_FILE = "stage_done.json"
 SAMPLES = {"small": 4, "tiny": 2}
 # pix2pix on the brain heads: 64 x 80 axial slices padded to 64 x 96 (5 downsamplings).
 PIX2PIX_BRAIN = {"data.region": "brain", "data.phantom.shape": (64, 80, 64),
-                 "data.phantom.cases": 12, "data.crop": (64, 96),
+                 "data.phantom.cases": 20, "data.crop": (64, 96),
                  "name": "pix2pix_brain_small"}
 PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32),
                       "data.crop": (32, 32), "name": "pix2pix_brain_tiny"}
@@ -148,17 +151,55 @@ def mr_swap_mae(config, workdir: Path, cases, references: dict, donors) -> float
     return float(np.mean(maes)) if maes else math.nan
 
 
-def run(out_dir: Path, seeds: int, tiny: bool) -> list[dict]:
-    """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds."""
+# The table's model rows: (label, run folder of the sCT model, its chain of stages).
+CHAINS = (
+    ("LDM (MR concat)", "ldm_concat",
+     (("autoencoder", "ldm_autoencoder"), ("diffusion,concat", "ldm_concat"))),
+    ("LDM (ControlNet)", "ldm_controlnet",
+     (("autoencoder", "ldm_autoencoder"), ("diffusion,unconditional", "ldm_diffusion_uncond"),
+      ("controlnet", "ldm_controlnet"))),
+    ("pix2pix", "pix2pix", ()),
+)
+RESULT_FILE = "reproduce_row.json"
+
+
+def _cached_row(workdir: Path, digest: str) -> dict | None:
+    cached = workdir / RESULT_FILE
+    if cached.exists():
+        record = json.loads(cached.read_text())
+        if record.get("config_digest") == digest:
+            return record["row"]
+    return None
+
+
+def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int) -> list:
+    return [(ldm_config(words, size, {"autoencoder": runs["ldm_autoencoder"],
+                                      "diffusion": runs["ldm_diffusion_uncond"]}, seed),
+             runs[name]) for words, name in chain]
+
+
+def run(out_dir: Path, seeds: int, tiny: bool,
+        only: tuple[str, ...] | None = None) -> list[dict]:
+    """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
+
+    ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
+    others are reported from their finished runs of the same configs, else as not run.
+    """
+    from sct_jax import methods
+    from sct_jax.errors import ConfigError
     from sct_jax.training import data as train_data
 
+    slugs = [slug for _, slug, _ in CHAINS]
+    unknown = sorted(set(only or ()) - set(slugs))
+    if unknown:
+        raise ConfigError(f"--only {','.join(unknown)}: unknown method (expected some of "
+                          f"{', '.join(slugs)})")
     out_dir = Path(out_dir)
     size = "tiny" if tiny else "small"
     samples = SAMPLES[size]
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
-    from sct_jax import methods
     for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet"):
         config = ldm_config(words, size, probe, 0)
         methods.get_method(config.method).validate_config(config)
@@ -172,7 +213,8 @@ def run(out_dir: Path, seeds: int, tiny: bool) -> list[dict]:
         test_cases = test_cases[:first.eval.max_cases]
     loaded = {c.id: baselines.load_reference(c) for c in test_cases}
     references = {i: (ct, mask) for i, (ct, mask, _) in loaded.items()}
-    print(f"[seed03] scoring {len(references)} held-out head(s)")
+    print(f"[seed03] scoring {len(references)} held-out head(s): "
+          f"{', '.join(references)}")
 
     rows = []
     for k in range(int(seeds)):
@@ -180,40 +222,47 @@ def run(out_dir: Path, seeds: int, tiny: bool) -> list[dict]:
         runs = {name: out_dir / name / f"seed{k}" for name in (
             "ldm_autoencoder", "ldm_concat", "ldm_diffusion_uncond", "ldm_controlnet",
             "pix2pix")}
-        ae_config = ldm_config("autoencoder", size, {"autoencoder": runs["ldm_autoencoder"]},
-                               seed)
-        ae_wall = train_stage(ae_config, runs["ldm_autoencoder"])
-        ceiling = autoencoder_ceiling(ae_config, runs["ldm_autoencoder"], references)
-        ae_note = f"autoencoder recon {ceiling:.1f} HU"
-
-        chains = (("LDM (MR concat)", [("diffusion,concat", "ldm_concat")]),
-                  ("LDM (ControlNet)", [("diffusion,unconditional", "ldm_diffusion_uncond"),
-                                        ("controlnet", "ldm_controlnet")]))
-        for label, chain in chains:
-            wall = ae_wall
-            for words, name in chain:
-                config = ldm_config(words, size, {"autoencoder": runs["ldm_autoencoder"],
-                                                  "diffusion": runs["ldm_diffusion_uncond"]},
-                                    seed)
-                wall += train_stage(config, runs[name])
+        for label, slug, chain in CHAINS:
+            stages = (_chain_configs(chain, size, runs, seed) if chain
+                      else [(pix2pix_config(size, seed), runs["pix2pix"])])
+            config, workdir = stages[-1]
+            digest = ablate._config_digest(config)
+            if only is not None and slug not in only:
+                row = _cached_row(workdir, digest)
+                if row is not None:
+                    rows.append(row)
+                elif k == 0:
+                    rows.append(baselines.row(label, {}, None,
+                                              note="not run (not in --only)"))
+                continue
+            wall = 0.0
+            ae_note = ""
+            for stage_config, stage_dir in stages:
+                wall += train_stage(stage_config, stage_dir)
+                if stage_config.method == "ldm_autoencoder":
+                    ceiling = autoencoder_ceiling(stage_config, stage_dir, references)
+                    ae_note = f"autoencoder recon {ceiling:.1f} HU; "
             t0 = time.perf_counter()
-            scores = predict_and_score(config, runs[name], references, samples)
-            note = f"{ae_note}; mean of {samples} samples"
-            if k == 0:
-                swap = mr_swap_mae(config, runs[name], test_cases, references,
-                                   [*test_cases, *splits["train"]])
-                note += f"; another head's MR: MAE {swap:.1f} HU"
-            rows.append(baselines.row(label, scores, seed,
-                                      wall + time.perf_counter() - t0, note))
-
-        config = pix2pix_config(size, seed)
-        wall = train_stage(config, runs["pix2pix"])
-        t0 = time.perf_counter()
-        scores = predict_and_score(config, runs["pix2pix"], references, 1)
-        rows.append(baselines.row("pix2pix", scores, seed, wall + time.perf_counter() - t0,
-                                  "axial slices" + (" 64 x 96" if not tiny else "")))
+            if chain:
+                scores = predict_and_score(config, workdir, references, samples)
+                note = f"{ae_note}mean of {samples} samples"
+                if k == 0:
+                    swap = mr_swap_mae(config, workdir, test_cases, references,
+                                       [*test_cases, *splits["train"]])
+                    note += f"; another head's MR: MAE {swap:.1f} HU"
+            else:
+                scores = predict_and_score(config, workdir, references, 1)
+                note = "axial slices" + (" 64 x 96" if not tiny else "")
+            row = baselines.row(label, scores, seed, wall + time.perf_counter() - t0, note)
+            atomic_write_text(workdir / RESULT_FILE, json.dumps(
+                {"config_digest": digest, "row": row}, indent=1, default=str))
+            rows.append(row)
 
     rows.append(baselines.constant_row(list(references.values())))
     rows.append(baselines.mean_training_ct_row(
         [load_volume(c.ct).data for c in splits["train"]], list(references.values())))
+    ideal = [(baselines.ideal_prediction(c), references[c.id]) for c in test_cases]
+    if all(p is not None for p, _ in ideal):
+        rows.append(baselines.row("perfect model (floor)", baselines.score(ideal),
+                                  note="noise-free CT: CT noise only"))
     return rows
