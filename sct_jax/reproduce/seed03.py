@@ -160,16 +160,8 @@ CHAINS = (
       ("controlnet", "ldm_controlnet"))),
     ("pix2pix", "pix2pix", ()),
 )
-RESULT_FILE = "reproduce_row.json"
-
-
-def _cached_row(workdir: Path, digest: str) -> dict | None:
-    cached = workdir / RESULT_FILE
-    if cached.exists():
-        record = json.loads(cached.read_text())
-        if record.get("config_digest") == digest:
-            return record["row"]
-    return None
+# The same per-run row cache as seed02's.
+from sct_jax.reproduce.seed02 import RESULT_FILE, _cached_row  # noqa: E402
 
 
 def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int) -> list:
