@@ -116,3 +116,8 @@ def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
     assert "steps in" not in printed and "| LDM (ControlNet) | 1 |" in printed
     assert cli.main(["seed03", "--tiny", "--only", "ldm", "--out", str(out)]) == 2
     assert "--only ldm: unknown method" in capsys.readouterr().err
+    # A finished stage of another config is refused, not resumed as this one's.
+    done = out / "ldm_autoencoder" / "seed0" / "stage_done.json"
+    done.write_text(done.read_text().replace('"config_digest": "', '"config_digest": "0'))
+    assert cli.main(["seed03", "--tiny", "--only", "ldm_concat", "--out", str(out)]) == 2
+    assert "holds a finished run of a different config" in capsys.readouterr().err

@@ -189,6 +189,19 @@ def _config_digest(config) -> str:
     return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
 
 
+def refuse_stale_run(workdir: Path, record_name: str) -> None:
+    """Refuses to train into a run directory that holds a finished run of another config.
+
+    Called when ``workdir``'s cache missed: a record ``record_name`` there then belongs to
+    a different config, and training would silently resume that run (same model, other
+    steps or learning rate) and report it as this config's.
+    """
+    record = Path(workdir) / record_name
+    if record.exists():
+        raise ConfigError(f"{workdir}: holds a finished run of a different config "
+                          f"({record_name}); remove it or use another output folder")
+
+
 def run_one(config, workdir: Path, point: str, seed: int,
             echo: Callable[[str], None] = print) -> RunResult:
     """Trains ``config`` into ``workdir`` (or reuses a finished run) and scores it."""
@@ -198,6 +211,7 @@ def run_one(config, workdir: Path, point: str, seed: int,
     if cached is not None:
         echo(f"[ablate] {point} seed {seed}: reusing {workdir / RESULT_FILE}")
         return cached
+    refuse_stale_run(workdir, RESULT_FILE)
     echo(f"[ablate] {point} seed {seed}: training {config.train.steps} steps in {workdir}")
     t0 = time.perf_counter()
     try:

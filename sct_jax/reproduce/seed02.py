@@ -153,6 +153,7 @@ def _train_and_score_locked(label, config, workdir, seed, references, digest) ->
     from sct_jax.training import loop
 
     cached = workdir / RESULT_FILE
+    ablate.refuse_stale_run(workdir, RESULT_FILE)
     print(f"[seed02] {label} seed {seed}: training {config.train.steps} steps in {workdir}",
           flush=True)
     t0 = time.perf_counter()

@@ -48,7 +48,7 @@ from sct_jax.reproduce import baselines
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DONE_FILE = "stage_done.json"
-SAMPLES = {"small": 4, "tiny": 2}
+SAMPLES = {"small": 8, "tiny": 2}
 # pix2pix on the brain heads: 64 x 80 axial slices padded to 64 x 96 (5 downsamplings).
 PIX2PIX_BRAIN = {"data.region": "brain", "data.phantom.shape": (64, 80, 64),
                  "data.phantom.cases": 20, "data.crop": (64, 96),
@@ -86,6 +86,7 @@ def train_stage(config, workdir: Path) -> float:
         if record.get("config_digest") == digest:
             print(f"[seed03] {config.name}: reusing {workdir}")
             return float(record["wall_s"])
+    ablate.refuse_stale_run(workdir, DONE_FILE)
     print(f"[seed03] {config.name}: training {config.train.steps} steps in {workdir}",
           flush=True)
     t0 = time.perf_counter()
