@@ -52,7 +52,6 @@ from ml_collections import config_dict
 
 from sct_jax.config_utils import (accelerator_settings, base_config, parse_variants,
                                    tiny_run_settings)
-from sct_jax.methods._ldm_common import STAGES
 
 SIZES = ("small", "tiny")
 # Conditioning words: the diffusion UNet sees the MR on the latent grid ("concat", the
@@ -60,6 +59,8 @@ SIZES = ("small", "tiny")
 # the full-size default: the ControlNet stage adds the MR).
 CONDITIONING_WORDS = {"concat": "concat", "unconditional": "none"}
 
+# The chained runs, in training order (each names the one before in config.ldm).
+STAGES = ("autoencoder", "diffusion", "controlnet")
 
 def get_config(arg=None):
     from sct_jax.errors import ConfigError

@@ -61,7 +61,7 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sct_jax.cli import guard
+    from sct_jax import guard
     from sct_jax.errors import DataError
     from sct_jax.io_guard import refuse_overwrite
 

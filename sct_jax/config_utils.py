@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
 
     # "data" shards the batch; "fsdp" shards the parameters and optimizer state (and the
-    # batch too: it is split over data x fsdp). See sct_jax.training.sharding.
+    # batch too: it is split over data x fsdp). See sct_jax.sharding.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     c.eval = ml_collections.ConfigDict()

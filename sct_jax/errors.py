@@ -1,6 +1,6 @@
 """Errors that the entry points turn into a one-line message and a non-zero exit.
 
-Exit status of every entry point (``sct_jax.cli.guard``): 0 success (QA: pass or warn),
+Exit status of every entry point (``sct_jax.guard``): 0 success (QA: pass or warn),
 1 the work failed (QA: fail; training diverged; the disk is full), 2 bad input or
 configuration (nothing was written), 3 internal error (a bug: the traceback is kept).
 """

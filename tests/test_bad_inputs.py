@@ -33,7 +33,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from sct_jax.cli import guard
+from sct_jax import runs
+from sct_jax.training import loop
+from sct_jax import guard
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume, save_volume
 from sct_jax.errors import ConfigError, DataError, RunFailed
@@ -403,7 +405,7 @@ def test_run_settings_are_checked(key, value, fragment):
 # ------------------------------------------------------- item 2: lock and config diff
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
-    from sct_jax.training import run_dir
+    from sct_jax.runs import lock as run_dir
     lock = run_dir.RunLock(tmp_path).acquire()
     with pytest.raises(run_dir.RunDirBusy, match=f"held by pid {os.getpid()}"):
         run_dir.RunLock(tmp_path).acquire()
@@ -426,7 +428,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog)
 
 def test_changed_resume_keys_lists_model_and_data_keys_only():
     from sct_jax.config_utils import load_config_file
-    from sct_jax.training import run_dir
+    from sct_jax.runs import lock as run_dir
     config = load_config_file(TINY)
     saved = json.loads(config.to_json_best_effort())
     assert run_dir.changed_resume_keys(saved, config) == []
@@ -456,7 +458,6 @@ def _synthetic(config, local_batch):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """pix2pix tiny, 3 steps, a checkpoint each step: the reference for item 6."""
-    from sct_jax.training import loop
     workdir = tmp_path_factory.mktemp("straight")
     result = loop.train(_tiny(3), workdir, make_dataset=_synthetic)
     return workdir, result
@@ -466,7 +467,6 @@ def test_full_disk_keeps_the_previous_checkpoint_and_resumes_exactly(straight_ru
                                                                     monkeypatch, capsys):
     import grain._src.python.checkpoint.handler as grain_handler
 
-    from sct_jax.training import loop
     real_save = grain_handler.CheckpointHandler.save
 
     def disk_full_at_step_3(self, directory, item=None, args=None):
@@ -500,28 +500,32 @@ def jax_leaves(tree):
 
 
 def test_damaged_latest_checkpoint_falls_back_with_a_warning(straight_run, tmp_path, caplog):
+    """A reader skips a damaged latest checkpoint and moves nothing; training sets it
+    aside so that the step can be saved again."""
     import jax
 
-    from sct_jax.training import checkpoint, loop
     workdir = tmp_path / "run"
     shutil.copytree(straight_run[0], workdir)
     for path in (workdir / "checkpoints" / "3" / "state").rglob("*"):
         if path.is_file() and path.parent.name == "d":
             path.write_bytes(b"damaged")
     config = _tiny(3)
-    expected = loop.load_state(config, straight_run[0], step=2)[1]
+    expected = runs.load_state(config, straight_run[0], step=2)[1]
     with caplog.at_level(logging.WARNING):
-        step, state = loop.load_state(config, workdir)
+        step, state = runs.load_state(config, workdir)
     assert step == 2
     warning = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(warning) == 1 and "step 3 is damaged" in warning[0]
     assert "falling back to step 2" in warning[0]
-    assert (workdir / "checkpoints_damaged" / "3").is_dir()  # set aside, not deleted
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ckpt = checkpoint.Checkpointer(workdir)
-    assert ckpt.latest_step() == 2  # step 3 can be saved again by the resumed run
-    ckpt.close()
+    # A reader never writes into the run.
+    assert not (workdir / "checkpoints_damaged").exists()
+    assert (workdir / "checkpoints" / "3").is_dir()
+    # Training repairs it: step 3 is set aside (not deleted) and trained again.
+    loop.train(_tiny(3), workdir, make_dataset=_synthetic)
+    assert (workdir / "checkpoints_damaged" / "3").is_dir()
+    assert runs.latest_step(workdir) == 3
 
 
 def test_metrics_resume_drops_records_past_the_checkpoint(tmp_path):
@@ -588,7 +592,7 @@ def test_discovery_lists_what_it_skipped(tmp_path, caplog):
 
 def test_an_empty_split_is_an_error(tmp_path):
     from sct_jax.config_utils import load_config_file
-    from sct_jax.training import data as train_data
+    from sct_jax.data import datasets as train_data
     for i in range(2):
         _write_case(tmp_path, f"1PA00{i + 1}", i)
     config = load_config_file(TINY)

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 from sct_jax import methods
-from sct_jax.cli import run
+from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError
 from sct_jax.methods import cyclegan
-from sct_jax.training import data as train_data
-from sct_jax.training import loop, sharding
+from sct_jax.data import datasets as train_data
+from sct_jax import runs, sharding
+from sct_jax.training import loop
 
 
 def tiny_config():
@@ -128,7 +129,7 @@ def test_unpaired_batches_pair_mr_and_ct_of_different_cases():
         assert len(ids) == 1, f"{kind} slice matches cases {ids}"
         return ids.pop()
 
-    iterator = iter(train_data.train_dataset(config, config.train.batch_size))
+    iterator = iter(loop.train_dataset(config, config.train.batch_size))
     seen = set()
     for _ in range(4):
         batch = next(iterator)
@@ -153,7 +154,7 @@ def tiny_run(tmp_path_factory):
 def initial_state(config, workdir):
     """The state the loop started from (same key and program as ``loop.train``)."""
     method = methods.get_method(config.method)
-    spec = loop.load_batch_spec(workdir)
+    spec = runs.read_batch_spec(workdir)
     init_rng, _ = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
     create = functools.partial(method.create_state, config, batch_spec=spec)
     repl = sharding.replicated(sharding.make_mesh(dict(config.mesh)))
@@ -184,9 +185,9 @@ def test_pools_hold_the_generators_fakes(tiny_run):
     """2 steps x batch 2 fill the size-4 pools with the fakes each step's forward made."""
     config, result = tiny_run
     workdir = result.workdir
-    batches = iter(train_data.train_dataset(config, config.train.batch_size))
+    batches = iter(loop.train_dataset(config, config.train.batch_size))
     batch1, batch2 = next(batches), next(batches)
-    step1 = loop.load_state(config, workdir, step=1)[1]
+    step1 = runs.load_state(config, workdir, step=1)[1]
     states = (initial_state(config, workdir), step1)
     to_ct = jax.jit(functools.partial(cyclegan.predict, config))
     to_mr = jax.jit(functools.partial(cyclegan.predict_ct_to_mr, config))
@@ -203,7 +204,7 @@ def test_pools_hold_the_generators_fakes(tiny_run):
 
 def test_evaluate_run_scores_the_paired_test_case(tiny_run):
     config, result = tiny_run
-    report = run.evaluate_run(config, result.workdir, panels=False)
+    report = evaluate_run(config, result.workdir, panels=False)
     assert len(report.cases) == 1
     scores = report.cases[0].metrics
     for key in ("mae", "psnr", "ssim"):

@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_jax.cli import run
+from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import preprocess
 from sct_jax.data.io import load_volume
-from sct_jax.training import data as train_data
+from sct_jax.data import datasets as train_data
+from sct_jax import runs
 from sct_jax.training import loop
 
 
@@ -38,7 +39,7 @@ def _train_and_evaluate(config_path, tmp_path_factory, tile=None):
         config.eval.tile = tile
     workdir = tmp_path_factory.mktemp("run")
     result = loop.train(config, workdir)
-    report = run.evaluate_run(config, workdir)
+    report = evaluate_run(config, workdir)
     return config, workdir, result, report
 
 
@@ -91,7 +92,7 @@ def test_sct_on_disk_is_the_models_output(trained_2d):
     (ax, wx, nx), (ay, wy, ny) = _centre_window(x, h), _centre_window(y, w)
     inputs = np.full((z, h, w, 1), -1.0, np.float32)
     inputs[:, wx:wx + nx, wy:wy + ny, 0] = np.moveaxis(unit[ax:ax + nx, ay:ay + ny], 2, 0)
-    _, state = loop.load_state(config, workdir)
+    _, state = runs.load_state(config, workdir)
     gen = state["gen"]
     out = np.asarray(jax.jit(lambda p, v: gen.apply_fn({"params": p}, v, train=False))(
         gen.params, inputs), np.float64)

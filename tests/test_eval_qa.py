@@ -16,7 +16,7 @@ import pytest
 from absl import flags
 
 from sct_jax import methods
-from sct_jax.cli import run
+from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume
@@ -24,7 +24,8 @@ from sct_jax.errors import ConfigError
 from sct_jax.inference import predict as predict_lib
 from sct_jax.evaluation import qa, qa_report
 from sct_jax.methods import _pgan_common, cyclegan, pix2pix
-from sct_jax.training import data as train_data
+from sct_jax.data import datasets as train_data
+from sct_jax import runs
 from sct_jax.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def pix2pix_run(tmp_path_factory):
     config = dropout_pix2pix_config()
     workdir = tmp_path_factory.mktemp("pix2pix_dropout")
     loop.train(config, workdir)
-    return config, workdir, loop.load_state(config, workdir)[1]
+    return config, workdir, runs.load_state(config, workdir)[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def _assert_samples_on_disk(config, workdir, case, n_samples=3):
     inputs = np.zeros((n_batches * batch, h, w, 1), np.float32)
     inputs[:z] = -1.0
     inputs[:z, ox:ox + x, oy:oy + y, 0] = np.moveaxis(unit, 2, 0)
-    _, state = loop.load_state(config, workdir)
+    _, state = runs.load_state(config, workdir)
     gen = state["gen"]
     sample = jax.jit(lambda p, v, key: gen.apply_fn({"params": p}, v, train=True,
                                                      rngs={"dropout": key}))
@@ -151,7 +152,7 @@ def _assert_samples_on_disk(config, workdir, case, n_samples=3):
 
 def test_evaluate_samples_and_qa_pix2pix(pix2pix_run, capsys):
     config, workdir, _ = pix2pix_run
-    run.evaluate_run(config, workdir, samples=3, qa=True, panels=False)
+    evaluate_run(config, workdir, samples=3, qa=True, panels=False)
     case = train_data.case_splits(config)["test"][0]
     pred = workdir / "predictions"
     std = load_volume(pred / case.id / "sct_std.nii.gz").data
@@ -196,7 +197,7 @@ def test_evaluate_samples_and_qa_pix2pix(pix2pix_run, capsys):
 
 def test_cyclegan_qa_has_cycle_consistency(cyclegan_run):
     config, workdir = cyclegan_run
-    run.evaluate_run(config, workdir, qa=True, panels=False)
+    evaluate_run(config, workdir, qa=True, panels=False)
     case = train_data.case_splits(config)["test"][0]
     case_dir = workdir / "predictions" / case.id
     checks = {c["name"]: c for c in json.loads((case_dir / "qa.json").read_text())["checks"]}
@@ -206,7 +207,7 @@ def test_cyclegan_qa_has_cycle_consistency(cyclegan_run):
     # The same r by numpy: MR vs G_CT->MR(sCT) inside the body mask.
     data = synthrad.load_case(case)
     sct = load_volume(case_dir / "sct.nii.gz").data
-    mr_hat = qa_report.make_ct_to_mr(config, loop.load_state(config, workdir)[1])(sct)
+    mr_hat = qa_report.make_ct_to_mr(config, runs.load_state(config, workdir)[1])(sct)
     assert mr_hat.shape == sct.shape
     expected = np.corrcoef(data.mr.data[data.mask].astype(np.float64),
                            mr_hat[data.mask].astype(np.float64))[0, 1]
@@ -215,9 +216,9 @@ def test_cyclegan_qa_has_cycle_consistency(cyclegan_run):
 
 def test_cyclegan_without_dropout_cannot_sample(cyclegan_run):
     config, workdir = cyclegan_run
-    assert predict_lib.samples_from_rng(cyclegan)
+    assert cyclegan.METHOD.samples
     with pytest.raises(ConfigError, match=r"^--samples 2: config.model.gen.dropout=0.0"):
-        run.evaluate_run(config, workdir, samples=2, qa=True)
+        evaluate_run(config, workdir, samples=2, qa=True)
 
 
 # ---------------------------------------------------------------------------- the flag

@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_jax.cli.guard import guarded
+from sct_jax.guard import guarded
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import scoring
-from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 20, 10)

@@ -28,8 +28,9 @@ import optax
 from sct_jax import methods
 from sct_jax.config_utils import load_config_file
 from sct_jax.methods import _pgan_common
-from sct_jax.training import data as train_data
-from sct_jax.training import loop, sharding
+from sct_jax.data import datasets as train_data
+from sct_jax import runs, sharding
+from sct_jax.training import loop
 
 
 def _one_step(name, edit_state=None):
@@ -40,7 +41,7 @@ def _one_step(name, edit_state=None):
     """
     config = load_config_file(f"configs/{name}.py:tiny")
     method = methods.get_method(config.method)
-    batch = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    batch = next(iter(loop.train_dataset(config, config.train.batch_size)))
     spec = sharding.batch_spec(batch)
     mesh = sharding.make_mesh(dict(config.mesh))
     init_rng, base_rng = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))

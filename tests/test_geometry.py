@@ -8,11 +8,12 @@ import pytest
 
 from sct_jax.data.io import Volume, load_volume
 from sct_jax.errors import DataError
+from sct_jax.data import geometry as recorded
 from sct_jax.inference import geometry
 from sct_jax.inference import predict as predict_lib
 
 FIXTURE_MR = Path(__file__).parent / "fixtures" / "porcine" / "porcine01" / "mr.nii.gz"
-RAS = geometry.TrainingGeometry(("R", "A", "S"), (1.0, 1.0, 2.5), "pelvis", 16)
+RAS = recorded.TrainingGeometry(("R", "A", "S"), (1.0, 1.0, 2.5), "pelvis", 16)
 
 
 def permuted_and_flipped(volume: Volume) -> Volume:
@@ -95,13 +96,13 @@ def test_resampling_plans_the_training_spacing_and_keeps_the_extent():
 
 
 def test_geometry_record_round_trip_and_errors(tmp_path):
-    geometry.save(RAS, tmp_path)
-    assert geometry.load(tmp_path) == RAS
-    assert geometry.load(tmp_path / "nothing") is None
+    recorded.save(RAS, tmp_path)
+    assert recorded.load(tmp_path) == RAS
+    assert recorded.load(tmp_path / "nothing") is None
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / geometry.GEOMETRY_FILE).write_text("{}")
+    (tmp_path / "bad" / recorded.GEOMETRY_FILE).write_text("{}")
     with pytest.raises(DataError, match="geometry.json"):
-        geometry.load(tmp_path / "bad")
-    mixed = geometry.from_mr_files([FIXTURE_MR] * 3, region="pelvis")
+        recorded.load(tmp_path / "bad")
+    mixed = recorded.from_mr_files([FIXTURE_MR] * 3, region="pelvis")
     assert mixed.axcodes == ("L", "P", "S") and mixed.spacing == (1.0, 1.0, 2.5)
     assert mixed.cases == 3

@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sct_jax.cli import run
+from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError
 from sct_jax.inference import predict as predict_lib
 from sct_jax.methods import _ldm_common as common
-from sct_jax.methods import ldm_autoencoder, ldm_controlnet
+from sct_jax.methods import ldm_autoencoder, ldm_controlnet, ldm_diffusion
 from sct_jax.models import vgg
-from sct_jax.training import data as train_data
+from sct_jax.data import datasets as train_data
+from sct_jax import runs
 from sct_jax.training import loop
 
 
@@ -52,7 +53,7 @@ def chain(tmp_path_factory):
     """Trains the three tiny stages; returns ``{stage: (config, TrainResult)}``."""
     runs = tmp_path_factory.mktemp("ldm_runs")
     out = {}
-    for stage in common.STAGES:
+    for stage in ("autoencoder", "diffusion", "controlnet"):
         config = stage_config(stage, runs)
         if stage == "autoencoder":
             # The tiny config has no perceptual term; random VGG weights exercise it.
@@ -115,7 +116,7 @@ def test_diffusion_stage_latent_statistics_stored_and_applied(chain):
     records = metric_records(result.workdir)
     assert [r["estimating_statistics"] for r in records] == [1.0, 0.0]
     assert records[0]["unet/grad_norm"] == 0.0 and records[1]["unet/grad_norm"] > 0
-    first = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    first = next(iter(loop.train_dataset(config, config.train.batch_size)))
     ae = common.build_autoencoder(config)
     mu, _ = jax.jit(functools.partial(ae.apply, method=ae.encode))(
         {"params": state["ae"]}, jnp.asarray(first["ct"]))
@@ -125,7 +126,7 @@ def test_diffusion_stage_latent_statistics_stored_and_applied(chain):
     np.testing.assert_allclose(np.asarray(state["latent_scale"]), 1.0 / mu.std(0), rtol=1e-4)
 
     # Restored from the checkpoint, and handed on to the ControlNet stage.
-    _, restored = loop.load_state(config, result.workdir)
+    _, restored = runs.load_state(config, result.workdir)
     controlnet_state = chain["controlnet"][1].state
     for key in ("latent_shift", "latent_scale"):
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
@@ -167,7 +168,7 @@ def test_controlnet_stage_freezes_unet_and_starts_from_it(chain):
     jax.tree.map(np.testing.assert_array_equal, state["ae"], diffusion_state["ae"])
     # After step 1 the shared submodules still equal the UNet's: their gradient is 0
     # while every ControlNet output conv is zero, so only an exact copy passes here.
-    _, first = loop.load_state(config, result.workdir, step=1)
+    _, first = runs.load_state(config, result.workdir, step=1)
     params = first["controlnet"].params
     shared = [k for k in params if k.startswith(("time_embed", "conv_in", "down_", "middle"))]
     assert len(shared) >= 4
@@ -196,7 +197,7 @@ def test_evaluate_writes_sct_and_mean_std_of_samples(chain):
     config, result = chain["controlnet"]
     case = train_data.case_splits(config)["test"][0]
     pred = result.workdir / "predictions" / case.id
-    report = run.evaluate_run(config, result.workdir, samples=2)
+    report = evaluate_run(config, result.workdir, samples=2)
     assert len(report.cases) == 1 and np.isfinite(report.cases[0].metrics["mae"])
     mean, std = load_volume(pred / "sct.nii.gz"), load_volume(pred / "sct_std.nii.gz")
     mr = load_volume(case.mr)
@@ -204,7 +205,7 @@ def test_evaluate_writes_sct_and_mean_std_of_samples(chain):
     np.testing.assert_allclose(mean.affine, mr.affine)
 
     # Recompute the two samples with the documented keys.
-    _, state = loop.load_state(config, result.workdir)
+    _, state = runs.load_state(config, result.workdir)
     jitted = jax.jit(functools.partial(ldm_controlnet.predict, config))
     from sct_jax.data import synthrad
     case_data = synthrad.load_case(case)
@@ -216,7 +217,7 @@ def test_evaluate_writes_sct_and_mean_std_of_samples(chain):
     np.testing.assert_allclose(std.data, np.abs(draws[0] - draws[1]) / 2, atol=1e-2)
     assert std.data.max() > 0
 
-    run.evaluate_run(config, result.workdir)  # one sample: no stale std map stays
+    evaluate_run(config, result.workdir)  # one sample: no stale std map stays
     assert (pred / "sct.nii.gz").exists() and not (pred / "sct_std.nii.gz").exists()
     summary = json.loads((result.workdir / "predictions" / "metrics.json").read_text())
     assert summary["n_scored"] == 1
@@ -227,7 +228,7 @@ def test_config_errors(tmp_path):
         load_config_file("configs/ldm_brain.py:autoencoder,diffusion")
     config = stage_config("diffusion", tmp_path)
     with pytest.raises(ConfigError, match="config.ldm.autoencoder_workdir"):
-        common.load_upstream_run(config, "ldm.autoencoder_workdir", "ldm_autoencoder", ("ae",))
+        runs.load_upstream(config, ldm_diffusion.upstream(config)["autoencoder"])
     pix2pix = load_config_file("configs/pix2pix_pelvis.py:tiny")
     with pytest.raises(ConfigError, match="--samples 2"):
         predict_lib.predict_split(pix2pix, tmp_path, samples=2)
@@ -254,7 +255,7 @@ def test_upstream_model_must_match(chain):
     other = config.copy_and_resolve_references()
     other.model.ae.channels = (8, 16)
     with pytest.raises(ConfigError, match="config.model.ae differs"):
-        common.load_upstream_run(other, "ldm.autoencoder_workdir", "ldm_autoencoder", ("ae",))
+        runs.load_upstream(other, ldm_diffusion.upstream(other)["autoencoder"])
 
 
 def test_reduced_benchmark_model():

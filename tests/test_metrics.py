@@ -8,7 +8,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.util import crop
 
 from sct_jax.errors import DataError
-from sct_jax.evaluation import metrics
+from sct_jax import metrics
 
 SHAPE = (40, 36, 20)
 

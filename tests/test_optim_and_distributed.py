@@ -11,7 +11,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from sct_jax.errors import ConfigError
-from sct_jax.training import optim, sharding
+from sct_jax import optim, sharding
 
 LR = 2e-4
 

@@ -23,11 +23,12 @@ from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import pixel
 from sct_jax.meta import reweight
 from sct_jax.methods import _pgan_common as pgan_common
-from sct_jax.methods import reg_pgan
+from sct_jax.methods import meta_pgan, reg_pgan
 from sct_jax.methods.common import step_rng
 from sct_jax.models import vgg
-from sct_jax.training import data as train_data
-from sct_jax.training import loop, sharding
+from sct_jax.data import datasets as train_data
+from sct_jax import runs, sharding
+from sct_jax.training import loop
 
 
 def _random_vgg_file(path, arch, seed):
@@ -59,7 +60,7 @@ def tiny(name, **loss):
 def initial_state(config, workdir):
     """The state the loop started from (same key and program as ``loop.train``)."""
     method = methods.get_method(config.method)
-    spec = loop.load_batch_spec(workdir)
+    spec = runs.read_batch_spec(workdir)
     init_rng, _ = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
     create = functools.partial(method.create_state, config, batch_spec=spec)
     # The loop's very program (replicated outputs): a compilation-cache hit.
@@ -122,7 +123,7 @@ def test_reg_pgan_two_steps_flow_starts_near_zero(tmp_path):
         [f"reg_{k}_step2.png" for k in ("ct", "fake", "flow_cols_px", "flow_magnitude_px",
                                         "flow_rows_px", "registered")]
         + [f"val_{k}_step2.png" for k in ("abs_error_hu", "ct", "mr", "sct")])
-    batch = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    batch = next(iter(loop.train_dataset(config, config.train.batch_size)))
     maps = jax.device_get(jax.jit(functools.partial(reg_pgan.image_summaries, config))(
         result.state, batch, jax.random.key_data(jax.random.key(0))))
     flow = np.asarray(result.state["reg"].apply_fn(
@@ -157,7 +158,7 @@ def test_meta_pgan_jvp_equals_lookahead_then_trains(tmp_path):
     config = configs["jvp"]
     method = methods.get_method("meta_pgan")
     mesh = sharding.make_mesh(dict(config.mesh))
-    local = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    local = next(iter(loop.train_dataset(config, config.train.batch_size)))
     assert local["val_mr"].shape == (2, 32, 32, 3) and local["val_ct"].shape == (2, 32, 32, 1)
     spec = sharding.batch_spec(local)
     init_rng, base_rng = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
@@ -206,7 +207,7 @@ def test_meta_pgan_image_summaries_are_the_steps_weights():
     """The logged map is the step's own weight map: non-negative, mean 1 over the batch."""
     config = _meta_config("jvp")
     method = methods.get_method("meta_pgan")
-    local = next(iter(train_data.train_dataset(config, config.train.batch_size)))
+    local = next(iter(loop.train_dataset(config, config.train.batch_size)))
     spec = sharding.batch_spec(local)
     init_rng, base_rng = jax.random.split(jax.random.key_data(jax.random.key(config.seed)))
     state = method.create_state(config, init_rng, spec)
@@ -262,7 +263,7 @@ def test_meta_slices_come_from_the_best_registered_case():
     config = tiny("meta_pgan")
     splits = train_data.case_splits(config)
     prepared = train_data.prepare(config, splits["train"])
-    val_ids = train_data.meta_validation_ids(config, prepared)
+    val_ids = meta_pgan.meta_validation_ids(config, prepared)
     from sct_jax.data.alignment import mutual_information
     by_mi = sorted(prepared, key=lambda c: -mutual_information(c.mr, c.ct, c.mask))
     assert val_ids == [by_mi[0].id]  # round(0.11 * 3) -> at least 1 case
@@ -282,7 +283,7 @@ def test_meta_slices_come_from_the_best_registered_case():
     def source(image, cases):
         return any(np.array_equal(image, s) for c in cases for s in slices_of(c))
 
-    iterator = iter(train_data.train_dataset(config, config.train.batch_size))
+    iterator = iter(loop.train_dataset(config, config.train.batch_size))
     for _ in range(3):
         batch = next(iterator)
         for image in batch["val_ct"]:

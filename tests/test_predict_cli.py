@@ -20,7 +20,7 @@ from sct_jax.cli import predict as predict_cli
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import preprocess
 from sct_jax.data.io import load_volume
-from sct_jax.inference import geometry
+from sct_jax import runs
 from sct_jax.training import loop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def predicted(run_dir, tmp_path_factory):
 
 
 def test_training_records_its_geometry(run_dir):
-    recorded = geometry.load(run_dir)
+    recorded = runs.read_geometry(None, run_dir)
     assert recorded.axcodes == ("R", "A", "S") and recorded.region == "pelvis"
     assert recorded.spacing == (1.0, 1.0, 2.5) and recorded.cases > 0
 
@@ -256,22 +256,21 @@ def test_evaluate_scores_only_this_calls_cases(run_dir, tmp_path, capsys):
     the CT-less case is predicted and listed unscored, the stale file ignored."""
     import shutil
 
-    from sct_jax.cli import run
-    from sct_jax.export.model import read_run_config
+    from sct_jax.evaluation.evaluate import evaluate_run
 
     root = tmp_path / "data"
     shutil.copytree(FIXTURE, root / "porcine01")
     (root / "porcine02").mkdir()
     for name in ("mr.nii.gz", "mask.nii.gz"):
         shutil.copy(FIXTURE / name, root / "porcine02" / name)
-    config = read_run_config(run_dir)
+    config = runs.read_config(run_dir)
     config.eval.max_cases = 0
     workdir = tmp_path / "run"
     shutil.copytree(run_dir, workdir)
     stale = workdir / "predictions" / "porcine03" / "sct.nii.gz"
     stale.parent.mkdir(parents=True)
     shutil.copy(FIXTURE / "ct.nii.gz", stale)  # a case of an earlier call, no longer here
-    report = run.evaluate_run(config, workdir, data_root=root, panels=False)
+    report = evaluate_run(config, workdir, data_root=root, panels=False)
     assert [c.id for c in report.cases] == ["porcine01"]
     assert report.no_reference == ("porcine02",)
     assert (workdir / "predictions" / "porcine02" / "sct.nii.gz").is_file()
@@ -283,7 +282,7 @@ def test_exported_model_predicts_as_the_run_and_its_serialized_function(
     import json
 
     from sct_jax.cli import export_model as export_cli
-    from sct_jax.export import model_files
+    from sct_jax.export import model as model_files
     from sct_jax.inference import predict as predict_lib
 
     _, out = predicted
@@ -319,15 +318,15 @@ def test_exported_model_predicts_as_the_run_and_its_serialized_function(
 
 
 def test_evaluate_uses_the_runs_config_and_names_mismatching_keys(run_dir):
-    from sct_jax.cli import run
+    from sct_jax.evaluation.evaluate import evaluate_run
     from sct_jax.errors import ConfigError
 
-    own = run.run_config(None, run_dir)
+    own = runs.config_for(run_dir)
     assert own.method == "pix2pix" and tuple(own.data.crop) == (32, 32)
     given = load_config_file(str(REPO / "configs/pix2pix_pelvis.py:tiny"))
-    assert run.run_config(given, run_dir) is given  # train.steps differs: allowed
+    assert runs.config_for(run_dir, given) is given  # train.steps differs: allowed
     given.data.crop = (64, 32)
     given.model.gen.ngf = 8
     with pytest.raises(ConfigError, match=r"data\.crop.*model\.gen\.ngf") as err:
-        run.run_config(given, run_dir)
+        runs.config_for(run_dir, given)
     assert "\n" not in str(err.value)

@@ -83,7 +83,7 @@ def test_fsdp_mesh_equals_one(single_device, tmp_path):
 
 def test_fsdp_spec_rule():
     from jax.sharding import PartitionSpec as P
-    from sct_jax.training.sharding import fsdp_spec
+    from sct_jax.sharding import fsdp_spec
     assert fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")  # largest divisible
     assert fsdp_spec((3, 3, 128, 64), 4) == P(None, None, "fsdp")
     assert fsdp_spec((4, 4, 1, 8), 8) == P(None, None, None, "fsdp")

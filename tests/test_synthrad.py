@@ -10,7 +10,7 @@ import pytest
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume, save_volume
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation.metrics import synthrad_metrics
+from sct_jax.metrics import synthrad_metrics
 
 SHAPE = (12, 10, 6)
 AFFINE = np.diag([1.0, 1.0, 2.5, 1.0])

@@ -98,9 +98,9 @@ def test_crop_not_divisible_fails_at_start(tmp_path):
 def test_overfitting_one_slice_beats_the_constant_baseline(tmp_path):
     """The loop learns: 60 steps on one phantom slice bring the generator's MAE inside
     the body well below the constant soft-tissue sCT's (the evaluation's floor)."""
-    from sct_jax.cli.run import SOFT_TISSUE_HU
+    from sct_jax.evaluation.evaluate import SOFT_TISSUE_HU
     from sct_jax.data import preprocess
-    from sct_jax.training import data as train_data
+    from sct_jax.data import datasets as train_data
 
     config = tiny_config(steps=60, ckpt_every=60)
     config.optim.lr = 2e-3

@@ -14,13 +14,15 @@ import struct
 import numpy as np
 import pytest
 
-from sct_jax.cli import run
+from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import synthrad
 from sct_jax.errors import ConfigError, SctError
 from sct_jax.inference import predict as predict_lib
-from sct_jax.training import checkpoint, loop, validation
-from sct_jax.training import data as train_data
+from sct_jax import runs
+from sct_jax.runs import checkpoint
+from sct_jax.training import loop, validation
+from sct_jax.data import datasets as train_data
 
 OFFSET_HU = 300.0
 BEST_PASS = 2  # 1-based: the pass whose MAE is not shifted
@@ -84,7 +86,7 @@ def test_validation_metrics_logged_every_step(trained):
 def test_logged_mae_is_that_of_the_checkpoint_of_that_step(trained):
     """Recomputes the step-4 validation MAE (float64 numpy) from checkpoint 4."""
     config, workdir, _, real_mae = trained
-    step, state = loop.load_state(config, workdir, step="latest")
+    step, state = runs.load_state(config, workdir, step="latest")
     assert step == 4
     (case,) = train_data.case_splits(config)["val"]
     data = synthrad.load_case(case)
@@ -205,7 +207,7 @@ def _check_number(text, value):
 def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     config, workdir, _, _ = trained
     capsys.readouterr()
-    run.evaluate_run(config, workdir, qa=True)
+    evaluate_run(config, workdir, qa=True)
     out = capsys.readouterr().out
     assert f"with the step-{BEST_PASS} checkpoint (best)" in out, out
     pred = workdir / "predictions"
@@ -232,7 +234,7 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
     capsys.readouterr()
-    run.evaluate_run(config, workdir, checkpoint="latest", panels=False)
+    evaluate_run(config, workdir, checkpoint="latest", panels=False)
     assert "with the step-4 checkpoint (latest)" in capsys.readouterr().out
 
 
@@ -240,7 +242,7 @@ def test_report_std_maps_and_non_finite_values(tmp_path):
     """With --samples the std map is embedded per case; NaN shows n/a, inf shows inf."""
     import math
     from sct_jax.evaluation import report_html, scoring
-    from sct_jax.evaluation.metrics import METRIC_NAMES
+    from sct_jax.metrics import METRIC_NAMES
     values = dict.fromkeys(METRIC_NAMES, 1.0) | {"psnr": math.inf, "mae_air": math.nan}
     report = scoring.ScoreReport(
         cases=(scoring.CaseScore("1PA001", "pelvis", tmp_path / "p.nii.gz", values),),

@@ -32,9 +32,11 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from sct_jax.cli.guard import guarded, parse_flags
+from sct_jax import runs
 from sct_jax.errors import ConfigError
 from sct_jax.evaluation import report_html, scoring
+from sct_jax.evaluation.evaluate import evaluate_run
+from sct_jax.guard import guarded, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -91,12 +93,10 @@ def main(argv):
     if FLAGS.config is not None or FLAGS.workdir:
         if not FLAGS.workdir:
             raise ConfigError("--config needs --workdir (the training run to evaluate)")
-        from sct_jax.cli import run
-        from sct_jax.training.checkpoint import parse_choice
-        checkpoint = parse_choice(FLAGS.checkpoint)
-        config = run.run_config(FLAGS.config, FLAGS.workdir)
-        run.evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                         samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint)
+        checkpoint = runs.parse_choice(FLAGS.checkpoint)
+        config = runs.config_for(FLAGS.workdir, FLAGS.config)
+        evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
+                     samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint)
         return
     score_predictions()
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sct_jax.cli import guard
+from sct_jax import guard
 from sct_jax.data.hu import check_hu
 from sct_jax.data.io import load_volume
 from sct_jax.export.dicom import export_dicom_series

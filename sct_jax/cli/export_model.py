@@ -17,7 +17,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from sct_jax.errors import SctError
+from sct_jax import guard
+from sct_jax.export import model as model_lib
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,17 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sct_jax.cli.guard import quiet_libraries
-    quiet_libraries()
-    try:
-        from sct_jax.export import model_files
-        out = model_files.export_model(args.workdir, args.output,
-                                       serialized=not args.no_serialized)
-    except SctError as err:
-        message = " ".join(str(err).splitlines()).strip() or type(err).__name__
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
-    description = model_files.read_description(out)
+    guard.quiet_libraries()
+    return guard.run_main(lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> int:
+    out = model_lib.export_model(args.workdir, args.output, serialized=not args.no_serialized)
+    description = model_lib.read_description(out)
     print(f"exported {description['method']} step {description['step']} -> {out} "
           f"(sha256 {description['content_sha256'][:12]})")
     return 0

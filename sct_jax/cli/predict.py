@@ -17,11 +17,21 @@ written. Also ``python -m sct_jax.predict``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Sequence
 
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sct_jax import guard, methods
+from sct_jax.data.io import load_volume, save_like
 from sct_jax.errors import ConfigError, SctError
+from sct_jax.export.model import load_model
+from sct_jax.inference import inputs
+from sct_jax.inference import predict as predict_lib
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,18 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> list:
     """Predicts every input; returns the written paths."""
-    import functools
-
-    import jax
-    import numpy as np
-    from tqdm import tqdm
-
-    from sct_jax import methods
-    from sct_jax.data.io import load_volume, save_like
-    from sct_jax.export.model import load_model
-    from sct_jax.inference import inputs
-    from sct_jax.inference import predict as predict_lib
-
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -109,15 +107,8 @@ def run(args: argparse.Namespace) -> list:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sct_jax.cli.guard import quiet_libraries
-    quiet_libraries()
-    try:
-        run(args)
-    except SctError as err:
-        message = " ".join(str(err).splitlines()).strip() or type(err).__name__
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    guard.quiet_libraries()
+    return guard.run_main(lambda: run(args) and 0)
 
 
 if __name__ == "__main__":

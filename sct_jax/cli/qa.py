@@ -29,7 +29,7 @@ import numpy as np
 
 from sct_jax.data.alignment import load_case_arrays
 from sct_jax.data.io import Volume, atomic_write_text, load_volume
-from sct_jax.cli import guard
+from sct_jax import guard
 from sct_jax.errors import DataError
 from sct_jax.evaluation import qa
 # Re-exported: the figure this CLI writes, drawn by the prediction folders' QA as well.

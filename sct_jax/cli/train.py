@@ -6,7 +6,7 @@
       [--config.train.steps=10 ...]
 
 At the end of training the model is exported to ``<workdir>/model`` (see
-``sct-export-model``). Everything but flag parsing lives in :mod:`sct_jax.cli.run`.
+``sct-export-model``). Everything but flag parsing lives in :mod:`sct_jax.experiment`.
 
 Exit status: 0 trained; 1 the run failed (diverged, disk full); 2 bad input or
 configuration (one line `error: <file>: <problem>`, nothing written); 3 internal error.
@@ -17,7 +17,9 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from sct_jax.cli.guard import guarded, parse_flags
+from sct_jax import experiment
+from sct_jax.config_utils import check_run_config
+from sct_jax.guard import guarded, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -35,15 +37,13 @@ def define_flags() -> None:
 
 
 def main(argv):
-    from sct_jax.cli import run
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
-        run.demo(workdir=FLAGS.workdir)
+        experiment.demo(workdir=FLAGS.workdir)
         return
-    from sct_jax.config_utils import check_run_config
     check_run_config(FLAGS.config, where=config_flags.get_config_filename(FLAGS["config"]))
-    run.train_and_maybe_evaluate(FLAGS.config, FLAGS.workdir, evaluate=bool(FLAGS.evaluate))
+    experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir, evaluate=bool(FLAGS.evaluate))
 
 
 def run_main() -> None:

@@ -431,7 +431,7 @@ def save_phantom_panel(case_dir, out_png) -> Path:
 
 
 def _parse_args(argv):
-    from sct_jax.cli import guard
+    from sct_jax import guard
 
     parser = guard.ArgumentParser(
         prog="python -m sct_jax.data.phantom",
@@ -505,7 +505,7 @@ def _replace_dataset(args, region_dir: Path) -> Path:
 
 
 def _main(args) -> int:
-    from sct_jax.cli import guard
+    from sct_jax import guard
 
     region_dir = Path(args.out) / "Task1" / args.region
     differences = existing_dataset_differences(region_dir, args.region, args.cases,
@@ -529,7 +529,7 @@ def _main(args) -> int:
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 bad input or a
     dataset with other settings in --out, 3 internal error)."""
-    from sct_jax.cli import guard
+    from sct_jax import guard
 
     args = _parse_args(argv)
     return guard.run_main(lambda: _main(args))

@@ -96,12 +96,6 @@ def rotation_from_axis(long_axis, up=(0.0, 0.0, 1.0)) -> np.ndarray:
     return np.stack([ex, ey, np.cross(ex, ey)], axis=1)
 
 
-def rotation_z(angle_deg: float) -> np.ndarray:
-    """In-plane (axial) rotation by ``angle_deg`` about ``z``; ``(3, 3)``."""
-    c, s = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg))
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
 def _box(grid: Grid, center, half) -> tuple[slice, ...] | None:
     """Index slices of the grid points within ``center +- half``; None if empty."""
     slices = []

@@ -17,6 +17,8 @@ from scipy import ndimage
 
 HU_MIN = -1024.0
 HU_MAX = 3000.0
+# [-1, 1] spans the clipped CT range: an L1 of 1 in network units is this many HU.
+HU_PER_UNIT = (HU_MAX - HU_MIN) / 2.0
 
 
 def _array_module(x):

@@ -49,7 +49,7 @@ from scipy import ndimage
 from sct_jax.data.alignment import normalized_mutual_information
 from sct_jax.data.preprocess import HU_MAX, HU_MIN
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation.metrics import dice
+from sct_jax.metrics import dice
 # Re-exported (callers use ``qa.<name>``): the reference profile and its tissue bins.
 from sct_jax.evaluation.qa_profile import (  # noqa: F401
     AIR_FAT_HU, BUILTIN_RANGES, FAT_SOFT_HU, PROFILE_KIND, PROFILE_STATS, SOFT_BONE_HU,
@@ -259,7 +259,7 @@ def check_body_outline(body, sct, body_name: str) -> tuple[dict, np.ndarray]:
     """(d) Dice of ``body`` with the sCT's body; returns the check and their XOR.
 
     ``body`` is never empty (:func:`run_qa` refuses an empty body), so the Dice is
-    defined (:func:`sct_jax.evaluation.metrics.dice` is NaN only for two empty masks).
+    defined (:func:`sct_jax.metrics.dice` is NaN only for two empty masks).
     """
     sct_body = sct_body_outline(sct)
     overlap = dice(body, sct_body)

@@ -28,14 +28,13 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from sct_jax import methods
-from sct_jax.data import preprocess, synthrad
+from sct_jax import methods, runs
+from sct_jax.data import datasets, preprocess, synthrad
 from sct_jax.data.io import atomic_path, atomic_write_text, load_volume
 from sct_jax.errors import DataError
 from sct_jax.evaluation import qa
 from sct_jax.inference import windows as inference
-from sct_jax.training import data as train_data
-from sct_jax.training import loop
+from sct_jax.inference.predict import slice_tile
 
 
 def save_qa_figure(path: str | os.PathLike, sct: np.ndarray, result: qa.QAResult,
@@ -106,9 +105,9 @@ def training_reference_profile(config) -> dict:
     Raises:
       DataError: no training case, or one without a CT.
     """
-    cases = train_data.case_splits(config)["train"]
+    cases = datasets.case_splits(config)["train"]
     if not cases:
-        raise DataError(f"{train_data.dataset_root(config)}: the training split has no "
+        raise DataError(f"{datasets.dataset_root(config)}: the training split has no "
                         "cases to build the QA reference profile from")
 
     def ct_and_mask():
@@ -128,14 +127,13 @@ def make_ct_to_mr(config, state) -> Callable[[np.ndarray], np.ndarray]:
     """``(X, Y, Z)`` sCT in HU -> ``(X, Y, Z)`` G_CT->MR(sCT) in [-1, 1], slice by slice.
 
     Args:
-      config: the run's config; its method must define ``predict_ct_to_mr``.
+      config: the run's config; its method must have an ``inverse`` (CT -> MR).
       state: the restored train state.
     """
     method = methods.get_method(config.method)
-    to_mr = jax.jit(functools.partial(method.predict_ct_to_mr, config))
+    to_mr = jax.jit(functools.partial(method.inverse, config))
     # context 0: the CT->MR generator reads one CT slice (the CT domain has one channel).
-    from sct_jax.inference.predict import network_input_rule, slice_tile
-    stride, min_size = network_input_rule(config)
+    stride, min_size = method.input_rule(config)
     return lambda sct_hu: inference.predict_volume_2d(
         lambda batch: np.asarray(to_mr(state, batch)),
         np.asarray(preprocess.ct_to_unit(sct_hu), np.float32), tile=slice_tile(config),
@@ -200,8 +198,8 @@ def qa_predictions(config, workdir: str | os.PathLike, pred_dir: str | os.PathLi
     reference = training_reference_profile(config)
     atomic_write_text(pred_dir / "qa_reference.json", json.dumps(reference, indent=1) + "\n")
     ct_to_mr = None
-    if hasattr(methods.get_method(config.method), "predict_ct_to_mr"):
-        ct_to_mr = make_ct_to_mr(config, loop.load_state(config, workdir, step=checkpoint)[1])
+    if methods.get_method(config.method).inverse is not None:
+        ct_to_mr = make_ct_to_mr(config, runs.load_state(config, workdir, step=checkpoint)[1])
     reports = {}
     for case in cases:
         result = qa_case(synthrad.load_case(case), pred_dir / case.id, reference,

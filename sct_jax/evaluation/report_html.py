@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from sct_jax.data.io import atomic_write_text
-from sct_jax.evaluation.metrics import METRIC_NAMES
+from sct_jax.metrics import METRIC_NAMES
 from sct_jax.evaluation.scoring import TABLE_COLUMNS, ScoreReport
 
 _STYLE = """

@@ -7,7 +7,7 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
-:func:`sct_jax.evaluation.metrics.synthrad_metrics`. Everything is computed before
+:func:`sct_jax.metrics.synthrad_metrics`. Everything is computed before
 anything is written, so a bad prediction (unreadable, wrong shape, no reference case)
 stops the run with a one-line :class:`~sct_jax.errors.DataError` naming the file and
 leaves no partial results. The results are a per-case CSV and a JSON summary (per
@@ -36,7 +36,7 @@ from sct_jax.data import synthrad
 from sct_jax.data.hu import check_hu
 from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, volume_suffix
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.io_guard import refuse_overwrite
 
 # Metric -> (table header, number format); report_html.py shows the same.
@@ -147,7 +147,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
       prediction: the sCT volume in HU on the CT's grid.
 
     Returns:
-      :func:`~sct_jax.evaluation.metrics.synthrad_metrics` of the case.
+      :func:`~sct_jax.metrics.synthrad_metrics` of the case.
 
     Raises:
       DataError: unreadable volume, no reference CT, or shapes that differ (the

@@ -1,24 +1,69 @@
-"""A trained model as prediction needs it: config, parameters, training geometry.
+"""A self-contained model directory: what a run exports and what ``-m MODEL_DIR`` reads.
 
-:func:`load_model` opens either a training run directory (``config.json``, checkpoints)
-or an exported model directory (see :func:`export_model`), so ``sct-predict -m`` takes
-both and needs no config file.
+``sct-export-model --workdir W -o MODEL_DIR`` (and the end of ``sct-train``) writes::
+
+  MODEL_DIR/model.json          what a person (or a planning system) reads first
+  MODEL_DIR/params.msgpack      the trained parameters (flax msgpack; no optimizer state)
+  MODEL_DIR/config.json         the resolved training config
+  MODEL_DIR/batch_spec.json     the training batch shapes (rebuilds the state's structure)
+  MODEL_DIR/geometry.json       training orientation, spacing and region
+  MODEL_DIR/predict_window.jaxexport   the network as a serialized JAX function
+
+``model.json`` holds the method, the normalisation (MR: per-case percentiles inside the
+body mask to [-1, 1]; CT: [-1, 1] <-> [HU_MIN, HU_MAX]), the training geometry, the
+inference windows, the package version and a SHA-256 content hash of the other files
+(checked on load). ``predict_window.jaxexport`` (``jax.export``; parameters embedded)
+maps a batch of normalised MR windows ``(B, *window, C)`` to normalised sCT windows
+``(B, *window, 1)`` (``B`` fixed, recorded in ``model.json``), so a planning system can run the network with JAX alone;
+the pre- and post-processing around it is what ``model.json`` describes. The directory
+is written atomically (built beside the target, then renamed into place).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
+from flax import serialization
+from jax import export
 
-from sct_jax.errors import DataError
-from sct_jax.inference import geometry as geometry_lib
+from sct_jax import __version__, methods, runs
+from sct_jax.data import geometry as geometry_lib
+from sct_jax.data import preprocess
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.inference import geometry as inference_geometry
+from sct_jax.inference import windows
+from sct_jax.inference.predict import slice_tile
 
 MODEL_JSON = "model.json"
+FORMAT = "sct_jax.model/1"
+PARAMS = "params.msgpack"
+SERIALIZED = "predict_window.jaxexport"
+HASHED = ("batch_spec.json", "config.json", geometry_lib.GEOMETRY_FILE, PARAMS)
+
+
+def _strip_optimizer(tree):
+    """The state dict without optimizer state (not needed to predict)."""
+    if isinstance(tree, dict):
+        return {k: _strip_optimizer(v) for k, v in tree.items() if k != "opt_state"}
+    return tree
+
+
+def _merge(target, loaded):
+    if isinstance(target, dict) and isinstance(loaded, dict):
+        return {k: _merge(v, loaded[k]) if k in loaded else v for k, v in target.items()}
+    return loaded
 
 
 @dataclasses.dataclass
@@ -42,19 +87,9 @@ class LoadedModel:
     kind: str
 
 
-def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run stored in ``workdir/config.json``."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; is {workdir} a training run directory?")
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except ValueError as err:
-        raise DataError(f"{path}: not a config ({err})") from err
-
-
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Opens a run directory or an exported model directory.
+def load_model(path: str | os.PathLike, checkpoint: int | str = "best") -> LoadedModel:
+    """Opens a training run directory or an exported model directory (read-only): the
+    one reader ``sct-predict -m``, QA and export use.
 
     Raises:
       DataError: the path is neither, or its files are damaged; the message names it.
@@ -64,11 +99,197 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise DataError(f"{path}: model not found (expected a training run directory or "
                         "an exported model directory)")
     if (path / MODEL_JSON).is_file():
-        from sct_jax.export import model_files
-        return model_files.load_exported(path)
-    from sct_jax.training import loop
-    config = read_run_config(path)
-    step, state = loop.load_state(config, path)
-    return LoadedModel(config, state, geometry_lib.run_geometry(config, path), int(step),
-                       path, "run")
+        return load_exported(path)
+    config = runs.read_config(path)
+    step, state = runs.load_state(config, path, step=checkpoint)
+    return LoadedModel(config, state, runs.read_geometry(config, path), int(step), path, "run")
 
+
+def content_hash(directory: Path, description: dict) -> str:
+    """SHA-256 over the model files and ``model.json`` (less this hash itself), so that
+    an edit of any of them — the method name included — is noticed on load."""
+    digest = hashlib.sha256()
+    for name in HASHED:
+        digest.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    described = {k: v for k, v in description.items() if k != "content_sha256"}
+    digest.update(MODEL_JSON.encode() + b"\0" + json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def inference_window(config) -> tuple[tuple[int, ...], int]:
+    """``(window, channels)`` the network is run on: the 2D tile or the 3D patch."""
+    if config.data.mode == "patches":
+        return tuple(int(p) for p in config.data.patch), 1
+    tile = slice_tile(config)
+    if 0 in tile:  # whole slices have no fixed window: export the training crop
+        tile = tuple(int(c) for c in config.data.crop)
+    return tile, 2 * int(config.data.context) + 1
+
+
+def serialize_predict(config, state) -> tuple[bytes, dict]:
+    """The network's deterministic forward pass as ``jax.export`` bytes (parameters
+    embedded as constants; batches of ``config.eval.batch_size`` windows), and a
+    description of its input."""
+
+    method = methods.get_method(config.method)
+    params = jax.device_get(state)
+    window, channels = inference_window(config)
+    # A fixed batch: the convolution lowering picks its algorithm from concrete shapes.
+    batch = int(config.eval.batch_size)
+    spec = jax.ShapeDtypeStruct((batch, *window, channels), np.float32)
+    exported = export.export(jax.jit(functools.partial(method.predict, config, params)))(spec)
+    shape = ", ".join(map(str, window))
+    info = {"file": SERIALIZED, "batch": batch,
+            "input": f"({batch}, {shape}, {channels}) float32 normalised MR windows",
+            "output": f"({batch}, {shape}, 1) float32 normalised sCT in [-1, 1]",
+            "platforms": list(exported.platforms)}
+    return bytes(exported.serialize()), info
+
+
+def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
+                 model: LoadedModel | None = None, serialized: bool = True) -> Path:
+    """Writes the model directory of the run in ``workdir`` (its best checkpoint).
+
+    Raises:
+      DataError: no run in ``workdir``, or ``out_dir`` exists and is not a model
+        directory (an earlier export is replaced; anything else is refused).
+    """
+    workdir, out_dir = Path(workdir), Path(out_dir)
+    if out_dir.exists() and not (out_dir / MODEL_JSON).is_file() and (
+            not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError(f"{out_dir}: exists and is not an exported model; refusing to "
+                        "overwrite")
+    if out_dir.resolve() == workdir.resolve():
+        raise DataError(f"{out_dir}: is the run directory; give another output")
+    checkpoints = (workdir / "checkpoints").resolve()
+    if out_dir.resolve() == checkpoints or checkpoints in out_dir.resolve().parents:
+        raise DataError(f"{out_dir}: inside the run's checkpoints; give another output")
+    if model is None:
+        config = runs.read_config(workdir)
+        reason = methods.get_method(config.method).not_an_sct_model(config)
+        if reason:
+            raise ConfigError(f"{workdir}: {reason}; nothing to export")
+        model = load_model(workdir)
+    if model.kind != "run":
+        raise DataError(f"{workdir}: already an exported model")
+    config = model.config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state_dict = _strip_optimizer(serialization.to_state_dict(jax.device_get(model.state)))
+        (tmp / PARAMS).write_bytes(serialization.msgpack_serialize(state_dict))
+        (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
+        runs.write_batch_spec(runs.read_batch_spec(workdir), tmp)
+        (tmp / geometry_lib.GEOMETRY_FILE).write_text(model.geometry.to_json())
+        window, channels = inference_window(config)
+        description = {
+            "format": FORMAT,
+            "method": config.method, "name": config.name, "step": model.step,
+            "sct_jax_version": __version__,
+            "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "source_run": str(workdir.resolve()),
+            "normalisation": {
+                "mr": "per case: clip to the percentiles "
+                      f"{list(config.data.mr_percentiles)} of the MR inside the body mask "
+                      "(Otsu mask from the MR when none is given), map linearly to [-1, 1]",
+                "ct": f"[-1, 1] <-> [{preprocess.HU_MIN:g}, {preprocess.HU_MAX:g}] HU "
+                      "(linear)"},
+            "training_geometry": json.loads(model.geometry.to_json()),
+            "inference": {
+                "mode": config.data.mode,
+                "window": list(window), "channels": channels,
+                "context_slices": int(config.data.context),
+                "overlap": float(config.eval.overlap),
+                "how": ("MR reoriented to the training axis codes and resampled to the "
+                        "training spacing when it differs by more than "
+                        f"{inference_geometry.SPACING_TOLERANCE:.0%}; "
+                        + ("axial slices padded with -1 to the window, overlapping "
+                           "windows blended" if config.data.mode != "patches" else
+                           "overlapping 3D windows blended")
+                        + "; sCT mapped back onto the MR's grid")},
+            "limits": "predicts only the anatomy, MR contrast and field strength it was "
+                      f"trained on (region: {model.geometry.region or 'unknown'}); check "
+                      "every sCT before planning",
+        }
+        if serialized:
+            data, info = serialize_predict(config, model.state)
+            (tmp / SERIALIZED).write_bytes(data)
+            description["serialized_function"] = info
+        description["content_sha256"] = content_hash(tmp, description)
+        (tmp / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "model")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_description(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MODEL_JSON
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable model description ({err})") from err
+    if description.get("format") != FORMAT:
+        raise DataError(f"{path}: not an sct_jax model (format {description.get('format')!r})")
+    return description
+
+
+def load_exported(model_dir: str | os.PathLike) -> LoadedModel:
+    """Opens an exported model directory (no config file or checkpoint needed).
+
+    Raises:
+      DataError: missing files, or files changed since the export (content hash).
+    """
+    model_dir = Path(model_dir)
+    description = read_description(model_dir)
+    missing = [n for n in HASHED if not (model_dir / n).is_file()]
+    if missing:
+        raise DataError(f"{model_dir}: incomplete model directory (missing "
+                        f"{', '.join(missing)})")
+    if content_hash(model_dir, description) != description.get("content_sha256"):
+        raise DataError(f"{model_dir}: files changed since export (content hash differs)")
+    config = ml_collections.ConfigDict(json.loads((model_dir / "config.json").read_text()))
+    method = methods.get_method(config.method)
+    spec = runs.read_batch_spec(model_dir)
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    abstract = jax.eval_shape(functools.partial(method.create_state, config, batch_spec=spec),
+                              rng)
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+    loaded = serialization.msgpack_restore((model_dir / PARAMS).read_bytes())
+    state = serialization.from_state_dict(
+        target, _merge(serialization.to_state_dict(target), loaded))
+    geometry = geometry_lib.load(model_dir)
+    return LoadedModel(config, state, geometry, int(description.get("step", 0)), model_dir,
+                       "export")
+
+
+def serialized_volume_predictor(model_dir: str | os.PathLike):
+    """``(X, Y, Z)`` normalised MR -> prediction in [-1, 1], running the serialized
+    function of ``model_dir`` (no method code involved) with the windows of
+    ``model.json``."""
+
+    model_dir = Path(model_dir)
+    description = read_description(model_dir)
+    inference = description["inference"]
+    batch_size = int(description["serialized_function"]["batch"])
+    exported = export.deserialize(bytearray((model_dir / SERIALIZED).read_bytes()))
+
+    def call(batch):
+        return np.asarray(exported.call(np.asarray(batch, np.float32)))
+
+    window = tuple(inference["window"])
+    if inference["mode"] == "patches":
+        return functools.partial(windows.predict_volume_3d, call, patch=window,
+                                 overlap=inference["overlap"], batch_size=batch_size)
+    return functools.partial(windows.predict_volume_2d, call, tile=window,
+                             context=inference["context_slices"], batch_size=batch_size,
+                             overlap=inference["overlap"])

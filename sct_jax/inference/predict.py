@@ -21,36 +21,23 @@ sample (a GAN trained without dropout).
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import logging
 from pathlib import Path
-from typing import Callable
 
 import jax
 import nibabel as nib
 import numpy as np
 
-from sct_jax import methods
-from sct_jax.data import preprocess, synthrad
+from sct_jax import methods, runs
+from sct_jax.data import datasets, preprocess, synthrad
+from sct_jax.data.geometry import TrainingGeometry
 from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
-from sct_jax.training import data as train_data
-from sct_jax.training import loop
 
 log = logging.getLogger(__name__)
-
-
-def samples_from_rng(method) -> bool:
-    """Whether ``method.predict`` draws samples (takes an ``rng`` argument)."""
-    return "rng" in inspect.signature(method.predict).parameters
-
-
-def sampling_check(method) -> Callable | None:
-    """The method module's ``check_sampling(config)``, or ``None`` when it has none."""
-    return getattr(method, "check_sampling", None)
 
 
 def check_samples(config, samples: int) -> None:
@@ -61,14 +48,13 @@ def check_samples(config, samples: int) -> None:
     """
     method = methods.get_method(config.method)
     samples = int(samples)
-    if samples < 1 or (samples > 1 and not samples_from_rng(method)):
+    if samples < 1 or (samples > 1 and not method.samples):
         raise ConfigError(f"--samples {samples}: must be 1, or more for a sampling method "
                           f"(config.method={config.method!r} "
-                          f"{'samples' if samples_from_rng(method) else 'does not sample'})")
-    check = sampling_check(method)
-    if samples > 1 and check is not None:
+                          f"{'samples' if method.samples else 'does not sample'})")
+    if samples > 1:
         try:
-            check(config)
+            method.check_sampling(config)
         except ConfigError as err:
             raise ConfigError(f"--samples {samples}: {err}") from None
 
@@ -91,7 +77,7 @@ def make_volume_predictor(config, state, rng=None, jitted_predict=None):
     """
     method = methods.get_method(config.method)
     predict = jitted_predict or jax.jit(functools.partial(method.predict, config))
-    if rng is not None and not samples_from_rng(method):
+    if rng is not None and not method.samples:
         raise ConfigError(f"config.method={config.method!r} does not sample: its predict "
                           "takes no rng")
     batch_index = itertools.count()
@@ -105,25 +91,10 @@ def make_volume_predictor(config, state, rng=None, jitted_predict=None):
         return functools.partial(inference.predict_volume_3d, call,
                                  patch=tuple(config.data.patch), overlap=config.eval.overlap,
                                  batch_size=config.eval.batch_size)
-    stride, min_size = network_input_rule(config)
+    stride, min_size = method.input_rule(config)
     return functools.partial(inference.predict_volume_2d, call, tile=slice_tile(config),
                              context=config.data.context, batch_size=config.eval.batch_size,
                              overlap=config.eval.overlap, stride=stride, min_size=min_size)
-
-
-def network_input_rule(config) -> tuple[int, int]:
-    """``(stride, min_size)`` of a 2D generator's input sizes.
-
-    The U-Net (pix2pix) needs multiples of ``2**num_downs``; the ResNet generator (pGAN
-    family, CycleGAN) multiples of 4 and at least 8 (see ``check_resnet_input``).
-    """
-    gen = config.model.gen
-    if "num_downs" in gen:
-        stride = 2 ** int(gen.num_downs)
-        return stride, stride
-    from sct_jax.models.resnet_generator import N_DOWNSAMPLINGS
-    stride = 2 ** N_DOWNSAMPLINGS
-    return stride, 2 * stride
 
 
 def slice_tile(config) -> tuple[int, int]:
@@ -131,15 +102,31 @@ def slice_tile(config) -> tuple[int, int]:
 
     A 0 entry means the whole slice along that axis (padded to the network's stride).
     """
-    tile = tuple(config.eval.get("tile", ()) or ())
+    tile = tuple(config.eval.tile or ())
     if not tile:
         return tuple(int(c) for c in config.data.crop)
-    stride, _ = network_input_rule(config)
+    stride, _ = methods.get_method(config.method).input_rule(config)
     bad = [t for t in tile if int(t) < 0 or int(t) % stride]
     if len(tile) != 2 or bad:
         raise ConfigError(f"config.eval.tile={tile}: expected two sizes, each 0 (whole "
                           f"slice) or a positive multiple of the network stride {stride}")
     return tuple(int(t) for t in tile)
+
+
+def check_settings(config) -> None:
+    """Start-up checks of the inference settings (``config.eval``), so that a bad value
+    fails before data is prepared or anything compiles, not at the first validation
+    pass or the export after a whole training.
+
+    Raises:
+      ConfigError: one line naming the key.
+    """
+    if int(config.eval.batch_size) < 1:
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size}: must be >= 1")
+    if not 0.0 <= float(config.eval.overlap) < 1.0:
+        raise ConfigError(f"config.eval.overlap={config.eval.overlap}: must be in [0, 1)")
+    if config.data.mode != "patches":
+        slice_tile(config)
 
 
 def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Case]:
@@ -148,14 +135,14 @@ def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Cas
         cases = synthrad.discover_cases(Path(data_root), region=config.data.region or None)
         synthrad.validate_cases(cases)
     else:
-        cases = train_data.case_splits(config)[config.eval.split]
+        cases = datasets.case_splits(config)[config.eval.split]
     if config.eval.max_cases:
         cases = cases[:config.eval.max_cases]
     return cases
 
 
 def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = None,
-               geometry: geometry_lib.TrainingGeometry | None = None) -> np.ndarray:
+               geometry: TrainingGeometry | None = None) -> np.ndarray:
     """One MR's sCT in HU, ``(X, Y, Z)`` float32 on the MR's own voxel grid.
 
     The MR is brought onto the training grid (:mod:`sct_jax.inference.geometry`:
@@ -172,7 +159,7 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
       geometry: the model's training geometry; ``None``: the MR's own (no change).
     """
     if geometry is None:
-        geometry = geometry_lib.TrainingGeometry(
+        geometry = TrainingGeometry(
             tuple(nib.aff2axcodes(mr.affine)), tuple(mr.spacing))
     grid = geometry_lib.to_model_grid(mr.affine, mr.shape, geometry)
     mr_model = grid.to_grid(np.asarray(mr.data, np.float32), order=1)
@@ -189,26 +176,34 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
 
 
 def predict_case(predict_volume, config, case_data: synthrad.CaseData,
-                 geometry: geometry_lib.TrainingGeometry | None = None) -> np.ndarray:
+                 geometry: TrainingGeometry | None = None) -> np.ndarray:
     """One case's sCT in HU, ``(X, Y, Z)`` float32 on the MR's grid (see
     :func:`predict_mr`; the case's body mask sets the MR normalisation)."""
     return predict_mr(predict_volume, config, case_data.mr, case_data.mask, geometry)
 
 
 def predict_draws(config, state, mr: Volume, mask: np.ndarray | None,
-                  geometry: geometry_lib.TrainingGeometry | None, samples: int = 1,
+                  geometry: TrainingGeometry | None, samples: int = 1,
                   jitted_predict=None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(sct, std)`` in HU on the MR's grid: one deterministic sCT (``std`` None), or
     the mean and per-voxel standard deviation (``ddof=0``) of ``samples`` draws."""
     if samples == 1:
         return predict_mr(make_volume_predictor(config, state, jitted_predict=jitted_predict),
                           config, mr, mask, geometry), None
-    draws = np.stack([
-        predict_mr(make_volume_predictor(config, state, rng=sample_rng(config, k),
-                                         jitted_predict=jitted_predict),
-                   config, mr, mask, geometry)
-        for k in range(samples)])
-    return draws.mean(axis=0).astype(np.float32), draws.std(axis=0).astype(np.float32)
+    # Welford's running mean and sum of squared deviations: memory is two volumes
+    # whatever the number of samples (float64, so that many draws lose no precision).
+    mean = m2 = None
+    for k in range(samples):
+        draw = predict_mr(make_volume_predictor(config, state, rng=sample_rng(config, k),
+                                                jitted_predict=jitted_predict),
+                          config, mr, mask, geometry).astype(np.float64)
+        if mean is None:
+            mean, m2 = draw, np.zeros_like(draw)
+            continue
+        delta = draw - mean
+        mean += delta / (k + 1)
+        m2 += delta * (draw - mean)
+    return mean.astype(np.float32), np.sqrt(m2 / samples).astype(np.float32)
 
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
@@ -224,7 +219,7 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       out_dir: where to write ``<id>/sct.nii.gz`` (default ``workdir/predictions``).
       samples: sCT samples per case (sampling methods only): with ``K > 1``,
         ``sct.nii.gz`` is their mean and ``sct_std.nii.gz`` their standard deviation.
-      checkpoint: ``"best"``, ``"latest"`` or a step (see :func:`loop.load_state`).
+      checkpoint: ``"best"``, ``"latest"`` or a step (see :func:`sct_jax.runs.load_state`).
 
     Returns:
       ``(out_dir, cases)``.
@@ -238,10 +233,10 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)
-    step, state = loop.load_state(config, workdir, step=checkpoint)
+    step, state = runs.load_state(config, workdir, step=checkpoint)
     log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
              len(cases), samples, step)
-    geometry = geometry_lib.run_geometry(config, workdir)
+    geometry = runs.read_geometry(config, workdir)
     jitted = jax.jit(functools.partial(method.predict, config))
     for case in cases:
         case_data = synthrad.load_case(case)

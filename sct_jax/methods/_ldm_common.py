@@ -13,29 +13,26 @@ ordinary method of the generic loop:
    the MR, initialised from the UNet of the run of ``config.ldm.diffusion_workdir``;
    UNet, autoencoder and scale factor frozen (all taken from that run's checkpoint).
 
-A later stage reads the earlier run through :func:`load_upstream_run`: that run's own
-``config.json`` rebuilds its state and ``loop.load_state`` restores it. Relative
-workdirs are relative to the current directory. Every stage's checkpoint holds the
-frozen parts it uses (as plain arrays), but restoring a stage's state still rebuilds the
-abstract state through ``create_state``, which reads the upstream run: keep the upstream
-run directories next to the later ones.
+A later stage names the earlier run in its method's ``upstream`` (``Method.upstream``);
+the training loop reads that run through :func:`sct_jax.runs.load_upstream` when the
+stage starts and the stage's ``load_pretrained`` copies the frozen parts into its new
+state (outside any trace). Relative workdirs are relative to the current directory.
+Every stage's checkpoint holds the frozen parts it uses (as plain arrays), so a finished
+stage predicts without its upstream runs.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from sct_jax.diffusion import make_schedule
 from sct_jax.diffusion.select import check_sampler, sample_any
+from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
 from sct_jax.models.autoencoder import AutoencoderKL
 from sct_jax.models.controlnet import ControlNet, embed_conditioning
@@ -44,9 +41,6 @@ from sct_jax.models.diffusion_unet import (MR_ENCODINGS, DiffusionUNet, MRCondit
 from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 
-# [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
-HU_PER_UNIT = 2012.0
-STAGES = ("autoencoder", "diffusion", "controlnet")
 # How the diffusion stage sees the MR: "concat" (on the latent grid, the UNet is the
 # sCT model) or "none" (unconditional; the ControlNet stage adds the MR).
 CONDITIONINGS = ("concat", "none")
@@ -64,6 +58,16 @@ def build_autoencoder(config) -> AutoencoderKL:
                          with_decoder_nonlocal_attn=a.nonlocal_attn,
                          init_log_variance=a.get("init_log_variance"),
                          conv_impl=config.model.conv_impl, **precision_kwargs(config))
+
+
+def autoencoder_placeholder(config, ct_spec: jax.ShapeDtypeStruct) -> Any:
+    """Zeros shaped like the autoencoder's parameters (a later stage's frozen copy before
+    ``load_pretrained`` fills it): shapes only, no initialiser is run."""
+    ae = build_autoencoder(config)
+    ct = jax.ShapeDtypeStruct((1, *ct_spec.shape[1:]), jnp.float32)
+    key = jax.random.key_data(jax.random.key(0))
+    shapes = jax.eval_shape(ae.init, key, ct, key)["params"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _unet_kwargs(config) -> dict:
@@ -164,77 +168,6 @@ def validate_ldm_config(config, stage: str) -> None:
     if int(config.ldm.sample_steps) < 1:
         raise ConfigError(f"config.ldm.sample_steps={config.ldm.sample_steps}: must be >= 1")
     check_sampler(config.ldm.sampler)
-
-
-# ---------------------------------------------------------------------- upstream runs
-
-def _as_plain(value: Any) -> Any:
-    """A config subtree as JSON-comparable plain data (tuples become lists)."""
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return json.loads(json.dumps(value))
-
-
-def _latest_step(workdir: Path) -> int | None:
-    ckpt = workdir / "checkpoints"
-    steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-    return max(steps) if steps else None
-
-
-@functools.lru_cache(maxsize=4)
-def _restore_run(workdir: str, step: int):
-    from sct_jax.training import loop  # deferred: loop imports the methods package
-    run_config = ml_collections.ConfigDict(loop.read_config_json(Path(workdir)))
-
-    def restore():
-        return loop.load_state(run_config, workdir, step=step)[1]
-
-    # create_state runs under a trace (eval_shape / jit), which is thread-local: a fresh
-    # thread restores concrete arrays (inside the trace orbax would build tracers).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        state = pool.submit(restore).result()
-    return run_config, state
-
-
-def load_upstream_run(config, key: str, method: str, shared_models: tuple[str, ...]):
-    """Restores the latest checkpoint of the earlier stage named by ``config.<key>``.
-
-    Memoised per (directory, step): ``create_state`` is traced more than once per
-    process (abstract shapes, then values) and should read the checkpoint once.
-
-    Args:
-      config: this stage's config.
-      key: the config key holding the run directory, e.g. ``"ldm.autoencoder_workdir"``.
-      method: the method that run must have trained (``"ldm_autoencoder"``, ...).
-      shared_models: ``config.model`` entries that must equal the run's (the frozen
-        networks this stage rebuilds from its own config).
-
-    Returns:
-      ``(run_config, state)``.
-
-    Raises:
-      ConfigError: no run or no checkpoint there, another method, or different models.
-    """
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    workdir = Path(str(value)).expanduser().absolute()
-    if not (workdir / "config.json").is_file():
-        raise ConfigError(f"config.{key}={str(value)!r}: no training run there "
-                          f"({workdir / 'config.json'} is missing); train {method} first")
-    step = _latest_step(workdir)
-    if step is None:
-        raise ConfigError(f"config.{key}={str(value)!r}: the run has no checkpoint yet; "
-                          f"train {method} first")
-    run_config, state = _restore_run(str(workdir), step)
-    if run_config.method != method:
-        raise ConfigError(f"config.{key}={str(value)!r} is a {run_config.method!r} run, "
-                          f"expected {method!r}")
-    for name in shared_models:
-        if _as_plain(config.model[name]) != _as_plain(run_config.model[name]):
-            raise ConfigError(f"config.model.{name} differs from the one of the run in "
-                              f"config.{key}={str(value)!r}: use the same size variant")
-    return run_config, state
 
 
 # ---------------------------------------------------------------------------- latents

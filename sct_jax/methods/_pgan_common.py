@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from sct_jax.config_utils import accelerator_settings, base_config, tiny_run_settings
+from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual, pixel
 from sct_jax.methods.common import (TrainState, apply_updates, dummy_input,
@@ -33,11 +34,10 @@ from sct_jax.methods.common import (TrainState, apply_updates, dummy_input,
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models import vgg
 from sct_jax.models.layers import precision_kwargs
-from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
-from sct_jax.training import optim
+from sct_jax.models.resnet_generator import (N_DOWNSAMPLINGS, ResnetGenerator,
+                                              check_dropout_sampling)
+from sct_jax import optim
 
-# [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
-HU_PER_UNIT = 2012.0
 
 
 # ----------------------------------------------------------------------------- models
@@ -200,6 +200,13 @@ def gan_step(config, state: dict, batch: dict, rng: jax.Array,
     metrics = {"loss": g_loss, "d_loss": d_loss, **terms,
                "mae_hu": terms["g_l1"] * HU_PER_UNIT, **d_metrics, **g_metrics}
     return new_state, metrics
+
+
+def input_rule(config) -> tuple[int, int]:
+    """``(stride, min_size)`` of the ResNet generator's input (multiples of 4, >= 8)."""
+    del config
+    stride = 2 ** N_DOWNSAMPLINGS
+    return stride, 2 * stride
 
 
 def check_sampling(config) -> None:

@@ -20,12 +20,11 @@ import jax
 
 from sct_jax.errors import ConfigError
 from sct_jax.losses import contextual
+from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, step_rng
 from sct_jax.models.layers import precision_kwargs
 
-predict = common.predict
-check_sampling = common.check_sampling
 
 
 def validate_config(config) -> None:
@@ -64,3 +63,9 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
 
     return common.gan_step(config, state, batch, step_rng(rng, state["gen"]),
                            extra_terms=contextual_term)
+
+
+METHOD = Method(
+    name="ctx_pgan", create_state=create_state, train_step=train_step, predict=common.predict,
+    samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
+    input_rule=common.input_rule)

@@ -31,17 +31,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
+from sct_jax.methods import Method
 from sct_jax.methods.common import (TrainState, apply_updates, dummy_input, step_rng,
                                     validate_resnet_gan_config)
 from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
-from sct_jax.models.resnet_generator import ResnetGenerator, check_dropout_sampling
-from sct_jax.training import optim
+from sct_jax.models.resnet_generator import (N_DOWNSAMPLINGS, ResnetGenerator,
+                                              check_dropout_sampling)
+from sct_jax import optim
 
-# [-1, 1] spans 4024 HU (CT clipped to [-1024, 3000]): an L1 of 1 is 2012 HU.
-HU_PER_UNIT = 2012.0
 GENERATORS = ("g_mr2ct", "g_ct2mr")
 DISCRIMINATORS = ("d_ct", "d_mr")
 
@@ -353,3 +354,16 @@ def predict_ct_to_mr(config, state: dict, ct: jax.Array) -> jax.Array:
     del config
     gen = state["g_ct2mr"]
     return gen.apply_fn({"params": gen.params}, ct, train=False)
+
+
+def input_rule(config) -> tuple[int, int]:
+    """``(stride, min_size)`` of the ResNet generators' input (multiples of 4, >= 8)."""
+    del config
+    stride = 2 ** N_DOWNSAMPLINGS
+    return stride, 2 * stride
+
+
+METHOD = Method(
+    name="cyclegan", create_state=create_state, train_step=train_step, predict=predict,
+    samples=True, check_sampling=check_sampling, validate_config=validate_config,
+    input_rule=input_rule, inverse=predict_ct_to_mr)

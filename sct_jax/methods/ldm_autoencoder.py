@@ -31,12 +31,13 @@ import jax.numpy as jnp
 
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, perceptual
+from sct_jax.methods import Method
 from sct_jax.methods import _ldm_common as common
 from sct_jax.methods._pgan_common import frozen_vgg_state
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.autoencoder import kl_loss
 from sct_jax.models.layers import precision_kwargs
-from sct_jax.training import optim
+from sct_jax import optim
 
 
 def validate_config(config) -> None:
@@ -198,3 +199,14 @@ def predict(config, state: dict, mr: jax.Array) -> jax.Array:
     del state, mr
     raise ConfigError(f"config.method={config.method!r} is the autoencoder stage; it does "
                       "not predict sCT: evaluate the ':controlnet' stage of the LDM config")
+
+
+def not_an_sct_model(config) -> str:
+    return (f"config.method={config.method!r} is the autoencoder stage of the latent "
+            "diffusion model; it predicts no sCT (train the diffusion stage next)")
+
+
+METHOD = Method(
+    name="ldm_autoencoder", create_state=create_state, train_step=train_step,
+    predict=predict, validate_config=validate_config, image_summaries=image_summaries,
+    not_an_sct_model=not_an_sct_model)

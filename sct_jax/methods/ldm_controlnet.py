@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from sct_jax.errors import ConfigError
+from sct_jax.methods import Method, Upstream
 from sct_jax.methods import _ldm_common as common
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.controlnet import controlnet_params_from_unet
-from sct_jax.training import optim
+from sct_jax import optim
 
 
 def validate_config(config) -> None:
@@ -41,27 +42,51 @@ def validate_config(config) -> None:
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
-    """The ControlNet (from the stage-2 UNet) and the frozen stage-2 parts."""
-    run_config, diffusion_run = common.load_upstream_run(
-        config, "ldm.diffusion_workdir", "ldm_diffusion", ("ae", "unet"))
-    if run_config.ldm.get("conditioning", "none") != "none":
-        raise ConfigError(f"config.ldm.diffusion_workdir={config.ldm.diffusion_workdir!r} "
-                          f"holds a UNet with conditioning {run_config.ldm.conditioning!r}; "
-                          "the ControlNet steers an unconditional one (conditioning 'none')")
-    unet_params = jax.tree.map(jnp.asarray, diffusion_run["unet"].params)
+    """The ControlNet and places for the frozen stage-2 parts (UNet, autoencoder, latent
+    statistics), zeros here: ``load_pretrained`` copies the stage-2 run's into a new
+    state and starts the ControlNet from its UNet."""
     controlnet = common.build_controlnet(config)
     mr = dummy_input(batch_spec["mr"])
     z = jnp.zeros(common.latent_shape(config, mr.shape), jnp.float32)
-    params = controlnet.init(rng, z, jnp.zeros((1,), jnp.int32), mr)["params"]
-    params = controlnet_params_from_unet(unet_params, params)
+    t = jnp.zeros((1,), jnp.int32)
+    params = controlnet.init(rng, z, t, mr)["params"]
+    unet = common.build_unet(config)
+    unet_params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               jax.eval_shape(unet.init, rng, z, t))["params"]
+    channels = int(config.model.ae.latent_channels)
     return {
         "controlnet": TrainState.create(apply_fn=controlnet.apply, params=params,
                                         tx=optim.adam(config.optim, config.train.steps)),
         "unet": unet_params,
-        "ae": jax.tree.map(jnp.asarray, diffusion_run["ae"]),
-        "latent_shift": jnp.asarray(diffusion_run["latent_shift"], jnp.float32),
-        "latent_scale": jnp.asarray(diffusion_run["latent_scale"], jnp.float32),
+        "ae": common.autoencoder_placeholder(config, batch_spec["ct"]),
+        "latent_shift": jnp.zeros((channels,), jnp.float32),
+        "latent_scale": jnp.ones((channels,), jnp.float32),
     }
+
+
+def upstream(config) -> dict[str, Upstream]:
+    del config
+    return {"diffusion": Upstream("ldm.diffusion_workdir", "ldm_diffusion", ("ae", "unet"))}
+
+
+def load_pretrained(config, state: dict, pretrained: dict) -> dict:
+    """The stage-2 run's frozen parts, and the ControlNet started from its UNet.
+
+    Raises:
+      ConfigError: the stage-2 UNet is conditioned on the MR itself (``concat``).
+    """
+    run = pretrained["diffusion"]
+    if run.config.ldm.conditioning != "none":
+        raise ConfigError(f"config.ldm.diffusion_workdir={config.ldm.diffusion_workdir!r} "
+                          f"holds a UNet with conditioning {run.config.ldm.conditioning!r}; "
+                          "the ControlNet steers an unconditional one (conditioning 'none')")
+    unet_params = jax.tree.map(jnp.asarray, run.state["unet"].params)
+    cn_state = state["controlnet"]
+    params = controlnet_params_from_unet(unet_params, jax.device_get(cn_state.params))
+    return {**state, "controlnet": cn_state.replace(params=params), "unet": unet_params,
+            "ae": jax.tree.map(jnp.asarray, run.state["ae"]),
+            "latent_shift": jnp.asarray(run.state["latent_shift"], jnp.float32),
+            "latent_scale": jnp.asarray(run.state["latent_scale"], jnp.float32)}
 
 
 def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
@@ -115,3 +140,9 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
                                     state["controlnet"].params, state["latent_shift"],
                                     state["latent_scale"], mr,
                                     common.default_rng(config, rng))
+
+
+METHOD = Method(
+    name="ldm_controlnet", create_state=create_state, train_step=train_step,
+    predict=predict, samples=True, validate_config=validate_config, upstream=upstream,
+    load_pretrained=load_pretrained)

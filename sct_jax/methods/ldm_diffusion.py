@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from sct_jax.errors import ConfigError
+from sct_jax.methods import Method, Upstream
 from sct_jax.methods import _ldm_common as common
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
-from sct_jax.training import optim
+from sct_jax import optim
 
 
 def validate_config(config) -> None:
@@ -56,9 +57,12 @@ def validate_config(config) -> None:
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
-    """UNet parameters, the frozen autoencoder of the stage-1 run, the latent statistics."""
-    _, ae_run = common.load_upstream_run(config, "ldm.autoencoder_workdir",
-                                         "ldm_autoencoder", ("ae",))
+    """UNet parameters, a place for the frozen autoencoder, the latent statistics.
+
+    The autoencoder's parameters are zeros of the right shapes here; ``load_pretrained``
+    copies those of the stage-1 run into a new state (a resumed or restored state holds
+    them already).
+    """
     unet = common.build_unet(config)
     z = jnp.zeros(common.latent_shape(config, (1, *batch_spec["ct"].shape[1:])), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -70,7 +74,7 @@ def create_state(config, rng: jax.Array, batch_spec: dict) -> dict:
     return {
         "unet": TrainState.create(apply_fn=unet.apply, params=params,
                                   tx=optim.adam(config.optim, config.train.steps)),
-        "ae": jax.tree.map(jnp.asarray, ae_run["ae"].params),
+        "ae": common.autoencoder_placeholder(config, batch_spec["ct"]),
         "latent_shift": jnp.zeros((channels,), jnp.float32),
         "latent_scale": jnp.ones((channels,), jnp.float32),
         "latent_stats": common.init_moments(channels),
@@ -158,3 +162,20 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
     z = common.sample_latents(config, lambda x, t: unet.apply({"params": params}, x, t),
                               common.latent_shape(config, mr.shape), rng)
     return common.decode_latent(config, state["ae"], common.unstandardise(z, shift, scale))
+
+
+def upstream(config) -> dict[str, Upstream]:
+    del config
+    return {"autoencoder": Upstream("ldm.autoencoder_workdir", "ldm_autoencoder", ("ae",))}
+
+
+def load_pretrained(config, state: dict, pretrained: dict) -> dict:
+    """Copies the stage-1 run's autoencoder parameters into a new state."""
+    del config
+    return {**state, "ae": jax.tree.map(jnp.asarray, pretrained["autoencoder"].state["ae"].params)}
+
+
+METHOD = Method(
+    name="ldm_diffusion", create_state=create_state, train_step=train_step, predict=predict,
+    samples=True, validate_config=validate_config, upstream=upstream,
+    load_pretrained=load_pretrained)

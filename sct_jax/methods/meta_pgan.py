@@ -51,19 +51,23 @@ written by the loop every ``config.train.image_every`` steps.
 
 from __future__ import annotations
 
+import logging
+
+import grain
 import jax
 import jax.numpy as jnp
 
-from sct_jax.data import preprocess
+from sct_jax.data import alignment, pipeline, preprocess
 from sct_jax.errors import ConfigError
 from sct_jax.losses import pixel
 from sct_jax.meta import reweight
+from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, apply_updates, step_rng
-from sct_jax.training import sharding
+from sct_jax import sharding
 
-predict = common.predict
-check_sampling = common.check_sampling
+log = logging.getLogger(__name__)
+
 
 
 def validate_config(config) -> None:
@@ -74,8 +78,8 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.meta.val_batch_size={config.meta.val_batch_size} must be "
                           f"positive and divisible by the {n_data} devices of the mesh's "
                           "data x fsdp axes")
-    reweight.check_granularity(config.meta.get("granularity", "pixel"),
-                               config.meta.get("patch_size", 1),
+    reweight.check_granularity(config.meta.granularity,
+                               config.meta.patch_size,
                                tuple(config.data.crop), "meta")
     if not 0.0 < float(config.meta.val_fraction) <= 1.0:
         raise ConfigError(f"config.meta.val_fraction={config.meta.val_fraction}: must be "
@@ -167,8 +171,8 @@ def _reweight(config, gen_state, batch, rng):
     r = reweight.reweight(
         loss_map_fn, val_loss_fn, gen_state.params, alpha=config.meta.alpha,
         method=config.meta.method, has_outputs=True,
-        granularity=config.meta.get("granularity", "pixel"),
-        patch_size=config.meta.get("patch_size", 1))
+        granularity=config.meta.granularity,
+        patch_size=config.meta.patch_size)
     weights, (loss_map, fake) = r.weights, r.result
     diag = {}
     if config.meta.get("diagnostics", True):
@@ -237,3 +241,62 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
                   for k, v in u_stats.items() if k != "weight_max"},
                **d_metrics, **g_metrics}
     return {**state, "gen": gen_state, "disc": disc_state}, metrics
+
+
+# ------------------------------------------------------------- its training data
+
+def meta_validation_ids(config, prepared: list[pipeline.PreparedCase]) -> list[str]:
+    """The best-registered training cases: top ``config.meta.val_fraction`` by MR/CT MI.
+
+    Mutual information inside the body mask (:mod:`sct_jax.data.alignment`), computed
+    once per dataset build from the prepared (normalised) arrays; at least one case.
+    """
+    mi = {case.id: alignment.mutual_information(case.mr, case.ct, case.mask)
+          for case in prepared}
+    return alignment.select_meta_validation(mi, float(config.meta.val_fraction))
+
+
+def train_dataset(config, prepared: list[pipeline.PreparedCase], local_batch_size: int,
+                       shard_index: int, shard_count: int):
+    """Training slices zipped with meta-validation slices (data mode ``slices_with_meta``).
+
+    The meta-validation cases are the top ``config.meta.val_fraction`` (seed 02: 11%) of
+    the *training* cases by mutual information. With ``config.meta.val_exclusive`` they
+    are taken out of the training slices (seed 02 "allocates" them to validation), unless
+    that would leave none.
+
+    Returns:
+      An ``IterDataset`` of dicts: ``mr (B, H, W, 2c+1)``, ``ct``, ``mask`` ``(B, H, W, 1)``
+      as mode ``slices``, plus ``val_mr``, ``val_ct``, ``val_mask`` with
+      ``config.meta.val_batch_size / process_count`` shuffled, flipped validation slices.
+    """
+    val_ids = set(meta_validation_ids(config, prepared))
+    val_cases = [c for c in prepared if c.id in val_ids]
+    train_cases = [c for c in prepared if c.id not in val_ids]
+    if not (config.meta.val_exclusive and train_cases):
+        train_cases = list(prepared)
+    log.info("meta-validation cases (top %g by MI): %s; %d training "
+             "cases", config.meta.val_fraction, sorted(val_ids), len(train_cases))
+    val_batch = int(config.meta.val_batch_size)
+    if val_batch <= 0 or val_batch % shard_count:
+        raise ConfigError(f"config.meta.val_batch_size={val_batch} must be positive and "
+                          f"divisible by the {shard_count} processes")
+    kwargs = dict(crop=tuple(config.data.crop), seed=config.seed, context=config.data.context,
+                  train=True, shard_index=shard_index, shard_count=shard_count)
+    train_ds = pipeline.slice_dataset(train_cases, batch_size=local_batch_size, **kwargs)
+    # Its own shuffle seed: the two streams must not draw the same permutation.
+    kwargs["seed"] = config.seed + 1_000_003
+    val_ds = pipeline.slice_dataset(val_cases, batch_size=val_batch // shard_count, **kwargs)
+
+    def merge(pair):
+        train, val = pair
+        return {**train, **{f"val_{k}": v for k, v in val.items()}}
+
+    return grain.experimental.ZipIterDataset([train_ds, val_ds]).map(merge)
+
+
+METHOD = Method(
+    name="meta_pgan", create_state=create_state, train_step=train_step,
+    predict=common.predict, samples=True, check_sampling=common.check_sampling,
+    validate_config=validate_config, input_rule=common.input_rule,
+    train_dataset=train_dataset, image_summaries=image_summaries)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import jax
 
+from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, step_rng
 
-predict = common.predict
-check_sampling = common.check_sampling
 
 
 def validate_config(config) -> None:
@@ -34,3 +33,9 @@ def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainSta
 def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
     """One D update then one G update; returns the new state and scalar metrics."""
     return common.gan_step(config, state, batch, step_rng(rng, state["gen"]))
+
+
+METHOD = Method(
+    name="pgan", create_state=create_state, train_step=train_step, predict=common.predict,
+    samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
+    input_rule=common.input_rule)

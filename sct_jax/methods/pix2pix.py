@@ -17,13 +17,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
+from sct_jax.methods import Method
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
-from sct_jax.training import optim
+from sct_jax import optim
 
 
 def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
@@ -116,7 +118,7 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
     gen_state, g_metrics = apply_updates(gen_state, g_grads, "gen")
 
     metrics = {"loss": g_loss, "d_loss": d_loss, "g_adv": g_adv, "g_l1": g_l1,
-               "mae_hu": g_l1 * 2012.0,  # [-1, 1] spans 4024 HU
+               "mae_hu": g_l1 * HU_PER_UNIT,
                **d_metrics, **g_metrics}
     return {"gen": gen_state, "disc": disc_state}, metrics
 
@@ -157,3 +159,15 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
         return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
     return gen_state.apply_fn({"params": gen_state.params}, mr, train=True,
                               rngs={"dropout": rng})
+
+
+def input_rule(config) -> tuple[int, int]:
+    """``(stride, min_size)`` of the 2D U-Net's input: multiples of ``2**num_downs``."""
+    stride = 2 ** int(config.model.gen.num_downs)
+    return stride, stride
+
+
+METHOD = Method(
+    name="pix2pix", create_state=create_state, train_step=train_step, predict=predict,
+    samples=True, check_sampling=check_sampling, validate_config=validate_config,
+    input_rule=input_rule)

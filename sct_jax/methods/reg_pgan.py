@@ -25,14 +25,13 @@ import jax.numpy as jnp
 from sct_jax.errors import ConfigError
 from sct_jax.losses import pixel
 from sct_jax.losses.smoothness import smoothness
+from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.registration import RegistrationNet, check_registration_input, warp
-from sct_jax.training import optim
+from sct_jax import optim
 
-predict = common.predict
-check_sampling = common.check_sampling
 
 
 def build_registration(config) -> RegistrationNet:
@@ -136,3 +135,9 @@ def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[st
             "reg/flow_rows_px": flow[0, ..., 0], "reg/flow_cols_px": flow[0, ..., 1],
             "reg/fake": fake[0, ..., 0], "reg/registered": registered[0, ..., 0],
             "reg/ct": ct[0, ..., 0]}
+
+
+METHOD = Method(
+    name="reg_pgan", create_state=create_state, train_step=train_step, predict=common.predict,
+    samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
+    input_rule=common.input_rule, image_summaries=image_summaries)

@@ -15,7 +15,7 @@ import numpy as np
 
 from sct_jax.data import synthrad
 from sct_jax.data.io import VOLUME_SUFFIXES, load_volume
-from sct_jax.evaluation import metrics
+from sct_jax import metrics
 
 # The constant baseline: every body voxel soft tissue (cli/run.py's SOFT_TISSUE_HU).
 SOFT_TISSUE_HU = 40.0

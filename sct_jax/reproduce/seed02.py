@@ -27,10 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sct_jax.cli import ablate
+from sct_jax import methods
 from sct_jax.config_utils import load_config_file
+from sct_jax.data import datasets
 from sct_jax.data.io import atomic_write_text, load_volume
-from sct_jax.reproduce import baselines
+from sct_jax.errors import ConfigError
+from sct_jax.inference import predict
+from sct_jax.methods import meta_pgan
+from sct_jax.reproduce import ablate, baselines
+from sct_jax.training import loop
 
 REPO = Path(__file__).resolve().parent.parent.parent
 RESULT_FILE = "reproduce_row.json"
@@ -132,7 +137,7 @@ def _train_and_score(label: str, config, workdir: Path, seed: int, references) -
     Returns None when another process is training the same run (several
     ``sct-reproduce`` processes on one output folder share the runs out).
     """
-    digest = ablate._config_digest(config)
+    digest = ablate.config_digest(config)
     row = _cached_row(workdir, digest)
     if row is not None:
         print(f"[seed02] {label} seed {seed}: reusing {workdir / RESULT_FILE}")
@@ -149,8 +154,6 @@ def _train_and_score(label: str, config, workdir: Path, seed: int, references) -
 
 
 def _train_and_score_locked(label, config, workdir, seed, references, digest) -> dict:
-    from sct_jax.inference import predict
-    from sct_jax.training import loop
 
     cached = workdir / RESULT_FILE
     ablate.refuse_stale_run(workdir, RESULT_FILE)
@@ -175,12 +178,11 @@ def _train_and_score_locked(label, config, workdir, seed, references, digest) ->
 def meta_validation_check(config) -> str:
     """Which training cases the meta-validation picks (top 11% by MI) and how many of
     them the phantom made aligned, as a note."""
-    from sct_jax.training import data as train_data
 
-    splits = train_data.case_splits(config)
-    prepared = train_data.prepare(config, splits["train"])
-    picked = train_data.meta_validation_ids(config, prepared)
-    manifest = train_data.dataset_root(config) / "Task1" / config.data.region / "manifest.json"
+    splits = datasets.case_splits(config)
+    prepared = datasets.prepare(config, splits["train"])
+    picked = meta_pgan.meta_validation_ids(config, prepared)
+    manifest = datasets.dataset_root(config) / "Task1" / config.data.region / "manifest.json"
     aligned = set()
     if manifest.exists():
         aligned = {c["id"] for c in json.loads(manifest.read_text())["cases"] if c.get("aligned")}
@@ -200,25 +202,22 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
     slugs = [slug for _, slug, _, _ in METHODS]
     unknown = sorted(set(only or ()) - set(slugs))
     if unknown:
-        from sct_jax.errors import ConfigError
         raise ConfigError(f"--only {','.join(unknown)}: unknown method (expected some of "
                           f"{', '.join(slugs)})")
-    from sct_jax.training import data as train_data
 
     out_dir = Path(out_dir)
     if vgg19 is None and (REPO / "weights" / "vgg19.npz").exists():
         vgg19 = str(REPO / "weights" / "vgg19.npz")
     configs = [(label, slug, _config(path, tiny, overrides, vgg16, vgg19))
                for label, slug, path, overrides in METHODS]
-    from sct_jax import methods
     for _, _, config in configs:  # every config checked before the first run starts
         method = methods.get_method(config.method)
-        if hasattr(method, "validate_config") and (config.method != "ctx_pgan" or vgg19):
-            method.validate_config(config)
+        if config.method != "ctx_pgan" or vgg19:
+            method.validate(config)
     ablate.enable_compilation_cache(out_dir)
     first = configs[0][2]
-    cases = {"train": train_data.case_splits(first)["train"],
-             "test": train_data.case_splits(first)[first.eval.split]}
+    cases = {"train": datasets.case_splits(first)["train"],
+             "test": datasets.case_splits(first)[first.eval.split]}
     if first.eval.max_cases:
         cases["test"] = cases["test"][:first.eval.max_cases]
     loaded = {c.id: baselines.load_reference(c) for c in cases["test"]}
@@ -243,7 +242,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
             c.seed = int(config.seed) + k
             workdir = out_dir / slug / f"seed{k}"
             if only is not None and slug not in only:
-                row = _cached_row(workdir, ablate._config_digest(c))
+                row = _cached_row(workdir, ablate.config_digest(c))
                 if row is not None:
                     jobs.append(row)
                 continue

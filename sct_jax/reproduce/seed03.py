@@ -39,12 +39,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sct_jax.cli import ablate
+from sct_jax import methods, metrics
 from sct_jax.config_utils import load_config_file
-from sct_jax.data import preprocess, synthrad
+from sct_jax.data import datasets, preprocess, synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
-from sct_jax.evaluation import metrics
-from sct_jax.reproduce import baselines
+from sct_jax.errors import ConfigError
+from sct_jax.inference import predict
+from sct_jax.methods import ldm_autoencoder
+from sct_jax.reproduce import ablate, baselines
+from sct_jax.reproduce.seed02 import RESULT_FILE, _cached_row
+from sct_jax.runs import load_state
+from sct_jax.training import loop
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DONE_FILE = "stage_done.json"
@@ -77,9 +82,8 @@ def pix2pix_config(size: str, seed: int):
 def train_stage(config, workdir: Path) -> float:
     """Trains ``config`` into ``workdir`` unless a finished run of the same config is
     there; returns the training wall time (the recorded one when skipped)."""
-    from sct_jax.training import loop
 
-    digest = ablate._config_digest(config)
+    digest = ablate.config_digest(config)
     done = workdir / DONE_FILE
     if done.exists():
         record = json.loads(done.read_text())
@@ -97,7 +101,6 @@ def train_stage(config, workdir: Path) -> float:
 
 
 def predict_and_score(config, workdir: Path, references: dict, samples: int) -> dict:
-    from sct_jax.inference import predict
 
     pred_dir, cases = predict.predict_split(config, workdir, samples=samples)
     pairs = [(load_volume(pred_dir / c.id / "sct.nii.gz").data, references[c.id])
@@ -114,10 +117,8 @@ def _unit_mr(config, case) -> np.ndarray:
 
 def autoencoder_ceiling(config, workdir: Path, references: dict) -> float:
     """Mean MAE (HU, in the body) of the test CTs decoded from their own latents."""
-    from sct_jax.methods import ldm_autoencoder
-    from sct_jax.training import loop
 
-    _, state = loop.load_state(config, workdir)
+    _, state = load_state(config, workdir)
     reconstruct = jax.jit(functools.partial(ldm_autoencoder.reconstruct, config))
     maes = []
     for ct, mask in references.values():
@@ -131,11 +132,8 @@ def autoencoder_ceiling(config, workdir: Path, references: dict) -> float:
 def mr_swap_mae(config, workdir: Path, cases, references: dict, donors) -> float:
     """Mean MAE when each test head is sampled from ``donors``' next head's MR instead of
     its own (same grid): higher than the model's own MAE iff the MR is used."""
-    from sct_jax import methods
-    from sct_jax.inference import predict
-    from sct_jax.training import loop
 
-    _, state = loop.load_state(config, workdir)
+    _, state = load_state(config, workdir)
     jitted = jax.jit(functools.partial(methods.get_method(config.method).predict, config))
     maes = []
     for i, case in enumerate(cases):
@@ -161,8 +159,6 @@ CHAINS = (
       ("controlnet", "ldm_controlnet"))),
     ("pix2pix", "pix2pix", ()),
 )
-# The same per-run row cache as seed02's.
-from sct_jax.reproduce.seed02 import RESULT_FILE, _cached_row  # noqa: E402
 
 
 def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int) -> list:
@@ -178,9 +174,6 @@ def run(out_dir: Path, seeds: int, tiny: bool,
     ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
     others are reported from their finished runs of the same configs, else as not run.
     """
-    from sct_jax import methods
-    from sct_jax.errors import ConfigError
-    from sct_jax.training import data as train_data
 
     slugs = [slug for _, slug, _ in CHAINS]
     unknown = sorted(set(only or ()) - set(slugs))
@@ -200,7 +193,7 @@ def run(out_dir: Path, seeds: int, tiny: bool,
     ablate.enable_compilation_cache(out_dir)
 
     first = ldm_config("autoencoder", size, probe, 0)
-    splits = train_data.case_splits(first)
+    splits = datasets.case_splits(first)
     test_cases = splits[first.eval.split]
     if first.eval.max_cases:
         test_cases = test_cases[:first.eval.max_cases]
@@ -219,7 +212,7 @@ def run(out_dir: Path, seeds: int, tiny: bool,
             stages = (_chain_configs(chain, size, runs, seed) if chain
                       else [(pix2pix_config(size, seed), runs["pix2pix"])])
             config, workdir = stages[-1]
-            digest = ablate._config_digest(config)
+            digest = ablate.config_digest(config)
             if only is not None and slug not in only:
                 row = _cached_row(workdir, digest)
                 if row is not None:

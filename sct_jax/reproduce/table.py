@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sct_jax.cli.ablate import format_cell as _cell
+from sct_jax.reproduce.ablate import format_cell as _cell
 from sct_jax.data.io import atomic_write_text
 
 # (row key, markdown heading, format)

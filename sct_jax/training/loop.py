@@ -1,19 +1,35 @@
-"""The generic training loop every method plugs into.
+"""The one training loop every method plugs into, for one run or N vmapped seeds.
 
 ``train(config, workdir)``:
-  1. builds the mesh and the per-process data iterator;
-  2. creates the method's state directly in its shardings (``jax.eval_shape`` first,
-     then ``jax.jit(create_state, out_shardings=...)``), or restores the latest
-     checkpoint (state and data-iterator position);
-  3. compiles ``train_step`` ahead of time with in/out shardings and donation, logging
+  1. checks everything that can be checked before a byte is written: the run settings,
+     the method's config (:meth:`sct_jax.methods.Method.validate`), the mesh and batch,
+     the workdir and a resume's config, the data (the phantom is generated here), the
+     validation split, the upstream runs a stage starts from;
+  2. takes the run directory (:func:`sct_jax.runs.open_for_training`: one writer per
+     run) and records the config, the batch shapes and the training geometry;
+  3. creates the method's state directly in its shardings (``jax.eval_shape`` first,
+     then ``jax.jit(create_state, out_shardings=...)``) and merges pretrained weights
+     outside the trace (``Method.load_pretrained``), or restores the latest checkpoint
+     (state and data-iterator position);
+  4. compiles ``train_step`` ahead of time with in/out shardings and donation, logging
      compile time and XLA's memory estimate;
-  4. steps, logging JSON lines / TensorBoard / tqdm, checkpointing every N steps, and
-     stopping at the first non-finite metric with the step and the last good checkpoint;
-  5. every ``config.train.eval_every`` steps predicts and scores the validation split
-     (:mod:`sct_jax.training.validation`), saving that step's checkpoint with its
-     validation MAE so that the best one is kept; every ``config.train.image_every``
-     steps writes a fixed validation slice (MR, CT, sCT, error) and the method's own
-     maps as images.
+  5. steps, logging JSON lines / TensorBoard / tqdm, checkpointing every N steps,
+     validating every ``config.train.eval_every`` steps (:mod:`.validation`; the
+     checkpoint keeps its validation MAE so that the best is kept), writing image
+     summaries, and stopping at the first non-finite metric with the step and the last
+     good checkpoint named.
+
+``train_seeds(configs, workdirs)`` runs the same loop over N configs that differ only
+in ``seed``: one program, ``jax.vmap`` of ``create_state`` and ``train_step`` over a
+leading seed axis of the state and the keys, each seed with its own data order (its own
+pipeline, as a separate run would read) and its own run directory written exactly as
+``train`` writes one (lock, config, geometry, batch spec, metrics, validation, best and
+latest checkpoints with the data position), so evaluation, prediction and a later
+non-vmapped resume treat each as a separate run. A seed that diverges is recorded as
+failed and stops writing; the others go on. Seed ``s`` uses ``split(key(s))`` as
+``train`` does, so it equals seed ``s`` trained alone (to float tolerance: batched
+convolutions sum in another order). The vmapped program runs on one device (the seed
+axis is the parallelism).
 
 The step is called through the compiled executable, so a second call can never
 recompile. Metrics are fetched one step late so that the host never waits on the
@@ -24,20 +40,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from sct_jax import methods
+from sct_jax import methods, runs, sharding
 from sct_jax.config_utils import check_run_config
-from sct_jax.errors import RunFailed, SctError
-from sct_jax.models.layers import precision_kwargs
-from sct_jax.training import checkpoint, run_dir, sharding, validation
+from sct_jax.data import datasets
+from sct_jax.data import geometry as geometry_lib
+from sct_jax.errors import ConfigError, RunFailed
+from sct_jax.inference import predict as predict_lib
+from sct_jax.runs.checkpoint import Checkpointer
+from sct_jax.training import validation
 from sct_jax.training.logging import MetricWriter, first_non_finite, to_python
 
 log = logging.getLogger(__name__)
@@ -49,44 +68,47 @@ class TrainingDiverged(RunFailed):
 
 @dataclasses.dataclass
 class TrainResult:
+    """One run's outcome; ``error`` is empty unless it diverged (vmapped seeds only:
+    a single run raises :class:`TrainingDiverged` instead)."""
     state: Any
     step: int
     metrics: dict[str, float]
     compile_s: float
     workdir: Path
+    seed: int = 0
+    error: str = ""
 
 
-def save_config(config, workdir: Path) -> None:
-    """Stores the resolved config next to the checkpoints (``evaluate.py`` reads it)."""
-    from sct_jax.data.io import atomic_write_text
-    if jax.process_index() == 0:
-        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+# A vmapped seed's outcome is the same record.
+SeedResult = TrainResult
 
 
-def save_geometry(training_geometry, workdir: Path) -> None:
-    """Records the training MRs' orientation, spacing and region (``geometry.json``):
-    prediction brings every new MR onto that grid (:mod:`sct_jax.inference.geometry`)."""
-    if jax.process_index() == 0:
-        from sct_jax.inference import geometry
-        geometry.save(training_geometry, workdir)
+@dataclasses.dataclass
+class _Run:
+    """One run directory the program writes: its config, data and writers."""
+    config: Any
+    workdir: Path
+    iterator: Any = None
+    lock: Any = None
+    ckpt: Checkpointer | None = None
+    writer: MetricWriter | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+    state: Any = None
+    error: str = ""
 
 
-def save_batch_spec(spec: dict[str, jax.ShapeDtypeStruct], workdir: Path) -> None:
-    """Records the training batch shapes: prediction rebuilds the state from them."""
-    from sct_jax.data.io import atomic_write_text
-    if jax.process_index() == 0:
-        record = {k: {"shape": list(v.shape), "dtype": np.dtype(v.dtype).name}
-                  for k, v in spec.items()}
-        atomic_write_text(workdir / "batch_spec.json", json.dumps(record, indent=2))
-
-
-def load_batch_spec(workdir: Path) -> dict[str, jax.ShapeDtypeStruct]:
-    path = Path(workdir) / "batch_spec.json"
-    if not path.exists():
-        raise SctError(f"{path}: missing; is {workdir} a training run directory?")
-    record = json.loads(path.read_text())
-    return {k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"]))
-            for k, v in record.items()}
+def check_same_but_seed(configs: Sequence[Any]) -> None:
+    """Raises :class:`ConfigError` unless the configs differ in ``seed`` only."""
+    def without_seed(c):
+        d = c.to_dict()
+        d.pop("seed")
+        return d
+    first = without_seed(configs[0])
+    if any(without_seed(c) != first for c in configs[1:]):
+        raise ConfigError("--vmap: the seeds' configs must differ in config.seed only")
+    seeds = [int(c.seed) for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--vmap: repeated seeds {seeds}")
 
 
 def build_step(method, config, mesh, abstract_state, spec):
@@ -107,6 +129,10 @@ def build_step(method, config, mesh, abstract_state, spec):
     abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
                  for k, v in spec.items()}
     abs_rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)
+    return (*_compile(jitted, abs_state, abs_batch, abs_rng, state_shardings),)
+
+
+def _compile(jitted, abs_state, abs_batch, abs_rng, state_shardings):
     t0 = time.perf_counter()
     compiled = jitted.lower(abs_state, abs_batch, abs_rng).compile()
     compile_s = time.perf_counter() - t0
@@ -121,17 +147,21 @@ def build_step(method, config, mesh, abstract_state, spec):
 
 
 def image_summary_fn(method, config, mesh) -> Callable[..., dict] | None:
-    """The method's ``image_summaries`` jitted to host arrays, or None when it has none.
-
-    A method may define ``image_summaries(config, state, batch, rng) -> {name: (H, W)}``
-    (e.g. meta-pGAN's weight maps); the loop calls it every ``config.train.image_every``
-    steps (0: never) on the batch about to be trained and the state before the step.
-    """
-    if not hasattr(method, "image_summaries") or int(config.train.get("image_every", 0)) <= 0:
+    """The method's ``image_summaries`` jitted to host arrays, or None when it has none
+    or ``config.train.image_every`` is 0 (called on the batch about to be trained and
+    the state before the step)."""
+    if method.image_summaries is None or int(config.train.image_every) <= 0:
         return None
     summarize = jax.jit(functools.partial(method.image_summaries, config),
                         out_shardings=sharding.replicated(mesh))
     return lambda state, batch, rng: jax.device_get(summarize(state, batch, rng))
+
+
+def train_dataset(config, local_batch_size: int):
+    """The config's per-process training data: the method's own sampler when it has one
+    (``Method.train_dataset``), else the data mode's (:mod:`sct_jax.data.datasets`)."""
+    method = methods.get_method(config.method)
+    return datasets.train_dataset(config, local_batch_size, method_dataset=method.train_dataset)
 
 
 def train(config, workdir: str | Path,
@@ -142,7 +172,7 @@ def train(config, workdir: str | Path,
       config: the experiment's ``ConfigDict``.
       workdir: run directory (checkpoints, metrics, TensorBoard, config.json).
       make_dataset: ``(config, local_batch_size) -> IterDataset``; defaults to the
-        config's data pipeline (tests substitute their own).
+        config's data (tests substitute their own; then no training geometry is read).
 
     Returns:
       A :class:`TrainResult` with the final state and the last logged metrics.
@@ -151,130 +181,249 @@ def train(config, workdir: str | Path,
       ConfigError: a config value that cannot work (at start-up, before any compile).
       TrainingDiverged: a non-finite loss or norm.
     """
-    sharding.maybe_initialize_distributed()
-    workdir = Path(workdir)
-    check_run_config(config)
-    run_dir.check_workdir(workdir)  # cheap checks first: no data is read for a bad run dir
-    run_dir.check_resume_config(config, workdir, run_dir.has_checkpoint(workdir))
-    method = methods.get_method(config.method)
-    if hasattr(method, "validate_config"):
-        method.validate_config(config)
-    precision_kwargs(config)  # an unknown model.dtype / model.remat fails here
-    mesh = sharding.make_mesh(dict(config.mesh))
-    local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
-    # The data is checked (and the phantom generated) before anything is written to
-    # the workdir, so bad input leaves no half-made run directory behind.
-    default_data = make_dataset is None
-    if make_dataset is None:
-        from sct_jax.training.data import train_dataset as make_dataset
-    dataset = make_dataset(config, local_batch)
-    training_geometry = None
-    if default_data:  # the config's own cases: read their orientation and spacing
-        from sct_jax.inference import geometry
-        training_geometry = geometry.from_config(config)
-    # One writer per run dir; a resume may not change the model or the data (run_dir.py).
-    resuming = run_dir.has_checkpoint(workdir)
-    lock = (run_dir.open_run_dir(config, workdir, resuming) if jax.process_index() == 0
-            else None)
-    try:
-        result = _train_in(config, workdir, method, mesh, dataset, resuming, training_geometry)
-    finally:
-        if lock is not None:
-            lock.release()
-    if resuming:
-        save_config(config, workdir)  # only now: a failed resume keeps the run's config
+    (result,) = _train([config], [Path(workdir)], make_dataset, vmapped=False)
+    if result.error:
+        raise TrainingDiverged(result.error)
     return result
 
 
-def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
-              training_geometry) -> TrainResult:
-    """The body of :func:`train` once the run directory is held."""
-    iterator = iter(dataset)
-    start_position = iterator.get_state()
-    spec = sharding.batch_spec(next(iterator))
-    iterator.set_state(start_position)
+def train_seeds(configs: Sequence[Any], workdirs: Sequence[str | Path],
+                make_dataset: Callable[[Any, int], Any] | None = None) -> list[TrainResult]:
+    """Trains ``configs`` (one config, N seeds) as one vmapped program.
 
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    init_rng, base_rng = jax.random.split(rng)
-    create = functools.partial(method.create_state, config, batch_spec=spec)
-    abstract_state = jax.eval_shape(create, init_rng)
-    # Validation is configured (and refused) before anything is written to the workdir.
-    validator = validation.build(config, abstract_state, spec["mr"], training_geometry)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not resuming or not (workdir / "config.json").exists():
-        save_config(config, workdir)
-    if training_geometry is not None:
-        save_geometry(training_geometry, workdir)
-    save_batch_spec(spec, workdir)
-    compiled, state_shardings, compile_s = build_step(method, config, mesh, abstract_state, spec)
+    Returns:
+      One :class:`TrainResult` per config, in order (``error`` set for a diverged seed).
 
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                   every=config.train.ckpt_every)
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                abstract_state, state_shardings)
-        start_step, state = ckpt.restore(abstract, iterator)
-        if jax.process_index() == 0:
-            print(f"resumed from step {start_step} (checkpoint "
-                  f"{ckpt.directory / str(start_step)})", flush=True)
+    Raises:
+      ConfigError: configs that differ in more than the seed, a multi-process launch,
+        or run directories at different checkpoint steps.
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError("one workdir per config")
+    if jax.process_count() > 1:
+        raise ConfigError("--vmap: seeds are vmapped on one process; run without --vmap")
+    check_same_but_seed(configs)
+    return _train(list(configs), [Path(w) for w in workdirs], make_dataset, vmapped=True)
+
+
+def _train(configs, workdirs, make_dataset, vmapped: bool) -> list[TrainResult]:
+    sharding.maybe_initialize_distributed()
+    config = configs[0]
+    for c, w in zip(configs, workdirs):  # cheap checks first: no data read for a bad run dir
+        check_run_config(c)
+        runs.check_workdir(w)
+        runs.check_resume_config(c, w, runs.has_checkpoint(w))
+    method = methods.get_method(config.method)
+    method.validate(config)
+    predict_lib.check_settings(config)
+    if vmapped:
+        mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     else:
-        state = jax.jit(create, out_shardings=state_shardings)(init_rng)
-    base_rng = jax.device_put(base_rng, sharding.replicated(mesh))
+        mesh = sharding.make_mesh(dict(config.mesh))
+    local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+    starts = {runs.latest_step(w) for w in workdirs}
+    if len(starts) > 1:
+        raise ConfigError(f"--vmap: the seeds' run directories are at different steps "
+                          f"{sorted(s or 0 for s in starts)}; finish them without --vmap "
+                          "or remove them")
+    resuming = starts != {None}
+    # The data is checked (and the phantom generated), the validation cases loaded and
+    # the upstream runs read before anything is written to a workdir, so bad input
+    # leaves no half-made run directory behind.
+    default_data = make_dataset is None
+    make_dataset = make_dataset or train_dataset
+    seats = [_Run(c, w, iter(make_dataset(c, local_batch))) for c, w in zip(configs, workdirs)]
+    geometry = geometry_lib.from_config(config) if default_data else None
+    validator = validation.build(config, geometry)
+    pretrained = {} if resuming else {name: runs.load_upstream(config, up)
+                                      for name, up in method.upstream(config).items()}
+    try:
+        for seat in seats:  # one writer per run dir; a resume may not change the run
+            seat.lock = runs.open_for_training(seat.config, seat.workdir)
+        return _train_in(method, seats, mesh, geometry, validator, pretrained, resuming,
+                         vmapped)
+    finally:
+        for seat in seats:
+            if seat.lock is not None:
+                seat.lock.release()
 
-    writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+
+def _train_in(method, seats: list[_Run], mesh, geometry, validator, pretrained: dict,
+              resuming: bool, vmapped: bool) -> list[TrainResult]:
+    """The body of :func:`_train` once the run directories are held."""
+    config = seats[0].config
+    start_position = seats[0].iterator.get_state()
+    spec = sharding.batch_spec(next(seats[0].iterator))
+    seats[0].iterator.set_state(start_position)
+    for seat in seats:
+        if not resuming or not (seat.workdir / runs.CONFIG_FILE).exists():
+            runs.write_config(seat.config, seat.workdir)
+        if geometry is not None:
+            runs.write_geometry(geometry, seat.workdir)
+        runs.write_batch_spec(spec, seat.workdir)
+
+    keys = [jax.random.split(jax.random.key_data(jax.random.key(int(s.config.seed))))
+            for s in seats]
+    init_rngs = np.stack([np.asarray(k[0]) for k in keys])
+    base_rngs = np.stack([np.asarray(k[1]) for k in keys])
+    create = functools.partial(method.create_state, config, batch_spec=spec)
+    abstract_state = jax.eval_shape(create, init_rngs[0])
+    repl = sharding.replicated(mesh)
+    state_shardings = None if vmapped else sharding.state_shardings(abstract_state, mesh)
+    if not vmapped:
+        compiled, state_shardings, compile_s = build_step(method, config, mesh,
+                                                          abstract_state, spec)
+    for seat in seats:
+        seat.ckpt = Checkpointer(seat.workdir, keep=config.train.keep_checkpoints,
+                                 every=config.train.ckpt_every)
+    start_step = seats[0].ckpt.latest_step() or 0
     if start_step:
-        writer.mark_resume(start_step)  # drops records past the checkpoint, marks the resume
-    write_images = image_summary_fn(method, config, mesh)
-    image_every = int(config.train.get("image_every", 0))
-    eval_every = int(config.train.get("eval_every", 0))
+        state = _restore(seats, abstract_state, state_shardings, repl, start_step, vmapped)
+    else:
+        state = _create(method, config, create, init_rngs, state_shardings, pretrained, vmapped)
+    if vmapped:
+        # Lowered on the stacked state itself: its optimiser closures are the ones the
+        # compiled program's pytree must match.
+        step_fn = jax.jit(jax.vmap(functools.partial(method.train_step, config)),
+                          donate_argnums=(0,))
+        stack = lambda s: jax.ShapeDtypeStruct((len(seats), *s.shape), s.dtype)  # noqa: E731
+        compiled, _, compile_s = _compile(
+            step_fn, jax.eval_shape(lambda s: s, state), jax.tree.map(stack, spec),
+            stack(jax.ShapeDtypeStruct((2,), np.uint32)), None)
+        rng = jax.device_put(base_rngs)
+    else:
+        rng = jax.device_put(base_rngs[0], repl)
+
+    for seat in seats:
+        seat.writer = MetricWriter(seat.workdir, tensorboard=config.train.tensorboard)
+        if start_step:
+            seat.writer.mark_resume(start_step)  # drops records past the checkpoint
+    try:
+        _steps(method, seats, mesh, compiled, state, rng, start_step, compile_s,
+               validator, vmapped)
+    finally:
+        for seat in seats:
+            seat.writer.close()
+            seat.ckpt.close()
+    if resuming:
+        for seat in seats:
+            if not seat.error:  # only now: a failed resume keeps the run's config
+                runs.write_config(seat.config, seat.workdir)
+    return [TrainResult(state=seat.state, step=int(config.train.steps),
+                        metrics=seat.metrics, compile_s=compile_s, workdir=seat.workdir,
+                        seed=int(seat.config.seed), error=seat.error) for seat in seats]
+
+
+def _create(method, config, create, init_rngs, state_shardings, pretrained, vmapped):
+    """A new state (stacked over seeds when ``vmapped``), pretrained parts merged."""
+    if vmapped:
+        state = jax.jit(jax.vmap(create))(init_rngs)
+    else:
+        state = jax.jit(create, out_shardings=state_shardings)(init_rngs[0])
+    if method.load_pretrained is None:
+        return state
+    # Outside any trace: files and upstream runs are read as concrete arrays.
+    if not vmapped:
+        state = method.load_pretrained(config, state, pretrained)
+        return jax.device_put(state, state_shardings)
+    merged = [method.load_pretrained(config, _seed_slice(state, k), pretrained)
+              for k in range(len(init_rngs))]
+    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *merged)
+
+
+def _restore(seats, abstract_state, state_shardings, repl, step: int, vmapped: bool):
+    """Every seat's checkpoint at ``step`` (and its data position), stacked if vmapped."""
+    if vmapped:  # each seed's checkpoint is an ordinary single-run state
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                                abstract_state)
+    else:
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                   sharding=sh),
+                                abstract_state, state_shardings)
+    states = []
+    for seat in seats:
+        restored_step, state = seat.ckpt.restore(abstract, seat.iterator,
+                                                 step=step if vmapped else None)
+        states.append(state)
+        if jax.process_index() == 0:
+            print(f"resumed from step {restored_step} (checkpoint "
+                  f"{seat.ckpt.directory / str(restored_step)})", flush=True)
+    if not vmapped:
+        return states[0]
+    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *states)
+
+
+def _seed_slice(state, k: int):
+    return jax.tree.map(lambda x: x[k], state)
+
+
+def _steps(method, seats, mesh, compiled, state, rng, start_step: int, compile_s: float,
+           validator, vmapped: bool) -> None:
+    """Steps from ``start_step + 1`` to ``config.train.steps``; fills ``seat.metrics``,
+    ``seat.state`` (the final one) and ``seat.error`` (a diverged seed)."""
+    config = seats[0].config
     total = int(config.train.steps)
+    write_images = image_summary_fn(method, config, mesh)
+    image_every, eval_every = int(config.train.image_every), int(config.train.eval_every)
     bar = _progress(config, start_step, total)
-    last_metrics: dict[str, float] = {}
     pending = None  # (step, device metrics) of the previous step, checked one step late
+    per_seed = (lambda tree, k: _seed_slice(tree, k)) if vmapped else (lambda tree, k: tree)
 
     def check(step_and_metrics):
-        nonlocal last_metrics
         step, device_metrics = step_and_metrics
-        values = to_python(device_metrics)
-        bad = first_non_finite(values)
-        if bad is not None:
-            ckpt.wait()
-            good = ckpt.latest_step()
-            where = (f"last good checkpoint: step {good} in {ckpt.directory}" if good is not None
-                     else "no checkpoint was saved yet")
-            raise TrainingDiverged(f"non-finite {bad}={values[bad]} at step {step}; {where}")
-        last_metrics = values
-        if step % config.train.log_every == 0 or step == total:
-            writer.write_scalars(step, {**values, "compile_s": compile_s})
-            if bar is not None:
-                bar.set_postfix({k: f"{values[k]:.3g}" for k in ("loss", "mae_hu") if k in values})
-        return values
+        host = jax.device_get(dict(device_metrics))
+        for k, seat in enumerate(seats):
+            if seat.error:
+                continue
+            values = to_python(per_seed(host, k))
+            bad = first_non_finite(values)
+            if bad is not None:
+                seat.ckpt.wait()
+                good = seat.ckpt.latest_step()
+                seat.error = (f"non-finite {bad}={values[bad]} at step {step}; " +
+                              (f"last good checkpoint: step {good} in {seat.ckpt.directory}"
+                               if good is not None else "no checkpoint was saved yet"))
+                continue
+            seat.metrics = values
+            if step % config.train.log_every == 0 or step == total:
+                extra = {"vmapped_seeds": len(seats)} if vmapped else {}
+                seat.writer.write_scalars(step, {**values, "compile_s": compile_s, **extra})
+        if not vmapped and seats[0].error:
+            raise TrainingDiverged(seats[0].error)
+        if bar is not None and seats[0].metrics:
+            bar.set_postfix({k: f"{seats[0].metrics[k]:.3g}" for k in ("loss", "mae_hu")
+                             if k in seats[0].metrics})
 
     try:
         for step in range(start_step + 1, total + 1):
-            batch = sharding.global_batch(next(iterator), mesh)
+            batch = _next_batch(seats, mesh, vmapped)
             if write_images is not None and (step % image_every == 0 or step == total):
                 # Before the step: its state is donated. Every process takes part.
-                writer.write_images(step, write_images(state, batch, base_rng))
-            state, metrics = compiled(state, batch, base_rng)
+                for k, seat in enumerate(seats):
+                    if not seat.error:
+                        seat.writer.write_images(step, write_images(
+                            per_seed(state, k), per_seed(batch, k), per_seed(rng, k)))
+            state, metrics = compiled(state, batch, rng)
             if pending is not None:
                 check(pending)
             pending = (step, metrics)
-            validated = None
-            if validation.is_due(eval_every, step, total) or \
-                    (validator is not None and validation.is_due(image_every, step, total)):
-                check(pending)  # never validate or draw a diverged state
+            validate = validation.is_due(eval_every, step, total) or \
+                (validator is not None and validation.is_due(image_every, step, total))
+            save = step % config.train.ckpt_every == 0 or step == total or validate
+            if validate or save:
+                check(pending)  # never validate, draw or checkpoint a diverged state
                 pending = None
-                validated = _validate(validator, writer, bar, state, step, total,
-                                      eval_every, image_every)
-            if step % config.train.ckpt_every == 0 or step == total or validated:
-                if pending is not None:
-                    check(pending)  # never checkpoint a diverged state
-                    pending = None
-                # A validated step is always saved: it may be the best one to keep.
-                ckpt.save(step, state, iterator, force=True,
-                          metrics=validation.checkpoint_metrics(validated or {}))
+            for k, seat in enumerate(seats):
+                if seat.error:
+                    continue
+                validated = None
+                if validate:
+                    validated = _validate(validator, seat.writer, bar, per_seed(state, k),
+                                          step, total, eval_every, image_every)
+                if save:
+                    # A validated step is always saved: it may be the best one to keep.
+                    seat.ckpt.save(step, per_seed(state, k), seat.iterator, force=True,
+                                   metrics=validation.checkpoint_metrics(validated or {}))
             if bar is not None:
                 bar.update(1)
         if pending is not None:
@@ -282,10 +431,15 @@ def _train_in(config, workdir: Path, method, mesh, dataset, resuming: bool,
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
-        ckpt.close()
-    return TrainResult(state=state, step=total, metrics=last_metrics, compile_s=compile_s,
-                       workdir=workdir)
+    for k, seat in enumerate(seats):
+        seat.state = per_seed(state, k)
+
+
+def _next_batch(seats, mesh, vmapped: bool):
+    if not vmapped:
+        return sharding.global_batch(next(seats[0].iterator), mesh)
+    batches = [next(seat.iterator) for seat in seats]
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
 def _validate(validator, writer, bar, state, step: int, total: int, eval_every: int,
@@ -307,62 +461,5 @@ def _validate(validator, writer, bar, state, step: int, total: int, eval_every: 
 def _progress(config, start: int, total: int):
     if not config.train.progress or jax.process_index() != 0 or start >= total:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, initial=start, desc=config.name or config.method,
                 unit="step", dynamic_ncols=True)
-
-
-def load_state(config, workdir: str | Path, step: int | str = "best") -> tuple[int, Any]:
-    """Restores a trained state (for prediction) without a data iterator.
-
-    Args:
-      config: the experiment config.
-      workdir: the run directory.
-      step: which checkpoint: ``"best"`` (the lowest validation MAE; the latest when
-        the run was never validated), ``"latest"`` or a step number.
-
-    Returns:
-      ``(step, state)`` on the default device(s), replicated.
-    """
-    method = methods.get_method(config.method)
-    spec = load_batch_spec(Path(workdir))
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    abstract_state = jax.eval_shape(
-        functools.partial(method.create_state, config, batch_spec=spec), rng)
-    repl = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                            abstract_state)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    try:
-        if ckpt.latest_step() is None:
-            raise SctError(f"{ckpt.directory}: no checkpoint found; train first with "
-                           f"python train.py --config ... --workdir {workdir}")
-        which = checkpoint.parse_choice(step)
-        if which == "latest" or (which == "best" and ckpt.best_step() is None):
-            # No step pinned: restore the latest, falling back past a damaged one.
-            return ckpt.restore(abstract)
-        return ckpt.restore(abstract, step=ckpt.resolve(which))
-    finally:
-        ckpt.close()
-
-
-def resolve_checkpoint(config, workdir: str | Path, which: int | str = "best") -> int:
-    """The step ``which`` names in ``workdir``: ``"best"``, ``"latest"`` or a step.
-
-    For entry points that restore more than once (prediction, then the QA's cycle
-    model): resolve once, then pass the step to :func:`load_state`.
-
-    Raises:
-      ConfigError: ``which`` is not best, latest or a step number.
-      SctError: no checkpoint, or none at that step.
-    """
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    try:
-        return ckpt.resolve(which)
-    finally:
-        ckpt.close()
-
-
-def read_config_json(workdir: Path) -> dict:
-    return json.loads((Path(workdir) / "config.json").read_text())

@@ -6,11 +6,11 @@ case of the validation split (the first ``config.train.eval_cases`` of it; 0: al
 ``evaluate.py`` does (:func:`sct_jax.inference.predict.predict_case`: onto the training
 grid, per-patient MR normalisation, slice-by-slice or sliding-window inference, back to
 HU on the MR's grid)
-and scores it with :func:`sct_jax.evaluation.metrics.synthrad_metrics`. The case means
+and scores it with :func:`sct_jax.metrics.synthrad_metrics`. The case means
 are logged as ``val/mae``, ``val/psnr``, ``val/ssim``, ``val/dice_bone``,
 ``val/mae_bone`` and ``val/me`` (JSON lines and TensorBoard), the pass's wall time as
 ``val/seconds``; the checkpoint of that step is saved with ``val_mae`` so that orbax
-keeps the best one (see :mod:`sct_jax.training.checkpoint`).
+keeps the best one (see :mod:`sct_jax.runs.checkpoint`).
 
 Every ``config.train.image_every`` steps :meth:`Validator.images` draws one fixed
 validation slice (the first case's axial slice at the centre of its body): ``val/mr``,
@@ -33,9 +33,11 @@ import jax
 import numpy as np
 
 from sct_jax import methods
-from sct_jax.data import synthrad
+from sct_jax import metrics as metrics_lib
+from sct_jax.data import datasets, synthrad
+from sct_jax.data import geometry as geometry_lib
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import metrics as metrics_lib
+from sct_jax.inference import predict as predict_lib
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,7 @@ def is_due(every: int, step: int, total: int) -> bool:
 
 def validation_cases(config) -> list[synthrad.Case]:
     """The cases validated: the ``val`` split, its first ``config.train.eval_cases``."""
-    from sct_jax.training import data as train_data
-    cases = [c for c in train_data.case_splits(config)["val"] if c.ct is not None]
+    cases = [c for c in datasets.case_splits(config)["val"] if c.ct is not None]
     limit = int(config.train.get("eval_cases", 0))
     return cases[:limit] if limit > 0 else cases
 
@@ -83,7 +84,6 @@ class Validator:
         self.method = methods.get_method(config.method)
         self.cases = list(cases)
         self.data = [synthrad.load_case(c) for c in self.cases]
-        from sct_jax.inference import geometry as geometry_lib
         self.geometry = geometry if geometry is not None else geometry_lib.from_config(config)
         # One compilation of the method's predict for every pass and every case.
         self._predict = jax.jit(functools.partial(self.method.predict, config))
@@ -93,7 +93,6 @@ class Validator:
 
     def predict(self, state: Any, index: int) -> np.ndarray:
         """Case ``index``'s sCT in HU, ``(X, Y, Z)`` float32 on its MR's grid."""
-        from sct_jax.inference import predict as predict_lib
         volume = predict_lib.make_volume_predictor(self.config, state,
                                                    jitted_predict=self._predict)
         return predict_lib.predict_case(volume, self.config, self.data[index], self.geometry)
@@ -152,25 +151,11 @@ class Validator:
         return images, ranges
 
 
-def predicts_sct(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct) -> bool:
-    """Whether the method's ``predict`` traces on this state (False: no sCT model, e.g.
-    the LDM's autoencoder stage, whose ``predict`` raises ``ConfigError``)."""
-    predict = functools.partial(methods.get_method(config.method).predict, config)
-    try:
-        jax.eval_shape(predict, abstract_state, mr_spec)
-    except ConfigError:
-        return False
-    return True
-
-
-def build(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct,
-          geometry: Any = None) -> Validator | None:
+def build(config, geometry: Any = None) -> Validator | None:
     """The run's :class:`Validator`; None when neither validation nor images need one.
 
     Args:
       config: the run's config.
-      abstract_state: the method's state as ``ShapeDtypeStruct`` leaves.
-      mr_spec: the training batch's ``mr`` entry (a window of the model's rank).
       geometry: the run's training geometry (see :class:`Validator`).
 
     Raises:
@@ -181,7 +166,7 @@ def build(config, abstract_state: Any, mr_spec: jax.ShapeDtypeStruct,
     image_every = int(config.train.get("image_every", 0))
     if eval_every <= 0 and image_every <= 0:
         return None
-    if not predicts_sct(config, abstract_state, mr_spec):
+    if methods.get_method(config.method).not_an_sct_model(config):
         if eval_every > 0:
             raise ConfigError(f"config.train.eval_every={eval_every}: config.method="
                               f"{config.method!r} does not predict sCT; set it to 0")

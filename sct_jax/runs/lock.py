@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flax import traverse_util
+
 from sct_jax.errors import ConfigError, SctError
 
 log = logging.getLogger(__name__)
@@ -39,25 +41,18 @@ class RunDirBusy(SctError):
     """Another live process holds the run directory's lock (exit status 2)."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _normalise(value: Any) -> Any:
-    """JSON round trip: tuples become lists, so a saved and a live config compare."""
-    return json.loads(json.dumps(value, default=str))
+def _flat(tree: dict) -> dict[str, Any]:
+    """``{"a.b": value}`` after a JSON round trip (tuples become lists), so a saved and a
+    live config compare key by key."""
+    plain = json.loads(json.dumps(tree, default=str))
+    return traverse_util.flatten_dict(plain, sep=".") if plain else {}
 
 
 def changed_resume_keys(saved: dict, config) -> list[str]:
     """Keys under :data:`RESUME_KEYS` whose value differs between ``saved`` (the run's
     ``config.json``) and ``config``; sorted, dotted (``data.crop``, ``model.gen.ngf``)."""
-    live = _flatten(_normalise(config.to_dict()))
-    old = _flatten(_normalise(saved))
+    live = _flat(config.to_dict())
+    old = _flat(saved)
 
     def watched(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
@@ -89,8 +84,7 @@ def check_resume_config(config, workdir: Path, has_checkpoint: bool) -> None:
                           "checkpoints of this run: restore it or use a new --workdir") from e
     changed = changed_resume_keys(saved, config)
     if changed:
-        live = _flatten(_normalise(config.to_dict()))
-        old = _flatten(_normalise(saved))
+        live, old = _flat(config.to_dict()), _flat(saved)
         shown = ", ".join(f"{k}: {old.get(k, '<absent>')} -> {live.get(k, '<absent>')}"
                           for k in changed[:6])
         more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -186,8 +180,3 @@ def open_run_dir(config, workdir: str | Path, has_checkpoint: bool) -> RunLock:
     workdir.mkdir(parents=True, exist_ok=True)
     return RunLock(workdir).acquire()
 
-
-def has_checkpoint(workdir: str | Path) -> bool:
-    """Whether ``workdir/checkpoints`` holds a finished checkpoint step (no orbax needed)."""
-    folder = Path(workdir) / "checkpoints"
-    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import grain
 import jax
 
 from sct_jax.data import pipeline, synthrad
@@ -81,11 +80,21 @@ def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:
                                   mr_percentiles=tuple(config.data.mr_percentiles))
 
 
-def train_dataset(config, local_batch_size: int):
-    """The per-process training dataset (a grain ``IterDataset`` of numpy batches)."""
+def train_dataset(config, local_batch_size: int, method_dataset=None):
+    """The per-process training dataset (a grain ``IterDataset`` of numpy batches).
+
+    Args:
+      config: the experiment config (``data.mode`` picks the sampler).
+      local_batch_size: this process's share of the batch.
+      method_dataset: a method's own ``train_dataset(config, prepared, local_batch,
+        shard_index, shard_count)`` (its ``Method.train_dataset``), used instead of the
+        data mode's sampler: meta-pGAN's training slices zipped with meta-validation ones.
+    """
     splits = case_splits(config)
     prepared = prepare(config, splits["train"])
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if method_dataset is not None:
+        return method_dataset(config, prepared, local_batch_size, **shard)
     mode = config.data.mode
     seed = config.seed
     if mode == "slices":
@@ -100,60 +109,6 @@ def train_dataset(config, local_batch_size: int):
         return pipeline.unpaired_slice_dataset(prepared, crop=tuple(config.data.crop),
                                                batch_size=local_batch_size, seed=seed,
                                                context=config.data.context, **shard)
-    if mode == "slices_with_meta":
-        return meta_slice_dataset(config, prepared, local_batch_size, **shard)
-    raise ConfigError(f"config.data.mode={mode!r}: expected slices, patches, "
-                      "unpaired_slices or slices_with_meta")
-
-
-# ------------------------------------------------------------- meta-learning (seed 02)
-
-def meta_validation_ids(config, prepared: list[pipeline.PreparedCase]) -> list[str]:
-    """The best-registered training cases: top ``config.meta.val_fraction`` by MR/CT MI.
-
-    Mutual information inside the body mask (:mod:`sct_jax.data.alignment`), computed
-    once per dataset build from the prepared (normalised) arrays; at least one case.
-    """
-    from sct_jax.data import alignment
-    mi = {case.id: alignment.mutual_information(case.mr, case.ct, case.mask)
-          for case in prepared}
-    return alignment.select_meta_validation(mi, float(config.meta.val_fraction))
-
-
-def meta_slice_dataset(config, prepared: list[pipeline.PreparedCase], local_batch_size: int,
-                       shard_index: int, shard_count: int):
-    """Training slices zipped with meta-validation slices (data mode ``slices_with_meta``).
-
-    The meta-validation cases are the top ``config.meta.val_fraction`` (seed 02: 11%) of
-    the *training* cases by mutual information. With ``config.meta.val_exclusive`` they
-    are taken out of the training slices (seed 02 "allocates" them to validation), unless
-    that would leave none.
-
-    Returns:
-      An ``IterDataset`` of dicts: ``mr (B, H, W, 2c+1)``, ``ct``, ``mask`` ``(B, H, W, 1)``
-      as mode ``slices``, plus ``val_mr``, ``val_ct``, ``val_mask`` with
-      ``config.meta.val_batch_size / process_count`` shuffled, flipped validation slices.
-    """
-    val_ids = set(meta_validation_ids(config, prepared))
-    val_cases = [c for c in prepared if c.id in val_ids]
-    train_cases = [c for c in prepared if c.id not in val_ids]
-    if not (config.meta.val_exclusive and train_cases):
-        train_cases = list(prepared)
-    log.info("meta-validation cases (top %g by MI): %s; %d training "
-             "cases", config.meta.val_fraction, sorted(val_ids), len(train_cases))
-    val_batch = int(config.meta.val_batch_size)
-    if val_batch <= 0 or val_batch % shard_count:
-        raise ConfigError(f"config.meta.val_batch_size={val_batch} must be positive and "
-                          f"divisible by the {shard_count} processes")
-    common = dict(crop=tuple(config.data.crop), seed=config.seed, context=config.data.context,
-                  train=True, shard_index=shard_index, shard_count=shard_count)
-    train_ds = pipeline.slice_dataset(train_cases, batch_size=local_batch_size, **common)
-    # Its own shuffle seed: the two streams must not draw the same permutation.
-    common["seed"] = config.seed + 1_000_003
-    val_ds = pipeline.slice_dataset(val_cases, batch_size=val_batch // shard_count, **common)
-
-    def merge(pair):
-        train, val = pair
-        return {**train, **{f"val_{k}": v for k, v in val.items()}}
-
-    return grain.experimental.ZipIterDataset([train_ds, val_ds]).map(merge)
+    raise ConfigError(f"config.data.mode={mode!r}: expected slices, patches or "
+                      f"unpaired_slices (config.method={config.method!r} brings no sampler "
+                      "of its own)")

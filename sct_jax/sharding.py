@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sct_jax.errors import ConfigError
@@ -73,19 +73,22 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None,
     sizes = dict(mesh_config or {"data": -1})
     if "data" not in sizes:
         raise ConfigError(f"config.mesh needs a 'data' axis, got {sorted(sizes)}")
-    known = int(np.prod([s for s in sizes.values() if s != -1]))
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1")
-    for name, size in sizes.items():
-        if size == -1:
-            sizes[name] = len(devices) // known
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    sizes = {name: len(devices) // known if size == -1 else size
+             for name, size in sizes.items()}
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
         raise ConfigError(f"config.mesh {dict(mesh_config or {})} needs {total} devices, "
                           f"{len(devices)} available")
     names = ("data",) + tuple(n for n in sizes if n != "data")
-    shape = tuple(sizes[n] for n in names)
-    return Mesh(np.asarray(devices).reshape(shape), names)
+    # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU,
+    # NVLink islands on GPU); a plain reshape of jax.devices() does not.
+    # Auto axes: the jitted steps place arrays by their in/out shardings (the explicit
+    # sharding mode, jax.make_mesh's default, would type every array by its sharding).
+    return jax.make_mesh(tuple(sizes[n] for n in names), names,
+                         axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 # Mesh axes, in order, that split the batch.
@@ -147,10 +150,6 @@ def batch_spec(local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.ShapeDtyp
     return {k: jax.ShapeDtypeStruct((np.shape(v)[0] * jax.process_count(),) + np.shape(v)[1:],
                                     np.asarray(v).dtype)
             for k, v in local_batch.items()}
-
-
-def tree_replicated_shardings(tree: Any, mesh: Mesh) -> Any:
-    return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, axis: str = "fsdp") -> P:

@@ -52,22 +52,27 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep (plus the best by validation MAE,
         when that one is older).
       every: save interval in steps (the final step is always saved by the loop).
+      read_only: a reader's view (prediction, evaluation, export, a later stage): nothing
+        is created, saved, moved or deleted in the run.
     """
 
-    def __init__(self, workdir: str | Path, keep: int = 3, every: int = 1000):
+    def __init__(self, workdir: str | Path, keep: int = 3, every: int = 1000,
+                 read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
         policies = ocp.checkpoint_managers
         # best_fn makes orbax write the metrics; the policy keeps the latest N and the
         # one validated checkpoint with the lowest MAE (checkpoints without metrics
         # compete only for "latest").
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1, create=True, enable_async_checkpointing=True,
+            save_interval_steps=1, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=not read_only,
             best_fn=_best_metric, best_mode="min",
             preservation_policy=policies.AnyPreservationPolicy([
                 policies.LatestN(n=keep),
                 policies.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
                                keep_checkpoints_without_metrics=False)]))
         self.every = every
+        self.read_only = read_only
         self.failed = False
         absl_logger = logging.getLogger("absl")
         if not any(isinstance(f, _DropDiskFullEcho) for f in absl_logger.filters):
@@ -151,8 +156,10 @@ class Checkpointer:
         """Restores ``step`` (default: the latest readable one) into the shardings.
 
         A damaged latest checkpoint (unreadable files, cut short by a crash or a full
-        disk) is moved to ``<workdir>/checkpoints_damaged/<step>`` and the previous one
-        restored, with a warning naming both steps.
+        disk) is skipped and the previous one restored, with a warning naming both
+        steps; a writer (training) also moves it to
+        ``<workdir>/checkpoints_damaged/<step>`` so that the step can be saved again, a
+        reader leaves the run as it is.
 
         Args:
           abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` set.
@@ -181,11 +188,15 @@ class Checkpointer:
                 damaged.append((candidate, f"{type(e).__name__}: {reason}"))
                 continue
             if damaged:
-                self._set_aside([s for s, _ in damaged])
                 names = ", ".join(str(s) for s, _ in damaged)
-                log.warning("%s: checkpoint step %s is damaged (%s); moved to %s; "
-                            "falling back to step %d", self.directory, names, damaged[0][1],
-                            self.damaged_directory, candidate)
+                if self.read_only:
+                    log.warning("%s: checkpoint step %s is damaged (%s); falling back to "
+                                "step %d", self.directory, names, damaged[0][1], candidate)
+                else:
+                    self._set_aside([s for s, _ in damaged])
+                    log.warning("%s: checkpoint step %s is damaged (%s); moved to %s; "
+                                "falling back to step %d", self.directory, names,
+                                damaged[0][1], self.damaged_directory, candidate)
             return candidate, restored["state"]
         raise DataError(f"{self.directory}: checkpoint step(s) "
                         f"{', '.join(str(s) for s, _ in damaged)} unreadable "
@@ -211,6 +222,10 @@ class Checkpointer:
             self.manager.wait_until_finished()
 
     def close(self) -> None:
+        if self.read_only:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            return
         if self.failed:  # the fault was reported; its background errors would repeat it
             with contextlib.suppress(Exception):
                 self.manager.close()
@@ -259,9 +274,3 @@ def parse_choice(which: int | str) -> int | str:
         raise ConfigError(f"--checkpoint {which!r}: expected best, latest or a step number")
     return step
 
-
-def abstract_like(state: Any) -> Any:
-    """``ShapeDtypeStruct`` pytree (with shardings) mirroring a concrete state."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.Array) else x, state)
