@@ -11,8 +11,8 @@ Contextual weight 30: not in seed 02; the seed authors' benchmark uses 30 next t
 (``--config.model.vgg19_weights=PATH``), ``tiny`` included (tests write random ones).
 """
 
-from sct_jax.config_utils import parse_variants
-from sct_jax.methods._pgan_common import pelvis_config
+from sct_jax.config_utils import load_sibling, parse_variants
+pelvis_config = load_sibling(__file__, "_pelvis_gan").pelvis_config
 
 
 def get_config(arg=None):

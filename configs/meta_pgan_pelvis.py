@@ -15,8 +15,8 @@ term (``weights/vgg16.npz``, see ``configs/pgan_pelvis.py``) unless
 2, no VGG) as ``configs/pgan_pelvis.py``.
 """
 
-from sct_jax.config_utils import parse_variants
-from sct_jax.methods._pgan_common import pelvis_config
+from sct_jax.config_utils import load_sibling, parse_variants
+pelvis_config = load_sibling(__file__, "_pelvis_gan").pelvis_config
 
 
 def get_config(arg=None):

@@ -9,8 +9,8 @@ Variants: ``small`` (CPU: ngf 16, 3 residual blocks, 256 x 160, ~10-15 min on 2 
 ``--config.loss.perceptual_weight=0``. Real data: ``--config.data.root=/path/to/synthrad``.
 """
 
-from sct_jax.config_utils import parse_variants
-from sct_jax.methods._pgan_common import pelvis_config
+from sct_jax.config_utils import load_sibling, parse_variants
+pelvis_config = load_sibling(__file__, "_pelvis_gan").pelvis_config
 
 
 def get_config(arg=None):

@@ -9,8 +9,8 @@ R has 6 levels at 320 x 192 (the reference's 7 would leave a width of 1 at the
 bottleneck). Variants ``small`` and ``tiny`` as ``configs/pgan_pelvis.py``.
 """
 
-from sct_jax.config_utils import parse_variants
-from sct_jax.methods._pgan_common import pelvis_config
+from sct_jax.config_utils import load_sibling, parse_variants
+pelvis_config = load_sibling(__file__, "_pelvis_gan").pelvis_config
 
 
 def get_config(arg=None):

@@ -12,6 +12,10 @@ float32), e.g. ``configs/pix2pix_pelvis.py:bf16`` or ``configs/ldm_brain.py:cont
 
 from __future__ import annotations
 
+import importlib.util
+import types
+from pathlib import Path
+
 import ml_collections
 
 from sct_jax.errors import ConfigError
@@ -90,11 +94,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_sibling(config_file: str, name: str) -> types.ModuleType:
+    """Imports ``<name>.py`` from the folder of ``config_file``: settings that several
+    configs share live in ``configs/`` beside them (``configs/_pelvis_gan.py``), not in
+    the library. Config files are loaded by path, so ``configs/`` is not a package."""
+    path = Path(config_file).resolve().with_name(f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"sct_jax_configs.{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/config.py[:variants]`` the way ``--config`` does."""
-    import importlib.util
-    from pathlib import Path
-
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -146,6 +158,28 @@ def _get(config, dotted: str):
             return None
         node = node[part]
     return node
+
+
+def require(config, *keys: str) -> None:
+    """Raises :class:`ConfigError` naming the first dotted key ``config`` lacks.
+
+    Every key has one default, in the config that defines it: the code reads a key
+    directly and never substitutes a fallback of its own (a fallback that disagrees
+    with the config's default silently changes the method).
+    """
+    for key in keys:
+        if _get(config, key) is None and not _has(config, key):
+            raise ConfigError(f"config.{key}: missing; the experiment's config defines it "
+                              "(a config.json from an older version may lack it)")
+
+
+def _has(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "__contains__") or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def check_run_config(config, where: str = "config") -> None:

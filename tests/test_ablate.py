@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from sct_jax.cli import ablate
+from sct_jax.cli import ablate as ablate_cli
+from sct_jax.reproduce import ablate
 from sct_jax.config_utils import load_config_file
 from sct_jax.errors import ConfigError
 
@@ -17,7 +18,7 @@ def test_ablate_pgan_tiny_grid(tmp_path, capsys):
     argv = ["--config", "configs/pgan_pelvis.py:tiny", "--sweep", "loss.l1_weight=50,100",
             "--seeds", "1", "--steps", "2", "--workdir", str(root),
             "--set", "loss.adv_weight=0.5"]
-    assert ablate.main(argv) == 0
+    assert ablate_cli.main(argv) == 0
     out = capsys.readouterr().out
     table = out[out.index("ablation of"):]
     for label in ("loss.l1_weight=50", "loss.l1_weight=100"):
@@ -47,7 +48,7 @@ def test_ablate_pgan_tiny_grid(tmp_path, capsys):
         scored["metrics"]["mae"]["mean"])
 
     # A second invocation reuses the finished runs (no training) and rewrites the table.
-    assert ablate.main(argv) == 0
+    assert ablate_cli.main(argv) == 0
     assert capsys.readouterr().out.count("reusing") == 2
 
 

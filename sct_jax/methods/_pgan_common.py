@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sct_jax.config_utils import accelerator_settings, base_config, tiny_run_settings
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual, pixel
@@ -62,26 +61,60 @@ def validate_pgan_config(config, modes: tuple[str, ...] = ("slices",)) -> None:
         raise ConfigError(f"config.data.mode={config.data.mode!r}: {config.method} trains on "
                           f"{' or '.join(modes)}")
     validate_resnet_gan_config(config, ("adv_weight", "l1_weight", "perceptual_weight"))
+    check_vgg_files(config, ("vgg16",) if float(config.loss.perceptual_weight) > 0 else ())
 
 
-def frozen_vgg_state(path: str, arch: str, layers, config_key: str) -> TrainState:
-    """A never-updated ``TrainState`` holding VGG weights up to the deepest of ``layers``.
+def frozen_vgg_state(arch: str, layers) -> TrainState:
+    """A never-updated ``TrainState`` for VGG weights up to the deepest of ``layers``,
+    zeros until :func:`load_vgg_weights` reads the file (outside the traced init).
+
+    Convs past the deepest requested layer are never evaluated: keeping them would only
+    grow every checkpoint (VGG-19 to conv4_2 is 5.5M of its 20M weights).
+    """
+    names = vgg.vgg_layer_names(arch)
+    deepest = max(layers, key=names.index)
+    model = vgg.VGGFeatures(arch=arch, layers=tuple(layers))
+    return TrainState.create(apply_fn=model.apply, params=vgg.placeholder_params(arch, deepest),
+                             tx=optax.set_to_zero())
+
+
+# The frozen feature networks a state may hold: state key -> (arch, config.model key).
+VGG_ENTRIES = {"vgg16": ("vgg16", "vgg16_weights"), "vgg19": ("vgg19", "vgg19_weights")}
+
+
+def check_vgg_files(config, needed: tuple[str, ...]) -> None:
+    """Start-up check: each of ``needed`` (``"vgg16"``, ``"vgg19"``) has its file.
 
     Raises:
-      DataError: the weights file is missing or unreadable; the message names the
-        config key and the file (and how to make it).
+      DataError: naming the config key and the file (and how to make it).
     """
-    try:
-        params = vgg.load_vgg_params(path, arch)
-    except DataError as err:
-        raise DataError(f"config.{config_key}: {err}") from err
-    # Convs past the deepest requested layer are never evaluated: keeping them would
-    # only grow every checkpoint (VGG-19 to conv4_2 is 5.5M of its 20M weights).
-    names = vgg.vgg_layer_names(arch)
-    deepest = max(names.index(layer) for layer in layers)
-    params = {k: v for k, v in params.items() if names.index(k) <= deepest}
-    model = vgg.VGGFeatures(arch=arch, layers=tuple(layers))
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optax.set_to_zero())
+    for key in needed:
+        arch, config_key = VGG_ENTRIES[key]
+        try:
+            vgg.check_weights_file(config.model[config_key], arch)
+        except DataError as err:
+            raise DataError(f"config.model.{config_key}: {err}") from err
+
+
+def load_vgg_weights(config, state: dict, pretrained: dict) -> dict:
+    """``Method.load_pretrained`` of the methods with a perceptual or contextual term:
+    reads the VGG weights files into the state's frozen VGG entries.
+
+    Raises:
+      DataError: a file missing or unreadable; the message names the config key.
+    """
+    del pretrained
+    state = dict(state)
+    for key, (arch, config_key) in VGG_ENTRIES.items():
+        if key not in state:
+            continue
+        try:
+            params = vgg.load_vgg_params(config.model[config_key], arch)
+        except DataError as err:
+            raise DataError(f"config.model.{config_key}: {err}") from err
+        kept = {name: params[name] for name in state[key].params}
+        state[key] = state[key].replace(params=kept)
+    return state
 
 
 def create_gan_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:
@@ -100,9 +133,7 @@ def create_gan_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, Trai
                                   tx=optim.adam(config.optim, steps)),
     }
     if config.loss.perceptual_weight > 0:
-        state["vgg16"] = frozen_vgg_state(config.model.vgg16_weights, "vgg16",
-                                          (config.loss.perceptual_layer,),
-                                          "model.vgg16_weights")
+        state["vgg16"] = frozen_vgg_state("vgg16", (config.loss.perceptual_layer,))
     return state
 
 
@@ -233,73 +264,3 @@ def predict(config, state: dict, mr: jax.Array, rng: jax.Array | None = None) ->
         return gen_state.apply_fn({"params": gen_state.params}, mr, train=False)
     return gen_state.apply_fn({"params": gen_state.params}, mr, train=True,
                               rngs={"dropout": rng})
-
-
-# ---------------------------------------------------------------------------- configs
-
-def pelvis_config(method: str, variants: set[str]):
-    """The seed-02 pelvis set-up shared by the four pGAN configs.
-
-    Seed 02: single axial slices (2.5D: 3 MR slices in) cropped to 320 x 192, batch 6,
-    100 epochs, phantom MR/CT misalignment so the methods have something to handle.
-    ``variants``: ``small`` (CPU, ~10-15 min) and/or ``tiny`` (seconds, tests).
-    """
-    c = base_config()
-    c.method = method
-    c.name = f"{method}_pelvis"
-    c.data.region = "pelvis"
-    c.data.mode = "slices"
-    c.data.crop = (320, 192)
-    c.data.context = 1  # 3 neighbouring MR slices -> 1 CT slice
-    c.data.phantom.misalign = 4.0  # mm: seed 02 compares methods under misalignment
-    # A well-registered minority (no motion) for the meta-validation set to find, and
-    # enough cases that its top 11% of the 26 training cases are 3.
-    c.data.phantom.aligned_fraction = 0.2
-    c.data.phantom.cases = 32
-
-    c.model = dict(conv_impl="auto",
-                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.5),
-                   disc=dict(ndf=64, n_layers=3, norm="instance"),
-                   vgg16_weights="weights/vgg16.npz")
-    # pGAN: G = adv + 100 L1 + 100 perceptual L1 (VGG-16 relu2_2, fed [-1, 1] images
-    # unnormalised as the reference does), LSGAN.
-    c.loss = dict(gan="lsgan", adv_weight=1.0, l1_weight=100.0, perceptual_weight=100.0,
-                  perceptual_layer="relu2_2", perceptual_input_norm="none")
-    # Adam 2e-4, beta1 0.5; 50 constant + 50 decaying epochs.
-    c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
-    c.train.batch_size = 6
-    # 100 epochs of the SynthRAD2023 pelvis training split (~144 cases x ~120 slices
-    # ~ 17,000 slices / 6 per batch ~ 2,900 steps per epoch). Set it from your data:
-    # --config.train.steps=$((100 * n_slices / 6)).
-    c.train.steps = 290_000
-    c.train.log_every = 100
-    c.train.ckpt_every = 5000
-    c.train.eval_every = c.train.image_every = 5000  # validation + images
-
-    if "small" in variants:
-        c.name += "_small"
-        c.data.crop = (256, 160)
-        c.model.gen.ngf = 16
-        c.model.gen.n_blocks = 3
-        c.model.disc.ndf = 16
-        c.train.batch_size = 4
-        c.train.steps = 1200
-        c.train.log_every = 50
-        c.train.ckpt_every = 400
-        c.train.eval_every = c.train.image_every = 200  # validation + images
-    if "tiny" in variants:
-        c.name += "_tiny"
-        c.data.phantom.shape = (48, 32, 8)
-        c.data.crop = (32, 32)
-        # XLA's own convolutions: at 32 x 32 the CPU lowering gains nothing, and its
-        # larger programs compile about twice as slowly (measured on the tiny pGAN step).
-        c.model.conv_impl = "xla"
-        c.model.gen.ngf = 4
-        c.model.gen.n_blocks = 1
-        c.model.disc.ndf = 4
-        c.loss.perceptual_weight = 0.0  # no VGG file needed; tests add random weights
-        c.train.batch_size = 2
-        tiny_run_settings(c)
-        c.eval.batch_size = 4
-        c.eval.panels = False
-    return accelerator_settings(c, variants)

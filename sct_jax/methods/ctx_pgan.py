@@ -34,15 +34,15 @@ def validate_config(config) -> None:
                           "must be >= 0")
     if not tuple(config.loss.contextual_layers):
         raise ConfigError("config.loss.contextual_layers: give at least one VGG-19 layer")
+    common.check_vgg_files(config, ("vgg19",) if float(config.loss.contextual_weight) > 0
+                           else ())
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:
     """pGAN's ``{"gen", "disc"[, "vgg16"]}`` plus the frozen ``"vgg19"``."""
     state = common.create_gan_state(config, rng, batch_spec)
     if config.loss.contextual_weight > 0:
-        state["vgg19"] = common.frozen_vgg_state(
-            config.model.vgg19_weights, "vgg19", tuple(config.loss.contextual_layers),
-            "model.vgg19_weights")
+        state["vgg19"] = common.frozen_vgg_state("vgg19", tuple(config.loss.contextual_layers))
     return state
 
 
@@ -68,4 +68,4 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
 METHOD = Method(
     name="ctx_pgan", create_state=create_state, train_step=train_step, predict=common.predict,
     samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
-    input_rule=common.input_rule)
+    input_rule=common.input_rule, load_pretrained=common.load_vgg_weights)

@@ -33,7 +33,8 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, perceptual
 from sct_jax.methods import Method
 from sct_jax.methods import _ldm_common as common
-from sct_jax.methods._pgan_common import frozen_vgg_state
+from sct_jax.methods._pgan_common import (check_vgg_files, frozen_vgg_state,
+                                          load_vgg_weights)
 from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
 from sct_jax.models.autoencoder import kl_loss
 from sct_jax.models.layers import precision_kwargs
@@ -48,6 +49,7 @@ def validate_config(config) -> None:
     for key in ("l1_weight", "perceptual_weight", "kl_weight", "adv_weight"):
         if float(config.loss[key]) < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
+    check_vgg_files(config, ("vgg16",) if float(config.loss.perceptual_weight) > 0 else ())
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:
@@ -65,9 +67,7 @@ def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainSta
                                   tx=optim.adam(config.optim_disc, steps)),
     }
     if config.loss.perceptual_weight > 0:
-        state["vgg16"] = frozen_vgg_state(config.model.vgg16_weights, "vgg16",
-                                          (config.loss.perceptual_layer,),
-                                          "model.vgg16_weights")
+        state["vgg16"] = frozen_vgg_state("vgg16", (config.loss.perceptual_layer,))
     return state
 
 
@@ -209,4 +209,4 @@ def not_an_sct_model(config) -> str:
 METHOD = Method(
     name="ldm_autoencoder", create_state=create_state, train_step=train_step,
     predict=predict, validate_config=validate_config, image_summaries=image_summaries,
-    not_an_sct_model=not_an_sct_model)
+    not_an_sct_model=not_an_sct_model, load_pretrained=load_vgg_weights)

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from sct_jax.data import alignment, pipeline, preprocess
+from sct_jax.config_utils import require
 from sct_jax.errors import ConfigError
 from sct_jax.losses import pixel
 from sct_jax.meta import reweight
@@ -71,6 +72,9 @@ log = logging.getLogger(__name__)
 
 
 def validate_config(config) -> None:
+    require(config, "meta.method", "meta.granularity", "meta.patch_size", "meta.alpha",
+            "meta.val_fraction", "meta.val_batch_size", "meta.val_exclusive",
+            "meta.diagnostics")
     common.validate_pgan_config(config, modes=("slices_with_meta",))
     reweight.check_method(config.meta.method, "config.meta.method")
     n_data = sharding.batch_shards(sharding.make_mesh(dict(config.mesh)))
@@ -175,7 +179,7 @@ def _reweight(config, gen_state, batch, rng):
         patch_size=config.meta.patch_size)
     weights, (loss_map, fake) = r.weights, r.result
     diag = {}
-    if config.meta.get("diagnostics", True):
+    if config.meta.diagnostics:
         d_map = d_out = None
         if r.output_tangent is not None:  # jvp form: D is the fake's tangent
             d_map = jax.lax.stop_gradient(r.output_tangent[1])
@@ -298,5 +302,5 @@ def train_dataset(config, prepared: list[pipeline.PreparedCase], local_batch_siz
 METHOD = Method(
     name="meta_pgan", create_state=create_state, train_step=train_step,
     predict=common.predict, samples=True, check_sampling=common.check_sampling,
-    validate_config=validate_config, input_rule=common.input_rule,
+    validate_config=validate_config, input_rule=common.input_rule, load_pretrained=common.load_vgg_weights,
     train_dataset=train_dataset, image_summaries=image_summaries)

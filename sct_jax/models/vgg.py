@@ -260,6 +260,25 @@ def state_dict_from_params(params: Mapping[str, Any], arch: str) -> dict[str, np
     return state
 
 
+def check_weights_file(path: str | os.PathLike, arch: str) -> None:
+    """Raises :class:`DataError` (saying how to make it) when the weights file is missing:
+    the start-up check before the file is read."""
+    check_arch(arch)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: VGG weights file not found ({arch} ImageNet weights are "
+                        f"needed; make it with: {_how_to_make(path, arch)})")
+
+
+def placeholder_params(arch: str, deepest: str) -> dict[str, dict[str, jax.Array]]:
+    """Zeros shaped like the parameters of the convs of ``arch`` up to layer ``deepest``
+    (what :func:`load_vgg_params` fills in, outside any trace)."""
+    names = vgg_layer_names(arch)
+    last = names.index(deepest)
+    return {name: {"kernel": jnp.zeros((3, 3, c_in, c_out), jnp.float32),
+                   "bias": jnp.zeros((c_out,), jnp.float32)}
+            for name, _, c_in, c_out in vgg_conv_layout(arch) if names.index(name) <= last}
+
+
 def load_vgg_params(path: str | os.PathLike, arch: str) -> dict[str, dict[str, jax.Array]]:
     """Reads VGG weights from an ``.npz`` with torchvision's key names.
 
@@ -278,11 +297,8 @@ def load_vgg_params(path: str | os.PathLike, arch: str) -> dict[str, dict[str, j
       DataError: the file is missing (the message says how to make it), unreadable, or
         has wrong keys / shapes.
     """
-    check_arch(arch)
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: VGG weights file not found ({arch} ImageNet weights are "
-                        f"needed; make it with: {_how_to_make(path, arch)})")
+    check_weights_file(path, arch)
     try:
         with np.load(path, allow_pickle=False) as data:
             state = {key: data[key] for key in data.files}

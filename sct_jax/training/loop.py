@@ -255,19 +255,18 @@ def _train_in(method, seats: list[_Run], mesh, geometry, validator, pretrained: 
     start_position = seats[0].iterator.get_state()
     spec = sharding.batch_spec(next(seats[0].iterator))
     seats[0].iterator.set_state(start_position)
+    keys = [jax.random.split(jax.random.key_data(jax.random.key(int(s.config.seed))))
+            for s in seats]
+    init_rngs = np.stack([np.asarray(k[0]) for k in keys])
+    base_rngs = np.stack([np.asarray(k[1]) for k in keys])
+    create = functools.partial(method.create_state, config, batch_spec=spec)
+    abstract_state = jax.eval_shape(create, init_rngs[0])  # fails before anything is written
     for seat in seats:
         if not resuming or not (seat.workdir / runs.CONFIG_FILE).exists():
             runs.write_config(seat.config, seat.workdir)
         if geometry is not None:
             runs.write_geometry(geometry, seat.workdir)
         runs.write_batch_spec(spec, seat.workdir)
-
-    keys = [jax.random.split(jax.random.key_data(jax.random.key(int(s.config.seed))))
-            for s in seats]
-    init_rngs = np.stack([np.asarray(k[0]) for k in keys])
-    base_rngs = np.stack([np.asarray(k[1]) for k in keys])
-    create = functools.partial(method.create_state, config, batch_spec=spec)
-    abstract_state = jax.eval_shape(create, init_rngs[0])
     repl = sharding.replicated(mesh)
     state_shardings = None if vmapped else sharding.state_shardings(abstract_state, mesh)
     if not vmapped:
