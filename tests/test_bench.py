@@ -126,7 +126,7 @@ def test_run_settings_read_the_config_with_defaults():
 
 @pytest.mark.parametrize("name", ["fsdp_memory", "remat_memory", "vmap_seeds"])
 def test_memory_and_seed_benchmarks_answer_help(name, capsys):
-    # The former loose scripts of benchmarks/, now sct-bench NAME (the quick suite runs
+    # Formerly loose scripts, now sct-bench NAME (the quick suite runs
     # them at tiny sizes; even those compile for tens of seconds each).
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
