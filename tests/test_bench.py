@@ -124,6 +124,17 @@ def test_run_settings_read_the_config_with_defaults():
     assert timing.run_settings(new) == {"dtype": "bfloat16", "remat": "blocks"}
 
 
+@pytest.mark.parametrize("name", ["fsdp_memory", "remat_memory", "vmap_seeds"])
+def test_memory_and_seed_benchmarks_answer_help(name, capsys):
+    # Formerly loose scripts, now sct-bench NAME (the quick suite runs
+    # them at tiny sizes; even those compile for tens of seconds each).
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "--config" in out
+
+
 def test_a_real_benchmark_row_says_where_it_ran(capsys):
     cli.main(["conv", "--workloads", "conv2d_k4s2_unet_d4,convT2d_k4s2_unet_u5",
               "--impls", "xla,phases", "--directions", "fwd", "--steps", "1"])

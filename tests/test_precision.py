@@ -216,7 +216,7 @@ def _remat_setup(name, remat):
 def _residual_bytes(loss, params) -> int:
     """Bytes the forward pass keeps for the backward: the leaves of ``jax.vjp``'s
     closure (no compilation; XLA:CPU then re-fuses recomputation, so its
-    ``memory_analysis`` shows no difference; see benchmarks/remat_memory.py)."""
+    ``memory_analysis`` shows no difference; see ``sct-bench remat_memory``)."""
     residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
     return sum(math.prod(r.shape) * r.dtype.itemsize for r in jax.tree.leaves(residuals))
 

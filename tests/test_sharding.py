@@ -108,12 +108,13 @@ def test_two_processes_equal_one(single_device, tmp_path):
 def test_bundle_size_ldm_fsdp8_per_device_memory():
     """The MONAI-size brain LDM ControlNet step compiles with fsdp=8 holding ~1/8 of the
     replicated per-device arguments (no step runs, no weights materialised). Minutes
-    on 2 cores: ``pytest -m aot`` (or ``python benchmarks/fsdp_memory.py``)."""
+    on 2 cores: ``pytest -m aot`` (or ``sct-bench fsdp_memory``)."""
     import json
-    script = Path(__file__).parent.parent / "benchmarks" / "fsdp_memory.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=3000)
+    # From the repository root: this checkout's sct_jax and its configs/.
+    proc = subprocess.run([sys.executable, "-m", "sct_jax.bench.fsdp_memory"], env=env,
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                          timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {json.dumps(r["mesh"], sort_keys=True): r
             for r in map(json.loads, proc.stdout.splitlines())}

@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-BENCHMARKS = ("ab", "conv", "meta_step", "pipeline", "sampler_accuracy", "sampling",
-              "train_step")
+BENCHMARKS = ("ab", "conv", "fsdp_memory", "meta_step", "pipeline", "remat_memory",
+              "sampler_accuracy", "sampling", "train_step", "vmap_seeds")
 
 CPU_CONV_WORKLOADS = ("conv2d_k4s2_pix2pix", "convT2d_k4s2_pix2pix", "conv2d_k4s2_unet_d4",
                       "convT2d_k4s2_unet_u5", "convT2d_k4s2_unet_u1", "convT2d_k4s2_unet_u0",
@@ -50,6 +50,11 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
         *[("sampling", ["--config", "configs/ldm_brain.py:tiny", "--steps", "5", "--batch",
                         "1", "--models", "configured", "--sampler", s, "--loop-repeats",
                         "3", "--loop-warmup", "1"]) for s in ("ddim", "dpmpp_2m")],
+        # Tiny sizes (under a minute each on 2 cores): that they run, not what they measure.
+        ("fsdp_memory", ["--small", "--config", "configs/ldm_brain.py:controlnet,tiny",
+                         "--fsdp", "2", "--patch", "16"]),
+        ("remat_memory", ["--config", "configs/pgan_pelvis.py:tiny"]),
+        ("vmap_seeds", ["--seeds", "2", "--steps", "2"]),
     ],
     # The figures of BENCHMARKS.md: short, representative settings (medians of few
     # steps; ratios within one process are what compares across loads and machines).

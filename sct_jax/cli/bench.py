@@ -2,6 +2,7 @@
 
   sct-bench --suite quick|cpu|accel [--out benchmarks/results/DATE_SUITE.json]
   sct-bench conv|train_step|ab|meta_step|pipeline|sampling|sampler_accuracy [options]
+  sct-bench fsdp_memory|remat_memory|vmap_seeds [options]
   sct-bench --list
 
 A suite runs each benchmark in its own process and writes one results document (the
