@@ -239,7 +239,7 @@ def evaluate_cli():
 
 def test_qa_flag_reaches_evaluate_run(evaluate_cli, monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(run, "evaluate_run", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(evaluate_cli._cli, "evaluate_run", lambda *a, **kw: calls.append((a, kw)))
     flags.FLAGS(["evaluate.py", "--config", "configs/pix2pix_pelvis.py:tiny", "--workdir",
                  str(tmp_path), "--samples", "3", "--qa"])
     evaluate_cli.main(["evaluate.py"])

@@ -44,6 +44,16 @@ class _DropDiskFullEcho(logging.Filter):
             record.getMessage() + str(record.exc_info[1] if record.exc_info else "")))
 
 
+class _DropReadOnlyNotices(logging.Filter):
+    """Orbax warns on every read-only manager that it is read-only; a reader is meant to
+    be one, so the notice would only be noise on an entry point's stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (record.levelno == logging.WARNING and
+                    ("read_only=True" in text or "directory is read only" in text))
+
+
 class Checkpointer:
     """Saves and restores ``(state, data iterator)`` under ``workdir/checkpoints``.
 
@@ -75,8 +85,9 @@ class Checkpointer:
         self.read_only = read_only
         self.failed = False
         absl_logger = logging.getLogger("absl")
-        if not any(isinstance(f, _DropDiskFullEcho) for f in absl_logger.filters):
-            absl_logger.addFilter(_DropDiskFullEcho())
+        for kind in (_DropDiskFullEcho, _DropReadOnlyNotices):
+            if not any(isinstance(f, kind) for f in absl_logger.filters):
+                absl_logger.addFilter(kind())
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 

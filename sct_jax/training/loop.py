@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -321,13 +322,17 @@ def _create(method, config, create, init_rngs, state_shardings, pretrained, vmap
         state = jax.jit(create, out_shardings=state_shardings)(init_rngs[0])
     if method.load_pretrained is None:
         return state
-    # Outside any trace: files and upstream runs are read as concrete arrays.
+    # Outside any trace: files and upstream runs are read as concrete arrays. Each leaf
+    # is then copied into a buffer of its own: the state is donated to the step, and a
+    # merged state may share arrays with an upstream run (kept in a cache) or repeat one
+    # (a ControlNet starts as a copy of its UNet's encoder).
     if not vmapped:
         state = method.load_pretrained(config, state, pretrained)
-        return jax.device_put(state, state_shardings)
+        return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings)(
+            state)
     merged = [method.load_pretrained(config, _seed_slice(state, k), pretrained)
               for k in range(len(init_rngs))]
-    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *merged)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *merged)
 
 
 def _restore(seats, abstract_state, state_shardings, repl, step: int, vmapped: bool):
@@ -349,7 +354,7 @@ def _restore(seats, abstract_state, state_shardings, repl, step: int, vmapped: b
                   f"{seat.ckpt.directory / str(restored_step)})", flush=True)
     if not vmapped:
         return states[0]
-    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *states)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def _seed_slice(state, k: int):

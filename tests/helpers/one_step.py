@@ -37,7 +37,8 @@ def main():
 
     from sct_jax.config_utils import load_config_file
     from sct_jax.methods import pix2pix
-    from sct_jax.training import loop, sharding
+    from sct_jax import sharding
+    from sct_jax.training import loop
 
     config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "..",
                                            "configs", "pix2pix_pelvis.py:tiny"))
@@ -57,7 +58,7 @@ def main():
     key = jax.random.key_data(jax.random.key(0))
     create = functools.partial(pix2pix.create_state, config, batch_spec=spec)
     abstract = jax.eval_shape(create, key)
-    compiled, state_shardings, _ = loop.build_step(pix2pix, config, mesh, abstract, spec)
+    compiled, state_shardings, _ = loop.build_step(pix2pix.METHOD, config, mesh, abstract, spec)
     state = jax.jit(create, out_shardings=state_shardings)(key)
     state, metrics = compiled(state, sharding.global_batch(local, mesh),
                               jax.device_put(key, sharding.replicated(mesh)))
