@@ -9,13 +9,17 @@ explicitly (the ``path`` fixture) and every lowering is compared with ``xla``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
+from sct_jax import methods
+from sct_jax.config_utils import load_config_file
 from sct_jax.models import conv_lowering as cl
 from sct_jax.models import conv_lowering_cpu as cl_cpu
 from sct_jax.models.patchgan import PatchDiscriminator
@@ -235,8 +239,7 @@ def test_forward_mode_and_nested_grad_match_xla(monkeypatch, case, path_name):
     The custom JVPs must keep forward mode working, and a gradient with respect to a
     per-pixel weight ``eps`` of a loss at ``theta - a * grad_theta sum(eps * l)``
     differentiates the fast kernel and input gradients with respect to their cotangent.
-    (Differentiating a kernel gradient in ``x`` is the documented limitation of the
-    ``linear_call`` kernel gradients.)
+    (Differentiating a kernel gradient in ``x`` is checked with ``vmap`` below.)
     """
     if path_name == "im2col" and case == "3d_stride2":
         pytest.skip("im2col is 2D only: a 3D case takes the 'rewrite' lowering, tested there")
@@ -315,3 +318,148 @@ def test_resolve_impl():
     assert cl.resolve_impl("xla") == "xla"
     with pytest.raises(ValueError, match="unknown conv_impl"):
         cl.resolve_impl("cudnn")
+
+
+# ---------------------------------------------------------------- vmap (seeds as one program)
+# One case per cpu_fast rewrite: (forced path, module settings, input shape of one
+# example, kernel shape, op, strides, padding: (low, high) pairs for "conv", PyTorch's
+# padding for "conv_transpose").
+VMAP_CASES = {
+    "2d_stride1_x_patches_groups": (
+        "rewrite", dict(_patch_the_cotangent=lambda *a: False, _PATCH_BYTES_PER_STEP=1,
+                        _POSITIONS_PER_BLOCK=8),
+        (2, 6, 5, 3), (3, 3, 3, 4), "conv", (1, 1), ((1, 1), (1, 1))),
+    "2d_stride1_g_patches": ("rewrite", dict(_patch_the_cotangent=lambda *a: True),
+                             (2, 6, 5, 3), (3, 2, 3, 4), "conv", (1, 1), ((1, 1), (0, 1))),
+    "3d_via_2d": ("rewrite", {}, (1, 4, 5, 3, 2), (3, 3, 3, 2, 3), "conv", (1, 1, 1),
+                  ((1, 1),) * 3),
+    "2d_stride2": ("rewrite", {}, (2, 8, 6, 3), (4, 4, 3, 5), "conv", (2, 2),
+                   ((1, 1), (1, 1))),
+    "2d_transposed_phases": ("rewrite", {}, (2, 3, 4, 3), (4, 4, 3, 2), "conv_transpose",
+                             (2, 2), (1, 1)),
+    "2d_im2col": ("im2col", {}, (2, 4, 3, 5), (3, 3, 5, 6), "conv", (2, 1),
+                  ((1, 1), (1, 1))),
+    "2d_transposed_im2col": ("im2col", {}, (2, 3, 2, 4), (4, 4, 4, 3), "conv_transpose",
+                             (2, 2), (1, 1)),
+}
+
+
+def _lax_reference(op, strides, padding, k_shape):
+    """The same convolution as XLA's own ``lax.conv_general_dilated``, independently of
+    ``conv_lowering`` (a transposed convolution as the zero-interleaved correlation)."""
+    nd = len(strides)
+    spatial = "DHW"[-nd:]
+    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    if op == "conv":
+        return lambda x, k: lax.conv_general_dilated(x, k, strides, padding,
+                                                     dimension_numbers=dn)
+    pads = [(k - 1 - p, k - 1 - p) for k, p in zip(k_shape[:nd], padding)]
+    return lambda x, k: lax.conv_general_dilated(x, k, (1,) * nd, pads,
+                                                 lhs_dilation=strides, dimension_numbers=dn)
+
+
+@pytest.mark.parametrize("case", list(VMAP_CASES))
+def test_vmap_matches_a_loop_of_lax_convolutions(monkeypatch, case):
+    """Seeds as one program: ``vmap`` over a leading axis of ``(x, kernel)``.
+
+    The vmapped value, ``vmap(grad)`` and ``grad`` of a vmapped loss (input and kernel
+    gradients) equal a loop over the examples of ``lax.conv_general_dilated``. A
+    gradient of the kernel gradient in ``x`` (reverse over reverse, vmapped) equals the
+    same of the loop: the kernel-gradient rewrites are ordinary differentiable ops.
+    """
+    path, settings, x_shape, k_shape, op, strides, padding = VMAP_CASES[case]
+    _force_path(monkeypatch, path)
+    for name, value in settings.items():
+        monkeypatch.setattr(cl_cpu, name, value)
+    fast = (functools.partial(cl.conv, strides=strides, padding=padding, impl="cpu_fast")
+            if op == "conv" else
+            functools.partial(cl.conv_transpose, strides=strides, padding=padding,
+                              impl="cpu_fast"))
+    reference = _lax_reference(op, strides, padding, k_shape)
+    n = 3
+    xs, ks = _random(70, (n, *x_shape)), _random(71, (n, *k_shape))
+    cts = _random(72, (n, *jax.eval_shape(reference, xs[0], ks[0]).shape))
+
+    def derived(conv):
+        def loss(x, k, ct):
+            return jnp.sum(conv(x, k) * ct)
+
+        def kernel_grad_norm(x, k, ct):  # differentiated in x: a second-order use
+            return jnp.sum(jax.grad(loss, argnums=1)(x, k, ct) ** 2)
+
+        return loss, kernel_grad_norm
+
+    loss, kernel_grad_norm = derived(fast)
+
+    @jax.jit
+    def vmapped(xs, ks, cts):
+        return (jax.vmap(fast)(xs, ks),
+                *jax.vmap(jax.grad(loss, argnums=(0, 1)))(xs, ks, cts),
+                *jax.grad(lambda xs, ks: jnp.sum(jax.vmap(loss)(xs, ks, cts)),
+                          argnums=(0, 1))(xs, ks),
+                jax.vmap(jax.grad(kernel_grad_norm))(xs, ks, cts))
+
+    ref_loss, ref_kernel_grad_norm = derived(reference)
+
+    @jax.jit
+    def one_example(x, k, ct):
+        grads = jax.grad(ref_loss, argnums=(0, 1))(x, k, ct)
+        return (reference(x, k), *grads, *grads, jax.grad(ref_kernel_grad_norm)(x, k, ct))
+
+    looped = [one_example(xs[i], ks[i], cts[i]) for i in range(n)]
+    names = ("value", "vmap(grad) input", "vmap(grad) kernel", "grad(vmap) input",
+             "grad(vmap) kernel", "vmap(grad(kernel grad)) input")
+    for name, actual, *expected in zip(names, vmapped(xs, ks, cts), *looped):
+        _assert_close(actual, np.stack(expected), name)
+
+
+def test_vmapped_pix2pix_train_step_equals_each_seed_alone():
+    """``ablate --vmap`` of pix2pix tiny on the CPU lowering: per-seed equal results.
+
+    ``vmap`` of ``create_state`` and of two ``train_step`` calls, as
+    :mod:`sct_jax.training.vmap_seeds` runs them (keys split from ``key(seed)``), equal
+    each seed's state and steps run alone: the losses, Adam's first moments (the
+    gradients) and the parameters.
+    """
+    config = load_config_file("configs/pix2pix_pelvis.py:tiny")
+    config.model.conv_impl = "cpu_fast"
+    method = methods.get_method(config.method)
+    b, (h, w) = int(config.train.batch_size), config.data.crop
+    spec = {k: jax.ShapeDtypeStruct((b, h, w, 1), jnp.float32) for k in ("mr", "ct")}
+    seeds = (0, 1, 2)
+    keys = [jax.random.split(jax.random.key_data(jax.random.key(s))) for s in seeds]
+    init_rngs, base_rngs = (jnp.stack([k[i] for k in keys]) for i in (0, 1))
+    batches = [{"mr": _random(80 + t, (len(seeds), b, h, w, 1)),
+                "ct": jnp.tanh(_random(90 + t, (len(seeds), b, h, w, 1)))} for t in (0, 1)]
+    create = functools.partial(method.create_state, config, batch_spec=spec)
+    step = functools.partial(method.train_step, config)
+
+    state = jax.jit(jax.vmap(create))(init_rngs)
+    step_vmapped = jax.jit(jax.vmap(step))
+    vmapped_metrics = []
+    for batch in batches:
+        state, metrics = step_vmapped(state, batch, base_rngs)
+        vmapped_metrics.append(metrics)
+
+    create_one, step_one = jax.jit(create), jax.jit(step)
+    lr = float(config.optim.lr)
+    for i in range(len(seeds)):
+        alone = create_one(init_rngs[i])
+        for t, batch in enumerate(batches):
+            alone, metrics = step_one(alone, {k: v[i] for k, v in batch.items()},
+                                      base_rngs[i])
+            for name in ("loss", "d_loss", "g_adv", "g_l1"):
+                np.testing.assert_allclose(vmapped_metrics[t][name][i], metrics[name],
+                                           rtol=1e-4, err_msg=f"seed {i} step {t} {name}")
+        mine = jax.tree.map(lambda x: x[i], state)
+        for net in ("gen", "disc"):
+            # Adam's first moments hold the gradients (relative to the largest); the
+            # parameters moved by ~lr per step, a gradient of rounding noise (a bias
+            # before an instance norm) by up to that in either direction.
+            mu, mu_alone = (jax.tree.leaves(s[net].opt_state[0].mu) for s in (mine, alone))
+            scale = max(float(jnp.max(jnp.abs(m))) for m in mu_alone)
+            for a, e in zip(mu, mu_alone):
+                np.testing.assert_allclose(a, e, rtol=0, atol=1e-4 * scale)
+            for a, e in zip(jax.tree.leaves(mine[net].params),
+                            jax.tree.leaves(alone[net].params)):
+                np.testing.assert_allclose(a, e, rtol=0, atol=2.01 * lr * len(batches))

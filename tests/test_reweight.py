@@ -210,8 +210,7 @@ def test_conv_net_forms_agree_with_each_other_and_finite_differences(conv_proble
             def one(eps):
                 inner = jax.grad(lambda th: jnp.sum(eps * loss_map_fn(th)))(params)
                 return val_loss_fn(_sub(params, inner, alpha))
-            # lax.map, not vmap: the CPU conv lowering's linear_call has no batching rule.
-            return jax.lax.map(one, eps_stack)
+            return jax.vmap(one)(eps_stack)
 
         eps = np.zeros((2 * len(pixels), y.size))
         for i, p in enumerate(pixels):

@@ -8,7 +8,7 @@ convolutions and matmuls, from differentiable ``jax`` ops plus custom JVPs for t
 gradients XLA's CPU backend runs slowly:
 
 - 2D stride 1: XLA's convolution forward and input gradient, the kernel gradient as
-  im2col matmuls (:func:`_conv2d_stride1`, :func:`_kernel_grad_2d`: patches of ``x``,
+  im2col matmuls (:func:`_conv2d_stride1`, :func:`_conv2d_by_kernel`: patches of ``x``,
   or of the cotangent when it has few channels), and never an unpadded convolution
   (XLA runs those 2-3x slower);
 - 2D stride 2: XLA's forward (faster than space-to-depth); input and kernel gradients

@@ -1,7 +1,9 @@
 """The ``cpu_fast`` convolution rewrites that :mod:`sct_jax.models.conv_lowering` picks from.
 
 Each rewrite turns a convolution into the shapes XLA's CPU backend runs fast, from
-differentiable ``jax`` ops plus custom JVPs for the gradients it runs slowly: stride-1
+differentiable ``jax`` ops plus custom JVPs for the gradients it runs slowly (their
+tangents are ordinary ``jax`` ops too, so every rewrite vmaps and differentiates to
+any order, forward or reverse): stride-1
 2D convolutions with an im2col kernel gradient (:func:`_conv2d_stride1`), 3D stride-1
 convolutions over depth slices (:func:`_conv3d_via_2d`), space-to-depth for stride 2
 (:func:`_stride2_input`, :func:`_conv2d_stride2`), output phases for a transposed
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero, linear_call
+from jax.custom_derivatives import SymbolicZero
 
 Padding = Sequence[tuple[int, int]]
 
@@ -84,76 +86,100 @@ def _patch_the_cotangent(c_in: int, c_out: int, positions: int) -> bool:
     return c_out <= 8 or (c_out < c_in and positions >= 2048)
 
 
-def _kernel_grad_2d(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
-                    padding: Padding) -> jax.Array:
-    """Kernel gradient of a stride-1 2D convolution as batched patch matmuls.
+def _conv2d_by_kernel(x: jax.Array, k_dot: jax.Array, padding: tuple,
+                      plan: tuple[bool, int, int]) -> jax.Array:
+    """Stride-1 2D convolution with ``k_dot`` whose transpose in ``k_dot`` is fast on CPU.
 
-    XLA's CPU backend runs this gradient (a convolution with a huge window and a tiny
-    output) at about a third of the forward speed. Two im2col forms, chosen by
-    :func:`_patch_the_cotangent`: patches of ``x`` (``k_h k_w`` shifted copies of the
-    padded input stacked on channels) times ``g``, summed over blocks of positions; or
-    patches of ``g`` (``g`` shifted the other way, zero-padded to the padded input's
-    size: ``dW[i, j] = sum_p x_pad[p] g[p - (i, j)]``) times ``x_pad``. Either is built
-    one group of images at a time to cap memory.
+    XLA's CPU backend runs a kernel gradient (a convolution with a huge window and a
+    tiny output) at about a third of the forward speed. This kernel-tangent term of the
+    custom JVPs is made of matmuls, slices and sums so that its transpose, which JAX
+    derives (and so vmaps and differentiates), is an im2col kernel gradient. Two forms,
+    chosen by :func:`_patch_the_cotangent`: patches of ``x`` (``k_h k_w`` shifted
+    copies stacked on channels) times the kernel broadcast over blocks of positions,
+    whose transpose is a batch of per-block products summed; or ``x_pad`` times the
+    taps stacked on the output channels, each shifted into place and summed, whose
+    transpose multiplies patches of the cotangent ``g`` with ``x_pad`` (``dW[i, j] =
+    sum_p x_pad[p] g[p - (i, j)]``). Either runs over groups of images (``lax.map``,
+    transposed into a loop summing the groups' gradients) to cap the patches' memory.
+    Forward mode (``jax.jvp``) evaluates this form itself, not XLA's convolution.
 
     Args:
       x: ``(N, H, W, C_in)``.
-      g: ``(N, H_out, W_out, C_out)``, the output cotangent.
-      kernel_shape: ``(k_h, k_w, C_in, C_out)``.
+      k_dot: ``(k_h, k_w, C_in, C_out)``.
       padding: two ``(low, high)`` pairs, each ``>= 0``.
+      plan: ``(by_cotangent, group, block)``: the form, images per group and
+        positions per block (see :func:`_by_kernel_tangent`).
 
     Returns:
-      ``(k_h, k_w, C_in, C_out)``.
+      ``(N, H_out, W_out, C_out)``.
     """
-    kh, kw, c_in, c_out = kernel_shape
+    kh, kw, c_in, c_out = k_dot.shape
+    by_cotangent, group, block = plan
     x = _pad_or_crop(x, padding)
-    n, h_out, w_out, _ = g.shape
-    by_cotangent = _patch_the_cotangent(c_in, c_out, n * h_out * w_out)
-    # Blocks of positions across images (a divisor, so the reshape is free): each block
-    # writes a kernel-sized partial product, so never more blocks than needed.
-    patch_bytes = (x.shape[1] * x.shape[2] * kh * kw * c_out if by_cotangent
-                   else h_out * w_out * kh * kw * c_in) * x.dtype.itemsize
-    group = _largest_divisor_at_most(n, _PATCH_BYTES_PER_STEP / patch_bytes)
+    n, h_pad, w_pad, _ = x.shape
+    h_out, w_out = h_pad - kh + 1, w_pad - kw + 1
+    if by_cotangent:  # (kh * kw * C_out, C_in): rows ordered (tap, C_out)
+        weights = jnp.transpose(k_dot, (0, 1, 3, 2)).reshape(kh * kw * c_out, c_in)
+    else:
+        weights = k_dot.reshape(kh * kw * c_in, c_out)
 
-    def group_grad(xg: jax.Array, gg: jax.Array) -> jax.Array:
-        if by_cotangent:  # (kh * kw * C_out, C_in), one contraction over all positions
-            shifted = jnp.concatenate(
-                [_pad_or_crop(gg, [(i, kh - 1 - i), (j, kw - 1 - j)])
-                 for i in range(kh) for j in range(kw)], axis=-1)
-            return jnp.einsum("bhwt,bhwc->tc", shifted, xg)
+    def group_conv(xg: jax.Array) -> jax.Array:
+        if by_cotangent:  # transpose: one (kh * kw * C_out, P) @ (P, C_in) contraction
+            taps = jnp.split(jnp.einsum("bhwc,tc->bhwt", xg, weights), kh * kw, axis=-1)
+            return sum(taps[i * kw + j][:, i:i + h_out, j:j + w_out]
+                       for i in range(kh) for j in range(kw))
         patches = jnp.concatenate([xg[:, i:i + h_out, j:j + w_out]
                                    for i in range(kh) for j in range(kw)], axis=-1)
-        positions = patches.shape[0] * h_out * w_out
-        block = _largest_divisor_at_most(positions, _POSITIONS_PER_BLOCK)
-        if positions // block > 2 * -(-positions // _POSITIONS_PER_BLOCK):
-            block = positions  # no divisor near the target size: one block
         patches = patches.reshape(-1, block, kh * kw * c_in)
-        products = jnp.einsum("bpk,bpo->bko", patches, gg.reshape(-1, block, c_out))
-        return products.sum(axis=0)  # (kh * kw * C_in, C_out)
+        # The kernel broadcast over the blocks, so that the transpose is a batched
+        # product per block summed afterwards, not one long contraction.
+        per_block = jnp.broadcast_to(weights, (patches.shape[0], *weights.shape))
+        y = jnp.einsum("bpk,bko->bpo", patches, per_block)
+        return y.reshape(xg.shape[0], h_out, w_out, c_out)
 
     if group == n:
-        grad = group_grad(x, g)
-    else:
-        def step(total, xs):
-            return total + group_grad(*xs), None
-        shape = (kh * kw * c_out, c_in) if by_cotangent else (kh * kw * c_in, c_out)
-        grad, _ = lax.scan(step, jnp.zeros(shape, g.dtype),
-                           (x.reshape(n // group, group, *x.shape[1:]),
-                            g.reshape(n // group, group, *g.shape[1:])))
-    if by_cotangent:
-        return jnp.transpose(grad.reshape(kh, kw, c_out, c_in), (0, 1, 3, 2))
-    return grad.reshape(kh, kw, c_in, c_out)
+        return group_conv(x)
+    # The body is checkpointed too: otherwise linearising the loop stores every
+    # group's patches at once.
+    y = lax.map(jax.checkpoint(group_conv, prevent_cse=False),
+                x.reshape(n // group, group, h_pad, w_pad, c_in))
+    return y.reshape(n, h_out, w_out, c_out)
+
+
+def _by_kernel_tangent(x: jax.Array, k_dot: jax.Array, padding: tuple) -> jax.Array:
+    """:func:`_conv2d_by_kernel` with ``x`` (not its patches) saved for the transpose.
+
+    Chooses the form, the group of images and the block of positions here, outside the
+    checkpoint, since ``jax.checkpoint`` caches its trace by the static arguments.
+    """
+    kh, kw, c_in, c_out = k_dot.shape
+    n, h, w, _ = x.shape
+    h_pad, w_pad = h + sum(padding[0]), w + sum(padding[1])
+    h_out, w_out = h_pad - kh + 1, w_pad - kw + 1
+    by_cotangent = _patch_the_cotangent(c_in, c_out, n * h_out * w_out)
+    patch_bytes = (h_pad * w_pad * kh * kw * c_out if by_cotangent
+                   else h_out * w_out * kh * kw * c_in) * x.dtype.itemsize
+    group = _largest_divisor_at_most(n, _PATCH_BYTES_PER_STEP / patch_bytes)
+    # Blocks of positions across a group's images (a divisor, so the reshape is free):
+    # each block's transpose writes a kernel-sized partial product, so no more blocks
+    # than needed.
+    positions = group * h_out * w_out
+    block = _largest_divisor_at_most(positions, _POSITIONS_PER_BLOCK)
+    if positions // block > 2 * -(-positions // _POSITIONS_PER_BLOCK):
+        block = positions  # no divisor near the target size: one block
+    return jax.checkpoint(_conv2d_by_kernel, static_argnums=(2, 3))(
+        x, k_dot, padding, (by_cotangent, group, block))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _conv2d_stride1(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
     """Stride-1 2D convolution (padding ``>= 0``) whose kernel gradient is fast on CPU.
 
-    A custom JVP (not VJP) so that forward-mode differentiation keeps working: the
-    kernel-tangent term is a ``linear_call`` whose transpose is :func:`_kernel_grad_2d`;
-    the input term is an ordinary convolution that JAX transposes itself. Limitation of
-    ``linear_call``: a kernel gradient cannot itself be differentiated with respect to
-    the activations (Hessians in the weights); use ``impl="xla"`` there.
+    A custom JVP (not VJP) so that forward-mode differentiation keeps working. Its
+    tangent is made of ordinary ``jax`` ops, so it transposes, vmaps and differentiates
+    again (gradients of gradients, in the weights or the activations): the input term is
+    XLA's convolution, which JAX transposes into XLA's input gradient; the kernel term
+    is :func:`_conv2d_by_kernel`, whose transpose is the im2col kernel gradient.
     """
     return _padded_conv2d(x, kernel, padding)
 
@@ -179,9 +205,7 @@ def _conv2d_stride1_jvp(padding, primals, tangents):
     if type(x_dot) is not SymbolicZero:
         y_dot = _padded_conv2d(x_dot, kernel, padding)
     if type(kernel_dot) is not SymbolicZero:
-        by_kernel = linear_call(
-            lambda x, k_dot: _padded_conv2d(x, k_dot, padding),
-            lambda x, g: _kernel_grad_2d(x, g, kernel.shape, padding), x, kernel_dot)
+        by_kernel = _by_kernel_tangent(x, kernel_dot, padding)
         y_dot = by_kernel if y_dot is None else y_dot + by_kernel
     if y_dot is None:
         y_dot = jnp.zeros_like(y)
@@ -315,9 +339,9 @@ def _conv2d_stride2(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Arra
     zeros and its kernel gradient a huge-window convolution, both slow. The tangents are
     therefore computed on the space-to-depth form (:func:`_stride2_input`), whose
     transposes are a padded stride-1 convolution (input gradient, then depth-to-space)
-    and :func:`_kernel_grad_2d` (kernel gradient, then the kernel regrouping undone).
-    Forward mode and gradients through the input gradient work; as for
-    :func:`_conv2d_stride1`, the kernel gradient is not differentiable in ``x``.
+    and the im2col kernel gradient of :func:`_conv2d_by_kernel` (then the kernel
+    regrouping undone). Like :func:`_conv2d_stride1`'s, the tangent is ordinary ops:
+    forward mode, vmap and gradients of gradients work.
     """
     return _xla_conv(x, kernel, (2, 2), padding)
 
@@ -332,19 +356,11 @@ def _conv2d_stride2_jvp(padding, primals, tangents):
         y_dot = _padded_conv2d(x_dot_s2d, _stride2_kernel(kernel, (2, 2)),
                                tuple(remaining))
     if type(kernel_dot) is not SymbolicZero:
+        # Transposed: the im2col kernel gradient of the space-to-depth form, then the
+        # kernel regrouping undone (JAX transposes the reshapes of _stride2_kernel).
         x_s2d, remaining = _stride2_input(x, kernel.shape, (2, 2), padding)
-        s2d_shape = _stride2_kernel(jnp.zeros(kernel.shape, kernel.dtype), (2, 2)).shape
-        ungroup = jax.linear_transpose(
-            lambda k: _stride2_kernel(k, (2, 2)),
-            jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
-
-        def kernel_grad(x_s2d, g):
-            (grad,) = ungroup(_kernel_grad_2d(x_s2d, g, s2d_shape, remaining))
-            return grad
-
-        by_kernel = linear_call(
-            lambda x_s2d, k_dot: _xla_conv(x, k_dot, (2, 2), padding),
-            kernel_grad, x_s2d, kernel_dot)
+        by_kernel = _by_kernel_tangent(x_s2d, _stride2_kernel(kernel_dot, (2, 2)),
+                                       tuple(remaining))
         y_dot = by_kernel if y_dot is None else y_dot + by_kernel
     if y_dot is None:
         y_dot = jnp.zeros_like(y)
