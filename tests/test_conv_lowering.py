@@ -417,7 +417,7 @@ def test_vmapped_pix2pix_train_step_equals_each_seed_alone():
     """``ablate --vmap`` of pix2pix tiny on the CPU lowering: per-seed equal results.
 
     ``vmap`` of ``create_state`` and of two ``train_step`` calls, as
-    :mod:`sct_jax.training.vmap_seeds` runs them (keys split from ``key(seed)``), equal
+    :func:`sct_jax.training.loop.train_seeds` runs them (keys split from ``key(seed)``), equal
     each seed's state and steps run alone: the losses, Adam's first moments (the
     gradients) and the parameters.
     """

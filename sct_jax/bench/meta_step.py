@@ -49,6 +49,7 @@ import optax
 from sct_jax.bench.timing import matmul_peak_gflops, report, time_jitted
 from sct_jax.meta.reweight import (normalize_weights, spatial_weights,
                                    spatial_weights_and_pullback, weighted_l1)
+from sct_jax.models.resnet_generator import ResnetGenerator
 from sct_jax.models.unet import UNetGenerator
 
 VARIANTS = ("plain", "val_grad", "jvp", "jvp_recompute", "lookahead", "lookahead_naive")
@@ -61,7 +62,6 @@ def build_model(name: str, ngf: int, num_downs: int, n_blocks: int, conv_impl: s
     if name == "unet":
         return UNetGenerator(ngf=ngf, num_downs=num_downs, conv_impl=conv_impl), 1
     if name == "resnet":
-        from sct_jax.models.resnet_generator import ResnetGenerator
         return ResnetGenerator(ngf=ngf, n_blocks=n_blocks, conv_impl=conv_impl), 3
     raise ValueError(f"--model must be unet or resnet, got {name!r}")
 

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+import sct_jax
+
 BENCHMARKS = ("ab", "conv", "fsdp_memory", "meta_step", "pipeline", "remat_memory",
               "sampler_accuracy", "sampling", "train_step", "vmap_seeds")
 
@@ -88,8 +90,6 @@ SUITES: dict[str, list[tuple[str, list[str]]]] = {
 
 def _child_env() -> dict[str, str]:
     """The environment of a benchmark process: this ``sct_jax`` first on the path."""
-    import sct_jax
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(sct_jax.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

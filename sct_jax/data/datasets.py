@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from sct_jax.data import pipeline, synthrad
+from sct_jax.data import phantom, pipeline, synthrad
 from sct_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ def phantom_root(config) -> Path:
             f"_mis{float(p.misalign):g}{f'_al{aligned:g}' if aligned else ''}_{shape}")
     root = cache_root(config) / "datasets" / name
     if not (root / "Task1" / config.data.region / "manifest.json").exists():
-        from sct_jax.data import phantom
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
         try:

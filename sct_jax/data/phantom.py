@@ -41,6 +41,7 @@ from scipy import ndimage
 from sct_jax.data import phantom_anatomy as anatomy
 from sct_jax.data import phantom_shapes as shapes
 from sct_jax.data.io import atomic_path, atomic_write_text, load_volume, save_volume
+from sct_jax import guard
 from sct_jax.errors import DataError
 
 REGIONS = ("pelvis", "brain")
@@ -431,7 +432,6 @@ def save_phantom_panel(case_dir, out_png) -> Path:
 
 
 def _parse_args(argv):
-    from sct_jax import guard
 
     parser = guard.ArgumentParser(
         prog="python -m sct_jax.data.phantom",
@@ -505,7 +505,6 @@ def _replace_dataset(args, region_dir: Path) -> Path:
 
 
 def _main(args) -> int:
-    from sct_jax import guard
 
     region_dir = Path(args.out) / "Task1" / args.region
     differences = existing_dataset_differences(region_dir, args.region, args.cases,
@@ -529,7 +528,6 @@ def _main(args) -> int:
 def main(argv=None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 bad input or a
     dataset with other settings in --out, 3 internal error)."""
-    from sct_jax import guard
 
     args = _parse_args(argv)
     return guard.run_main(lambda: _main(args))

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sct_jax import __version__
 from sct_jax.data.io import Volume, ras_to_lps
 from sct_jax.errors import DataError
 
@@ -175,8 +176,6 @@ def _ds(value: float) -> str:
 def _base_dataset(like: dict, source: str, source_file: str, series_number: int, now):
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
-
-    from sct_jax import __version__
 
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = Dataset()

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sct_jax.diffusion import make_schedule
+from sct_jax.diffusion import make_schedule, q_sample, training_target
 from sct_jax.diffusion.select import check_sampler, sample_any
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
@@ -281,7 +281,6 @@ def diffusion_mse(config, schedule, z0: jax.Array, rng: jax.Array, model_fn):
     Returns:
       Mean squared error to the target of ``config.ldm.prediction_type``.
     """
-    from sct_jax.diffusion import q_sample, training_target
     noise_rng, t_rng = jax.random.split(rng)
     noise = flat_normal(noise_rng, z0.shape, z0.dtype)
     t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
+from sct_jax.models.controlnet import ConditioningEmbedding
 from sct_jax.models.diffusion_blocks import (IntOrSeq, UNetSettings, conv_nd, group_norm,
                                              unet_encoder, upsample_nearest)
 
@@ -234,7 +235,6 @@ class MRConditionedUNet(nn.Module):
             raise ConfigError(f"MR encoding {self.mr_encoding!r} is unknown; expected one "
                               f"of {MR_ENCODINGS}")
         if self.mr_encoding == "encoder":
-            from sct_jax.models.controlnet import ConditioningEmbedding  # no import cycle
             if 2 ** (len(self.encoder_channels) - 1) != self.factor:
                 raise ConfigError(f"MR encoder channels {tuple(self.encoder_channels)} "
                                   f"downsample by {2 ** (len(self.encoder_channels) - 1)}, "

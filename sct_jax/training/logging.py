@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from sct_jax.data.io import atomic_path
+from sct_jax.data.io import atomic_path, atomic_write_text
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -68,7 +68,6 @@ class MetricWriter:
             if int(record.get("step", 0)) <= step:
                 kept.append(json.dumps(record))
         kept.append(json.dumps({"step": int(step), "time": time.time(), "event": "resume"}))
-        from sct_jax.data.io import atomic_write_text
         atomic_write_text(path, "\n".join(kept) + "\n")
         self._jsonl = open(path, "a", buffering=1)
 
