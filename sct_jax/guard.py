@@ -26,12 +26,14 @@ is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import re
+import signal
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sct_jax.errors import (EXIT_BAD_INPUT, EXIT_FAIL, EXIT_INTERNAL, EXIT_OK,  # noqa: F401
                             SctError)
@@ -91,6 +93,37 @@ def run_main(fn: Callable[[], int | None]) -> int:
         raise
     except Exception as e:  # noqa: BLE001 (every exception gets a status)
         return report(e)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's time limit, ``kill``): raised in the main thread.
+
+    A ``BaseException``, so that no ``except Exception`` on the way swallows it, while
+    every ``finally`` runs: :func:`sct_jax.data.io.atomic_path` removes the half-written
+    temporary file of the output being saved.
+    """
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` instead of killing the
+    process outright (which would leave a ``.tmp-*`` file beside the output).
+
+    Only in the main thread (signal handlers can be set nowhere else); the previous
+    handler is restored on exit.
+    """
+    def handler(signum, frame):
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave the default behaviour
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def guarded(main_fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:

@@ -8,7 +8,9 @@ data root its cases come from::
     refuse_overwrite(args.out, inputs=[args.mr, args.sct], data_root=args.data)
 
 It raises :class:`sct_jax.errors.DataError` (one line, exit status 2) when the output
-resolves (after symlinks) to an input, into a case folder of ``data_root``, onto an
+resolves (after symlinks) to an input, into a case folder of ``data_root`` (or, with
+``case_folder=True``, into any SynthRAD case folder: one holding an MR and its CT or
+mask), into a protected folder (a run's checkpoints, an exported model), onto an
 existing folder where a file is meant, or into a folder that cannot be written.
 """
 
@@ -24,15 +26,35 @@ _CASE_ROLES = ("mr", "ct", "mask")
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd")
 
 
+def case_images(folder: Path) -> dict[str, Path]:
+    """The case volumes ``folder`` holds: role (``mr``/``ct``/``mask``) -> file."""
+    found = {}
+    for role in _CASE_ROLES:
+        for suffix in _VOLUME_SUFFIXES:
+            if (folder / f"{role}{suffix}").exists():
+                found.setdefault(role, folder / f"{role}{suffix}")
+    return found
+
+
 def is_case_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a case's volumes (``mr``/``ct``/``mask`` files)."""
-    return any((folder / f"{role}{suffix}").exists()
-               for role in _CASE_ROLES for suffix in _VOLUME_SUFFIXES)
+    return bool(case_images(folder))
+
+
+def is_synthrad_case(folder: Path) -> bool:
+    """Whether ``folder`` is a SynthRAD case: an MR with its CT or body mask.
+
+    Stricter than :func:`is_case_folder`: a folder with an MR alone is where a user
+    keeps one patient's MR and may well want the sCT beside it.
+    """
+    images = case_images(folder)
+    return "mr" in images and ("ct" in images or "mask" in images)
 
 
 def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
                      data_root: str | os.PathLike | None = None, *, folder: bool = False,
-                     what: str = "output") -> Path:
+                     what: str = "output", case_folder: bool = False,
+                     protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Checks that writing ``out_path`` destroys no input; returns it resolved.
 
     Args:
@@ -43,6 +65,11 @@ def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.Path
         resolve into a case folder under it (one holding ``mr``/``ct``/``mask``).
       folder: ``out_path`` is a folder that will receive files.
       what: how the message names the output (``"--out"``, ``"--report"``).
+      case_folder: also refuse a file whose folder is a SynthRAD case folder
+        (:func:`is_synthrad_case`), with no ``data_root`` needed: a case's CT and mask
+        are inputs of every later evaluation.
+      protect: folders nothing may be written into (a run's checkpoints, an exported
+        model directory).
 
     Returns:
       ``out_path`` resolved (symlinks followed).
@@ -60,6 +87,15 @@ def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.Path
             raise DataError(f"{out}: {what} is the input {item}; refusing to overwrite it")
         if folder and out.exists() and src.is_relative_to(target):
             raise DataError(f"{out}: {what} folder holds the input {item}; choose a new folder")
+    for item in protect:
+        guarded = Path(item).resolve()
+        if target == guarded or target.is_relative_to(guarded):
+            raise DataError(f"{out}: {what} would land in {item}, which is an input "
+                            "(a run's checkpoints or an exported model); write elsewhere")
+    if case_folder and not folder and is_synthrad_case(target.parent):
+        roles = "/".join(case_images(target.parent))
+        raise DataError(f"{out}: {what} is inside the case folder {target.parent} (it holds "
+                        f"{roles}: inputs of every evaluation); write outside it")
     if data_root is not None:
         root = Path(data_root).resolve()
         probe = target if folder else target.parent

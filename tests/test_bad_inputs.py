@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
 SHAPE = (24, 20, 6)
 TINY = "configs/pix2pix_pelvis.py:tiny"
+PREDICT = "python -m sct_jax.predict"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,79 @@ ROWS = [
         2, "seed 0 -> 1"),
     Row(10, "QA of a real CT with noise (test)", "python -m sct_jax.cli.qa ...", 0, "pass",
         "`hu_range` and `bone_outside_body` pass"),
+    # Item 11: "150 hostile inputs" against sct-predict ({p}: predict_world's inputs).
+    Row(11, "sCT onto the CT of a case folder",
+        f"{PREDICT} -i {{case}}/mr.nii.gz -o {{case}}/ct.nii.gz -m {{model}}",
+        2, "inside the case folder"),
+    Row(11, "sCT onto the --mask",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz --mask {{p}}/patient/body.nii.gz "
+        "-o {p}/patient/body.nii.gz -m {model}", 2, "is the input"),
+    Row(11, "--samples 2: the std map onto the input MR",
+        f"{PREDICT} -i {{p}}/patient/x_std.nii.gz -o {{p}}/patient/x.nii.gz -m {{model}} "
+        "--samples 2", 2, "the std map of"),
+    Row(11, "sCT into a run's checkpoints",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{run}}/checkpoints/sct.nii.gz -m {{run}}",
+        2, "would land in"),
+    Row(11, "sCT into the exported model",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{model}}/sct.nii.gz -m {{model}}",
+        2, "would land in"),
+    Row(11, "a folder of MRs holding an earlier run's outputs",
+        f"{PREDICT} -i {{p}}/mrs -o {{p}}/scts -m {{model}}", 0,
+        "skipped 2 earlier sct-predict output(s)",
+        "one line `skipped 2 earlier sct-predict output(s) in ... (*_sct, *_std): "
+        "a_sct.nii.gz, a_sct_std.nii.gz`; only the MRs are predicted"),
+    Row(11, "an MR with a zero affine",
+        f"{PREDICT} -i {{p}}/zero_affine.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "zero voxel size"),
+    Row(11, "an MR with a NaN affine",
+        f"{PREDICT} -i {{p}}/nan_affine.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "holds NaN or Inf"),
+    Row(11, "an MR with a singular affine",
+        f"{PREDICT} -i {{p}}/singular_affine.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "affine is singular"),
+    Row(11, "-o under a file",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{p}}/afile/sct.nii.gz -m {{model}}",
+        2, "is a file, not a folder"),
+    Row(11, "-o an existing folder (single input)",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{p}}/adir.nii.gz -m {{model}}",
+        2, "is an existing folder"),
+    Row(11, "-o in a read-only folder (test)", f"{PREDICT} -i mr.nii.gz -o ro/sct.nii.gz -m M",
+        2, "is not writable"),
+    Row(11, "disk full in a folder run (test)", f"{PREDICT} -i mrs/ -o scts/ -m M", 1,
+        "no space left on device",
+        "`error: scts/b_sct.nii.gz: no space left on device; 1 of 2 sCT(s) finished "
+        "before it (free space, then rerun with --continue)`"),
+    Row(11, "a 972 KB .nii.gz declaring 1000^3 uint8 voxels",
+        f"{PREDICT} -i {{p}}/big.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "header declares 1000 x 1000 x 1000"),
+    Row(11, "a 0.3 MB .nii.gz declaring 306 MiB of voxels",
+        f"{PREDICT} -i {{p}}/zeros32.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "a decompression bomb"),
+    Row(11, "a 10 mm MR that becomes 1280 x 1280 x 128 at the training spacing",
+        f"{PREDICT} -i {{p}}/coarse.nii.gz -o {{p}}/sct.nii.gz -m {{model}}",
+        2, "become 1280 x 1280 x 128"),
+    Row(11, "SIGTERM while an sCT is saved (test)", f"{PREDICT} -i mrs/ -o scts/ -m M", 1,
+        "stopped by signal SIGTERM",
+        "`error: sct-predict: stopped by signal SIGTERM; ...`, no `.tmp-*` file; a rerun "
+        "removes one a SIGKILL left"),
+    Row(11, "--samples 1 onto an sCT with an old std map (test)",
+        f"{PREDICT} -i mr.nii.gz -o x.nii.gz -m M", 0, "",
+        "the sCT; the old `x_std.nii.gz` is removed"),
+    Row(11, "an all-zero MR", f"{PREDICT} -i {{p}}/blank.nii.gz -o {{p}}/sct.nii.gz "
+        "-m {model}", 2, "no body found"),
+    Row(11, "an MR oblique by 30 degrees",
+        f"{PREDICT} -i {{p}}/oblique.nii.gz -o {{p}}/sct.nii.gz -m {{model}}", 0,
+        "rotated 30.0 degrees from the scanner axes",
+        "the sCT on the MR's grid, and one line: `...oblique MR: its voxel axes are rotated "
+        "30.0 degrees from the scanner axes...`"),
+    Row(11, "--continue after an interrupted folder run",
+        f"{PREDICT} -i {{p}}/mrs2 -o {{p}}/done -m {{model}} --continue", 0,
+        "--continue: 1 input(s) already have their sCT, 1 to predict",
+        "one line `--continue: 1 input(s) already have their sCT, 1 to predict`; the "
+        "existing sCT is not touched"),
+    Row(11, "--report onto the input MR",
+        f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{p}}/sct.nii.gz -m {{model}} "
+        "--report {p}/patient/t1.nii.gz", 2, "is the input"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -261,7 +335,9 @@ def _fill(command: str, world: dict) -> str:
 
 
 @pytest.mark.parametrize("row", COMMAND_ROWS, ids=[f"{r.item}-{r.what}" for r in COMMAND_ROWS])
-def test_command_row(row, world, capsys, caplog):
+def test_command_row(row, world, capsys, caplog, request):
+    if row.command.startswith(PREDICT):  # a trained model and predict's inputs
+        world = {**world, **request.getfixturevalue("predict_world")}
     command = _fill(row.command, world)
     before = _snapshot(world["root"])
     code, err = run_in_process(command, capsys)
@@ -277,6 +353,7 @@ def test_command_row(row, world, capsys, caplog):
             a.split("=")[0].partition(":")[0] in lines[0] for a in named), lines[0]
         assert after == before  # inputs unchanged, nothing (half-)written
     else:
+        assert row.message in err, err
         changed = {k for k in before if after.get(k) != before[k]}
         assert not changed, changed  # inputs unchanged
         assert not [k for k in after if Path(k).name.startswith(".tmp-")]
@@ -514,7 +591,8 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(straight_run, tmp_p
     with caplog.at_level(logging.WARNING):
         step, state = runs.load_state(config, workdir)
     assert step == 2
-    warning = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    # "is damaged": the test's own tmp folder name holds "damaged" (orbax warnings name it)
+    warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warning) == 1 and "step 3 is damaged" in warning[0]
     assert "falling back to step 2" in warning[0]
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state)):
@@ -639,6 +717,322 @@ def test_qa_passes_an_unclipped_noisy_ct_and_bone_near_the_outline():
     far[3:, :, :] = True
     far[3:8, :, :] = False  # now the bone is 5-6 voxels (10-12 mm) outside
     assert qa.check_bone_outside_body(ct_bone, far, (2.0, 2.0, 2.5))[0]["status"] == "fail"
+
+
+# ------------------------------------------------------- item 11: sct-predict, hostile
+
+def _gzip_zeros_nifti(path: Path, shape, dtype) -> Path:
+    """An honest gzip NIfTI of zeros, written in chunks (no array of that size in memory)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    header.set_data_offset(352)
+    total = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    chunk = b"\0" * 2**24
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header.binaryblock + b"\0" * 4)
+        for start in range(0, total, len(chunk)):
+            f.write(chunk[:min(len(chunk), total - start)])
+    return path
+
+
+def _srow_nifti(path: Path, data: np.ndarray, srow: np.ndarray) -> Path:
+    """A NIfTI whose only affine is the sform rows ``srow`` (3, 4), taken as given."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header["srow_x"], header["srow_y"], header["srow_z"] = srow
+    header["sform_code"], header["qform_code"] = 1, 0
+    nib.save(nib.Nifti1Image(data, None, header=header), path)
+    return path
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    t = np.radians(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rotation
+
+
+@pytest.fixture(scope="module")
+def predict_model(tmp_path_factory):
+    """One tiny pix2pix (2 steps on synthetic batches) as a run and as an export; the
+    recorded training grid is the pelvis one (RAS, 1 x 1 x 2.5 mm)."""
+    from sct_jax.data.geometry import TrainingGeometry
+    from sct_jax.export.model import export_model
+
+    workdir = tmp_path_factory.mktemp("predict_run")
+    loop.train(_tiny(2), workdir, make_dataset=_synthetic)
+    runs.write_geometry(TrainingGeometry(("R", "A", "S"), (1.0, 1.0, 2.5), "pelvis", 1),
+                        workdir)
+    model = export_model(workdir, tmp_path_factory.mktemp("predict_export") / "model")
+    return {"model": model, "run": workdir}
+
+
+@pytest.fixture(scope="module")
+def predict_sources(tmp_path_factory):
+    """Every input the sct-predict rows read (copied into each row's world)."""
+    root = tmp_path_factory.mktemp("predict_sources")
+    mr, _, body = _case_arrays(0)
+    patient = root / "patient"
+    save_volume(patient / "t1.nii.gz", mr, AFFINE)
+    save_volume(patient / "body.nii.gz", body, AFFINE)
+    save_volume(patient / "x_std.nii.gz", mr, AFFINE)  # an MR that happens to be *_std
+    for folder in ("mrs", "mrs2"):
+        for i, name in enumerate(("a", "b")):
+            save_volume(root / folder / f"{name}.nii.gz", _case_arrays(i)[0], AFFINE)
+    # an earlier run's outputs beside the MRs: not MRs to predict
+    save_volume(root / "mrs" / "a_sct.nii.gz", _case_arrays(0)[1].astype(np.float32), AFFINE)
+    save_volume(root / "mrs" / "a_sct_std.nii.gz", np.ones(SHAPE, np.float32), AFFINE)
+    save_volume(root / "done" / "a_sct.nii.gz", _case_arrays(0)[1].astype(np.float32), AFFINE)
+    _srow_nifti(root / "zero_affine.nii.gz", mr, np.zeros((3, 4)))
+    nan = AFFINE[:3].copy()
+    nan[0, 0] = np.nan
+    _srow_nifti(root / "nan_affine.nii.gz", mr, nan)
+    _srow_nifti(root / "singular_affine.nii.gz", mr,
+                np.array([[2.0, 2.0, 0, 0], [2.0, 2.0, 0, 0], [0, 0, 2.5, 0]]))
+    (root / "afile").write_text("a file, not a folder")
+    (root / "adir.nii.gz").mkdir()
+    _gzip_zeros_nifti(root / "big.nii.gz", (1000, 1000, 1000), np.uint8)  # ~972 KB
+    _gzip_zeros_nifti(root / "zeros32.nii.gz", (448, 448, 400), np.float32)  # ~0.3 MB
+    x, y = np.meshgrid(np.arange(128), np.arange(128), indexing="ij")
+    inside = ((x - 64) / 50.0) ** 2 + ((y - 64) / 40.0) ** 2 < 1.0
+    coarse = np.repeat(np.where(inside, 400, 10)[..., None], 32, axis=2).astype(np.int16)
+    save_volume(root / "coarse.nii.gz", coarse, np.diag([10.0, 10.0, 10.0, 1.0]))
+    save_volume(root / "blank.nii.gz", np.zeros(SHAPE, np.float32), AFFINE)
+    save_volume(root / "oblique.nii.gz", mr, _rotation_z(30.0) @ AFFINE)
+    return root
+
+
+@pytest.fixture
+def predict_world(world, predict_model, predict_sources):
+    """``{p}``: a fresh copy of predict's inputs under the row's root; ``{model}``,
+    ``{run}``: the module's trained model (outside the root: never written)."""
+    target = world["root"] / "predict"
+    shutil.copytree(predict_sources, target, symlinks=True)
+    return {"p": target, **predict_model}
+
+
+def _predict(argv, capsys) -> tuple[int, list[str]]:
+    from sct_jax.cli import predict as predict_cli
+    capsys.readouterr()
+    code = predict_cli.main([str(a) for a in argv])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def _errors(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("error: ")]
+
+
+def test_predict_refuses_a_read_only_output_folder_before_loading(predict_world, monkeypatch,
+                                                                 capsys):
+    """Item 11: the output folder's permission is checked at planning (os.access is
+    faked: as root, a read-only folder is writable). The model is never loaded."""
+    from sct_jax.export import model as model_lib
+
+    p = predict_world["p"]
+    read_only = p / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: (
+        False if Path(path) == read_only and mode & os.W_OK else real_access(path, mode)))
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    code, lines = _predict(["-i", p / "patient" / "t1.nii.gz", "-o", read_only / "sct.nii.gz",
+                            "-m", predict_world["model"]], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: {read_only / 'sct.nii.gz'}: {read_only} is not writable"
+    assert list(read_only.iterdir()) == []
+
+
+def test_predict_disk_full_then_continue(predict_world, monkeypatch, capsys):
+    """Item 11: ENOSPC on the second sCT of a folder run: one error line, exit 1, the
+    first sCT kept, no temporary file; ``--continue`` then predicts only the second."""
+    from sct_jax.cli import predict as predict_cli
+
+    p, model = predict_world["p"], predict_world["model"]
+    real_save = predict_cli.save_like
+    calls = []
+
+    def disk_full_on_the_second(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(predict_cli, "save_like", disk_full_on_the_second)
+    out = p / "scts"
+    code, lines = _predict(["-i", p / "mrs2", "-o", out, "-m", model], capsys)
+    assert code == 1
+    assert _errors(lines) == [
+        f"error: {out / 'b_sct.nii.gz'}: no space left on device; 1 of 2 sCT(s) finished "
+        "before it (free space, then rerun with --continue)"], lines
+    assert sorted(q.name for q in out.iterdir()) == ["a_sct.nii.gz"]
+    first = (out / "a_sct.nii.gz").read_bytes()
+    monkeypatch.setattr(predict_cli, "save_like", real_save)  # space is back
+    code, lines = _predict(["-i", p / "mrs2", "-o", out, "-m", model, "--continue"], capsys)
+    assert code == 0 and not _errors(lines)
+    assert "--continue: 1 input(s) already have their sCT, 1 to predict" in lines
+    assert sorted(q.name for q in out.iterdir()) == ["a_sct.nii.gz", "b_sct.nii.gz"]
+    assert (out / "a_sct.nii.gz").read_bytes() == first  # not predicted again
+
+
+def test_predict_folder_skips_earlier_outputs(predict_world, capsys):
+    """Item 11: ``a_sct``/``a_sct_std`` in a folder of MRs are not predicted as MRs."""
+    p = predict_world["p"]
+    code, lines = _predict(["-i", p / "mrs", "-o", p / "scts", "-m", predict_world["model"]],
+                           capsys)
+    assert code == 0
+    assert sorted(q.name for q in (p / "scts").iterdir()) == ["a_sct.nii.gz", "b_sct.nii.gz"]
+    skipped = [line for line in lines if line.startswith("skipped")]
+    assert skipped == [f"skipped 2 earlier sct-predict output(s) in {p / 'mrs'} (*_sct, "
+                       "*_std): a_sct.nii.gz, a_sct_std.nii.gz"]
+
+
+def test_predict_samples_1_removes_only_its_own_stale_std(predict_world, capsys):
+    """Item 11: ``--samples 1`` onto ``x.nii.gz`` removes the old ``x_std.nii.gz`` (it
+    would describe another sCT) and nothing else."""
+    p = predict_world["p"]
+    out = p / "out"
+    for name in ("x.nii.gz", "x_std.nii.gz", "y_std.nii.gz", "x_std.nii"):
+        save_volume(out / name, np.ones(SHAPE, np.float32), AFFINE)
+    code, _ = _predict(["-i", p / "patient" / "t1.nii.gz", "-o", out / "x.nii.gz", "-m",
+                        predict_world["model"]], capsys)
+    assert code == 0
+    assert sorted(q.name for q in out.iterdir()) == ["x.nii.gz", "x_std.nii", "y_std.nii.gz"]
+    sct = load_volume(out / "x.nii.gz")
+    assert sct.shape == SHAPE and np.array_equal(sct.affine, AFFINE)
+
+
+def test_predict_removes_a_stale_temp_of_its_output_only(predict_world, capsys):
+    """Item 11: a ``.tmp-*`` a killed writer left beside the output is removed by the
+    next run; files of another output, or of another pattern, are kept."""
+    p = predict_world["p"]
+    out = p / "out"
+    out.mkdir()
+    stale = out / ".tmp-sct.nii.gz.ab12cd_9.nii.gz"
+    kept = [out / ".tmp-other.nii.gz.ab12cd_9.nii.gz", out / ".tmp-ab12cd_9.nii.gz",
+            out / ".tmp-sct.nii.gz.ab12cd_9x.nii.gz", out / "notes.txt"]
+    for path in [stale, *kept]:
+        path.write_bytes(b"half a file")
+    code, _ = _predict(["-i", p / "patient" / "t1.nii.gz", "-o", out / "sct.nii.gz", "-m",
+                        predict_world["model"]], capsys)
+    assert code == 0 and not stale.exists()
+    assert sorted(q.name for q in out.iterdir()) == sorted(
+        ["sct.nii.gz"] + [k.name for k in kept])
+
+
+_SLOW_SAVE = """
+import sys, time
+import nibabel
+real_save = nibabel.save
+def slow_save(img, filename):
+    real_save(img, filename)  # the temporary file is on disk; the rename has not happened
+    print("saving", filename, flush=True)
+    time.sleep(300)
+nibabel.save = slow_save
+from sct_jax.cli import predict
+sys.exit(predict.main(sys.argv[1:]))
+"""
+
+
+def test_predict_sigterm_mid_save_leaves_no_temp(predict_world, tmp_path):
+    """Item 11: SIGTERM while the first sCT is being saved: exit 1, one error line, no
+    ``.tmp-*`` and no sCT left behind."""
+    import signal
+
+    p = predict_world["p"]
+    out = tmp_path / "scts"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, "-i", str(p / "mrs2"), "-o", str(out), "-m",
+         str(predict_world["model"])], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("saving"), (line, proc.stderr.read() if proc.poll() else "")
+        temp = Path(line.split()[1])
+        assert temp.exists() and temp.name.startswith(".tmp-a_sct.nii.gz.")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "stopped by signal SIGTERM" in errors[0], err
+    assert "Traceback" not in err
+    assert list(out.iterdir()) == []
+
+
+_PEAK_RSS = """
+import json, resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": proc.returncode, "stderr": proc.stderr,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("big.nii.gz", "header declares 1000 x 1000 x 1000 = 1000000000 voxels"),
+    ("coarse.nii.gz", "128 x 128 x 32 voxels of 10 x 10 x 10 mm become 1280 x 1280 x 128"),
+])
+def test_predict_memory_stays_bounded(predict_world, name, fragment):
+    """Item 11: the 972 KB file declaring 1000^3 voxels (main: > 18 GB, then killed)
+    and the 10 mm MR that would be 1280 x 1280 x 128 voxels at the training spacing
+    (main: 5.9 GB, minutes) are refused in one line; the whole process (JAX imported)
+    peaks below 1.5 GB (``ru_maxrss`` of the child; RLIMIT_AS cannot be used: JAX
+    reserves far more address space than it touches)."""
+    p = predict_world["p"]
+    wrapper = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "sct_jax.predict", "-i",
+         str(p / name), "-o", str(p / "sct.nii.gz"), "-m", str(predict_world["model"])],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = json.loads(wrapper.stdout)
+    lines = result["stderr"].strip().splitlines()
+    assert result["rc"] == 2 and len(lines) == 1 and fragment in lines[0], result
+    assert result["peak_mb"] < 1536, result
+    assert not (p / "sct.nii.gz").exists()
+
+
+def test_predict_report_records_model_software_and_geometry(predict_world, capsys):
+    """Item 11: ``--report`` with an oblique MR: versions, device, the model's hash and
+    step, per input its geometry, what was done to it, seconds and outputs."""
+    import jax
+
+    p, model = predict_world["p"], predict_world["model"]
+    report_path = p / "reports" / "run.json"
+    code, lines = _predict(["-i", p / "oblique.nii.gz", "-o", p / "sct.nii.gz", "-m", model,
+                            "--report", report_path], capsys)
+    assert code == 0, lines
+    report = json.loads(report_path.read_text())
+    assert report["software"]["jax"] == jax.__version__ and report["software"]["jaxlib"]
+    assert report["software"]["sct_jax"] and report["software"]["device"].startswith("cpu")
+    description = json.loads((Path(model) / "model.json").read_text())
+    assert report["model"]["content_sha256"] == description["content_sha256"]
+    assert report["model"]["step"] == 2 and report["model"]["kind"] == "export"
+    assert report["model"]["path"] == str(Path(model).resolve())
+    (record,) = report["inputs"]
+    assert record["shape"] == list(SHAPE) and record["spacing_mm"] == [2.0, 2.0, 2.5]
+    assert record["orientation"] == "RAS" and record["reoriented"] is False
+    assert record["resampled"] is True and record["model_grid"] == [48, 40, 6]
+    assert record["oblique"] is True and abs(record["oblique_degrees"] - 30.0) < 1e-3
+    assert record["seconds"] > 0 and record["outputs"] == [str(p / "sct.nii.gz")]
+    sct = nib.load(p / "sct.nii.gz")
+    np.testing.assert_array_equal(sct.affine, nib.load(p / "oblique.nii.gz").affine)
+    assert not list(report_path.parent.glob(".tmp-*"))
+
+
+def test_model_identity_of_a_run_hashes_config_and_step(predict_model):
+    import hashlib as _hashlib
+
+    from sct_jax.export import model as model_lib
+
+    run = model_lib.load_model(predict_model["run"])
+    identity = model_lib.identity(run)
+    raw = (Path(predict_model["run"]) / "config.json").read_bytes()
+    assert identity["kind"] == "run" and identity["step"] == 2
+    assert identity["content_sha256"] == _hashlib.sha256(raw + b"\0step=2").hexdigest()
 
 
 if __name__ == "__main__":

@@ -106,3 +106,19 @@ def test_geometry_record_round_trip_and_errors(tmp_path):
     mixed = recorded.from_mr_files([FIXTURE_MR] * 3, region="pelvis")
     assert mixed.axcodes == ("L", "P", "S") and mixed.spacing == (1.0, 1.0, 2.5)
     assert mixed.cases == 3
+
+
+@pytest.mark.parametrize("degrees", [0.0, 12.5, 30.0, 44.0])
+def test_oblique_angle_is_the_rotation_from_the_nearest_axes(degrees):
+    """A slab tilted about Z by ``degrees``, stored in any axis order: the model grid
+    names the tilt (it is reoriented by the nearest axes, not resliced)."""
+    t = np.radians(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    affine = rotation @ np.diag([0.8, 0.8, 3.0, 1.0])
+    mr = Volume(np.zeros((8, 6, 4), np.float32), affine, None)
+    for volume in (mr, permuted_and_flipped(mr)):
+        grid = geometry.to_model_grid(volume.affine, volume.shape, RAS)
+        assert grid.oblique_degrees == pytest.approx(degrees, abs=1e-6)
+        assert grid.oblique == (degrees > geometry.OBLIQUE_TOLERANCE_DEG)
+        assert grid.oriented_shape == (8, 6, 4)

@@ -309,3 +309,54 @@ def test_non_finite_check_can_be_turned_off(bad_files):
     vol = io.load_volume(bad_files["nan.nii.gz"], check_finite=False)
     assert np.isnan(vol.data[3, 4, 5]) and np.isinf(vol.data[0, 0, 0])
 
+
+
+# ------------------------------------------- affine, decompression bombs, stale temps
+
+
+@pytest.mark.parametrize("affine, problem", [
+    (np.zeros((4, 4)), "zero voxel size"),
+    (np.diag([1.0, np.nan, 1.0, 1.0]), "NaN or Inf"),
+    (np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]]), "singular"),
+])
+def test_unusable_affine_is_one_data_error(affine, problem):
+    with pytest.raises(DataError, match=problem) as info:
+        io.check_affine("mr.nii.gz", affine)
+    assert str(info.value).startswith("mr.nii.gz: ") and "\n" not in str(info.value)
+    io.check_affine("mr.nii.gz", _affine())  # oblique, anisotropic: fine
+
+
+def test_compressible_beyond_the_bomb_ratio_is_refused_before_reading(tmp_path):
+    """Declared > 256 MiB at > 100x the file size: refused, saying what is declared;
+    the same declared size in a file that could hold it is not a bomb."""
+    path = tmp_path / "z.nii.gz"
+    path.write_bytes(b"x" * 100_000)
+    declared = (448, 448, 400)  # float32: 306 MiB, 3211x the file
+    with pytest.raises(DataError, match=r"declares 448 x 448 x 400 voxels = 306 MiB "
+                                        r"uncompressed from a 98 KiB file \(3211x"):
+        io.check_declared_size(path, declared, 4, 352, compressed=True)
+    path.write_bytes(b"x" * 4_000_000)  # 80x: a plausible (if very smooth) volume
+    io.check_declared_size(path, declared, 4, 352, compressed=True)
+    small = (256, 256, 256)  # 64 MiB declared at 671x: below the floor, allowed
+    path.write_bytes(b"x" * 100_000)
+    io.check_declared_size(path, small, 4, 352, compressed=True)
+
+
+def test_default_voxel_cap_is_a_clinical_volume():
+    assert io.DEFAULT_MAX_VOXELS == 2**27 >= 512 * 512 * 400
+
+
+def test_atomic_temp_names_the_output_and_only_its_leftovers_are_removed(tmp_path):
+    out = tmp_path / "sct.nii.gz"
+    with io.atomic_path(out, suffix=".nii.gz") as tmp:
+        assert tmp.name.startswith(".tmp-sct.nii.gz.") and tmp.name.endswith(".nii.gz")
+        assert [p.name for p in io.stale_temps(out, ".nii.gz")] == [tmp.name]
+        tmp.write_bytes(b"x")
+    assert out.read_bytes() == b"x" and io.stale_temps(out, ".nii.gz") == []
+    stale = tmp_path / ".tmp-sct.nii.gz.k3j_9zq0.nii.gz"
+    others = [tmp_path / ".tmp-sct.nii.gz.k3j_9zq0.nii", tmp_path / ".tmp-xsct.nii.gz.k3j_9zq0"
+              ".nii.gz", tmp_path / ".tmp-sct.nii.gz.K3J_9ZQ0.nii.gz", tmp_path / "sct.nii.gz.bak"]
+    for path in [stale, *others]:
+        path.write_bytes(b"half")
+    assert io.remove_stale_temps(out, ".nii.gz") == [stale]
+    assert not stale.exists() and all(p.exists() for p in others)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import gzip
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -98,8 +99,10 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, ndim: int = 3,
       The :class:`Volume`.
 
     Raises:
-      DataError: missing, unreadable or truncated file, wrong dimensionality,
-        non-finite voxels. The message names ``path``.
+      DataError: missing, unreadable or truncated file, a header declaring more than
+        the voxel cap or an implausibly compressible file (:func:`check_declared_size`),
+        an unusable affine (:func:`check_affine`), wrong dimensionality, non-finite
+        voxels. The message names ``path``.
     """
     path = Path(path)
     if not path.exists():
@@ -114,6 +117,7 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, ndim: int = 3,
     else:
         raise DataError(f"{path}: unsupported file type (expected one of "
                         f"{', '.join(VOLUME_SUFFIXES)})")
+    check_affine(path, affine)
     while data.ndim > ndim and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != ndim:
@@ -127,12 +131,21 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, ndim: int = 3,
 # The most a DEFLATE stream can expand (zlib's documented limit is 1032:1): a compressed
 # file of N bytes can never hold more than N * 1032 bytes of voxels.
 _MAX_DEFLATE_RATIO = 1032
-# Default voxel cap (2^30 voxels: 4 GiB as float32; a 512 x 512 x 1000 CT is 2.6e8).
-DEFAULT_MAX_VOXELS = 2**30
+# Default voxel cap: 2^27 = 134 M voxels (512 x 512 x 512; 512 MiB as float32). A clinical
+# MR or CT is below it (a 512 x 512 x 400 pelvis CT is 1.0e8); a larger volume is
+# almost always a corrupt or hostile header, and prediction holds several float32
+# copies of a volume, so the cap bounds its memory. SCT_JAX_MAX_VOXELS raises it.
+DEFAULT_MAX_VOXELS = 2**27
+# A compressed file that declares more than this many bytes of voxels ...
+BOMB_FLOOR_BYTES = 256 * 2**20
+# ... and more than this many times its own size is refused as a decompression bomb: a
+# real MR or CT compresses 2-10x; only a volume that is almost all one value compresses
+# 100x, and at that size it is a hostile or broken file (re-save a real one as .nii).
+BOMB_RATIO = 100
 
 
 def max_voxels() -> int:
-    """The voxel cap of :func:`load_volume`: ``$SCT_JAX_MAX_VOXELS`` or 2^30."""
+    """The voxel cap of :func:`load_volume`: ``$SCT_JAX_MAX_VOXELS`` or 2^27."""
     value = os.environ.get("SCT_JAX_MAX_VOXELS", "")
     try:
         return int(float(value)) if value else DEFAULT_MAX_VOXELS
@@ -152,11 +165,14 @@ def check_declared_size(path: Path, shape, itemsize: int, data_offset: int,
       shape: the declared array shape.
       itemsize: bytes per voxel on disk.
       data_offset: bytes before the voxels (NIfTI ``vox_offset``).
-      compressed: the file is gzip/zlib-compressed (bounded by the DEFLATE ratio).
+      compressed: the file is gzip/zlib-compressed (bounded by the DEFLATE ratio, and
+        refused above :data:`BOMB_FLOOR_BYTES` declared at more than :data:`BOMB_RATIO`
+        times its size).
       cap_only: check only the voxel cap (the voxels live in another file).
 
     Raises:
-      DataError: a declared size the file cannot hold, or more voxels than the cap.
+      DataError: a declared size the file cannot hold, more voxels than the cap, or a
+        decompression bomb; the message says what the header declares.
     """
     n_voxels = int(np.prod([int(n) for n in shape], dtype=object))
     cap = max_voxels()
@@ -168,6 +184,12 @@ def check_declared_size(path: Path, shape, itemsize: int, data_offset: int,
         return
     need = n_voxels * int(itemsize)
     size = path.stat().st_size
+    if compressed and need > BOMB_FLOOR_BYTES and need > BOMB_RATIO * max(size, 1):
+        raise DataError(f"{path}: header declares {dims} voxels = {need / 2**20:.0f} MiB "
+                        f"uncompressed from a {size / 2**10:.0f} KiB file "
+                        f"({need / max(size, 1):.0f}x; refused above {BOMB_RATIO}x for over "
+                        f"{BOMB_FLOOR_BYTES // 2**20} MiB): a decompression bomb or a "
+                        "corrupt header (re-save a real volume uncompressed, .nii)")
     can_hold = size * _MAX_DEFLATE_RATIO if compressed else size - int(data_offset)
     if need > can_hold:
         what = "compressed to" if compressed else "but the file holds"
@@ -175,11 +197,44 @@ def check_declared_size(path: Path, shape, itemsize: int, data_offset: int,
                         f"{size} bytes: truncated or corrupt header")
 
 
+def check_affine(path: str | os.PathLike, affine: np.ndarray) -> None:
+    """Refuses a voxel-to-world affine no geometry can be computed from.
+
+    A zero, NaN or singular affine (a header with zero pixdims and no qform/sform, a
+    broken converter) would otherwise fail deep in the orientation code with a
+    traceback, or put the sCT nowhere.
+
+    Args:
+      path: the file (named in the message).
+      affine: its ``(4, 4)`` voxel -> world affine.
+
+    Raises:
+      DataError: non-finite entries, a zero voxel size, or axes that are not
+        independent (a singular matrix).
+    """
+    linear = np.asarray(affine, np.float64)[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: the voxel-to-world affine holds NaN or Inf (a broken "
+                        "header: qform/sform or pixdim)")
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise DataError(f"{path}: the voxel-to-world affine gives a zero voxel size "
+                        f"({' x '.join(f'{s:g}' for s in spacing)} mm): a broken header "
+                        "(pixdim, qform/sform)")
+    # |det| relative to the product of the axis lengths: 1 for orthogonal axes, 0 for
+    # axes that lie in one plane (no 3D grid).
+    if abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(spacing)):
+        raise DataError(f"{path}: the voxel-to-world affine is singular (its voxel axes "
+                        "are not independent): a broken header (qform/sform)")
+
+
 def _load_nifti(path: Path, dtype):
     try:
         img = nib.load(str(path))
         header = img.header
         offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+        # Before the voxels are read: a broken geometry needs no gigabytes to be found.
+        check_affine(path, img.affine)
         check_declared_size(path, header.get_data_shape(), header.get_data_dtype().itemsize,
                             offset,
                             compressed=str(path).lower().endswith(".gz"))
@@ -306,6 +361,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+# tempfile.mkstemp's random part: 8 of these characters (CPython's _RandomNameSequence).
+_TEMP_RANDOM = "[a-z0-9_]{8}"
+# Output names longer than this are cut in the temporary name (NAME_MAX is 255 bytes).
+_TEMP_NAME_CHARS = 128
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".tmp-{path.name[:_TEMP_NAME_CHARS]}."
+
+
+def _temp_suffix(path: Path, suffix: str | None) -> str:
+    return path.suffix if suffix is None else suffix
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """A temporary file beside ``path`` that becomes ``path`` when the block succeeds.
@@ -315,6 +384,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
         with atomic_path(out / "panel.png") as tmp:
             fig.savefig(tmp, format="png")
+
+    The temporary file is ``.tmp-<name>.<8 random characters><suffix>`` (``<name>`` the
+    final file name): a process killed outright (SIGKILL, power loss) cannot remove it,
+    and the name lets :func:`remove_stale_temps` find exactly the leftovers of one
+    output.
 
     Args:
       path: the final file (its folder is created).
@@ -326,7 +400,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix if suffix is None else suffix,
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_temp_suffix(path, suffix),
                                dir=path.parent)
     os.close(fd)
     try:
@@ -336,3 +410,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def stale_temps(path: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside ``path`` (a killed writer).
+
+    Only names of exactly the pattern :func:`atomic_path` uses for this output (and
+    this ``suffix``) are listed: no other file can match.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(_temp_prefix(path)) + _TEMP_RANDOM
+                         + re.escape(_temp_suffix(path, suffix)) + r"\Z")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir()
+                  if pattern.match(p.name) and p.is_file() and not p.is_symlink())
+
+
+def remove_stale_temps(path: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Removes :func:`stale_temps` of ``path``; returns what was removed.
+
+    Call it before writing ``path`` again. Two processes writing the same output at
+    once are not supported (one could remove the other's temporary file).
+    """
+    removed = []
+    for stale in stale_temps(path, suffix):
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed

@@ -105,6 +105,64 @@ def load_model(path: str | os.PathLike, checkpoint: int | str = "best") -> Loade
     return LoadedModel(config, state, runs.read_geometry(config, path), int(step), path, "run")
 
 
+def input_paths(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """What an output of a command reading the model at ``path`` must not touch.
+
+    Returns:
+      ``(files, folders)``: the model's own files (none may be replaced), and the
+      folders nothing may be written into: an exported model directory as a whole (it
+      is replaced as a whole on re-export and hashed), a run's ``checkpoints``. Both
+      are empty when ``path`` is not a folder (``load_model`` then names it).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [], []
+    files = [p for p in path.iterdir() if p.is_file()]
+    if (path / MODEL_JSON).is_file():
+        return files, [path]
+    return files, [path / "checkpoints"]
+
+
+def read_geometry(path: str | os.PathLike) -> geometry_lib.TrainingGeometry:
+    """The training geometry of a run or exported model directory, without loading its
+    parameters (so inputs can be checked against it before the model loads).
+
+    Raises:
+      DataError: the path is neither kind of model directory; names it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: model not found (expected a training run directory or "
+                        "an exported model directory)")
+    if (path / MODEL_JSON).is_file():
+        read_description(path)
+        geometry = geometry_lib.load(path)
+        if geometry is None:
+            raise DataError(f"{path}: incomplete model directory (missing "
+                            f"{geometry_lib.GEOMETRY_FILE})")
+        return geometry
+    return runs.read_geometry(runs.read_config(path), path)
+
+
+def identity(model: LoadedModel) -> dict:
+    """Which model made an sCT: path, kind, method, training step and a content hash.
+
+    An exported model: the SHA-256 of its files recorded in ``model.json`` (checked on
+    load). A run directory: SHA-256 of ``config.json`` and the checkpoint step (its
+    parameters are many files; config and step name them within the run).
+    """
+    if model.kind == "export":
+        digest = read_description(model.path)["content_sha256"]
+        hashed = "model.json content_sha256 (model files)"
+    else:
+        raw = (model.path / runs.CONFIG_FILE).read_bytes()
+        digest = hashlib.sha256(raw + f"\0step={model.step}".encode()).hexdigest()
+        hashed = "sha256(config.json + step)"
+    return {"path": str(model.path.resolve()), "kind": model.kind,
+            "method": model.config.method, "name": model.config.get("name", ""),
+            "step": int(model.step), "content_sha256": digest, "hash_of": hashed}
+
+
 def content_hash(directory: Path, description: dict) -> str:
     """SHA-256 over the model files and ``model.json`` (less this hash itself), so that
     an edit of any of them — the method name included — is noticed on load."""

@@ -11,6 +11,11 @@ by more than :data:`SPACING_TOLERANCE`, and :meth:`ModelGrid.to_input` maps a re
 back onto the input's exact voxel grid. Reorientation alone is exact both ways;
 resampling is linear interpolation (voxel edges of the two grids coincide at the ends,
 so the field of view is kept).
+
+An oblique MR (voxel axes rotated from the scanner axes) is reoriented by its nearest
+axes, not resliced: the network sees the slices as acquired, so the anatomy is tilted
+by :func:`oblique_degrees` relative to the training data, and the sCT lands exactly on
+the MR's grid. :attr:`ModelGrid.oblique_degrees` says by how much.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from sct_jax.errors import DataError
 
 # Relative spacing difference above which an MR is resampled to the training spacing.
 SPACING_TOLERANCE = 0.05
+# Rotations below this (degrees) are float noise of converters, not an oblique scan.
+OBLIQUE_TOLERANCE_DEG = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,8 @@ class ModelGrid:
       model_shape: shape after resampling (== ``oriented_shape`` when not resampled).
       oriented_spacing: voxel size after reorientation (mm).
       model_spacing: voxel size on the model grid (mm).
+      oblique_degrees: rotation of the input's voxel axes from the nearest scanner axes
+        (:func:`oblique_degrees`); the grid is reoriented by those nearest axes.
     """
 
     input_shape: tuple[int, int, int]
@@ -51,6 +60,11 @@ class ModelGrid:
     model_shape: tuple[int, int, int]
     oriented_spacing: tuple[float, float, float]
     model_spacing: tuple[float, float, float]
+    oblique_degrees: float = 0.0
+
+    @property
+    def oblique(self) -> bool:
+        return self.oblique_degrees > OBLIQUE_TOLERANCE_DEG
 
     @property
     def resampled(self) -> bool:
@@ -114,7 +128,26 @@ def to_model_grid(affine: np.ndarray, shape: Sequence[int], geometry: TrainingGe
         model_shape = tuple(oriented_shape)
         model_spacing = tuple(oriented_spacing)
     return ModelGrid(shape, input_ornt, model_ornt, tuple(oriented_shape), tuple(model_shape),
-                     tuple(oriented_spacing), tuple(float(s) for s in model_spacing))
+                     tuple(oriented_spacing), tuple(float(s) for s in model_spacing),
+                     oblique_degrees(affine))
+
+
+def oblique_degrees(affine: np.ndarray) -> float:
+    """How far (degrees) a volume's voxel axes are rotated from the nearest scanner axes.
+
+    The rotation angle of ``D P^T``, where ``D`` holds the affine's unit axis
+    directions and ``P`` the nearest axis-aligned directions (nibabel's
+    ``io_orientation``): 0 for an axis-aligned volume, 30 for a slab tilted 30 degrees
+    about one axis.
+    """
+    linear = np.asarray(affine, np.float64)[:3, :3]
+    directions = linear / np.linalg.norm(linear, axis=0)
+    nearest = np.zeros((3, 3))
+    for i, (axis, sign) in enumerate(orientations.io_orientation(affine)):
+        nearest[int(axis), i] = sign
+    rotation = directions @ nearest.T
+    cosine = np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cosine)))
 
 
 def _resample(data: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:

@@ -278,7 +278,10 @@ def _train_in(method, seats: list[_Run], mesh, geometry, validator, pretrained: 
                                  every=config.train.ckpt_every)
     start_step = seats[0].ckpt.latest_step() or 0
     if start_step:
-        state = _restore(seats, abstract_state, state_shardings, repl, start_step, vmapped)
+        # The step actually restored: a damaged latest checkpoint falls back to an
+        # earlier one, and the steps after it must be trained (and saved) again.
+        state, start_step = _restore(seats, abstract_state, state_shardings, repl,
+                                     start_step, vmapped)
     else:
         state = _create(method, config, create, init_rngs, state_shardings, pretrained, vmapped)
     if vmapped:
@@ -336,7 +339,13 @@ def _create(method, config, create, init_rngs, state_shardings, pretrained, vmap
 
 
 def _restore(seats, abstract_state, state_shardings, repl, step: int, vmapped: bool):
-    """Every seat's checkpoint at ``step`` (and its data position), stacked if vmapped."""
+    """Every seat's checkpoint (and its data position), stacked if vmapped.
+
+    Returns:
+      ``(state, restored step)``: vmapped seats restore exactly ``step``; a single run
+      its latest readable checkpoint (``step``, or an earlier one when ``step`` is
+      damaged).
+    """
     if vmapped:  # each seed's checkpoint is an ordinary single-run state
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
                                 abstract_state)
@@ -353,8 +362,8 @@ def _restore(seats, abstract_state, state_shardings, repl, step: int, vmapped: b
             print(f"resumed from step {restored_step} (checkpoint "
                   f"{seat.ckpt.directory / str(restored_step)})", flush=True)
     if not vmapped:
-        return states[0]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        return states[0], restored_step
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states), step
 
 
 def _seed_slice(state, k: int):
