@@ -109,3 +109,21 @@ def test_vmapped_seeds_take_the_lock_and_validate(tmp_path):
         assert any("val/mae" in r for r in records)
         assert runs.resolve_checkpoint(workdir, "best") == 2
     assert results[0].metrics["loss"] != results[1].metrics["loss"]
+
+
+@pytest.mark.parametrize("spec", ["configs/cyclegan_pelvis.py:tiny",
+                                  "configs/ldm_brain.py:autoencoder,tiny"])
+def test_every_method_family_trains_vmapped(tmp_path, spec):
+    """CycleGAN (two generators, an image pool) and the LDM's 3D autoencoder stage vmap
+    like pix2pix and the pGAN family above: one step of two seeds, each its own run."""
+    configs = [load_config_file(spec), load_config_file(spec)]
+    for seed, c in enumerate(configs):
+        c.seed = seed
+        c.train.steps = 1
+        c.train.progress = False
+    workdirs = [tmp_path / "s0", tmp_path / "s1"]
+    results = loop.train_seeds(configs, workdirs)
+    assert [r.error for r in results] == ["", ""]
+    assert results[0].metrics != results[1].metrics
+    for workdir in workdirs:
+        assert runs.latest_step(workdir) == 1 and not (workdir / "run.lock").exists()

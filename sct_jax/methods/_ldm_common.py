@@ -160,7 +160,7 @@ def validate_ldm_config(config, stage: str) -> None:
         raise ConfigError("config.ldm.conditioning='concat' conditions the diffusion UNet on "
                           "the MR itself: there is no ControlNet stage; evaluate the "
                           "diffusion stage (or use the conditioning 'none' for a ControlNet)")
-    crop = tuple(int(p) for p in config.ldm.get("train_crop", ()) or ())
+    crop = tuple(int(p) for p in config.ldm.train_crop or ())
     if stage != "autoencoder" and crop:
         if len(crop) != 3 or any(c % divisor or c > p for c, p in zip(crop, patch)):
             raise ConfigError(f"config.ldm.train_crop={crop}: three sizes, each divisible by "
@@ -256,7 +256,7 @@ def random_crop(config, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Arr
     the whole window ``config.data.patch``.
     """
     ct, mr = batch["ct"], batch.get("mr")
-    crop = tuple(int(c) for c in config.ldm.get("train_crop", ()) or ())
+    crop = tuple(int(c) for c in config.ldm.train_crop or ())
     if not crop:
         return ct, mr
     f = ae_factor(config)

@@ -56,7 +56,7 @@ def is_due(every: int, step: int, total: int) -> bool:
 def validation_cases(config) -> list[synthrad.Case]:
     """The cases validated: the ``val`` split, its first ``config.train.eval_cases``."""
     cases = [c for c in datasets.case_splits(config)["val"] if c.ct is not None]
-    limit = int(config.train.get("eval_cases", 0))
+    limit = int(config.train.eval_cases)
     return cases[:limit] if limit > 0 else cases
 
 
@@ -162,8 +162,8 @@ def build(config, geometry: Any = None) -> Validator | None:
       ConfigError: ``config.train.eval_every`` set for a method that predicts no sCT,
         or an empty validation split.
     """
-    eval_every = int(config.train.get("eval_every", 0))
-    image_every = int(config.train.get("image_every", 0))
+    eval_every = int(config.train.eval_every)
+    image_every = int(config.train.image_every)
     if eval_every <= 0 and image_every <= 0:
         return None
     if methods.get_method(config.method).not_an_sct_model(config):
