@@ -119,6 +119,9 @@ ROWS = [
         2, "seed 0 -> 1"),
     Row(10, "QA of a real CT with noise (test)", "python -m sct_jax.cli.qa ...", 0, "pass",
         "`hu_range` and `bone_outside_body` pass"),
+    Row(12, "DICOM export --like a folder of two patients",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--like {tmp}/two_patients", 2, "2 patients (PatientID 'PAT-1', 'PAT-2')"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -196,6 +199,7 @@ def world(tmp_path):
     (resumed / "checkpoints" / "5").mkdir(parents=True)
     from sct_jax.config_utils import load_config_file
     (resumed / "config.json").write_text(load_config_file(TINY).to_json_best_effort())
+    _item12_inputs(out)
     phantom = tmp_path / "phantom"
     from sct_jax.data import phantom as phantom_module
     phantom_module.write_dataset(phantom, "pelvis", 1, 0, 0.0, (16, 16, 4))
@@ -639,6 +643,25 @@ def test_qa_passes_an_unclipped_noisy_ct_and_bone_near_the_outline():
     far[3:, :, :] = True
     far[3:8, :, :] = False  # now the bone is 5-6 voxels (10-12 mm) outside
     assert qa.check_bone_outside_body(ct_bone, far, (2.0, 2.0, 2.5))[0]["status"] == "fail"
+
+
+# ------------------------------------------------- item 12: export and scoring hardening
+
+def _item12_inputs(out: Path) -> None:
+    """The inputs of the item-12 rows, under ``{tmp}``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    series = generate_uid()
+    (out / "two_patients").mkdir()
+    for k, patient in enumerate(("PAT-1", "PAT-2")):  # one series UID, two patients
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "MR", patient, series
+        ds.save_as(out / "two_patients" / f"MR{k}.dcm", enforce_file_format=True)
 
 
 if __name__ == "__main__":

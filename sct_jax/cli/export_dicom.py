@@ -5,7 +5,8 @@
 
 Writes ``CT0001.dcm`` ... (one file per axial slice) into ``--out``, which must not
 exist or be empty; the series is marked SYNTHETIC CT. With ``--like`` the patient,
-study and frame-of-reference tags are copied from that MR series. The format decisions
+study and frame-of-reference tags are copied from that MR series (a folder of one series
+of one patient; any other is refused). The format decisions
 are documented in :mod:`sct_jax.export.dicom`. Bad input: one-line error, exit 2.
 """
 

@@ -20,7 +20,9 @@ A treatment planning system imports DICOM, not NIfTI. The series:
   series marked as synthetic in SeriesDescription ("SYNTHETIC CT ..."), ImageType
   ``DERIVED\\SECONDARY\\AXIAL``, DerivationDescription and ImageComments.
 - With a reference MR series (``like``), the patient and study tags are copied from it
-  (the sCT joins the MR's study). FrameOfReferenceUID is copied only when the series'
+  (the sCT joins the MR's study). The folder must hold one series of one patient (the
+  MR reader's check, :func:`sct_jax.inference.inputs.check_one_series`): the identity
+  stamped is the one patient of the source, or the export is refused. FrameOfReferenceUID is copied only when the series'
   slices (count, orientation, spacing, every position) match the sCT's grid
   (:func:`like_geometry_mismatch`): the sCT then shares the MR's patient coordinate
   system and a planning system overlays the two without a registration. Otherwise the
@@ -45,6 +47,7 @@ import numpy as np
 
 from sct_jax.data.io import Volume, ras_to_lps
 from sct_jax.errors import DataError
+from sct_jax.inference.inputs import check_one_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024
@@ -100,11 +103,17 @@ def hu_to_stored(hu: np.ndarray) -> np.ndarray:
     return (hu - RESCALE_INTERCEPT).astype(np.int16)
 
 
-def read_reference_tags(like_dir: str | os.PathLike) -> dict:
-    """The :data:`LIKE_TAGS` of the first readable DICOM file in ``like_dir`` (recursive).
+def read_like_series(like_dir: str | os.PathLike) -> list:
+    """The DICOM headers in ``like_dir`` (recursive), checked to be one series of one
+    patient (:func:`sct_jax.inference.inputs.check_one_series`, the MR reader's check):
+    their identity is what the export stamps.
+
+    Returns:
+      The pydicom datasets (no pixel data) of the files with a SOPClassUID, by path.
 
     Raises:
-      DataError: the folder is missing or holds no DICOM file.
+      DataError: the folder is missing, holds no DICOM file, or holds files of two
+        patients or two series (the message names the folder and both values).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -112,6 +121,7 @@ def read_reference_tags(like_dir: str | os.PathLike) -> dict:
     like_dir = Path(like_dir)
     if not like_dir.is_dir():
         raise DataError(f"{like_dir}: reference MR series folder not found")
+    headers = []
     for path in sorted(p for p in like_dir.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
@@ -119,32 +129,39 @@ def read_reference_tags(like_dir: str | os.PathLike) -> dict:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        if "SOPClassUID" not in ds:
-            continue
-        return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
-    raise DataError(f"{like_dir}: no DICOM file found for --like")
+        if "SOPClassUID" in ds:
+            headers.append(ds)
+    if not headers:
+        raise DataError(f"{like_dir}: no DICOM file found for --like")
+    check_one_series(like_dir, headers)
+    return headers
 
 
-def like_geometry_mismatch(like_dir: str | os.PathLike, sct: Volume) -> str | None:
-    """Why the MR series in ``like_dir`` is not on the sCT's grid, or ``None`` if it is.
+def read_reference_tags(like_dir: str | os.PathLike) -> dict:
+    """The :data:`LIKE_TAGS` of the one MR series in ``like_dir`` (:func:`read_like_series`).
+
+    Raises:
+      DataError: as :func:`read_like_series`.
+    """
+    return _like_tags(read_like_series(like_dir)[0])
+
+
+def _like_tags(ds) -> dict:
+    return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
+
+
+def like_geometry_mismatch(headers: Sequence, sct: Volume) -> str | None:
+    """Why the MR series ``headers`` is not on the sCT's grid, or ``None`` if it is.
 
     Compares slice count, orientation, pixel spacing and every slice position (LPS mm,
-    0.01 mm tolerance) read from the DICOM headers with the sCT's :func:`slice_geometry`.
-    The Frame of Reference UID may be shared only when they match: otherwise a planning
-    system would overlay two images that are not in one coordinate system.
+    0.01 mm tolerance) read from the DICOM headers (:func:`read_like_series`) with the
+    sCT's :func:`slice_geometry`. The Frame of Reference UID may be shared only when
+    they match: otherwise a planning system would overlay two images that are not in
+    one coordinate system.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     geometry = slice_geometry(sct.affine, sct.shape)
-    headers = []
-    for path in sorted(p for p in Path(like_dir).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
-        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-            headers.append(ds)
+    headers = [ds for ds in headers
+               if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds]
     if len(headers) != sct.shape[2]:
         return f"{len(headers)} MR slices, the sCT has {sct.shape[2]}"
     first = headers[0]
@@ -220,7 +237,8 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
     Args:
       sct: the synthetic CT, ``data`` ``(X, Y, Z)`` HU (finite), ``affine`` RAS+.
       out_dir: the folder to create (must not exist, or be empty).
-      like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from.
+      like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from
+        (one series of one patient, :func:`read_like_series`).
       source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix").
       source_file: the NIfTI's name, recorded in DerivationDescription.
       series_number: the SeriesNumber.
@@ -231,7 +249,7 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
 
     Raises:
       DataError: not 3D, non-finite voxels, an unusable affine, a non-empty ``out_dir``,
-        or a ``like_dir`` without DICOM.
+        or a ``like_dir`` without DICOM or of several patients or series.
     """
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -245,9 +263,11 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite")
     geometry = slice_geometry(sct.affine, data.shape)
-    like = read_reference_tags(like_dir) if like_dir is not None else {}
+    like = {}
     if like_dir is not None:
-        mismatch = like_geometry_mismatch(like_dir, sct)
+        headers = read_like_series(like_dir)
+        like = _like_tags(headers[0])
+        mismatch = like_geometry_mismatch(headers, sct)
         if mismatch is not None:
             # Patient and study still apply; the coordinate system does not.
             like.pop("FrameOfReferenceUID", None)
