@@ -122,6 +122,14 @@ ROWS = [
     Row(12, "DICOM export --like a folder of two patients",
         "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
         "--like {tmp}/two_patients", 2, "2 patients (PatientID 'PAT-1', 'PAT-2')"),
+    Row(12, "DICOM export with a series number DICOM's IS cannot hold",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--series-number 99999999999999", 2, "argument --series-number: 99999999999999 is out "
+        "of range"),
+    Row(12, "DICOM export with a --source the series description cannot hold",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--source 'MR T1 of the pelvis, pix2pix model trained on site A data'", 2,
+        "argument --source: "),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sct_jax.cli import export_dicom
 from sct_jax.data.io import Volume, load_volume, save_volume
 from sct_jax.data.phantom import generate_case
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 from sct_jax.export.dicom import CT_IMAGE_STORAGE, export_dicom_series, slice_geometry
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -300,3 +300,38 @@ def test_the_mr_reader_refuses_two_patients(tmp_path):
     (tmp_path / "other" / "MR1.dcm").rename(tmp_path / "mr" / "MR1.dcm")
     with pytest.raises(DataError, match="2 patients"):
         load_dicom_series(tmp_path / "mr")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--series-number", "99999999999999", "0 to 2147483647"),  # 14 characters
+    ("--series-number", "2147483648", "0 to 2147483647"),  # beyond a signed 32-bit IS
+    ("--series-number", "-1", "0 to 2147483647"),
+    ("--series-number", "9.5", "not a whole number"),
+    ("--source", "x" * 47, "at most 46 characters"),  # SeriesDescription: LO, 64
+    ("--source", "MR\\T1", "backslash"),  # the value separator of a DICOM string
+    ("--source", "MR\tT1", "printable ASCII"),
+    ("--source", "MR Universit\u00e4t", "printable ASCII"),  # --like may bring Latin-1
+])
+def test_dicom_values_are_checked_at_flag_parsing(tmp_path, capsys, flag, value, fragment):
+    out = tmp_path / "dcm"
+    with pytest.raises(SystemExit) as info:
+        export_dicom.main(["--sct", str(tmp_path / "never_read.nii.gz"), "--out", str(out),
+                           flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"argument {flag}: " in err
+    assert fragment in err, err
+    assert not out.exists()
+
+
+def test_dicom_values_at_their_limits_are_written_whole(tmp_path, phantom_sct):
+    nifti = _write_nifti(tmp_path, phantom_sct, AFFINES["axial"])
+    source = "MR T1 (pix2pix), site A; " + "x" * 21  # 46 characters
+    assert export_dicom.main(["--sct", str(nifti), "--out", str(tmp_path / "dcm"),
+                              "--series-number", "2147483647", "--source", source]) == 0
+    ds = pydicom.dcmread(sorted((tmp_path / "dcm").iterdir())[0])
+    assert ds.SeriesNumber == 2147483647 and ds.SeriesDescription == f"SYNTHETIC CT from {source}"
+    assert len(ds.SeriesDescription) == 64
+    with pytest.raises(ConfigError, match="series_number=99999999999999"):
+        export_dicom_series(Volume(phantom_sct, AFFINES["axial"]), tmp_path / "o",
+                            series_number=99999999999999)

@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from sct_jax.data.io import Volume, ras_to_lps
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 from sct_jax.inference.inputs import check_one_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -60,6 +60,38 @@ LIKE_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDa
              "FrameOfReferenceUID", "PatientPosition")
 log = logging.getLogger(__name__)
 _ORTHOGONALITY_TOLERANCE = 1e-4
+# What the user gives is checked against its DICOM value representation (PS3.5 6.2), so
+# no series carries a value a planning system may reject. SeriesNumber is an IS: at
+# most 12 characters, a signed 32-bit integer (kept >= 0: it orders series in a study).
+SERIES_NUMBER_RANGE = (0, 2**31 - 1)
+# ``source`` goes into SeriesDescription, an LO of at most 64 characters.
+SERIES_DESCRIPTION_PREFIX = "SYNTHETIC CT from "
+SOURCE_MAX_CHARS = 64 - len(SERIES_DESCRIPTION_PREFIX)
+
+
+def series_number_problem(value: int) -> str | None:
+    """Why ``value`` cannot be a SeriesNumber (IS), or ``None``."""
+    low, high = SERIES_NUMBER_RANGE
+    if not low <= value <= high:
+        return f"{value} is out of range: a DICOM SeriesNumber (IS) is {low} to {high}"
+    return None
+
+
+def source_problem(source: str) -> str | None:
+    """Why ``source`` cannot go into SeriesDescription (LO), or ``None``.
+
+    LO: at most 64 characters (46 after :data:`SERIES_DESCRIPTION_PREFIX`), no
+    backslash (the value separator), no control characters. Printable ASCII only: with
+    ``like`` the series takes the MR's character set, which need not encode more.
+    """
+    if len(source) > SOURCE_MAX_CHARS:
+        return (f"{len(source)} characters long; at most {SOURCE_MAX_CHARS} characters fit "
+                f"(SeriesDescription holds 64 with {SERIES_DESCRIPTION_PREFIX!r})")
+    if "\\" in source:
+        return "a backslash separates values in DICOM; leave it out"
+    if not all(" " <= ch <= "~" for ch in source):
+        return "printable ASCII only (the series may take the MR's character set)"
+    return None
 
 
 def slice_geometry(affine: np.ndarray, shape: Sequence[int]) -> dict:
@@ -213,7 +245,7 @@ def _base_dataset(like: dict, source: str, source_file: str, series_number: int,
     ds.SeriesNumber = int(series_number)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
-    ds.SeriesDescription = f"SYNTHETIC CT from {source}"[:64]
+    ds.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX}{source}"
     origin = f" (file {source_file})" if source_file else ""
     ds.DerivationDescription = (f"SYNTHETIC CT computed from {source} by sct_jax "
                                 f"{__version__}{origin}; not an acquired CT image")[:1024]
@@ -239,9 +271,10 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
       out_dir: the folder to create (must not exist, or be empty).
       like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from
         (one series of one patient, :func:`read_like_series`).
-      source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix").
+      source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix";
+        :func:`source_problem` says what it may hold).
       source_file: the NIfTI's name, recorded in DerivationDescription.
-      series_number: the SeriesNumber.
+      series_number: the SeriesNumber (:data:`SERIES_NUMBER_RANGE`).
       now: the date and time to record (default: now).
 
     Returns:
@@ -250,10 +283,15 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
     Raises:
       DataError: not 3D, non-finite voxels, an unusable affine, a non-empty ``out_dir``,
         or a ``like_dir`` without DICOM or of several patients or series.
+      ConfigError: a ``series_number`` or ``source`` DICOM cannot hold.
     """
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    for name, value, problem in (("series_number", series_number, series_number_problem),
+                                 ("source", source, source_problem)):
+        if problem(value):
+            raise ConfigError(f"{name}={value!r}: {problem(value)}")
     out_dir = Path(out_dir)
     data = np.asarray(sct.data)
     if data.ndim != 3:
