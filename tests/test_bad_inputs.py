@@ -130,6 +130,10 @@ ROWS = [
         "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
         "--source 'MR T1 of the pelvis, pix2pix model trained on site A data'", 2,
         "argument --source: "),
+    Row(12, "two config overrides, the second unknown",
+        "python train.py --config configs/ldm_brain.py:diffusion,tiny "
+        "--config.ldm.autoencoder_workdir={tmp}/ae --config.ldm.objectiv=flow", 2,
+        "--config.ldm.objectiv: unknown config key"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -670,6 +674,25 @@ def _item12_inputs(out: Path) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "MR", patient, series
         ds.save_as(out / "two_patients" / f"MR{k}.dcm", enforce_file_format=True)
+
+
+@pytest.mark.parametrize("overrides", [
+    "--config.train.steps=3 --config.train.stepz=3",
+    "--config.train.stepz=3 --config.train.steps=3",
+    "--config.model.gen.ngf=4 --config.train.stepz=3 --config.train.log_every=1",
+])
+def test_the_unknown_override_is_the_one_named(overrides, capsys):
+    code, err = run_in_process(f"python train.py --config {TINY} {overrides}", capsys)
+    assert code == 2
+    assert err == ("error: configs/pix2pix_pelvis.py: --config.train.stepz: unknown config "
+                   "key; did you mean train.steps?\n")
+
+
+def test_without_the_flags_the_override_is_found_by_its_quoted_name():
+    argv = ["train.py", "--config", "c.py", "--config.ldm.sampler=ddim",
+            "--config.ldm.objectiv=flow"]
+    assert guard._flag_error_message(AttributeError("'objectiv'"), argv) == (
+        "c.py: --config.ldm.objectiv: unknown config key")
 
 
 if __name__ == "__main__":
