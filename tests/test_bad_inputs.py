@@ -134,6 +134,10 @@ ROWS = [
         "python train.py --config configs/ldm_brain.py:diffusion,tiny "
         "--config.ldm.autoencoder_workdir={tmp}/ae --config.ldm.objectiv=flow", 2,
         "--config.ldm.objectiv: unknown config key"),
+    Row(12, "QA of an MR with a zero voxel size",
+        "python -m sct_jax.cli.qa --mr {tmp}/zero_spacing_mr.nii.gz "
+        "--sct {pred}/1PA001/sct.nii.gz --region pelvis --report {tmp}/qa.json", 2,
+        "unusable voxel grid (voxel size 2, 0, 2.5 mm: a zero voxel size)"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -674,6 +678,13 @@ def _item12_inputs(out: Path) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "MR", patient, series
         ds.save_as(out / "two_patients" / f"MR{k}.dcm", enforce_file_format=True)
+    # A zero voxel size reaches a reader through the sform (a qform cannot hold it).
+    header = nib.Nifti1Header()
+    header.set_data_shape(SHAPE)
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.diag([2.0, 0.0, 2.5, 1.0]), code=1)
+    nib.save(nib.Nifti1Image(_case_arrays(0)[0], None, header=header),
+             out / "zero_spacing_mr.nii.gz")
 
 
 @pytest.mark.parametrize("overrides", [
