@@ -138,6 +138,13 @@ ROWS = [
         "python -m sct_jax.cli.qa --mr {tmp}/zero_spacing_mr.nii.gz "
         "--sct {pred}/1PA001/sct.nii.gz --region pelvis --report {tmp}/qa.json", 2,
         "unusable voxel grid (voxel size 2, 0, 2.5 mm: a zero voxel size)"),
+    Row(12, "score an sCT stored with the x axis flipped (test)",
+        "python evaluate.py --pred P --data D", 0, "",
+        "scored on the CT's grid (reoriented by its affine, lossless): the metrics of the "
+        "unflipped file (`tests/test_evaluate_cli.py`)"),
+    Row(12, "score an sCT on a grid with another origin",
+        "python evaluate.py --pred {tmp}/shifted --data {data}", 2,
+        "not on the grid of the reference CT"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -685,6 +692,10 @@ def _item12_inputs(out: Path) -> None:
     header.set_sform(np.diag([2.0, 0.0, 2.5, 1.0]), code=1)
     nib.save(nib.Nifti1Image(_case_arrays(0)[0], None, header=header),
              out / "zero_spacing_mr.nii.gz")
+    sct = _case_arrays(0)[1].astype(np.float32) + 3.0  # as {pred}/1PA001/sct.nii.gz
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += (1.0, 0.0, 0.0)  # half a voxel
+    save_volume(out / "shifted" / "1PA001" / "sct.nii.gz", sct, shifted)
 
 
 @pytest.mark.parametrize("overrides", [
