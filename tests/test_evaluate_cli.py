@@ -286,3 +286,16 @@ def test_a_volume_the_metrics_refuse_is_named(tmp_path):
     sct = _save_affine(tmp_path / "pred" / "1PA001.nii.gz", ct, AFFINE)
     with pytest.raises(DataError, match=f"^{sct}: SSIM needs every side >= 7 voxels.*ct.nii"):
         scoring.score_folder(tmp_path / "pred", tmp_path / "data", progress=False)
+
+
+def test_a_mask_stored_flipped_selects_the_same_voxels(dataset, tmp_path):
+    root, pred, names = dataset
+    case_id = PELVIS_IDS[0]
+    source = root / "Task1" / "pelvis" / case_id
+    case_dir = tmp_path / "data" / case_id
+    shutil.copytree(source, case_dir)
+    mask, affine = _flipped_x(_load(source / "mask.nii.gz"), AFFINE)
+    _save_affine(case_dir / "mask.nii.gz", mask.astype(np.uint8), affine)
+    expected = scoring.score_folder(pred, root, progress=False, case_ids=[case_id])
+    report = scoring.score_folder(pred, tmp_path / "data", progress=False, case_ids=[case_id])
+    assert report.cases[0].metrics == expected.cases[0].metrics
