@@ -20,6 +20,7 @@ from sct_jax.cli import predict as predict_cli
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import preprocess
 from sct_jax.data.io import load_volume
+from sct_jax.inference import geometry
 from sct_jax import runs
 from sct_jax.training import loop
 
