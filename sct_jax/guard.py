@@ -160,15 +160,25 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         code = exit_code_for(e)
         if code == EXIT_INTERNAL:  # parse-time errors are the user's: never a bug
             code = EXIT_BAD_INPUT
-        print(f"error: {_flag_error_message(e, argv)}", file=sys.stderr, flush=True)
+        print(f"error: {_flag_error_message(e, argv, flags.FLAGS)}", file=sys.stderr,
+              flush=True)
         sys.exit(code)
 
 
-def _flag_error_message(exc: BaseException, argv: Sequence[str]) -> str:
+def _flag_error_message(exc: BaseException, argv: Sequence[str],
+                        flag_values: Any = None) -> str:
+    """The one-line message of a flag-parsing error, naming the flag that is wrong.
+
+    Args:
+      exc: what ``flag_values(argv)`` raised.
+      argv: the command line, program name first.
+      flag_values: the ``absl`` ``FlagValues`` that raised it (tells which
+        ``--config.*`` override was being parsed), or ``None``.
+    """
     text = str(exc)
     if isinstance(exc, (AttributeError, KeyError)) or "Did you mean" in text:
         # ml_collections: '\'stepz\'\nDid you mean "steps" instead of "stepz"?'
-        key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "")
+        key = _failing_override(text, argv, flag_values)
         config = _config_arg(argv)
         where = f"{config}: " if config else ""
         near = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
@@ -183,6 +193,27 @@ def _flag_error_message(exc: BaseException, argv: Sequence[str]) -> str:
         return one_line(f"{config}: {text}" if config and config not in text else text)
     # absl's own errors: "flag --x=y: invalid literal ..."; drop the usage hint
     return one_line(text.split("Pass --helpshort")[0])
+
+
+def _failing_override(text: str, argv: Sequence[str], flag_values: Any = None) -> str:
+    """The ``--config.<path>`` override of ``argv`` that the error ``text`` is about."""
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    if flag_values is not None:
+        # ml_collections defines a flag per override, in command-line order, while it
+        # parses --config: an unknown key stops it at the first override left undefined.
+        # A defined override fails when absl parses it (in order, counting each parsed
+        # one in ``present``): the first one not counted.
+        for wanted in (lambda name: name not in flag_values,
+                       lambda name: not flag_values[name].present):
+            for key in overrides:
+                if wanted(key[2:]):
+                    return key
+    # Else the override whose path holds the unknown name ml_collections quotes.
+    unknown = re.findall(r"'([^'\s]+)'", text)
+    for key in overrides:
+        if unknown and unknown[0] in key[len("--config."):].split("."):
+            return key
+    return overrides[0] if overrides else ""
 
 
 def _config_arg(argv: Sequence[str]) -> str:

@@ -193,6 +193,32 @@ ROWS = [
     Row(11, "--report onto the input MR",
         f"{PREDICT} -i {{p}}/patient/t1.nii.gz -o {{p}}/sct.nii.gz -m {{model}} "
         "--report {p}/patient/t1.nii.gz", 2, "is the input"),
+    Row(12, "DICOM export --like a folder of two patients",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--like {tmp}/two_patients", 2, "2 patients (PatientID 'PAT-1', 'PAT-2')"),
+    Row(12, "DICOM export with a series number DICOM's IS cannot hold",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--series-number 99999999999999", 2, "argument --series-number: 99999999999999 is out "
+        "of range"),
+    Row(12, "DICOM export with a --source the series description cannot hold",
+        "python -m sct_jax.cli.export_dicom --sct {pred}/1PA001/sct.nii.gz --out {tmp}/dcm "
+        "--source 'MR T1 of the pelvis, pix2pix model trained on site A data'", 2,
+        "argument --source: "),
+    Row(12, "two config overrides, the second unknown",
+        "python train.py --config configs/ldm_brain.py:diffusion,tiny "
+        "--config.ldm.autoencoder_workdir={tmp}/ae --config.ldm.objectiv=flow", 2,
+        "--config.ldm.objectiv: unknown config key"),
+    Row(12, "QA of an MR with a zero voxel size",
+        "python -m sct_jax.cli.qa --mr {tmp}/zero_spacing_mr.nii.gz "
+        "--sct {pred}/1PA001/sct.nii.gz --region pelvis --report {tmp}/qa.json", 2,
+        "unusable voxel grid (voxel size 2, 0, 2.5 mm: a zero voxel size)"),
+    Row(12, "score an sCT stored with the x axis flipped (test)",
+        "python evaluate.py --pred P --data D", 0, "",
+        "scored on the CT's grid (reoriented by its affine, lossless): the metrics of the "
+        "unflipped file (`tests/test_evaluate_cli.py`)"),
+    Row(12, "score an sCT on a grid with another origin",
+        "python evaluate.py --pred {tmp}/shifted --data {data}", 2,
+        "not on the grid of the reference CT"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -270,6 +296,7 @@ def world(tmp_path):
     (resumed / "checkpoints" / "5").mkdir(parents=True)
     from sct_jax.config_utils import load_config_file
     (resumed / "config.json").write_text(load_config_file(TINY).to_json_best_effort())
+    _item12_inputs(out)
     phantom = tmp_path / "phantom"
     from sct_jax.data import phantom as phantom_module
     phantom_module.write_dataset(phantom, "pelvis", 1, 0, 0.0, (16, 16, 4))
@@ -1033,6 +1060,55 @@ def test_model_identity_of_a_run_hashes_config_and_step(predict_model):
     raw = (Path(predict_model["run"]) / "config.json").read_bytes()
     assert identity["kind"] == "run" and identity["step"] == 2
     assert identity["content_sha256"] == _hashlib.sha256(raw + b"\0step=2").hexdigest()
+
+
+# ------------------------------------------------- item 12: export and scoring hardening
+
+def _item12_inputs(out: Path) -> None:
+    """The inputs of the item-12 rows, under ``{tmp}``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    series = generate_uid()
+    (out / "two_patients").mkdir()
+    for k, patient in enumerate(("PAT-1", "PAT-2")):  # one series UID, two patients
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "MR", patient, series
+        ds.save_as(out / "two_patients" / f"MR{k}.dcm", enforce_file_format=True)
+    # A zero voxel size reaches a reader through the sform (a qform cannot hold it).
+    header = nib.Nifti1Header()
+    header.set_data_shape(SHAPE)
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.diag([2.0, 0.0, 2.5, 1.0]), code=1)
+    nib.save(nib.Nifti1Image(_case_arrays(0)[0], None, header=header),
+             out / "zero_spacing_mr.nii.gz")
+    sct = _case_arrays(0)[1].astype(np.float32) + 3.0  # as {pred}/1PA001/sct.nii.gz
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += (1.0, 0.0, 0.0)  # half a voxel
+    save_volume(out / "shifted" / "1PA001" / "sct.nii.gz", sct, shifted)
+
+
+@pytest.mark.parametrize("overrides", [
+    "--config.train.steps=3 --config.train.stepz=3",
+    "--config.train.stepz=3 --config.train.steps=3",
+    "--config.model.gen.ngf=4 --config.train.stepz=3 --config.train.log_every=1",
+])
+def test_the_unknown_override_is_the_one_named(overrides, capsys):
+    code, err = run_in_process(f"python train.py --config {TINY} {overrides}", capsys)
+    assert code == 2
+    assert err == ("error: configs/pix2pix_pelvis.py: --config.train.stepz: unknown config "
+                   "key; did you mean train.steps?\n")
+
+
+def test_without_the_flags_the_override_is_found_by_its_quoted_name():
+    argv = ["train.py", "--config", "c.py", "--config.ldm.sampler=ddim",
+            "--config.ldm.objectiv=flow"]
+    assert guard._flag_error_message(AttributeError("'objectiv'"), argv) == (
+        "c.py: --config.ldm.objectiv: unknown config key")
 
 
 if __name__ == "__main__":

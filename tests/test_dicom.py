@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sct_jax.cli import export_dicom
 from sct_jax.data.io import Volume, load_volume, save_volume
 from sct_jax.data.phantom import generate_case
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
 from sct_jax.export.dicom import CT_IMAGE_STORAGE, export_dicom_series, slice_geometry
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -150,10 +150,13 @@ def test_tags_mark_a_synthetic_ct_series(tmp_path, phantom_sct):
         assert again[tag].value != datasets[0][tag].value
 
 
-def _fake_mr_series(folder, n=2, geometry=None, shape=None):
+def _fake_mr_series(folder, n=2, geometry=None, shape=None, patient_id="PAT-0042",
+                    prefix="MR", pixels=False):
     """A minimal MR Image Storage series with patient/study tags, plus a non-DICOM file;
-    with ``geometry`` (:func:`slice_geometry`) and ``shape``, its slices are on that grid."""
-    folder.mkdir()
+    with ``geometry`` (:func:`slice_geometry`) and ``shape``, its slices are on that grid
+    (and hold zero pixels with ``pixels``). Files ``<prefix><k>.dcm``; ``folder`` may
+    exist."""
+    folder.mkdir(parents=True, exist_ok=True)
     study, frame, series = generate_uid(), generate_uid(), generate_uid()
     for k in range(n):
         ds = Dataset()
@@ -165,7 +168,7 @@ def _fake_mr_series(folder, n=2, geometry=None, shape=None):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
         ds.Modality = "MR"
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.PatientName, ds.PatientID = "Doe^Jane", "PAT-0042"
+        ds.PatientName, ds.PatientID = "Doe^Jane", patient_id
         ds.PatientBirthDate, ds.PatientSex = "19600102", "F"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study, "20240305", "101500"
         ds.StudyID, ds.AccessionNumber = "S17", "ACC99"
@@ -177,7 +180,10 @@ def _fake_mr_series(folder, n=2, geometry=None, shape=None):
             ds.ImageOrientationPatient = [float(v) for v in geometry["orientation"]]
             ds.PixelSpacing = [float(v) for v in geometry["pixel_spacing"]]
             ds.Rows, ds.Columns = shape[1], shape[0]
-        ds.save_as(folder / f"MR{k}.dcm", enforce_file_format=True)
+            if pixels:
+                ds.set_pixel_data(np.zeros((shape[1], shape[0]), np.uint16), "MONOCHROME2",
+                                  16, generate_instance_uid=False)
+        ds.save_as(folder / f"{prefix}{k}.dcm", enforce_file_format=True)
     (folder / "README.txt").write_text("not DICOM")
     return {"study": study, "frame": frame, "series": series}
 
@@ -261,3 +267,71 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys, phan
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "empty").iterdir())) == phantom_sct.shape[2]
+
+
+def test_like_refuses_two_patients_or_two_series(tmp_path, phantom_sct, capsys):
+    """--like stamps an identity: a folder of two patients (or two series, also in a
+    subfolder) has none, and is refused before anything is written."""
+    nifti = _write_nifti(tmp_path, phantom_sct, AFFINES["axial"])
+    _fake_mr_series(tmp_path / "two_patients")
+    _fake_mr_series(tmp_path / "two_patients", patient_id="PAT-0099", prefix="ZZ")
+    _fake_mr_series(tmp_path / "two_series")
+    _fake_mr_series(tmp_path / "two_series" / "sub", prefix="ZZ")  # same patient
+    for like, fragment in (("two_patients", "2 patients (PatientID 'PAT-0042', 'PAT-0099')"),
+                           ("two_series", "2 series (SeriesInstanceUID")):
+        out = tmp_path / f"dcm_{like}"
+        assert export_dicom.main(["--sct", str(nifti), "--out", str(out),
+                                  "--like", str(tmp_path / like)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / like}: holds "), err
+        assert fragment in err, err
+        assert _nothing_written(tmp_path, out)
+
+
+def test_the_mr_reader_refuses_two_patients(tmp_path):
+    from sct_jax.inference.inputs import load_dicom_series
+    shape = (6, 5, 2)
+    geometry = slice_geometry(AFFINES["axial"], shape)
+    _fake_mr_series(tmp_path / "mr", n=2, geometry=geometry, shape=shape, pixels=True)
+    assert load_dicom_series(tmp_path / "mr").shape == shape
+    (tmp_path / "mr" / "MR1.dcm").unlink()
+    _fake_mr_series(tmp_path / "other", n=2, geometry=geometry, shape=shape, pixels=True,
+                    patient_id="PAT-0099")
+    (tmp_path / "other" / "MR1.dcm").rename(tmp_path / "mr" / "MR1.dcm")
+    with pytest.raises(DataError, match="2 patients"):
+        load_dicom_series(tmp_path / "mr")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--series-number", "99999999999999", "0 to 2147483647"),  # 14 characters
+    ("--series-number", "2147483648", "0 to 2147483647"),  # beyond a signed 32-bit IS
+    ("--series-number", "-1", "0 to 2147483647"),
+    ("--series-number", "9.5", "not a whole number"),
+    ("--source", "x" * 47, "at most 46 characters"),  # SeriesDescription: LO, 64
+    ("--source", "MR\\T1", "backslash"),  # the value separator of a DICOM string
+    ("--source", "MR\tT1", "printable ASCII"),
+    ("--source", "MR Universit\u00e4t", "printable ASCII"),  # --like may bring Latin-1
+])
+def test_dicom_values_are_checked_at_flag_parsing(tmp_path, capsys, flag, value, fragment):
+    out = tmp_path / "dcm"
+    with pytest.raises(SystemExit) as info:
+        export_dicom.main(["--sct", str(tmp_path / "never_read.nii.gz"), "--out", str(out),
+                           flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"argument {flag}: " in err
+    assert fragment in err, err
+    assert not out.exists()
+
+
+def test_dicom_values_at_their_limits_are_written_whole(tmp_path, phantom_sct):
+    nifti = _write_nifti(tmp_path, phantom_sct, AFFINES["axial"])
+    source = "MR T1 (pix2pix), site A; " + "x" * 21  # 46 characters
+    assert export_dicom.main(["--sct", str(nifti), "--out", str(tmp_path / "dcm"),
+                              "--series-number", "2147483647", "--source", source]) == 0
+    ds = pydicom.dcmread(sorted((tmp_path / "dcm").iterdir())[0])
+    assert ds.SeriesNumber == 2147483647 and ds.SeriesDescription == f"SYNTHETIC CT from {source}"
+    assert len(ds.SeriesDescription) == 64
+    with pytest.raises(ConfigError, match="series_number=99999999999999"):
+        export_dicom_series(Volume(phantom_sct, AFFINES["axial"]), tmp_path / "o",
+                            series_number=99999999999999)

@@ -216,3 +216,86 @@ def test_guarded_prints_one_line_and_exits_2(capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err
     assert err.splitlines()[-1].startswith("error: internal error (KeyError")
+
+
+def _save_affine(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _flipped_x(data: np.ndarray, affine: np.ndarray):
+    """The same world image stored with the x voxel axis reversed (a legal affine)."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, data.shape[0] - 1
+    return data[::-1].copy(), affine @ flip
+
+
+def _swapped_xy(data: np.ndarray, affine: np.ndarray):
+    """The same world image stored with the x and y voxel axes exchanged."""
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    return data.transpose(1, 0, 2).copy(), affine @ swap
+
+
+def test_a_prediction_stored_in_another_voxel_order_scores_as_on_the_ct_grid(dataset, tmp_path):
+    """The metrics compare voxels: a flipped or transposed file of the same world image
+    is brought onto the CT's grid (lossless) and scores exactly as the original."""
+    root, pred, names = dataset
+    case_id = PELVIS_IDS[0]
+    data = _load(pred / names[case_id])
+    expected = scoring.score_folder(pred, root, progress=False, case_ids=[case_id])
+    for reorder in (_flipped_x, _swapped_xy, lambda d, a: _swapped_xy(*_flipped_x(d, a))):
+        stored, affine = reorder(data, AFFINE)
+        assert not np.array_equal(stored.shape, SHAPE) or not np.array_equal(stored, data)
+        other = tmp_path / reorder.__name__
+        shutil.rmtree(other, ignore_errors=True)
+        _save_affine(other / f"{case_id}.nii.gz", stored, affine)
+        report = scoring.score_folder(other, root, progress=False)
+        assert report.cases[0].metrics == expected.cases[0].metrics
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("origin", "voxel centres up to 0.5 mm apart"),
+    ("spacing", "voxel centres up to"),
+    ("shape", "(24, 20, 9)"),
+])
+def test_a_prediction_on_another_grid_is_refused(dataset, tmp_path, change, fragment):
+    root, pred, names = dataset
+    case_id = PELVIS_IDS[0]
+    data, affine = _flipped_x(_load(pred / names[case_id]), AFFINE)  # reoriented first
+    if change == "origin":
+        affine[1, 3] += 0.5
+    elif change == "spacing":
+        affine[:3, 2] *= 1.01
+    else:
+        data = data[:, :, :-1]
+    bad = _save_affine(tmp_path / "pred" / f"{case_id}.nii.gz", data, affine)
+    line = _one_error_line(_run_cli("--pred", tmp_path / "pred", "--data", root))
+    assert line.startswith(f"error: {bad}: ") and fragment in line, line
+    assert "reference CT" in line
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [bad.name]
+
+
+def test_a_volume_the_metrics_refuse_is_named(tmp_path):
+    """Six slices are too few for SSIM's 7-voxel window: the error names the files."""
+    ct = np.where(np.arange(24)[:, None, None] < 12, 40.0, -1000.0) * np.ones((24, 20, 6))
+    ct = ct.astype(np.float32)
+    case_dir = tmp_path / "data" / "1PA001"
+    for name, data in (("ct", ct), ("mr", ct), ("mask", np.ones(ct.shape, np.uint8))):
+        _save_affine(case_dir / f"{name}.nii.gz", data, AFFINE)
+    sct = _save_affine(tmp_path / "pred" / "1PA001.nii.gz", ct, AFFINE)
+    with pytest.raises(DataError, match=f"^{sct}: SSIM needs every side >= 7 voxels.*ct.nii"):
+        scoring.score_folder(tmp_path / "pred", tmp_path / "data", progress=False)
+
+
+def test_a_mask_stored_flipped_selects_the_same_voxels(dataset, tmp_path):
+    root, pred, names = dataset
+    case_id = PELVIS_IDS[0]
+    source = root / "Task1" / "pelvis" / case_id
+    case_dir = tmp_path / "data" / case_id
+    shutil.copytree(source, case_dir)
+    mask, affine = _flipped_x(_load(source / "mask.nii.gz"), AFFINE)
+    _save_affine(case_dir / "mask.nii.gz", mask.astype(np.uint8), affine)
+    expected = scoring.score_folder(pred, root, progress=False, case_ids=[case_id])
+    report = scoring.score_folder(pred, tmp_path / "data", progress=False, case_ids=[case_id])
+    assert report.cases[0].metrics == expected.cases[0].metrics

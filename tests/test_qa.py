@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -262,3 +263,34 @@ def test_cli_reports_pngs_profile_and_errors(tmp_path, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1
+
+
+def _save_with_sform(path, data, affine):
+    """A NIfTI whose only geometry is the sform ``affine`` (nibabel's qform cannot hold
+    a singular one): how a zero voxel size reaches a reader."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(np.float32)
+    header.set_sform(affine, code=1)
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), None, header=header), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zero", "singular", "non_finite"])
+def test_cli_refuses_an_mr_grid_without_a_voxel_size(tmp_path, capsys, case, kind):
+    affine = np.diag([*SPACING, 1.0])
+    if kind == "zero":
+        affine[1, 1] = 0.0
+    elif kind == "singular":
+        affine[:3, 1] = affine[:3, 0]  # two axes along x: no volume
+    else:
+        affine[0, 3] = np.inf
+    mr = _save_with_sform(tmp_path / "mr.nii.gz", case["mr"], affine)
+    sct = _save_with_sform(tmp_path / "sct.nii.gz", case["ct"], affine)
+    report = tmp_path / "out" / "qa.json"
+    assert qa_cli.main(["--mr", str(mr), "--sct", str(sct), "--region", "pelvis",
+                        "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {mr}: "), err
+    assert "voxel" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

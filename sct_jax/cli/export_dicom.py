@@ -5,12 +5,14 @@
 
 Writes ``CT0001.dcm`` ... (one file per axial slice) into ``--out``, which must not
 exist or be empty; the series is marked SYNTHETIC CT. With ``--like`` the patient,
-study and frame-of-reference tags are copied from that MR series. The format decisions
+study and frame-of-reference tags are copied from that MR series (a folder of one series
+of one patient; any other is refused). The format decisions
 are documented in :mod:`sct_jax.export.dicom`. Bad input: one-line error, exit 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +20,27 @@ from typing import Sequence
 from sct_jax import guard
 from sct_jax.data.hu import check_hu
 from sct_jax.data.io import load_volume
-from sct_jax.export.dicom import export_dicom_series
+from sct_jax.export.dicom import (export_dicom_series, series_number_problem,
+                                  source_problem)
 from sct_jax.io_guard import refuse_overwrite
+
+
+def _series_number(text: str) -> int:
+    """``--series-number``: a whole number a DICOM IS holds (refused at parsing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if series_number_problem(value):
+        raise argparse.ArgumentTypeError(series_number_problem(value))
+    return value
+
+
+def _source(text: str) -> str:
+    """``--source``: text SeriesDescription (a DICOM LO) holds whole."""
+    if source_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {source_problem(text)}")
+    return text
 
 
 def _parse_args(argv):
@@ -30,9 +51,11 @@ def _parse_args(argv):
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--like", metavar="MR_DICOM_DIR",
                         help="MR series to copy patient/study/frame-of-reference tags from")
-    parser.add_argument("--source", default="MR",
-                        help="what the sCT was made from, for the series description")
-    parser.add_argument("--series-number", type=int, default=901)
+    parser.add_argument("--source", default="MR", type=_source,
+                        help="what the sCT was made from, for the series description "
+                             "(printable ASCII, at most 46 characters)")
+    parser.add_argument("--series-number", type=_series_number, default=901,
+                        help="SeriesNumber, 0 to 2147483647 (default: 901)")
     return parser.parse_args(argv)
 
 

@@ -7,7 +7,7 @@ The directory holds the parameters of the best checkpoint (the lowest validation
 the latest when the run was never validated), the resolved config, the
 training geometry, a readable ``model.json`` (method, normalisation, orientation,
 spacing, region, package version, content hash) and the network as a serialized JAX
-function (see :mod:`sct_jax.export.model_files`). ``sct-train`` writes one to
+function that takes any number of windows per call (see :mod:`sct_jax.export.model`). ``sct-train`` writes one to
 ``<workdir>/model`` at the end of training. Bad input: one ``error: ...`` line, exit 2.
 """
 

@@ -36,6 +36,27 @@ from sct_jax.evaluation import qa
 from sct_jax.evaluation.qa_report import save_qa_figure
 from sct_jax.io_guard import refuse_overwrite
 
+# Below this |det| / (product of the voxel sizes) the axes span no volume.
+_MIN_VOLUME_RATIO = 1e-6
+
+
+def _measurable_grid(path, volume: Volume) -> Volume:
+    """Refuses a grid the checks cannot measure millimetres on (they divide by the
+    voxel size): a zero or non-finite voxel size, a non-finite or singular affine."""
+    affine = np.asarray(volume.affine, np.float64)
+    spacing = np.asarray(volume.spacing)
+    finite = bool(np.all(np.isfinite(affine)))
+    # |det| / product of the voxel sizes: 1 for orthogonal axes, 0 for a flat grid.
+    volume_ratio = (abs(float(np.linalg.det(affine[:3, :3]))) / float(np.prod(spacing))
+                    if finite and np.all(spacing > 0) else 0.0)
+    if volume_ratio < _MIN_VOLUME_RATIO:
+        sizes = ", ".join(f"{s:g}" for s in spacing)
+        why = ("a non-finite affine" if not finite else "a zero voxel size"
+               if not np.all(spacing > 0) else "axes that span no volume (singular affine)")
+        raise DataError(f"{path}: unusable voxel grid (voxel size {sizes} mm: {why}); "
+                        "fix the header's affine")
+    return volume
+
 
 def _same_grid(path, volume: Volume, mr: Volume) -> Volume:
     if volume.shape != mr.shape or not np.allclose(volume.affine, mr.affine, atol=1e-3):
@@ -61,7 +82,7 @@ def run_files(mr_path, sct_path, report_path, *, mask_path=None, png_path=None, 
     Returns:
       The :class:`sct_jax.evaluation.qa.QAResult`.
     """
-    mr = load_volume(mr_path)
+    mr = _measurable_grid(mr_path, load_volume(mr_path))
     # Non-finite sCT voxels are a finding of the hu_range check, not a read error.
     sct = _same_grid(sct_path, load_volume(sct_path, check_finite=False), mr)
     mask = _same_grid(mask_path, load_volume(mask_path), mr).data if mask_path else None

@@ -7,10 +7,12 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
-:func:`sct_jax.metrics.synthrad_metrics`. Everything is computed before
-anything is written, so a bad prediction (unreadable, wrong shape, no reference case)
-stops the run with a one-line :class:`~sct_jax.errors.DataError` naming the file and
-leaves no partial results. The results are a per-case CSV and a JSON summary (per
+:func:`sct_jax.metrics.synthrad_metrics`, voxel by voxel on the CT's grid: a prediction
+stored in another voxel order (the same world image, axes permuted or reversed) is
+reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
+Everything is computed before anything is written, so a bad prediction (unreadable,
+another grid, no reference case) stops the run with a one-line
+:class:`~sct_jax.errors.DataError` naming the file and leaves no partial results. The results are a per-case CSV and a JSON summary (per
 metric mean, std, n, plus the per-case rows), both written atomically.
 
 References without a prediction are not scored (the summary counts and lists them),
@@ -30,11 +32,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from nibabel import orientations
 from tqdm import tqdm
 
 from sct_jax.data import synthrad
 from sct_jax.data.hu import check_hu
-from sct_jax.data.io import VOLUME_SUFFIXES, atomic_write_text, load_volume, volume_suffix
+from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_volume,
+                            volume_suffix)
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.io_guard import refuse_overwrite
@@ -46,8 +50,10 @@ TABLE_COLUMNS = {
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
     "dice_bone": ("Dice bone", "{:.4f}"),
 }
-# Geometry tolerance (mm) below which a prediction's affine counts as the CT's.
-_AFFINE_ATOL_MM = 1e-3
+# How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
+# voxel of the same index for the two to be one grid: float32 header rounding, far below
+# any voxel size.
+GRID_TOLERANCE_MM = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,41 +150,98 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
     Args:
       case: the reference case; ``case.ct`` must exist. Without a mask the whole
         volume is scored (as the challenge code does with no mask).
-      prediction: the sCT volume in HU on the CT's grid.
+      prediction: the sCT volume in HU on the CT's grid (stored in any voxel order:
+        see :func:`on_reference_grid`).
 
     Returns:
       :func:`~sct_jax.metrics.synthrad_metrics` of the case.
 
     Raises:
-      DataError: unreadable volume, no reference CT, or shapes that differ (the
-        message names the file and both shapes).
+      DataError: unreadable volume, no reference CT, or a prediction or mask not on
+        the CT's grid (the message names the file and both grids).
     """
     prediction = Path(prediction)
     if case.ct is None:
         raise DataError(f"{prediction}: reference case {case.id} has no CT ({case.dir})")
     ct = load_volume(case.ct)
-    sct = load_volume(prediction)
-    if sct.shape != ct.shape:
-        raise DataError(f"{prediction}: shape {sct.shape} differs from the reference CT "
-                        f"{ct.shape} ({case.ct})")
+    sct = on_reference_grid(load_volume(prediction), ct, prediction, case.ct)
     if case.mask is None:
         logging.warning("%s: case %s has no mask; scoring every voxel", case.dir, case.id)
         mask = np.ones(ct.shape, dtype=bool)
     else:
-        mask_volume = load_volume(case.mask)
-        if mask_volume.shape != ct.shape:
-            raise DataError(f"{case.mask}: shape {mask_volume.shape} differs from the CT "
-                            f"{ct.shape} ({case.ct})")
-        mask = mask_volume.data > 0
+        mask = on_reference_grid(load_volume(case.mask), ct, case.mask, case.ct) > 0
         if not mask.any():
             raise DataError(f"{case.mask}: empty mask (no voxel > 0)")
     check_hu(ct.data, case.ct, mask, what="reference CT")
-    check_hu(sct.data, prediction, what="sCT", scale_only=True)
-    if not np.allclose(sct.affine, ct.affine, atol=_AFFINE_ATOL_MM):
-        # The challenge compares arrays voxel by voxel and ignores geometry; a differing
-        # affine usually means a prediction written on the wrong grid, so say so.
-        logging.warning("%s: affine differs from the reference CT %s", prediction, case.ct)
-    return synthrad_metrics(ct.data, sct.data, mask)
+    check_hu(sct, prediction, what="sCT", scale_only=True)
+    try:
+        return synthrad_metrics(ct.data, sct, mask)
+    except DataError as e:  # e.g. a volume too thin for SSIM: say which case
+        raise DataError(f"{prediction}: {e} (reference CT {case.ct})") from e
+
+
+def grid_distance_mm(affine: np.ndarray, reference: np.ndarray, shape) -> float:
+    """The largest distance (mm) between the voxel centres of one index on two grids.
+
+    Args:
+      affine, reference: ``(4, 4)`` voxel -> world mm of the two grids.
+      shape: ``(X, Y, Z)``, the voxel indices compared.
+
+    Returns:
+      The maximum over the grid of ``|affine @ v - reference @ v|``: the difference is
+      affine in ``v``, so its maximum lies at one of the 8 corners.
+    """
+    corners = np.array(np.meshgrid(*[(0, int(n) - 1) for n in shape], indexing="ij"))
+    corners = np.concatenate([corners.reshape(3, -1), np.ones((1, 8))])
+    difference = (np.asarray(affine, np.float64) - np.asarray(reference, np.float64)) @ corners
+    return float(np.max(np.linalg.norm(difference[:3], axis=0)))
+
+
+def on_reference_grid(volume: Volume, reference: Volume, path, reference_path) -> np.ndarray:
+    """``volume``'s voxels on the grid of ``reference`` (the case's CT), or refused.
+
+    The metrics compare arrays voxel by voxel, so the two must be one grid. A volume
+    stored in another voxel order (axes permuted or reversed: the same world image,
+    e.g. written LPS instead of RAS) is reoriented by its affine, losslessly (nibabel's
+    orientation tools, as :mod:`sct_jax.inference.geometry` does). Any other difference
+    (shape, voxel size, origin, direction beyond :data:`GRID_TOLERANCE_MM`) is refused:
+    resampling would change what is scored.
+
+    Args:
+      volume: the prediction (or mask).
+      reference: the reference CT.
+      path, reference_path: their files, named in the message.
+
+    Returns:
+      The ``reference.shape`` array.
+
+    Raises:
+      DataError: the grids differ beyond a reorientation; the message names ``path``.
+    """
+    transform = orientations.ornt_transform(orientations.io_orientation(volume.affine),
+                                            orientations.io_orientation(reference.affine))
+    data = orientations.apply_orientation(volume.data, transform)
+    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.shape)
+    reoriented = f" (reoriented to {data.shape})" if data.shape != volume.shape else ""
+    if data.shape != reference.shape:
+        raise DataError(f"{path}: shape {volume.shape}{reoriented} differs from the reference "
+                        f"CT {reference.shape} ({reference_path}); resample onto its grid")
+    distance = grid_distance_mm(affine, reference.affine, reference.shape)
+    if distance > GRID_TOLERANCE_MM:
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        raise DataError(
+            f"{path}: not on the grid of the reference CT {reference_path}: voxel centres up "
+            f"to {distance:.3g} mm apart (voxel size {_mm(spacing)} vs {_mm(reference.spacing)}"
+            f" mm, origin {_mm(affine[:3, 3])} vs {_mm(reference.affine[:3, 3])}); resample "
+            "onto its grid")
+    if not np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):  # not the identity
+        logging.info("%s: stored in another voxel order than %s; reoriented (lossless)",
+                     path, reference_path)
+    return np.ascontiguousarray(data)
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,

@@ -20,7 +20,9 @@ A treatment planning system imports DICOM, not NIfTI. The series:
   series marked as synthetic in SeriesDescription ("SYNTHETIC CT ..."), ImageType
   ``DERIVED\\SECONDARY\\AXIAL``, DerivationDescription and ImageComments.
 - With a reference MR series (``like``), the patient and study tags are copied from it
-  (the sCT joins the MR's study). FrameOfReferenceUID is copied only when the series'
+  (the sCT joins the MR's study). The folder must hold one series of one patient (the
+  MR reader's check, :func:`sct_jax.inference.dicom.check_one_series`): the identity
+  stamped is the one patient of the source, or the export is refused. FrameOfReferenceUID is copied only when the series'
   slices (count, orientation, spacing, every position) match the sCT's grid
   (:func:`like_geometry_mismatch`): the sCT then shares the MR's patient coordinate
   system and a planning system overlays the two without a registration. Otherwise the
@@ -45,7 +47,8 @@ import numpy as np
 
 from sct_jax import __version__
 from sct_jax.data.io import Volume, ras_to_lps
-from sct_jax.errors import DataError
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.inference.dicom import check_one_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024
@@ -58,6 +61,38 @@ LIKE_TAGS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDa
              "FrameOfReferenceUID", "PatientPosition")
 log = logging.getLogger(__name__)
 _ORTHOGONALITY_TOLERANCE = 1e-4
+# What the user gives is checked against its DICOM value representation (PS3.5 6.2), so
+# no series carries a value a planning system may reject. SeriesNumber is an IS: at
+# most 12 characters, a signed 32-bit integer (kept >= 0: it orders series in a study).
+SERIES_NUMBER_RANGE = (0, 2**31 - 1)
+# ``source`` goes into SeriesDescription, an LO of at most 64 characters.
+SERIES_DESCRIPTION_PREFIX = "SYNTHETIC CT from "
+SOURCE_MAX_CHARS = 64 - len(SERIES_DESCRIPTION_PREFIX)
+
+
+def series_number_problem(value: int) -> str | None:
+    """Why ``value`` cannot be a SeriesNumber (IS), or ``None``."""
+    low, high = SERIES_NUMBER_RANGE
+    if not low <= value <= high:
+        return f"{value} is out of range: a DICOM SeriesNumber (IS) is {low} to {high}"
+    return None
+
+
+def source_problem(source: str) -> str | None:
+    """Why ``source`` cannot go into SeriesDescription (LO), or ``None``.
+
+    LO: at most 64 characters (46 after :data:`SERIES_DESCRIPTION_PREFIX`), no
+    backslash (the value separator), no control characters. Printable ASCII only: with
+    ``like`` the series takes the MR's character set, which need not encode more.
+    """
+    if len(source) > SOURCE_MAX_CHARS:
+        return (f"{len(source)} characters long; at most {SOURCE_MAX_CHARS} characters fit "
+                f"(SeriesDescription holds 64 with {SERIES_DESCRIPTION_PREFIX!r})")
+    if "\\" in source:
+        return "a backslash separates values in DICOM; leave it out"
+    if not all(" " <= ch <= "~" for ch in source):
+        return "printable ASCII only (the series may take the MR's character set)"
+    return None
 
 
 def slice_geometry(affine: np.ndarray, shape: Sequence[int]) -> dict:
@@ -101,11 +136,17 @@ def hu_to_stored(hu: np.ndarray) -> np.ndarray:
     return (hu - RESCALE_INTERCEPT).astype(np.int16)
 
 
-def read_reference_tags(like_dir: str | os.PathLike) -> dict:
-    """The :data:`LIKE_TAGS` of the first readable DICOM file in ``like_dir`` (recursive).
+def read_like_series(like_dir: str | os.PathLike) -> list:
+    """The DICOM headers in ``like_dir`` (recursive), checked to be one series of one
+    patient (:func:`sct_jax.inference.dicom.check_one_series`, the MR reader's check):
+    their identity is what the export stamps.
+
+    Returns:
+      The pydicom datasets (no pixel data) of the files with a SOPClassUID, by path.
 
     Raises:
-      DataError: the folder is missing or holds no DICOM file.
+      DataError: the folder is missing, holds no DICOM file, or holds files of two
+        patients or two series (the message names the folder and both values).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -113,6 +154,7 @@ def read_reference_tags(like_dir: str | os.PathLike) -> dict:
     like_dir = Path(like_dir)
     if not like_dir.is_dir():
         raise DataError(f"{like_dir}: reference MR series folder not found")
+    headers = []
     for path in sorted(p for p in like_dir.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
@@ -120,32 +162,39 @@ def read_reference_tags(like_dir: str | os.PathLike) -> dict:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        if "SOPClassUID" not in ds:
-            continue
-        return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
-    raise DataError(f"{like_dir}: no DICOM file found for --like")
+        if "SOPClassUID" in ds:
+            headers.append(ds)
+    if not headers:
+        raise DataError(f"{like_dir}: no DICOM file found for --like")
+    check_one_series(like_dir, headers)
+    return headers
 
 
-def like_geometry_mismatch(like_dir: str | os.PathLike, sct: Volume) -> str | None:
-    """Why the MR series in ``like_dir`` is not on the sCT's grid, or ``None`` if it is.
+def read_reference_tags(like_dir: str | os.PathLike) -> dict:
+    """The :data:`LIKE_TAGS` of the one MR series in ``like_dir`` (:func:`read_like_series`).
+
+    Raises:
+      DataError: as :func:`read_like_series`.
+    """
+    return _like_tags(read_like_series(like_dir)[0])
+
+
+def _like_tags(ds) -> dict:
+    return {tag: ds[tag].value for tag in LIKE_TAGS if tag in ds}
+
+
+def like_geometry_mismatch(headers: Sequence, sct: Volume) -> str | None:
+    """Why the MR series ``headers`` is not on the sCT's grid, or ``None`` if it is.
 
     Compares slice count, orientation, pixel spacing and every slice position (LPS mm,
-    0.01 mm tolerance) read from the DICOM headers with the sCT's :func:`slice_geometry`.
-    The Frame of Reference UID may be shared only when they match: otherwise a planning
-    system would overlay two images that are not in one coordinate system.
+    0.01 mm tolerance) read from the DICOM headers (:func:`read_like_series`) with the
+    sCT's :func:`slice_geometry`. The Frame of Reference UID may be shared only when
+    they match: otherwise a planning system would overlay two images that are not in
+    one coordinate system.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     geometry = slice_geometry(sct.affine, sct.shape)
-    headers = []
-    for path in sorted(p for p in Path(like_dir).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
-            continue
-        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-            headers.append(ds)
+    headers = [ds for ds in headers
+               if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds]
     if len(headers) != sct.shape[2]:
         return f"{len(headers)} MR slices, the sCT has {sct.shape[2]}"
     first = headers[0]
@@ -195,7 +244,7 @@ def _base_dataset(like: dict, source: str, source_file: str, series_number: int,
     ds.SeriesNumber = int(series_number)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
-    ds.SeriesDescription = f"SYNTHETIC CT from {source}"[:64]
+    ds.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX}{source}"
     origin = f" (file {source_file})" if source_file else ""
     ds.DerivationDescription = (f"SYNTHETIC CT computed from {source} by sct_jax "
                                 f"{__version__}{origin}; not an acquired CT image")[:1024]
@@ -219,10 +268,12 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
     Args:
       sct: the synthetic CT, ``data`` ``(X, Y, Z)`` HU (finite), ``affine`` RAS+.
       out_dir: the folder to create (must not exist, or be empty).
-      like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from.
-      source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix").
+      like_dir: a DICOM MR series to copy patient, study and frame-of-reference tags from
+        (one series of one patient, :func:`read_like_series`).
+      source: what the sCT was made from (goes into SeriesDescription, e.g. "MR pix2pix";
+        :func:`source_problem` says what it may hold).
       source_file: the NIfTI's name, recorded in DerivationDescription.
-      series_number: the SeriesNumber.
+      series_number: the SeriesNumber (:data:`SERIES_NUMBER_RANGE`).
       now: the date and time to record (default: now).
 
     Returns:
@@ -230,11 +281,16 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
 
     Raises:
       DataError: not 3D, non-finite voxels, an unusable affine, a non-empty ``out_dir``,
-        or a ``like_dir`` without DICOM.
+        or a ``like_dir`` without DICOM or of several patients or series.
+      ConfigError: a ``series_number`` or ``source`` DICOM cannot hold.
     """
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    for name, value, problem in (("series_number", series_number, series_number_problem),
+                                 ("source", source, source_problem)):
+        if problem(value):
+            raise ConfigError(f"{name}={value!r}: {problem(value)}")
     out_dir = Path(out_dir)
     data = np.asarray(sct.data)
     if data.ndim != 3:
@@ -244,9 +300,11 @@ def export_dicom_series(sct: Volume, out_dir: str | os.PathLike, *,
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite")
     geometry = slice_geometry(sct.affine, data.shape)
-    like = read_reference_tags(like_dir) if like_dir is not None else {}
+    like = {}
     if like_dir is not None:
-        mismatch = like_geometry_mismatch(like_dir, sct)
+        headers = read_like_series(like_dir)
+        like = _like_tags(headers[0])
+        mismatch = like_geometry_mismatch(headers, sct)
         if mismatch is not None:
             # Patient and study still apply; the coordinate system does not.
             like.pop("FrameOfReferenceUID", None)

@@ -14,7 +14,8 @@ body mask to [-1, 1]; CT: [-1, 1] <-> [HU_MIN, HU_MAX]), the training geometry, 
 inference windows, the package version and a SHA-256 content hash of the other files
 (checked on load). ``predict_window.jaxexport`` (``jax.export``; parameters embedded)
 maps a batch of normalised MR windows ``(B, *window, C)`` to normalised sCT windows
-``(B, *window, 1)`` (``B`` fixed, recorded in ``model.json``), so a planning system can run the network with JAX alone;
+``(B, *window, 1)`` for any batch size ``B`` (a symbolic dimension; see
+:func:`serialize_predict`), so a planning system can run the network with JAX alone;
 the pre- and post-processing around it is what ``model.json`` describes. The directory
 is written atomically (built beside the target, then renamed into place).
 """
@@ -26,6 +27,7 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -51,6 +53,7 @@ FORMAT = "sct_jax.model/1"
 PARAMS = "params.msgpack"
 SERIALIZED = "predict_window.jaxexport"
 HASHED = ("batch_spec.json", "config.json", geometry_lib.GEOMETRY_FILE, PARAMS)
+log = logging.getLogger(__name__)
 
 
 def _strip_optimizer(tree):
@@ -184,24 +187,87 @@ def inference_window(config) -> tuple[tuple[int, ...], int]:
     return tile, 2 * int(config.data.context) + 1
 
 
-def serialize_predict(config, state) -> tuple[bytes, dict]:
-    """The network's deterministic forward pass as ``jax.export`` bytes (parameters
-    embedded as constants; batches of ``config.eval.batch_size`` windows), and a
-    description of its input."""
+def serialize_predict(config, state, batch_spec: dict) -> tuple[bytes, dict]:
+    """The network's deterministic forward pass as ``jax.export`` bytes, and a
+    description of its input.
 
+    The parameters are embedded as constants. The batch dimension is symbolic
+    (``jax.export.symbolic_shape``): the function takes any number of windows per call;
+    the window and the channels are fixed.
+
+    A convolution lowering may choose its algorithm from concrete shapes (``cpu_fast``
+    picks im2col by the number of output positions, batch included), which a symbolic
+    batch cannot answer. Such a model is exported with XLA's own convolutions
+    (``conv_impl="xla"``: the same numbers within float rounding) and ``model.json``
+    says so; a method that needs a concrete batch even then is exported at the fixed
+    batch ``config.eval.batch_size``, as ``model.json``'s ``batch`` records.
+
+    Args:
+      config: the run's config.
+      state: the method's state (parameters used).
+      batch_spec: the training batch shapes (rebuilds the state for another lowering).
+
+    Returns:
+      ``(serialized bytes, description)``.
+    """
+    window, channels = inference_window(config)
+    (symbolic_batch,) = export.symbolic_shape("b")
+    conv_impl = config.model.get("conv_impl") if "model" in config else None
+    attempts = [(symbolic_batch, config, None)]
+    if conv_impl not in (None, "xla"):
+        attempts.append((symbolic_batch, _with_conv_impl(config, "xla"),
+                         f"the configured conv_impl={conv_impl!r} chooses its lowering from "
+                         "the batch size, which is symbolic here"))
+    attempts.append((int(config.eval.batch_size), config,
+                     "the method needs a concrete batch: exported at config.eval.batch_size"))
+    for batch, export_config, note in attempts:
+        export_state = state if export_config is config else _rebuilt_state(
+            export_config, state, batch_spec)
+        spec = jax.ShapeDtypeStruct((batch, *window, channels), np.float32)
+        try:
+            exported = _export_predict(export_config, export_state, spec)
+            break
+        except (jax.errors.ConcretizationTypeError, jax.errors.InconclusiveDimensionOperation):
+            if batch is not symbolic_batch:
+                raise
+    shape = ", ".join(map(str, window))
+    any_batch = batch is symbolic_batch
+    size = "B" if any_batch else str(batch)
+    info = {"file": SERIALIZED, "batch": "any" if any_batch else batch,
+            "input": f"({size}, {shape}, {channels}) float32 normalised MR windows"
+                     + (", any batch size B" if any_batch else ""),
+            "output": f"({size}, {shape}, 1) float32 normalised sCT in [-1, 1]",
+            "windows_per_call": int(config.eval.batch_size),
+            "conv_impl": export_config.model.get("conv_impl") if conv_impl else None,
+            "platforms": list(exported.platforms)}
+    if note:
+        info["note"] = note
+        (log.info if any_batch else log.warning)("serialized function: %s", note)
+    return bytes(exported.serialize()), info
+
+
+def _export_predict(config, state, spec: jax.ShapeDtypeStruct) -> export.Exported:
     method = methods.get_method(config.method)
     params = jax.device_get(state)
-    window, channels = inference_window(config)
-    # A fixed batch: the convolution lowering picks its algorithm from concrete shapes.
-    batch = int(config.eval.batch_size)
-    spec = jax.ShapeDtypeStruct((batch, *window, channels), np.float32)
-    exported = export.export(jax.jit(functools.partial(method.predict, config, params)))(spec)
-    shape = ", ".join(map(str, window))
-    info = {"file": SERIALIZED, "batch": batch,
-            "input": f"({batch}, {shape}, {channels}) float32 normalised MR windows",
-            "output": f"({batch}, {shape}, 1) float32 normalised sCT in [-1, 1]",
-            "platforms": list(exported.platforms)}
-    return bytes(exported.serialize()), info
+    return export.export(jax.jit(functools.partial(method.predict, config, params)))(spec)
+
+
+def _with_conv_impl(config, conv_impl: str):
+    """A copy of ``config`` with ``model.conv_impl`` replaced."""
+    changed = config.copy_and_resolve_references()
+    with changed.unlocked():
+        changed.model.conv_impl = conv_impl
+    return changed
+
+
+def _rebuilt_state(config, state, batch_spec: dict):
+    """``state``'s values in the structure (and modules) ``config`` builds: a method's
+    ``apply_fn`` carries the convolution lowering it was created with."""
+    method = methods.get_method(config.method)
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    target = jax.eval_shape(functools.partial(method.create_state, config,
+                                              batch_spec=batch_spec), rng)
+    return serialization.from_state_dict(target, serialization.to_state_dict(state))
 
 
 def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -271,7 +337,7 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
                       "every sCT before planning",
         }
         if serialized:
-            data, info = serialize_predict(config, model.state)
+            data, info = serialize_predict(config, model.state, runs.read_batch_spec(workdir))
             (tmp / SERIALIZED).write_bytes(data)
             description["serialized_function"] = info
         description["content_sha256"] = content_hash(tmp, description)
@@ -330,15 +396,29 @@ def load_exported(model_dir: str | os.PathLike) -> LoadedModel:
                        "export")
 
 
-def serialized_volume_predictor(model_dir: str | os.PathLike):
+def serialized_volume_predictor(model_dir: str | os.PathLike, batch_size: int | None = None):
     """``(X, Y, Z)`` normalised MR -> prediction in [-1, 1], running the serialized
     function of ``model_dir`` (no method code involved) with the windows of
-    ``model.json``."""
+    ``model.json``.
+
+    Args:
+      model_dir: an exported model directory.
+      batch_size: windows per call (default: ``windows_per_call`` of ``model.json``);
+        any size for a function exported with a symbolic batch (``"batch": "any"``).
+
+    Raises:
+      DataError: a ``batch_size`` other than the one a fixed-batch function takes.
+    """
 
     model_dir = Path(model_dir)
     description = read_description(model_dir)
     inference = description["inference"]
-    batch_size = int(description["serialized_function"]["batch"])
+    info = description["serialized_function"]
+    fixed = info["batch"] if isinstance(info["batch"], int) else None
+    if fixed is not None and batch_size not in (None, fixed):
+        raise DataError(f"{model_dir / SERIALIZED}: exported for batches of {fixed} windows, "
+                        f"not {batch_size}")
+    batch_size = int(batch_size or fixed or info["windows_per_call"])
     exported = export.deserialize(bytearray((model_dir / SERIALIZED).read_bytes()))
 
     def call(batch):

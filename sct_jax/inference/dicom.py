@@ -17,6 +17,31 @@ from sct_jax.errors import DataError
 
 # Relative slice-gap variation tolerated in a DICOM series.
 _SLICE_GAP_TOLERANCE = 1e-3
+# What must be one value in a DICOM series folder, and what it counts.
+_ONE_SERIES_TAGS = (("PatientID", "patients"), ("SeriesInstanceUID", "series"))
+
+
+def check_one_series(folder: str | os.PathLike, datasets) -> None:
+    """Refuses the DICOM files of a folder unless they are one series of one patient.
+
+    The check every reader of a DICOM folder applies (the MR reader here, ``--like`` of
+    the DICOM export): a folder of two series is two images, and the identity of a
+    folder of two patients is no one's.
+
+    Args:
+      folder: the folder, named in the message.
+      datasets: the pydicom datasets read from it (headers suffice).
+
+    Raises:
+      DataError: two PatientIDs or two SeriesInstanceUIDs (a missing tag counts as the
+        empty value); the message names the folder and two of the values.
+    """
+    for tag, what in _ONE_SERIES_TAGS:
+        values = sorted({str(ds.get(tag) or "") for ds in datasets})
+        if len(values) > 1:
+            shown = ", ".join(repr(v) for v in values[:2]) + (", ..." if len(values) > 2 else "")
+            raise DataError(f"{folder}: holds DICOM files of {len(values)} {what} ({tag} "
+                            f"{shown}); give one series of one patient per folder")
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -38,7 +63,7 @@ def load_dicom_series(folder: str | os.PathLike) -> Volume:
     sorted along the slice normal; rescale slope/intercept are applied.
 
     Raises:
-      DataError: pydicom missing, unreadable files, several series, non-uniform
+      DataError: pydicom missing, unreadable files, several series or patients (:func:`check_one_series`), non-uniform
         slice gaps, missing geometry tags.
     """
     folder = Path(folder)
@@ -62,10 +87,7 @@ def load_dicom_series(folder: str | os.PathLike) -> Volume:
         slices.append((path, ds))
     if not slices:
         raise DataError(f"{folder}: no DICOM image found")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
-    if len(series) > 1:
-        raise DataError(f"{folder}: holds {len(series)} DICOM series; give one series "
-                        "per folder")
+    check_one_series(folder, [ds for _, ds in slices])
     first = slices[0][1]
     cosines = np.asarray(first.ImageOrientationPatient, np.float64).reshape(2, 3)
     normal = np.cross(cosines[0], cosines[1])
