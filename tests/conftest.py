@@ -12,6 +12,10 @@ import tempfile
 
 import jax
 import pytest
+# absl.app defines its own flags (--only_check_args, ...) when first imported: import it
+# before any test snapshots the flag set, so that a fixture which removes the flags it
+# added never removes absl's.
+from absl import app as _absl_app  # noqa: F401
 
 _CACHE = tempfile.mkdtemp(prefix="sct_jax_jit_cache_")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

@@ -97,8 +97,7 @@ def test_sampling_needs_a_dropout_layer():
         predict_lib.check_samples(config, 2)
     predict_lib.check_samples(config, 1)
     pgan = load_config_file("configs/pgan_pelvis.py:tiny")  # dropout 0.5, 1 block
-    assert predict_lib.sampling_check(methods.get_method("pgan")) is \
-        _pgan_common.check_sampling
+    assert methods.get_method("pgan").check_sampling is _pgan_common.check_sampling
     predict_lib.check_samples(pgan, 2)
     pgan.model.gen.n_blocks = 0
     with pytest.raises(ConfigError, match="config.model.gen.n_blocks=0"):

@@ -297,10 +297,15 @@ def test_missing_vgg_file_names_the_config_key(tmp_path):
     config.model.vgg16_weights = str(tmp_path / "nope.npz")
     spec = {"mr": jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
             "ct": jax.ShapeDtypeStruct((2, 32, 32, 1), np.float32)}
-    create = functools.partial(methods.get_method("pgan").create_state, config,
-                               batch_spec=spec)
+    method = methods.get_method("pgan")
+    # At start-up (the loop validates before anything is written) ...
     with pytest.raises(DataError, match=r"config\.model\.vgg16_weights: .*nope\.npz"):
-        jax.eval_shape(create, jax.random.key_data(jax.random.key(0)))
+        method.validate(config)
+    # ... and when the weights are read, outside the traced init.
+    state = jax.jit(functools.partial(method.create_state, config, batch_spec=spec))(
+        jax.random.key_data(jax.random.key(0)))
+    with pytest.raises(DataError, match=r"config\.model\.vgg16_weights: .*nope\.npz"):
+        method.load_pretrained(config, state, {})
 
 
 @pytest.mark.parametrize("name, key, value, match", [

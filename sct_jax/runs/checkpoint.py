@@ -69,6 +69,11 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 3, every: int = 1000,
                  read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        # Before the options: orbax warns about read-only options when they are made.
+        absl_logger = logging.getLogger("absl")
+        for kind in (_DropDiskFullEcho, _DropReadOnlyNotices):
+            if not any(isinstance(f, kind) for f in absl_logger.filters):
+                absl_logger.addFilter(kind())
         policies = ocp.checkpoint_managers
         # best_fn makes orbax write the metrics; the policy keeps the latest N and the
         # one validated checkpoint with the lowest MAE (checkpoints without metrics
@@ -84,10 +89,6 @@ class Checkpointer:
         self.every = every
         self.read_only = read_only
         self.failed = False
-        absl_logger = logging.getLogger("absl")
-        for kind in (_DropDiskFullEcho, _DropReadOnlyNotices):
-            if not any(isinstance(f, kind) for f in absl_logger.filters):
-                absl_logger.addFilter(kind())
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 
