@@ -212,7 +212,6 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     assert f"with the step-{BEST_PASS} checkpoint (best)" in out, out
     pred = workdir / "predictions"
     summary = json.loads((pred / "metrics.json").read_text())
-    baseline = json.loads((pred / "metrics_baseline.json").read_text())["mean"]
     page = _Table()
     page.feed((pred / "report.html").read_text())
     assert summary["cases"], summary
@@ -225,8 +224,10 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
         qa = json.loads((pred / case["id"] / "qa.json").read_text())
         assert row["qa"] == qa["status"]
         assert case["id"] in page.images  # the panel is embedded
-    for name, value in baseline.items():
-        _check_number(page.rows["baseline"][name], value)
+    assert set(summary["baselines"]) == {"constant", "lookup", "mean_ct", "perfect"}
+    for base_name, base in summary["baselines"].items():
+        for name, value in base["mean"].items():
+            _check_number(page.rows[f"baseline:{base_name}"][name], value)
     for name, stats in summary["metrics"].items():
         _check_number(page.rows["mean"][name], stats["mean"])
     # No external resource: the page reads offline.
