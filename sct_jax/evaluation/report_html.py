@@ -138,7 +138,8 @@ def render(report: ScoreReport, *, title: str,
         *[f"<p>{html.escape(line)}</p>" for line in notes],
         "<p>SynthRAD2023 metrics inside the body mask: MAE and ME in HU, PSNR in dB, "
         "SSIM; MAE per tissue class of the CT (air &lt; -200 HU, soft tissue, bone &gt; "
-        "250 HU) and the Dice of bone (&gt; 250 HU) in CT and sCT. Baselines (italic, "
+        "250 HU) and the Dice of bone (&gt; 250 HU) in CT and sCT. SynthRAD2025: PSNR25 "
+        "over [-1024, 3071] HU and the masked 5-level MS-SSIM. Baselines (italic, "
         "means over the same cases): every body voxel at 40 HU; HU looked up from the "
         "normalised MR intensity (64 bins, fitted on the training pairs); the mean of "
         "the training CTs on each case's body bounding box; and, where the data have "

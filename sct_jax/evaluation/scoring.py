@@ -7,7 +7,8 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
-:func:`sct_jax.metrics.synthrad_metrics`, voxel by voxel on the CT's grid: a prediction
+:func:`case_metrics` (SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
+MS-SSIM), voxel by voxel on the CT's grid: a prediction
 stored in another voxel order (the same world image, axes permuted or reversed) is
 reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
 Everything is computed before anything is written, so a bad prediction (unreadable,
@@ -41,18 +42,27 @@ from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_vo
                             volume_suffix)
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics.synthrad2025 import METRIC_NAMES_2025, ms_ssim, psnr_2025
 from sct_jax.io_guard import refuse_overwrite
 
-# The per-case metrics of every scored case, in table order (scoring, baselines, report).
-SCORED_METRICS = METRIC_NAMES
+# The per-case metrics of every scored case, in table order (scoring, baselines, report):
+# SynthRAD2023's and ours, then SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's).
+SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025
 
 
 def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
                  spacing) -> dict[str, float]:
     """The :data:`SCORED_METRICS` of one case (arrays on one grid, ``spacing`` in mm
-    per axis), as scoring, the baselines and the report show them."""
-    del spacing  # not needed by the SynthRAD2023 metrics
-    return synthrad_metrics(ct, sct, mask)
+    per axis), as scoring, the baselines and the report show them.
+
+    Raises:
+      DataError: shape mismatch, empty mask, a volume too thin for SSIM.
+    """
+    del spacing  # not needed by the image metrics
+    result = synthrad_metrics(ct, sct, mask)
+    result["psnr_2025"] = psnr_2025(ct, sct, mask)
+    result["ms_ssim"] = ms_ssim(ct, sct, mask)
+    return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
 TABLE_COLUMNS = {
@@ -60,6 +70,7 @@ TABLE_COLUMNS = {
     "me": ("ME", "{:.2f}"), "mae_air": ("MAE air", "{:.1f}"),
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
     "dice_bone": ("Dice bone", "{:.4f}"),
+    "psnr_2025": ("PSNR25", "{:.2f}"), "ms_ssim": ("MS-SSIM", "{:.4f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below
