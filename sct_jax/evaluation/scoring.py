@@ -8,7 +8,7 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
 :func:`case_metrics` (SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
-MS-SSIM), voxel by voxel on the CT's grid: a prediction
+MS-SSIM, Dice and HD95 in mm of bone and air), voxel by voxel on the CT's grid: a prediction
 stored in another voxel order (the same world image, axes permuted or reversed) is
 reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
 Everything is computed before anything is written, so a bad prediction (unreadable,
@@ -42,12 +42,15 @@ from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_vo
                             volume_suffix)
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics.geometry import GEOMETRY_NAMES, geometry_metrics
 from sct_jax.metrics.synthrad2025 import METRIC_NAMES_2025, ms_ssim, psnr_2025
 from sct_jax.io_guard import refuse_overwrite
 
 # The per-case metrics of every scored case, in table order (scoring, baselines, report):
-# SynthRAD2023's and ours, then SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's).
-SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025
+# SynthRAD2023's and ours, SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's), then
+# the geometry of bone and air (Dice, HD95 in mm; bone Dice is already among the first).
+SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025 + tuple(
+    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES)
 
 
 def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
@@ -56,12 +59,12 @@ def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
     per axis), as scoring, the baselines and the report show them.
 
     Raises:
-      DataError: shape mismatch, empty mask, a volume too thin for SSIM.
+      DataError: shape mismatch, empty mask, a volume too thin for SSIM, a bad spacing.
     """
-    del spacing  # not needed by the image metrics
     result = synthrad_metrics(ct, sct, mask)
     result["psnr_2025"] = psnr_2025(ct, sct, mask)
     result["ms_ssim"] = ms_ssim(ct, sct, mask)
+    result.update(geometry_metrics(ct, sct, mask, spacing))
     return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
@@ -71,6 +74,8 @@ TABLE_COLUMNS = {
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
     "dice_bone": ("Dice bone", "{:.4f}"),
     "psnr_2025": ("PSNR25", "{:.2f}"), "ms_ssim": ("MS-SSIM", "{:.4f}"),
+    "dice_air": ("Dice air", "{:.4f}"), "hd95_bone": ("HD95 bone", "{:.2f}"),
+    "hd95_air": ("HD95 air", "{:.2f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below
