@@ -152,17 +152,27 @@ def _level_sum(x: np.ndarray, y: np.ndarray, m: np.ndarray, weight: float,
                data_range: float) -> tuple[float, int]:
     """Sum and count of the level's map over the masked interior voxels, by slabs."""
     pad = (_WINDOW - 1) // 2
-    rest = tuple(slice(pad, n - pad) for n in x.shape[1:])
-    n0 = x.shape[0]
-    plane = math.prod(n - 2 * pad for n in x.shape[1:]) or 1
+    inner = m[(slice(pad, -pad),) * m.ndim]
+    if not inner.any():
+        return 0.0, 0
+    # Only the bounding box of the scored voxels (plus the window's halo) is computed:
+    # most of a padded volume is padding.
+    lo, hi = [], []
+    for axis in range(m.ndim):
+        hit = np.flatnonzero(inner.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+        lo.append(int(hit[0]) + pad)
+        hi.append(int(hit[-1]) + pad + 1)
+    rest = tuple(slice(a, b) for a, b in zip(lo[1:], hi[1:]))
+    rest_halo = tuple(slice(a - pad, b + pad) for a, b in zip(lo[1:], hi[1:]))
+    plane = math.prod(b - a + 2 * pad for a, b in zip(lo[1:], hi[1:]))
     slab = max(1, _SLAB_VOXELS // plane)
     total, count = 0.0, 0
-    for start in range(pad, n0 - pad, slab):
-        stop = min(start + slab, n0 - pad)
+    for start in range(lo[0], hi[0], slab):
+        stop = min(start + slab, hi[0])
         scored = m[(slice(start, stop),) + rest]
         if not scored.any():
             continue
-        halo = slice(start - pad, stop + pad)
+        halo = (slice(start - pad, stop + pad),) + rest_halo
         level_map = _weighted_ssim_map(x[halo], y[halo], weight, data_range)
         total += float(level_map[scored].sum())
         count += int(scored.sum())
