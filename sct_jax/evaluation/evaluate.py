@@ -28,15 +28,17 @@ SOFT_TISSUE_HU = baselines.SOFT_TISSUE_HU
 
 
 def training_split(config) -> tuple[list[synthrad.Case], str]:
-    """The config's training cases for the fitted baselines, and a note when there are
-    none (the dataset is not here: those baselines are left out, not faked)."""
+    """The config's training cases for the fitted baselines, and a note saying what they
+    were fitted on, or why they are left out (no training data here: not faked)."""
     try:
         cases = datasets.case_splits(config)["train"]
     except (DataError, ConfigError, OSError) as e:
         return [], f"lookup and mean-CT baselines left out: no training split ({e})"
-    if not baselines.training_cases(cases):
+    used = baselines.training_cases(cases)
+    if not used:
         return [], "lookup and mean-CT baselines left out: no training case has a CT"
-    return cases, ""
+    return cases, (f"lookup and mean-CT baselines fitted on {len(used)} training case(s) "
+                   f"of {datasets.dataset_root(config)}")
 
 
 def baseline_scores(config, cases: list[synthrad.Case],
