@@ -2,10 +2,12 @@
 
 Written next to the metrics JSON/CSV by ``evaluate.py``: first the verdict (does the
 model beat the best baseline in MAE and in SSIM; a warning naming the baseline and both
-numbers when it does not), then the case table (MAE, PSNR, SSIM, ME, MAE per tissue
-class, bone Dice, and the QA verdict when QA ran), the mean and standard deviation over
-the cases, one row per baseline scored (constant soft tissue, intensity lookup, mean
-training CT, and the perfect-model floor where the data have one), then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
+numbers when it does not), then the case table (the columns of
+``scoring.SCORED_METRICS``: SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
+MS-SSIM, bone and air Dice and HD95; and the QA verdict when QA ran), the mean and
+standard deviation over the cases, one row per baseline scored (constant soft tissue,
+intensity lookup, mean training CT, and the perfect-model floor where the data have
+one), then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
 (``--samples K``), the map of the per-voxel standard deviation of the samples. Every
 image is embedded as base64 PNG and the page has no script or external resource, so it
 can be mailed or archived as one file.
