@@ -1,5 +1,6 @@
 """The real pipeline on tiny configs: phantom data -> train -> predict -> score -> panels."""
 
+import html
 import json
 import os
 import subprocess
@@ -61,7 +62,7 @@ def test_train_evaluate_tiny(request, trained):
     summary = json.loads((tmp_path / "predictions" / "metrics.json").read_text())
     assert summary["n_scored"] == 1
     assert (tmp_path / "predictions" / "metrics.csv").exists()
-    assert (tmp_path / "predictions" / "metrics_baseline.json").exists()
+    assert summary["verdict"]["line"].startswith("verdict: ")
     assert (tmp_path / "predictions" / case.id / "panel.png").stat().st_size > 10_000
 
 
@@ -108,6 +109,38 @@ def test_sct_on_disk_is_the_models_output(trained_2d):
     np.testing.assert_allclose(sct, expected, rtol=0, atol=0.05)
     # The model did something: the sCT is not the padding value everywhere in the body.
     assert np.ptp(sct[mask]) > 1.0
+
+
+def test_a_two_step_model_is_flagged_as_not_beating_the_best_baseline(trained_2d, capsys):
+    """2 training steps learn nothing: the report's first line says so, with a warning
+    naming the best baseline and both numbers (stdout, metrics.json, report.html)."""
+    config, workdir, _, report = trained_2d
+    pred = workdir / "predictions"
+    summary = json.loads((pred / "metrics.json").read_text())
+    verdict = summary["verdict"]
+    assert list(summary)[:2] == ["verdict", "baselines"]
+    assert set(summary["baselines"]) == {"constant", "lookup", "mean_ct", "perfect"}
+    assert verdict["beats_best_baseline"] == {"mae": False, "ssim": False}
+    best = verdict["best_baseline"]["mae"]
+    assert best["value"] == min(b["mean"]["mae"] for n, b in summary["baselines"].items()
+                                if n != "perfect")
+    assert verdict["model"]["mae"] == pytest.approx(summary["metrics"]["mae"]["mean"])
+    mae_warning = (f"WARNING: the model does not beat the {best['label']} in MAE: model "
+                   f"{verdict['model']['mae']:.1f} HU, {best['label']} {best['value']:.1f} HU")
+    assert verdict["warnings"][0] == mae_warning
+    # The perfect model (the phantom's noise-free CT) is far better than any baseline.
+    assert summary["baselines"]["perfect"]["mean"]["mae"] < best["value"] / 2
+    page = (pred / "report.html").read_text()
+    body = page[page.index("</h1>") + len("</h1>"):].lstrip()
+    assert body.startswith(f'<p class="verdict" id="verdict">{html.escape(verdict["line"])}'
+                           f'</p>\n<p class="warning">{html.escape(mae_warning)}</p>')
+    assert "WARNING: the model does not beat the" in page
+
+    capsys.readouterr()
+    evaluate_run(config, workdir, out=workdir / "again" / "metrics.json", panels=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("predicted 1 case(s)")
+    assert lines[1] == verdict["line"] and lines[2] == mae_warning
 
 
 def _cli(*args):

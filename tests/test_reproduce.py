@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sct_jax.reproduce import __main__ as cli
+from sct_jax.evaluation import baselines as evaluation_baselines
 from sct_jax.reproduce import baselines, table
 
 
@@ -36,7 +37,7 @@ def test_table_mean_and_sample_std_over_seeds(tmp_path):
     assert "| floor | - | 12.0 |" in md and "| n1 |" in md
 
 
-def test_constant_and_mean_ct_baselines_against_closed_forms():
+def test_constant_and_mean_ct_rows_use_the_evaluation_baselines():
     rng = np.random.default_rng(0)
     ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
     mask = np.zeros(ct.shape, bool)
@@ -44,14 +45,13 @@ def test_constant_and_mean_ct_baselines_against_closed_forms():
     const = baselines.constant_row([(ct, mask)])
     assert const["mae"] == pytest.approx(np.abs(ct[mask] - 40.0).mean(), rel=1e-5)
     assert const["bone_dice"] == 0.0 and const["seed"] is None
-    train = [rng.uniform(-100, 100, (12, 10, 9)), rng.uniform(-100, 100, (14, 10, 7))]
-    average = baselines.mean_ct(train)
-    # The second volume is centre-cropped in x and padded with air in z.
-    padded = np.full((12, 10, 9), -1000.0)
-    padded[:, :, 1:8] = train[1][1:13]
-    np.testing.assert_allclose(average, (train[0] + padded) / 2, atol=1e-3)
+    # Two training CTs of other sizes: each body box is resampled onto the test's.
+    train = [(rng.uniform(-100, 100, (12, 10, 9)), np.ones((12, 10, 9), bool)),
+             (rng.uniform(-100, 100, (14, 10, 7)), np.ones((14, 10, 7), bool))]
+    average = evaluation_baselines.mean_ct_on_boxes(train, [(10, 8, 9)])[0]
     mean_row = baselines.mean_training_ct_row(train, [(ct, mask)])
-    assert mean_row["mae"] == pytest.approx(np.abs(ct[mask] - average[mask]).mean(), rel=1e-5)
+    expected = evaluation_baselines.place_in_body(average, mask)
+    assert mean_row["mae"] == pytest.approx(np.abs(ct[mask] - expected[mask]).mean(), rel=1e-5)
 
 
 def test_cli_refuses_bad_arguments_before_writing(tmp_path, capsys):
@@ -75,9 +75,9 @@ def test_reproduce_seed02_tiny_writes_every_row(tmp_path, capsys):
         (out / "table.csv").read_text()))}
     trained = ["pGAN", "REG-pGAN", "meta-pGAN (per pixel)", "meta-pGAN (16x16 patch)",
                "meta-pGAN (per slice)"]
-    assert list(entries) == [trained[0], "CTX-pGAN", *trained[1:], "constant 40 HU",
-                             "mean training CT", "perfect model (floor)"]
-    for name in trained + ["constant 40 HU", "mean training CT", "perfect model (floor)"]:
+    fixed = ["constant 40 HU", "intensity lookup", "mean training CT", "perfect model (floor)"]
+    assert list(entries) == [trained[0], "CTX-pGAN", *trained[1:], *fixed]
+    for name in trained + fixed:
         for key in ("mae_mean", "psnr_mean", "ssim_mean", "bone_mae_mean"):
             assert math.isfinite(float(entries[name][key])), (name, key)
     assert "needs VGG-19 weights" in entries["CTX-pGAN"]["note"]
@@ -98,7 +98,7 @@ def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
     entries = {e["method"]: e for e in csv.DictReader(io.StringIO(
         (out / "table.csv").read_text()))}
     trained = ["LDM (MR concat)", "LDM (ControlNet)", "pix2pix"]
-    fixed = ["constant 40 HU", "mean training CT", "perfect model (floor)"]
+    fixed = ["constant 40 HU", "intensity lookup", "mean training CT", "perfect model (floor)"]
     assert list(entries) == trained + fixed
     for name in trained + fixed:
         for key in ("mae_mean", "psnr_mean", "ssim_mean"):

@@ -200,6 +200,9 @@ def _check_number(text, value):
     if value is None:
         assert text == "n/a"
         return
+    if value in ("inf", "-inf"):  # strict JSON's infinity (an HD95 with no structure)
+        assert text == value
+        return
     decimals = len(text.split(".")[1]) if "." in text else 0
     assert abs(float(text) - value) <= 0.5 * 10.0**-decimals + 1e-12, (text, value)
 
@@ -212,7 +215,6 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     assert f"with the step-{BEST_PASS} checkpoint (best)" in out, out
     pred = workdir / "predictions"
     summary = json.loads((pred / "metrics.json").read_text())
-    baseline = json.loads((pred / "metrics_baseline.json").read_text())["mean"]
     page = _Table()
     page.feed((pred / "report.html").read_text())
     assert summary["cases"], summary
@@ -225,8 +227,10 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
         qa = json.loads((pred / case["id"] / "qa.json").read_text())
         assert row["qa"] == qa["status"]
         assert case["id"] in page.images  # the panel is embedded
-    for name, value in baseline.items():
-        _check_number(page.rows["baseline"][name], value)
+    assert set(summary["baselines"]) == {"constant", "lookup", "mean_ct", "perfect"}
+    for base_name, base in summary["baselines"].items():
+        for name, value in base["mean"].items():
+            _check_number(page.rows[f"baseline:{base_name}"][name], value)
     for name, stats in summary["metrics"].items():
         _check_number(page.rows["mean"][name], stats["mean"])
     # No external resource: the page reads offline.
@@ -242,8 +246,7 @@ def test_report_std_maps_and_non_finite_values(tmp_path):
     """With --samples the std map is embedded per case; NaN shows n/a, inf shows inf."""
     import math
     from sct_jax.evaluation import report_html, scoring
-    from sct_jax.metrics import METRIC_NAMES
-    values = dict.fromkeys(METRIC_NAMES, 1.0) | {"psnr": math.inf, "mae_air": math.nan}
+    values = dict.fromkeys(scoring.SCORED_METRICS, 1.0) | {"psnr": math.inf, "mae_air": math.nan}
     report = scoring.ScoreReport(
         cases=(scoring.CaseScore("1PA001", "pelvis", tmp_path / "p.nii.gz", values),),
         unscored=(), skipped=(), pred_dir=tmp_path, data_root=tmp_path, region=None)

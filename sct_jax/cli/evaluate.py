@@ -18,9 +18,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
       [--region pelvis] [--out results/pix2pix.json]
 
 Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
-``report.html`` (one self-contained page: the case table, and with ``--workdir`` each
-case's panel, the baseline, the QA verdicts and the std maps of ``--samples``) next to
-it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
+``report.html`` (one self-contained page: the case table, and with ``--workdir`` first
+the verdict against the no-model baselines, then each case's panel, the baselines, the
+QA verdicts and the std maps of ``--samples``) next to it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
 status 2, before anything is written.
 
 Exit status: 0 scored; 1 failed (disk full); 2 bad input (one line naming the file,

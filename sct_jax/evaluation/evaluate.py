@@ -1,39 +1,75 @@
 """Evaluate a trained run: predict its evaluation split, score, draw, report.
 
 :func:`evaluate_run` predicts the evaluation cases of a run (the best checkpoint by
-default), writes sCT NIfTIs, scores them with the SynthRAD2023 metrics next to a
-constant soft-tissue baseline, draws a panel per case, and (``qa=True``) runs the
-reference-free QA checks on every case; ``report.html`` gathers it all.
+default), writes sCT NIfTIs, scores them next to the no-model baselines of
+:mod:`sct_jax.evaluation.baselines` (constant soft tissue, intensity lookup and mean
+training CT, fitted on the run's training split; the perfect-model floor where the data
+have one), says first whether the model beats the best baseline in MAE and in SSIM,
+draws a panel per case, and (``qa=True``) runs the reference-free QA checks on every
+case; ``metrics.json`` and ``report.html`` gather it all.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from pathlib import Path
 
-import numpy as np
 
-from sct_jax import metrics, runs
+from sct_jax import runs
 from sct_jax.data import datasets, synthrad
-from sct_jax.data.io import atomic_write_text, load_volume
-from sct_jax.evaluation import figures, qa_report, report_html, scoring
+from sct_jax.data.io import load_volume
+from sct_jax.errors import ConfigError, DataError
+from sct_jax.evaluation import baselines, figures, qa_report, report_html, scoring
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 
-# The "no model" reference: every body voxel set to soft tissue (muscle-like HU).
-SOFT_TISSUE_HU = 40.0
+SOFT_TISSUE_HU = baselines.SOFT_TISSUE_HU
 
 
-def baseline_scores(cases: list[synthrad.Case]) -> dict[str, float]:
-    """Mean SynthRAD metrics of a constant soft-tissue sCT on ``cases`` (a floor to beat)."""
-    rows = []
-    for case in cases:
-        ct = load_volume(case.ct).data
-        mask = synthrad.load_case(case).mask
-        const = np.where(mask, SOFT_TISSUE_HU, -1000.0).astype(np.float32)
-        rows.append(metrics.synthrad_metrics(ct, const, mask))
-    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+def training_split(config) -> tuple[list[synthrad.Case], str]:
+    """The config's training cases for the fitted baselines, and a note saying what they
+    were fitted on, or why they are left out (no training data here: not faked)."""
+    try:
+        cases = datasets.case_splits(config)["train"]
+    except (DataError, ConfigError, OSError) as e:
+        return [], f"lookup and mean-CT baselines left out: no training split ({e})"
+    used = baselines.training_cases(cases)
+    if not used:
+        return [], "lookup and mean-CT baselines left out: no training case has a CT"
+    return cases, (f"lookup and mean-CT baselines fitted on {len(used)} training case(s) "
+                   f"of {datasets.dataset_root(config)}")
+
+
+def baseline_scores(config, cases: list[synthrad.Case],
+                    train_cases: list[synthrad.Case] | None = None) -> dict[str, dict]:
+    """Every baseline scored on ``cases`` (each with a CT) like a model's predictions.
+
+    Args:
+      config: the run's config (MR percentiles).
+      cases: the evaluated cases.
+      train_cases: the training split the lookup and the mean CT are fitted on (at most
+        :data:`baselines.MAX_TRAINING_CASES`); ``None`` or empty: constant (and floor)
+        only.
+
+    Returns:
+      name -> ``{"label", "mean": {metric: mean over cases}, "cases": {id: metrics}}``
+      in :data:`baselines.LABELS` order; ``perfect`` only when every case has one.
+    """
+    per_case: dict[str, dict[str, dict]] = {}
+    for case, data, preds in baselines.case_predictions(config, cases, train_cases):
+        for name, sct in preds.items():
+            per_case.setdefault(name, {})[case.id] = scoring.case_metrics(
+                data.ct.data, sct, data.mask, data.ct.spacing)
+    out = {}
+    for name, label in baselines.LABELS.items():
+        rows = per_case.get(name, {})
+        if len(rows) != len(cases):
+            continue
+        summary = scoring.summarize(rows.values())
+        out[name] = {"label": label, "mean": {m: s["mean"] for m, s in summary.items()},
+                     "cases": rows}
+    return out
 
 
 def check_outputs(config, workdir: Path, data_root, out) -> None:
@@ -86,20 +122,41 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     print(f"predicted {len(cases)} case(s) with the step-{step} checkpoint ({checkpoint}) "
           f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
     root = Path(data_root) if data_root else datasets.dataset_root(config)
+    json_path, csv_path = scoring.output_paths(pred_dir, out)
+    scoring.check_out_paths(pred_dir, root, json_path, csv_path)
     # Only this call's predictions: a file left by an earlier call is never scored.
-    report = scoring.evaluate_folder(pred_dir, root, out=out,
-                                     region=config.data.region or None,
-                                     case_ids=[c.id for c in cases])
-    json_path, _ = scoring.output_paths(pred_dir, out)
-    with_ct = [c for c in cases if c.ct is not None]
-    base = None
+    report = scoring.score_folder(pred_dir, root, region=config.data.region or None,
+                                  case_ids=[c.id for c in cases])
+    with_ct = [c for c in cases if c.ct is not None and c.id in
+               {s.id for s in report.cases}]
+    base, verdict, base_note = {}, None, ""
     if with_ct:
-        base = baseline_scores(with_ct)
-        atomic_write_text(json_path.with_name(json_path.stem + "_baseline.json"),
-                          json.dumps({"baseline": f"constant {SOFT_TISSUE_HU:g} HU in the body",
-                                      "mean": base}, indent=2))
-        print(f"baseline (constant {SOFT_TISSUE_HU:g} HU soft tissue): MAE {base['mae']:.1f} HU, "
-              f"PSNR {base['psnr']:.2f} dB, SSIM {base['ssim']:.4f}")
+        t1 = time.perf_counter()
+        train_cases, base_note = training_split(config)
+        base = baseline_scores(config, with_ct, train_cases)
+        model = {name: stats["mean"] for name, stats in report.summary().items()}
+        verdict = baselines.verdict(model, {n: b["mean"] for n, b in base.items()})
+        logging.info("baselines scored in %.1fs", time.perf_counter() - t1)
+    extra = {}
+    if verdict is not None:
+        extra["verdict"] = verdict
+        extra["baselines"] = {n: {k: b[k] for k in ("label", "mean")}
+                              for n, b in base.items()}
+        if base_note:
+            extra["baselines_note"] = base_note
+    scoring.write_results(report, json_path, csv_path, extra)
+    if verdict is not None:
+        print(verdict["line"])
+        for warning in verdict["warnings"]:
+            print(warning)
+    print(scoring.format_table(report))
+    for name, b in base.items():
+        m = b["mean"]
+        print(f"baseline {b['label']}: MAE {m['mae']:.1f} HU, PSNR {m['psnr']:.2f} dB, "
+              f"SSIM {m['ssim']:.4f}")
+    if base_note:
+        print(base_note)
+    print(f"wrote {json_path} and {csv_path}")
     panel_png, std_png = {}, {}
     if config.eval.panels if panels is None else panels:
         scores = {c.id: c.metrics for c in report.cases}
@@ -123,11 +180,11 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         qa_reports = qa_report.qa_predictions(config, workdir, pred_dir, cases,
                                               samples=samples, checkpoint=step)
         verdicts = {case_id: r["status"] for case_id, r in qa_reports.items()}
+    notes = (f"{workdir}: step-{step} checkpoint ({checkpoint}); "
+             f"{samples} sample(s) per case; data {root}",) + ((base_note,) if base_note else ())
     page = report_html.write(
         report_html.path_for(json_path), report, title=config.name or config.method,
-        baseline=base, baseline_label=f"constant {SOFT_TISSUE_HU:g} HU in the body (baseline)",
-        qa=verdicts, panels=panel_png, std_maps=std_png,
-        notes=(f"{workdir}: step-{step} checkpoint ({checkpoint}); "
-               f"{samples} sample(s) per case; data {root}",))
+        baselines=[(n, b["label"], b["mean"]) for n, b in base.items()], verdict=verdict,
+        qa=verdicts, panels=panel_png, std_maps=std_png, notes=notes)
     print(f"report: {page}")
     return report

@@ -1,9 +1,13 @@
 """``report.html``: one self-contained page per evaluation, readable offline.
 
-Written next to the metrics JSON/CSV by ``evaluate.py``: the case table (MAE, PSNR,
-SSIM, ME, MAE per tissue class, bone Dice, and the QA verdict when QA ran), the mean
-and standard deviation over the cases, the constant soft-tissue baseline when it was
-scored, then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
+Written next to the metrics JSON/CSV by ``evaluate.py``: first the verdict (does the
+model beat the best baseline in MAE and in SSIM; a warning naming the baseline and both
+numbers when it does not), then the case table (the columns of
+``scoring.SCORED_METRICS``: SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
+MS-SSIM, bone and air Dice and HD95; and the QA verdict when QA ran), the mean and
+standard deviation over the cases, one row per baseline scored (constant soft tissue,
+intensity lookup, mean training CT, and the perfect-model floor where the data have
+one), then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
 (``--samples K``), the map of the per-voxel standard deviation of the samples. Every
 image is embedded as base64 PNG and the page has no script or external resource, so it
 can be mailed or archived as one file.
@@ -19,13 +23,12 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from sct_jax.data.io import atomic_write_text
-from sct_jax.metrics import METRIC_NAMES
-from sct_jax.evaluation.scoring import TABLE_COLUMNS, ScoreReport
+from sct_jax.evaluation.scoring import SCORED_METRICS, TABLE_COLUMNS, ScoreReport
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -34,6 +37,7 @@ th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 tr.summary td { font-weight: bold; background: #f2f2f2; }
 tr.baseline td { font-style: italic; background: #fafafa; }
+p.verdict { font-weight: bold; } p.warning { color: #a11; font-weight: bold; }
 td.pass { color: #17692b; } td.warn { color: #8a5a00; } td.fail { color: #a11; }
 figure { display: inline-block; margin: 0.5em 1em 1em 0; vertical-align: top; }
 figcaption { font-size: 0.9em; color: #555; }
@@ -81,11 +85,12 @@ def std_map_png(std: np.ndarray, mask: np.ndarray, title: str = "") -> bytes:
 
 def _cells(values: Mapping[str, float | None]) -> str:
     return "".join(f'<td data-metric="{n}">{html.escape(format_value(n, values.get(n)))}</td>'
-                   for n in METRIC_NAMES)
+                   for n in SCORED_METRICS)
 
 
-def render(report: ScoreReport, *, title: str, baseline: Mapping[str, float] | None = None,
-           baseline_label: str = "baseline", qa: Mapping[str, str] | None = None,
+def render(report: ScoreReport, *, title: str,
+           baselines: Sequence[tuple[str, str, Mapping[str, float]]] = (),
+           verdict: Mapping | None = None, qa: Mapping[str, str] | None = None,
            panels: Mapping[str, bytes] | None = None,
            std_maps: Mapping[str, bytes] | None = None,
            notes: tuple[str, ...] = ()) -> str:
@@ -94,40 +99,55 @@ def render(report: ScoreReport, *, title: str, baseline: Mapping[str, float] | N
     Args:
       report: the scored cases.
       title: the page's heading (run name).
-      baseline: mean metrics of the constant baseline, when scored.
-      baseline_label: its row's label.
+      baselines: ``(name, label, mean metrics)`` of each baseline scored, one row each
+        (``data-case="baseline:<name>"``).
+      verdict: :func:`sct_jax.evaluation.baselines.verdict`'s result: its line is the
+        page's first line, its warnings follow.
       qa: case id -> overall QA status (``pass``/``warn``/``fail``), when QA ran.
       panels: case id -> PNG bytes of its panel.
       std_maps: case id -> PNG bytes of its sample std map.
       notes: lines shown under the title (checkpoint, samples, data).
     """
     qa = dict(qa or {})
-    header = "".join(f"<th>{html.escape(TABLE_COLUMNS[n][0])}</th>" for n in METRIC_NAMES)
+    header = "".join(f"<th>{html.escape(TABLE_COLUMNS[n][0])}</th>" for n in SCORED_METRICS)
     qa_header = "<th>QA</th>" if qa else ""
     rows = []
     for case in report.cases:
-        verdict = qa.get(case.id, "")
-        qa_cell = (f'<td class="{html.escape(verdict)}" data-metric="qa">'
-                   f"{html.escape(verdict or 'n/a')}</td>") if qa else ""
+        status = qa.get(case.id, "")
+        qa_cell = (f'<td class="{html.escape(status)}" data-metric="qa">'
+                   f"{html.escape(status or 'n/a')}</td>") if qa else ""
         rows.append(f'<tr data-case="{html.escape(case.id)}"><td>{html.escape(case.id)}</td>'
                     f"{_cells(case.metrics)}{qa_cell}</tr>")
     summary = report.summary()
     empty_qa = "<td></td>" if qa else ""
     for stat in ("mean", "std"):
         rows.append(f'<tr class="summary" data-case="{stat}"><td>{stat}</td>'
-                    f"{_cells({n: summary[n][stat] for n in METRIC_NAMES})}{empty_qa}</tr>")
-    if baseline:
-        rows.append(f'<tr class="baseline" data-case="baseline"><td>'
-                    f"{html.escape(baseline_label)}</td>{_cells(baseline)}{empty_qa}</tr>")
+                    f"{_cells({n: summary[n][stat] for n in SCORED_METRICS})}{empty_qa}</tr>")
+    for name, label, values in baselines:
+        rows.append(f'<tr class="baseline" data-case="baseline:{html.escape(name)}"><td>'
+                    f"{html.escape(label)}</td>{_cells(values)}{empty_qa}</tr>")
+    verdict_lines = []
+    if verdict:
+        verdict_lines.append(f'<p class="verdict" id="verdict">{html.escape(verdict["line"])}</p>')
+        verdict_lines += [f'<p class="warning">{html.escape(w)}</p>'
+                          for w in verdict["warnings"]]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}: sCT evaluation</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
+        *verdict_lines,
         *[f"<p>{html.escape(line)}</p>" for line in notes],
         "<p>SynthRAD2023 metrics inside the body mask: MAE and ME in HU, PSNR in dB, "
         "SSIM; MAE per tissue class of the CT (air &lt; -200 HU, soft tissue, bone &gt; "
-        "250 HU) and the Dice of bone (&gt; 250 HU) in CT and sCT.</p>",
+        "250 HU) and the Dice of bone (&gt; 250 HU) in CT and sCT. SynthRAD2025: PSNR25 "
+        "over [-1024, 3071] HU and the masked 5-level MS-SSIM. Geometry: Dice and "
+        "95th-percentile Hausdorff distance (mm) of bone (&gt; 250 HU) and air (&lt; "
+        "-400 HU) inside the body, CT vs sCT (HD95 inf: the sCT has none). Baselines (italic, "
+        "means over the same cases): every body voxel at 40 HU; HU looked up from the "
+        "normalised MR intensity (64 bins, fitted on the training pairs); the mean of "
+        "the training CTs on each case's body bounding box; and, where the data have "
+        "one, the noise-free CT (a perfect model's floor).</p>",
         f'<table id="metrics"><thead><tr><th>case</th>{header}{qa_header}</tr></thead>',
         "<tbody>", *rows, "</tbody></table>",
     ]

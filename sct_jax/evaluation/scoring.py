@@ -7,7 +7,8 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
-:func:`sct_jax.metrics.synthrad_metrics`, voxel by voxel on the CT's grid: a prediction
+:func:`case_metrics` (SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
+MS-SSIM, Dice and HD95 in mm of bone and air), voxel by voxel on the CT's grid: a prediction
 stored in another voxel order (the same world image, axes permuted or reversed) is
 reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
 Everything is computed before anything is written, so a bad prediction (unreadable,
@@ -41,7 +42,30 @@ from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_vo
                             volume_suffix)
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics.geometry import GEOMETRY_NAMES, geometry_metrics
+from sct_jax.metrics.synthrad2025 import METRIC_NAMES_2025, ms_ssim, psnr_2025
 from sct_jax.io_guard import refuse_overwrite
+
+# The per-case metrics of every scored case, in table order (scoring, baselines, report):
+# SynthRAD2023's and ours, SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's), then
+# the geometry of bone and air (Dice, HD95 in mm; bone Dice is already among the first).
+SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025 + tuple(
+    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES)
+
+
+def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
+                 spacing) -> dict[str, float]:
+    """The :data:`SCORED_METRICS` of one case (arrays on one grid, ``spacing`` in mm
+    per axis), as scoring, the baselines and the report show them.
+
+    Raises:
+      DataError: shape mismatch, empty mask, a volume too thin for SSIM, a bad spacing.
+    """
+    result = synthrad_metrics(ct, sct, mask)
+    result["psnr_2025"] = psnr_2025(ct, sct, mask)
+    result["ms_ssim"] = ms_ssim(ct, sct, mask)
+    result.update(geometry_metrics(ct, sct, mask, spacing))
+    return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
 TABLE_COLUMNS = {
@@ -49,6 +73,9 @@ TABLE_COLUMNS = {
     "me": ("ME", "{:.2f}"), "mae_air": ("MAE air", "{:.1f}"),
     "mae_soft": ("MAE soft", "{:.1f}"), "mae_bone": ("MAE bone", "{:.1f}"),
     "dice_bone": ("Dice bone", "{:.4f}"),
+    "psnr_2025": ("PSNR25", "{:.2f}"), "ms_ssim": ("MS-SSIM", "{:.4f}"),
+    "dice_air": ("Dice air", "{:.4f}"), "hd95_bone": ("HD95 bone", "{:.2f}"),
+    "hd95_air": ("HD95 air", "{:.2f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below
@@ -58,7 +85,7 @@ GRID_TOLERANCE_MM = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class CaseScore:
-    """The metrics of one scored case (values as in :data:`METRIC_NAMES`)."""
+    """The metrics of one scored case (values as in :data:`SCORED_METRICS`)."""
 
     id: str
     region: str
@@ -92,17 +119,24 @@ class ScoreReport:
         NaN values (a tissue class absent from a case) are left out and not counted
         in ``n``; ``std`` is the population standard deviation (numpy's default).
         """
-        out = {}
-        for name in METRIC_NAMES:
-            values = np.array([c.metrics[name] for c in self.cases], dtype=np.float64)
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                out[name] = {"mean": math.nan, "std": math.nan, "n": 0}
-                continue
-            with np.errstate(invalid="ignore"):  # inf PSNR: std is NaN, mean inf
-                out[name] = {"mean": float(values.mean()), "std": float(values.std()),
-                             "n": int(values.size)}
-        return out
+        return summarize([c.metrics for c in self.cases])
+
+
+def summarize(rows: Iterable[dict[str, float]]) -> dict[str, dict[str, float | int]]:
+    """Per metric of :data:`SCORED_METRICS` ``{"mean", "std", "n"}`` over ``rows`` (NaN
+    left out, see :meth:`ScoreReport.summary`)."""
+    rows = list(rows)
+    out = {}
+    for name in SCORED_METRICS:
+        values = np.array([r[name] for r in rows], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            out[name] = {"mean": math.nan, "std": math.nan, "n": 0}
+            continue
+        with np.errstate(invalid="ignore"):  # inf PSNR: std is NaN, mean inf
+            out[name] = {"mean": float(values.mean()), "std": float(values.std()),
+                         "n": int(values.size)}
+    return out
 
 
 def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
@@ -154,7 +188,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
         see :func:`on_reference_grid`).
 
     Returns:
-      :func:`~sct_jax.metrics.synthrad_metrics` of the case.
+      :func:`case_metrics` of the case.
 
     Raises:
       DataError: unreadable volume, no reference CT, or a prediction or mask not on
@@ -175,7 +209,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
     check_hu(ct.data, case.ct, mask, what="reference CT")
     check_hu(sct, prediction, what="sCT", scale_only=True)
     try:
-        return synthrad_metrics(ct.data, sct, mask)
+        return case_metrics(ct.data, sct, mask, ct.spacing)
     except DataError as e:  # e.g. a volume too thin for SSIM: say which case
         raise DataError(f"{prediction}: {e} (reference CT {case.ct})") from e
 
@@ -317,9 +351,23 @@ def _json_value(value):
     return value
 
 
-def report_json(report: ScoreReport) -> str:
-    """The summary JSON: per-metric mean/std/n, counts and the per-case rows."""
+def json_ready(value):
+    """``value`` (nested dicts/lists of floats) with every float strict-JSON ready."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return _json_value(value)
+
+
+def report_json(report: ScoreReport, extra: dict | None = None) -> str:
+    """The summary JSON: per-metric mean/std/n, counts and the per-case rows.
+
+    ``extra``: more top-level entries (the evaluation's ``verdict`` and ``baselines``),
+    written first so that a reader sees the verdict before the numbers.
+    """
     doc = {
+        **json_ready(dict(extra or {})),
         "pred_dir": str(report.pred_dir),
         "data_root": str(report.data_root),
         "region": report.region,
@@ -341,9 +389,9 @@ def report_csv(report: ScoreReport) -> str:
     """One row per case: ``id, region, <metrics...>`` (full precision; nan, inf)."""
     buffer = _io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("id", "region") + METRIC_NAMES)
+    writer.writerow(("id", "region") + SCORED_METRICS)
     for c in report.cases:
-        writer.writerow([c.id, c.region] + [repr(c.metrics[n]) for n in METRIC_NAMES])
+        writer.writerow([c.id, c.region] + [repr(c.metrics[n]) for n in SCORED_METRICS])
     return buffer.getvalue()
 
 
@@ -353,11 +401,11 @@ def format_table(report: ScoreReport) -> str:
     def fmt(name: str, value: float) -> str:
         return TABLE_COLUMNS[name][1].format(value)
 
-    header = ["id", "region"] + [TABLE_COLUMNS[n][0] for n in METRIC_NAMES]
-    rows = [[c.id, c.region] + [fmt(n, c.metrics[n]) for n in METRIC_NAMES]
+    header = ["id", "region"] + [TABLE_COLUMNS[n][0] for n in SCORED_METRICS]
+    rows = [[c.id, c.region] + [fmt(n, c.metrics[n]) for n in SCORED_METRICS]
             for c in report.cases]
     summary = report.summary()
-    stats = [[stat, ""] + [fmt(n, summary[n][stat]) for n in METRIC_NAMES]
+    stats = [[stat, ""] + [fmt(n, summary[n][stat]) for n in SCORED_METRICS]
              for stat in ("mean", "std")]
     widths = [max(len(r[i]) for r in [header] + rows + stats) for i in range(len(header))]
 
@@ -390,6 +438,27 @@ def output_paths(pred_dir: str | os.PathLike,
     return json_path, json_path.with_suffix(".csv")
 
 
+def check_out_paths(pred_dir, data_root, json_path: Path, csv_path: Path) -> None:
+    """Refuses (``DataError``) a JSON or CSV path onto a prediction or a reference file.
+
+    Called before anything is read at length: an ``--out`` onto a reference CT (or a
+    prediction) would replace it with JSON.
+    """
+    if Path(data_root).is_dir():
+        inputs = list(find_predictions(pred_dir).values())
+        for path in (json_path, csv_path):
+            refuse_overwrite(path, inputs, data_root, what="--out")
+
+
+def write_results(report: ScoreReport, json_path: Path, csv_path: Path,
+                  extra: dict | None = None) -> None:
+    """Writes the CSV, then the JSON (last: it marks completion), both atomically; both
+    texts are built before either file is written."""
+    json_text, csv_text = report_json(report, extra), report_csv(report)
+    atomic_write_text(csv_path, csv_text)
+    atomic_write_text(json_path, json_text)
+
+
 def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
                     out: str | os.PathLike | None = None, region: str | None = None,
                     echo: Callable[[str], None] = print,
@@ -412,17 +481,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
       DataError, ConfigError: one-line messages naming the file; nothing is written.
     """
     json_path, csv_path = output_paths(pred_dir, out)
-    if Path(data_root).is_dir():
-        # Before anything is read at length: an --out onto a reference CT (or a
-        # prediction) would replace it with JSON.
-        inputs = list(find_predictions(pred_dir).values())
-        for path in (json_path, csv_path):
-            refuse_overwrite(path, inputs, data_root, what="--out")
+    check_out_paths(pred_dir, data_root, json_path, csv_path)
     report = score_folder(pred_dir, data_root, region, case_ids=case_ids)
-    # Both texts are built before either file is written; JSON last marks completion.
-    json_text, csv_text = report_json(report), report_csv(report)
-    atomic_write_text(csv_path, csv_text)
-    atomic_write_text(json_path, json_text)
+    write_results(report, json_path, csv_path)
     echo(format_table(report))
     echo(f"wrote {json_path} and {csv_path}")
     return report

@@ -20,6 +20,10 @@ Beyond the challenge: ME (bias, ``mean(sct - ct)``), MAE per tissue class of the
 *real* CT (air < -200 HU, soft tissue -200..250 HU, bone > 250 HU) and the Dice of
 bone (> 250 HU) in CT and sCT inside the mask.
 
+SynthRAD2025's PSNR over [-1024, 3071] HU and its masked multi-scale SSIM are in
+:mod:`sct_jax.metrics.synthrad2025`; the Dice and HD95 (mm) of bone and air in
+:mod:`sct_jax.metrics.geometry`.
+
 Inputs are NumPy arrays of any real dtype and equal shape; everything is computed in
 float64 and returned as Python floats (the challenge casts volumes to float32 first, so
 scikit-image works in float32 there: on test volumes the SSIMs differ by ~1e-10,

@@ -5,6 +5,10 @@ A *reference* is ``(ct, mask)``: a CT in HU ``(X, Y, Z)`` float32 and its body m
 (``ct_aligned`` / ``mask_aligned``, see :mod:`sct_jax.data.phantom`):
 :func:`load_reference` scores against those when present, so a misaligned training
 pair does not penalise a correct sCT.
+
+The baselines themselves (constant soft tissue, intensity lookup, mean training CT, the
+perfect-model floor) are :mod:`sct_jax.evaluation.baselines`, the same functions every
+``evaluate.py`` report uses; this module turns them into table rows.
 """
 
 from __future__ import annotations
@@ -13,40 +17,28 @@ import math
 
 import numpy as np
 
-from sct_jax.data import synthrad
-from sct_jax.data.io import VOLUME_SUFFIXES, load_volume
 from sct_jax import metrics
+from sct_jax.data import synthrad
+from sct_jax.data.io import load_volume
+from sct_jax.evaluation import baselines as evaluation_baselines
+from sct_jax.evaluation.baselines import find_volume, ideal_prediction  # noqa: F401 (re-exported)
 
-# The constant baseline: every body voxel soft tissue (cli/run.py's SOFT_TISSUE_HU).
-SOFT_TISSUE_HU = 40.0
+SOFT_TISSUE_HU = evaluation_baselines.SOFT_TISSUE_HU
 _ROW_METRICS = {"mae": "mae", "psnr": "psnr", "ssim": "ssim", "bone_mae": "mae_bone",
                 "bone_dice": "dice_bone"}
-
-
-def _find(case_dir, stem):
-    for suffix in VOLUME_SUFFIXES:
-        path = case_dir / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
 
 
 def load_reference(case: synthrad.Case) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(ct, mask, aligned)``: the case's CT in the MR's frame when the folder has one
     (``ct_aligned`` and ``mask_aligned``; ``aligned`` True), else its ``ct``/``mask``."""
-    ct_path, mask_path = _find(case.dir, "ct_aligned"), _find(case.dir, "mask_aligned")
+    ct_path = find_volume(case.dir, "ct_aligned")
+    mask_path = find_volume(case.dir, "mask_aligned")
     aligned = ct_path is not None and mask_path is not None
     if not aligned:
         data = synthrad.load_case(case)
         return data.ct.data.astype(np.float32), np.asarray(data.mask, bool), False
     return (load_volume(ct_path).data.astype(np.float32),
             load_volume(mask_path).data > 0, True)
-
-
-def ideal_prediction(case: synthrad.Case) -> np.ndarray | None:
-    """A phantom case's noise-free CT in the MR's frame (``ct_ideal``), or None."""
-    path = _find(case.dir, "ct_ideal")
-    return None if path is None else load_volume(path).data.astype(np.float32)
 
 
 def score(pairs) -> dict[str, float]:
@@ -74,39 +66,52 @@ def row(method: str, scores: dict, seed: int | None = None, wall_s: float = math
 
 def constant_row(references, hu: float = SOFT_TISSUE_HU) -> dict:
     """Every body voxel at ``hu`` (air outside): the floor any model must beat."""
-    pairs = [(np.where(mask, np.float32(hu), np.float32(-1000.0)), (ct, mask))
+    pairs = [(evaluation_baselines.constant_sct(mask, hu), (ct, mask))
              for ct, mask in references]
     return row(f"constant {hu:g} HU", score(pairs), note="body voxels at soft tissue")
 
 
-def _fit(volume: np.ndarray, shape) -> np.ndarray:
-    """``volume`` centre-cropped or padded (with -1000 HU) to ``shape``."""
-    out = np.full(shape, -1000.0, np.float32)
-    src, dst = [], []
-    for n_in, n_out in zip(volume.shape, shape):
-        if n_in >= n_out:
-            a = (n_in - n_out) // 2
-            src.append(slice(a, a + n_out))
-            dst.append(slice(0, n_out))
-        else:
-            a = (n_out - n_in) // 2
-            src.append(slice(0, n_in))
-            dst.append(slice(a, a + n_in))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
+def mean_training_ct_row(train_pairs, references) -> dict:
+    """The mean training CT on each test case's body box as its sCT (a model that
+    ignores the MR; :func:`sct_jax.evaluation.baselines.mean_ct_on_boxes`).
 
-
-def mean_ct(train_cts) -> np.ndarray:
-    """The voxel-wise mean of training CTs in HU (each fitted to the first's shape)."""
-    train_cts = list(train_cts)
-    shape = train_cts[0].shape
-    return np.mean([_fit(np.asarray(ct, np.float32), shape) for ct in train_cts], axis=0)
-
-
-def mean_training_ct_row(train_cts, references) -> dict:
-    """The mean training CT (voxel-wise, fitted to each test grid) as every case's sCT:
-    a model that ignores the MR. Air outside the body mask."""
-    average = mean_ct(train_cts)
-    pairs = [(np.where(mask, _fit(average, ct.shape), np.float32(-1000.0)), (ct, mask))
-             for ct, mask in references]
+    Args:
+      train_pairs: ``(ct, mask)`` of the training cases, read one at a time.
+      references: the test ``(ct, mask)``.
+    """
+    references = list(references)
+    boxes = evaluation_baselines.mean_ct_on_boxes(
+        train_pairs, [evaluation_baselines.box_shape(mask) for _, mask in references])
+    pairs = [(evaluation_baselines.place_in_body(box, mask), (ct, mask))
+             for box, (ct, mask) in zip(boxes, references)]
     return row("mean training CT", score(pairs), note="ignores the MR")
+
+
+def lookup_row(lookup: evaluation_baselines.IntensityLookup, unit_mrs, references) -> dict:
+    """The intensity lookup's sCT of each test MR (normalised, ``unit_mrs``) scored
+    against its reference: the simplest model that uses the MR."""
+    pairs = [(lookup.predict(unit, mask), (ct, mask))
+             for unit, (ct, mask) in zip(unit_mrs, references)]
+    return row("intensity lookup", score(pairs),
+               note=f"HU per MR intensity bin ({lookup.hu.size} bins)")
+
+
+def fitted_rows(config, train_cases, test_cases, references) -> list[dict]:
+    """The intensity-lookup and mean-training-CT rows, fitted on ``train_cases`` (the
+    first :data:`~sct_jax.evaluation.baselines.MAX_TRAINING_CASES` with a CT, one in
+    memory at a time) exactly as ``evaluate.py`` fits them.
+
+    Args:
+      config: the experiment's config (MR percentiles).
+      train_cases, test_cases: the splits.
+      references: case id -> ``(ct, mask)`` of each test case (:func:`load_reference`).
+    """
+    refs = [references[c.id] for c in test_cases]
+    fitted = evaluation_baselines.fit_from_cases(
+        config, train_cases, [evaluation_baselines.box_shape(mask) for _, mask in refs])
+    units = (evaluation_baselines.unit_mr(config, synthrad.load_case(c)) for c in test_cases)
+    mean_pairs = [(evaluation_baselines.place_in_body(box, mask), (ct, mask))
+                  for box, (ct, mask) in zip(fitted.mean_boxes, refs)]
+    note = f"fitted on {fitted.n_training} training case(s)"
+    return [lookup_row(fitted.lookup, units, refs) | {"note": note + "; uses the MR"},
+            row("mean training CT", score(mean_pairs), note=note + "; ignores the MR")]

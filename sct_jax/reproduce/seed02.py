@@ -261,8 +261,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
             time.sleep(15)
     rows = [done[i] for i in range(len(jobs))]
     rows.append(baselines.constant_row(list(references.values())))
-    rows.append(baselines.mean_training_ct_row(
-        [load_volume(c.ct).data for c in cases["train"]], list(references.values())))
+    rows += baselines.fitted_rows(first, cases["train"], cases["test"], references)
     ideal = [(baselines.ideal_prediction(c), references[c.id]) for c in cases["test"]]
     if all(p is not None for p, _ in ideal):
         rows.append(baselines.row("perfect model (floor)", baselines.score(ideal),

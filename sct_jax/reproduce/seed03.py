@@ -245,8 +245,7 @@ def run(out_dir: Path, seeds: int, tiny: bool,
             rows.append(row)
 
     rows.append(baselines.constant_row(list(references.values())))
-    rows.append(baselines.mean_training_ct_row(
-        [load_volume(c.ct).data for c in splits["train"]], list(references.values())))
+    rows += baselines.fitted_rows(first, splits["train"], test_cases, references)
     ideal = [(baselines.ideal_prediction(c), references[c.id]) for c in test_cases]
     if all(p is not None for p, _ in ideal):
         rows.append(baselines.row("perfect model (floor)", baselines.score(ideal),
