@@ -118,20 +118,9 @@ EXPECTED_EXIT = [
 ]
 
 # documented text -> the bug that makes it fail today (strict xfail: remove when fixed).
-_DONATE_TWICE = ("bug: training the LDM ControlNet stage dies with exit 3, 'JaxRuntimeError: "
-                 "Attempt to donate the same buffer twice in Execute()' (seen at tiny size)")
-XFAIL: dict[str, str] = {
-    "python train.py --config configs/ldm_brain.py:controlnet "
-    "--workdir runs/ldm_brain_controlnet": _DONATE_TWICE,
-    "python evaluate.py --config configs/ldm_brain.py:controlnet "
-    "--workdir runs/ldm_brain_controlnet --samples 8": _DONATE_TWICE + " (no run to evaluate)",
-    "sct-reproduce seed03 --seeds 1 --only ldm_controlnet "
-    "--out runs/reproduce/seed03": _DONATE_TWICE,
-    "sct-ablate ... --seeds 4 --vmap":
-        "bug: vmapped seeds of pix2pix on the CPU's conv lowering (conv_impl auto -> "
-        "cpu_fast) die with exit 3, 'NotImplementedError: Batching rule for 'linear_call' "
-        "not implemented' (README says pix2pix on the CPU lowering is included)",
-}
+# Empty now; it held the ControlNet stage's "donate the same buffer twice" and the
+# vmapped pix2pix "Batching rule for 'linear_call'" until main fixed them.
+XFAIL: dict[str, str] = {}
 
 # The tiny phantom that pix2pix_pelvis.py:tiny trains on (its cached dataset has the
 # same cases), so predictions of that run can be scored against data/synthrad2023.
