@@ -211,7 +211,7 @@ ROWS = [
     Row(12, "QA of an MR with a zero voxel size",
         "python -m sct_jax.cli.qa --mr {tmp}/zero_spacing_mr.nii.gz "
         "--sct {pred}/1PA001/sct.nii.gz --region pelvis --report {tmp}/qa.json", 2,
-        "unusable voxel grid (voxel size 2, 0, 2.5 mm: a zero voxel size)"),
+        "zero voxel size (2 x 0 x 2.5 mm)"),
     Row(12, "score an sCT stored with the x axis flipped (test)",
         "python evaluate.py --pred P --data D", 0, "",
         "scored on the CT's grid (reoriented by its affine, lossless): the metrics of the "
