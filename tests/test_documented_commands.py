@@ -71,6 +71,10 @@ import pytest
 
 from sct_jax.config_utils import load_config_file
 
+# Minutes of training and prediction: its own run (pytest -m docs), which CI runs after
+# the suite (.ci/run), so that the suite stays within its budget.
+pytestmark = pytest.mark.docs
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 # configs/_*.py are shared helpers of the configs, not experiments.
