@@ -89,7 +89,7 @@ COMMAND_START = re.compile(r"^(python3?\s|sct-[\w-]+|\.venv/bin/|pip\s|\.\s)")
 EXCLUDED = [
     (r"^python3 -m venv |^(\.venv/bin/)?pip install ",
      "creates or changes the environment the suite itself runs in (CI does it first)", None),
-    (r"^\.venv/bin/python -m pytest$", "the whole suite, which holds this test", None),
+    (r"^\.venv/bin/python -m pytest( -m docs)?$", "the whole suite, or this file's own run", None),
     (r"^tensorboard ", "a server that runs until stopped; TensorBoard is not a dependency",
      None),
     (r"^python -c \"import torchvision",
