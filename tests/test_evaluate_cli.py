@@ -15,7 +15,8 @@ import pytest
 from sct_jax.guard import guarded
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import scoring
-from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
+from sct_jax.metrics import METRIC_NAMES, lpips, synthrad_metrics
+from test_vgg import random_vgg_npz
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 20, 10)
@@ -69,10 +70,10 @@ def _expected(root: Path, pred: Path, names: dict) -> dict:
     return out
 
 
-def _run_cli(*args) -> subprocess.CompletedProcess:
+def _run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -299,3 +300,41 @@ def test_a_mask_stored_flipped_selects_the_same_voxels(dataset, tmp_path):
     expected = scoring.score_folder(pred, root, progress=False, case_ids=[case_id])
     report = scoring.score_folder(pred, tmp_path / "data", progress=False, case_ids=[case_id])
     assert report.cases[0].metrics == expected.cases[0].metrics
+
+
+def test_lpips_column_with_given_weights_and_why_empty_without(dataset, tmp_path):
+    root, pred, names = dataset
+    weights = random_vgg_npz(tmp_path / "vgg16.npz", "vgg16", seed=2)
+    out = tmp_path / "with.json"
+    result = _run_cli("--pred", pred, "--data", root, "--out", out, "--lpips_weights",
+                      weights, "--region", "pelvis", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert str(weights) in doc["lpips_note"]
+    net = lpips.load_lpips(weights)
+    for row in doc["cases"]:
+        case_dir = root / "Task1" / "pelvis" / row["id"]
+        expected = lpips.lpips_volume(net, _load(case_dir / "ct.nii.gz"),
+                                      _load(pred / names[row["id"]]),
+                                      _load(case_dir / "mask.nii.gz") > 0)
+        assert expected > 0 and row["lpips"] == pytest.approx(expected, rel=1e-5)
+    assert "LPIPS" in out.with_suffix(".html").read_text()
+
+    # No weights anywhere (a fresh working folder): no number, and the reason.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    result = _run_cli("--pred", pred, "--data", root, "--out", bare / "without.json",
+                      "--region", "pelvis", cwd=bare)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((bare / "without.json").read_text())
+    assert all(row["lpips"] is None for row in doc["cases"])
+    assert doc["lpips_note"].startswith("LPIPS not computed: no VGG-16")
+    assert "LPIPS not computed" in result.stdout
+    assert "LPIPS not computed" in (bare / "without.html").read_text()
+
+    # A named file that is not there is bad input: exit 2, nothing written.
+    line = _one_error_line(_run_cli("--pred", pred, "--data", root, "--out",
+                                    bare / "missing.json", "--lpips_weights",
+                                    bare / "nope.npz", cwd=bare))
+    assert "nope.npz" in line and "--lpips_weights" in line
+    assert not (bare / "missing.json").exists()

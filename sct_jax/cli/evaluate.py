@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from sct_jax import runs
 from sct_jax.errors import ConfigError
-from sct_jax.evaluation import report_html, scoring
+from sct_jax.evaluation import lpips_setup, report_html, scoring
 from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.guard import guarded, parse_flags
 
@@ -64,6 +64,10 @@ def define_flags() -> None:
                          "LDM): the mean is scored, the per-voxel std written as "
                          "<id>/sct_std.nii.gz. The GANs sample by test-time (Monte-Carlo) "
                          "dropout.")
+    flags.DEFINE_string("lpips_weights", None, "VGG-16 ImageNet weights (.npz from "
+                        "scripts/convert_vgg_weights.py) for the LPIPS column; default: "
+                        "the run's perceptual-loss weights or weights/vgg16.npz when "
+                        "present, else the column is empty and the report says why.")
     flags.DEFINE_boolean("qa", False, "With --workdir: also run the reference-free fidelity "
                          "checks on every case (<id>/qa.json, qa.png; the sample spread with "
                          "--samples, cycle consistency for CycleGAN) and print a case x "
@@ -79,11 +83,16 @@ def score_predictions() -> None:
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
+    lpips_setup.check_weights(FLAGS.lpips_weights)
+    lpips_net, lpips_note = lpips_setup.lpips_for(FLAGS.lpips_weights)
     report = scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out,
-                                     region=FLAGS.region)
+                                     region=FLAGS.region, lpips_net=lpips_net,
+                                     extra={"lpips_note": lpips_note})
+    print(lpips_note)
     json_path, _ = scoring.output_paths(FLAGS.pred, FLAGS.out)
     page = report_html.write(report_html.path_for(json_path), report, title=str(FLAGS.pred),
-                             notes=(f"predictions {FLAGS.pred} scored against {FLAGS.data}",))
+                             notes=(f"predictions {FLAGS.pred} scored against {FLAGS.data}",
+                                    lpips_note))
     print(f"report: {page}")
 
 
@@ -96,7 +105,8 @@ def main(argv):
         checkpoint = runs.parse_choice(FLAGS.checkpoint)
         config = runs.config_for(FLAGS.workdir, FLAGS.config)
         evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
-                     samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint)
+                     samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint,
+                     lpips_weights=FLAGS.lpips_weights)
         return
     score_predictions()
 

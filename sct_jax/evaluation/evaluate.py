@@ -20,7 +20,8 @@ from sct_jax import runs
 from sct_jax.data import datasets, synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation import baselines, figures, qa_report, report_html, scoring
+from sct_jax.evaluation import (baselines, figures, lpips_setup, qa_report, report_html,
+                                scoring)
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 
@@ -42,7 +43,8 @@ def training_split(config) -> tuple[list[synthrad.Case], str]:
 
 
 def baseline_scores(config, cases: list[synthrad.Case],
-                    train_cases: list[synthrad.Case] | None = None) -> dict[str, dict]:
+                    train_cases: list[synthrad.Case] | None = None,
+                    lpips_net=None) -> dict[str, dict]:
     """Every baseline scored on ``cases`` (each with a CT) like a model's predictions.
 
     Args:
@@ -51,6 +53,7 @@ def baseline_scores(config, cases: list[synthrad.Case],
       train_cases: the training split the lookup and the mean CT are fitted on (at most
         :data:`baselines.MAX_TRAINING_CASES`); ``None`` or empty: constant (and floor)
         only.
+      lpips_net: score LPIPS too (see :func:`scoring.case_metrics`).
 
     Returns:
       name -> ``{"label", "mean": {metric: mean over cases}, "cases": {id: metrics}}``
@@ -60,7 +63,7 @@ def baseline_scores(config, cases: list[synthrad.Case],
     for case, data, preds in baselines.case_predictions(config, cases, train_cases):
         for name, sct in preds.items():
             per_case.setdefault(name, {})[case.id] = scoring.case_metrics(
-                data.ct.data, sct, data.mask, data.ct.spacing)
+                data.ct.data, sct, data.mask, data.ct.spacing, lpips_net)
     out = {}
     for name, label in baselines.LABELS.items():
         rows = per_case.get(name, {})
@@ -92,7 +95,8 @@ def check_outputs(config, workdir: Path, data_root, out) -> None:
 
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
-                 samples: int = 1, qa: bool = False, checkpoint: int | str = "best"):
+                 samples: int = 1, qa: bool = False, checkpoint: int | str = "best",
+                 lpips_weights: str | None = None):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -109,12 +113,16 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         ``<id>/qa.png``, and a case x check table.
       checkpoint: ``"best"`` (the lowest validation MAE; the latest when the run was
         never validated), ``"latest"`` or a step number.
+      lpips_weights: VGG-16 ``.npz`` for the LPIPS column (default: the run's perceptual
+        weights or ``weights/vgg16.npz`` when present; none: the column says why, see
+        :mod:`sct_jax.evaluation.lpips_setup`).
 
     Returns:
       The :class:`scoring.ScoreReport`.
     """
     workdir = Path(workdir)
     check_outputs(config, workdir, data_root, out)
+    lpips_setup.check_weights(lpips_weights)
     t0 = time.perf_counter()
     step = runs.resolve_checkpoint(workdir, checkpoint)
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
@@ -124,26 +132,28 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     root = Path(data_root) if data_root else datasets.dataset_root(config)
     json_path, csv_path = scoring.output_paths(pred_dir, out)
     scoring.check_out_paths(pred_dir, root, json_path, csv_path)
+    lpips_net, lpips_note = lpips_setup.lpips_for(lpips_weights, config)
     # Only this call's predictions: a file left by an earlier call is never scored.
     report = scoring.score_folder(pred_dir, root, region=config.data.region or None,
-                                  case_ids=[c.id for c in cases])
+                                  case_ids=[c.id for c in cases], lpips_net=lpips_net)
     with_ct = [c for c in cases if c.ct is not None and c.id in
                {s.id for s in report.cases}]
     base, verdict, base_note = {}, None, ""
     if with_ct:
         t1 = time.perf_counter()
         train_cases, base_note = training_split(config)
-        base = baseline_scores(config, with_ct, train_cases)
+        base = baseline_scores(config, with_ct, train_cases, lpips_net)
         model = {name: stats["mean"] for name, stats in report.summary().items()}
         verdict = baselines.verdict(model, {n: b["mean"] for n, b in base.items()})
         logging.info("baselines scored in %.1fs", time.perf_counter() - t1)
-    extra = {}
+    extra = {}  # the verdict first: a reader sees it before the numbers
     if verdict is not None:
         extra["verdict"] = verdict
         extra["baselines"] = {n: {k: b[k] for k in ("label", "mean")}
                               for n, b in base.items()}
         if base_note:
             extra["baselines_note"] = base_note
+    extra["lpips_note"] = lpips_note
     scoring.write_results(report, json_path, csv_path, extra)
     if verdict is not None:
         print(verdict["line"])
@@ -156,6 +166,7 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
               f"SSIM {m['ssim']:.4f}")
     if base_note:
         print(base_note)
+    print(lpips_note)
     print(f"wrote {json_path} and {csv_path}")
     panel_png, std_png = {}, {}
     if config.eval.panels if panels is None else panels:
@@ -181,7 +192,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                               samples=samples, checkpoint=step)
         verdicts = {case_id: r["status"] for case_id, r in qa_reports.items()}
     notes = (f"{workdir}: step-{step} checkpoint ({checkpoint}); "
-             f"{samples} sample(s) per case; data {root}",) + ((base_note,) if base_note else ())
+             f"{samples} sample(s) per case; data {root}",) + ((base_note,) if base_note else ()) \
+        + (lpips_note,)
     page = report_html.write(
         report_html.path_for(json_path), report, title=config.name or config.method,
         baselines=[(n, b["label"], b["mean"]) for n, b in base.items()], verdict=verdict,

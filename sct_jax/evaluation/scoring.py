@@ -43,20 +43,29 @@ from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_vo
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.metrics.geometry import GEOMETRY_NAMES, geometry_metrics
+from sct_jax.metrics.lpips import LpipsNet, lpips_volume
 from sct_jax.metrics.synthrad2025 import METRIC_NAMES_2025, ms_ssim, psnr_2025
 from sct_jax.io_guard import refuse_overwrite
 
 # The per-case metrics of every scored case, in table order (scoring, baselines, report):
 # SynthRAD2023's and ours, SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's), then
-# the geometry of bone and air (Dice, HD95 in mm; bone Dice is already among the first).
+# the geometry of bone and air (Dice, HD95 in mm; bone Dice is already among the first),
+# then LPIPS on axial slices (NaN when no VGG-16 weights were given: never a random net's).
 SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025 + tuple(
-    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES)
+    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES) + ("lpips",)
 
 
 def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
-                 spacing) -> dict[str, float]:
+                 spacing, lpips_net: LpipsNet | None = None) -> dict[str, float]:
     """The :data:`SCORED_METRICS` of one case (arrays on one grid, ``spacing`` in mm
     per axis), as scoring, the baselines and the report show them.
+
+    Args:
+      ct, sct: ``(X, Y, Z)`` HU.
+      mask: ``(X, Y, Z)`` body mask.
+      spacing: voxel size in mm per axis.
+      lpips_net: the LPIPS network (:func:`sct_jax.metrics.lpips.load_lpips`); ``None``:
+        ``lpips`` is NaN.
 
     Raises:
       DataError: shape mismatch, empty mask, a volume too thin for SSIM, a bad spacing.
@@ -65,6 +74,8 @@ def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
     result["psnr_2025"] = psnr_2025(ct, sct, mask)
     result["ms_ssim"] = ms_ssim(ct, sct, mask)
     result.update(geometry_metrics(ct, sct, mask, spacing))
+    result["lpips"] = (math.nan if lpips_net is None
+                       else lpips_volume(lpips_net, ct, sct, mask))
     return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
@@ -75,7 +86,7 @@ TABLE_COLUMNS = {
     "dice_bone": ("Dice bone", "{:.4f}"),
     "psnr_2025": ("PSNR25", "{:.2f}"), "ms_ssim": ("MS-SSIM", "{:.4f}"),
     "dice_air": ("Dice air", "{:.4f}"), "hd95_bone": ("HD95 bone", "{:.2f}"),
-    "hd95_air": ("HD95 air", "{:.2f}"),
+    "hd95_air": ("HD95 air", "{:.2f}"), "lpips": ("LPIPS", "{:.4f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below
@@ -176,7 +187,8 @@ def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, float]:
+def score_case(case: synthrad.Case, prediction: str | os.PathLike,
+               lpips_net: LpipsNet | None = None) -> dict[str, float]:
     """Loads one prediction and its reference and computes all metrics.
 
     Only the CT and the mask are read (not the MR): scoring needs nothing else.
@@ -186,6 +198,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
         volume is scored (as the challenge code does with no mask).
       prediction: the sCT volume in HU on the CT's grid (stored in any voxel order:
         see :func:`on_reference_grid`).
+      lpips_net: see :func:`case_metrics`.
 
     Returns:
       :func:`case_metrics` of the case.
@@ -209,7 +222,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike) -> dict[str, 
     check_hu(ct.data, case.ct, mask, what="reference CT")
     check_hu(sct, prediction, what="sCT", scale_only=True)
     try:
-        return case_metrics(ct.data, sct, mask, ct.spacing)
+        return case_metrics(ct.data, sct, mask, ct.spacing, lpips_net)
     except DataError as e:  # e.g. a volume too thin for SSIM: say which case
         raise DataError(f"{prediction}: {e} (reference CT {case.ct})") from e
 
@@ -280,7 +293,8 @@ def _mm(values) -> str:
 
 def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
                  region: str | None = None, *, progress: bool = True,
-                 case_ids: Iterable[str] | None = None) -> ScoreReport:
+                 case_ids: Iterable[str] | None = None,
+                 lpips_net: LpipsNet | None = None) -> ScoreReport:
     """Scores every prediction in ``pred_dir`` against its case under ``data_root``.
 
     Args:
@@ -292,6 +306,7 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
       progress: show a progress bar (only on a terminal).
       case_ids: score only these cases' predictions (the ones a caller has just
         written); other files in ``pred_dir`` are ignored. ``None``: every prediction.
+      lpips_net: score LPIPS with it (``None``: the column is NaN).
 
     Returns:
       The :class:`ScoreReport`; nothing is written.
@@ -336,7 +351,7 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
                         disable=None if progress else True):
         case = cases[case_id]
         scores.append(CaseScore(case_id, case.region, predictions[case_id],
-                                score_case(case, predictions[case_id])))
+                                score_case(case, predictions[case_id], lpips_net)))
     unscored = tuple(sorted(i for i, c in cases.items()
                             if i not in predictions and c.ct is not None
                             and (case_ids is None or i in wanted)))
@@ -462,7 +477,9 @@ def write_results(report: ScoreReport, json_path: Path, csv_path: Path,
 def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
                     out: str | os.PathLike | None = None, region: str | None = None,
                     echo: Callable[[str], None] = print,
-                    case_ids: Iterable[str] | None = None) -> ScoreReport:
+                    case_ids: Iterable[str] | None = None,
+                    lpips_net: LpipsNet | None = None,
+                    extra: dict | None = None) -> ScoreReport:
     """Scores a prediction folder, writes the CSV and JSON, and echoes the table.
 
     Args:
@@ -473,6 +490,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
       region: score only this region.
       echo: where the table goes (``print`` for the CLI).
       case_ids: score only these cases (see :func:`score_folder`).
+      lpips_net: see :func:`score_folder`.
+      extra: more top-level entries of the JSON (e.g. why LPIPS is empty).
 
     Returns:
       The :class:`ScoreReport`.
@@ -482,8 +501,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
     """
     json_path, csv_path = output_paths(pred_dir, out)
     check_out_paths(pred_dir, data_root, json_path, csv_path)
-    report = score_folder(pred_dir, data_root, region, case_ids=case_ids)
-    write_results(report, json_path, csv_path)
+    report = score_folder(pred_dir, data_root, region, case_ids=case_ids,
+                          lpips_net=lpips_net)
+    write_results(report, json_path, csv_path, extra)
     echo(format_table(report))
     echo(f"wrote {json_path} and {csv_path}")
     return report
