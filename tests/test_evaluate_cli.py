@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sct_jax.dose import wepl
 from sct_jax.guard import guarded
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import scoring
@@ -96,6 +97,12 @@ def test_cli_scores_every_prediction(dataset, tmp_path):
     for row in doc["cases"]:
         for name in METRIC_NAMES:
             assert row[name] == pytest.approx(expected[row["id"]][name], rel=1e-12)
+        case_dir = root / "Task1" / "pelvis" / row["id"]
+        ranges = wepl.wepl_differences(_load(case_dir / "ct.nii.gz"), _load(pred / names[row["id"]]),
+                                       _load(case_dir / "mask.nii.gz") > 0, AFFINE)
+        assert row["wepl_center"] == pytest.approx(ranges["mean_abs_diff_center"], rel=1e-9)
+        assert row["wepl_distal"] == pytest.approx(ranges["mean_abs_diff_distal"], rel=1e-9)
+        assert row["wepl_distal"] > 0
     for name in METRIC_NAMES:
         values = [expected[i][name] for i in PELVIS_IDS]
         assert doc["metrics"][name]["mean"] == pytest.approx(np.mean(values), rel=1e-12)

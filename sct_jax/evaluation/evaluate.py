@@ -63,7 +63,7 @@ def baseline_scores(config, cases: list[synthrad.Case],
     for case, data, preds in baselines.case_predictions(config, cases, train_cases):
         for name, sct in preds.items():
             per_case.setdefault(name, {})[case.id] = scoring.case_metrics(
-                data.ct.data, sct, data.mask, data.ct.spacing, lpips_net)
+                data.ct.data, sct, data.mask, data.ct.spacing, lpips_net, data.ct.affine)
     out = {}
     for name, label in baselines.LABELS.items():
         rows = per_case.get(name, {})

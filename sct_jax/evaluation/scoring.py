@@ -8,7 +8,8 @@ ways (``.nii.gz``, ``.nii``, ``.mha`` or ``.mhd``)::
 Each is scored against ``ct`` and ``mask`` of the case with that id under the data
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
 :func:`case_metrics` (SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
-MS-SSIM, Dice and HD95 in mm of bone and air), voxel by voxel on the CT's grid: a prediction
+MS-SSIM, Dice and HD95 in mm of bone and air, LPIPS when VGG-16 weights are given, the
+WEPL difference of :mod:`sct_jax.dose.wepl`), voxel by voxel on the CT's grid: a prediction
 stored in another voxel order (the same world image, axes permuted or reversed) is
 reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
 Everything is computed before anything is written, so a bad prediction (unreadable,
@@ -40,6 +41,7 @@ from sct_jax.data import synthrad
 from sct_jax.data.hu import check_hu
 from sct_jax.data.io import (VOLUME_SUFFIXES, Volume, atomic_write_text, load_volume,
                             volume_suffix)
+from sct_jax.dose.wepl import wepl_differences
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.metrics.geometry import GEOMETRY_NAMES, geometry_metrics
@@ -50,13 +52,17 @@ from sct_jax.io_guard import refuse_overwrite
 # The per-case metrics of every scored case, in table order (scoring, baselines, report):
 # SynthRAD2023's and ours, SynthRAD2025's PSNR and MS-SSIM (its MAE is 2023's), then
 # the geometry of bone and air (Dice, HD95 in mm; bone Dice is already among the first),
-# then LPIPS on axial slices (NaN when no VGG-16 weights were given: never a random net's).
+# then LPIPS on axial slices (NaN when no VGG-16 weights were given: never a random net's),
+# then the proton-range proxy: mean |WEPL(sCT) - WEPL(CT)| in mm over 4 axial beams to
+# the centre and the distal edge of a 25 mm sphere at the body's centre of mass.
 SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025 + tuple(
-    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES) + ("lpips",)
+    n for n in GEOMETRY_NAMES if n not in METRIC_NAMES) + ("lpips", "wepl_center",
+                                                           "wepl_distal")
 
 
 def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
-                 spacing, lpips_net: LpipsNet | None = None) -> dict[str, float]:
+                 spacing, lpips_net: LpipsNet | None = None,
+                 affine: np.ndarray | None = None) -> dict[str, float]:
     """The :data:`SCORED_METRICS` of one case (arrays on one grid, ``spacing`` in mm
     per axis), as scoring, the baselines and the report show them.
 
@@ -66,6 +72,9 @@ def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
       spacing: voxel size in mm per axis.
       lpips_net: the LPIPS network (:func:`sct_jax.metrics.lpips.load_lpips`); ``None``:
         ``lpips`` is NaN.
+      affine: ``(4, 4)`` voxel -> RAS+ mm of the grid, for the WEPL beams' directions
+        (:mod:`sct_jax.dose.wepl`); ``None``: ``diag(spacing)`` (beams along the array
+        axes).
 
     Raises:
       DataError: shape mismatch, empty mask, a volume too thin for SSIM, a bad spacing.
@@ -76,6 +85,11 @@ def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
     result.update(geometry_metrics(ct, sct, mask, spacing))
     result["lpips"] = (math.nan if lpips_net is None
                        else lpips_volume(lpips_net, ct, sct, mask))
+    if affine is None:
+        affine = np.diag([*map(float, spacing), 1.0])
+    wepl = wepl_differences(ct, sct, mask > 0, affine)
+    result["wepl_center"] = wepl["mean_abs_diff_center"]
+    result["wepl_distal"] = wepl["mean_abs_diff_distal"]
     return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
@@ -87,6 +101,7 @@ TABLE_COLUMNS = {
     "psnr_2025": ("PSNR25", "{:.2f}"), "ms_ssim": ("MS-SSIM", "{:.4f}"),
     "dice_air": ("Dice air", "{:.4f}"), "hd95_bone": ("HD95 bone", "{:.2f}"),
     "hd95_air": ("HD95 air", "{:.2f}"), "lpips": ("LPIPS", "{:.4f}"),
+    "wepl_center": ("dWEPL c", "{:.2f}"), "wepl_distal": ("dWEPL d", "{:.2f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below
@@ -222,7 +237,7 @@ def score_case(case: synthrad.Case, prediction: str | os.PathLike,
     check_hu(ct.data, case.ct, mask, what="reference CT")
     check_hu(sct, prediction, what="sCT", scale_only=True)
     try:
-        return case_metrics(ct.data, sct, mask, ct.spacing, lpips_net)
+        return case_metrics(ct.data, sct, mask, ct.spacing, lpips_net, ct.affine)
     except DataError as e:  # e.g. a volume too thin for SSIM: say which case
         raise DataError(f"{prediction}: {e} (reference CT {case.ct})") from e
 
