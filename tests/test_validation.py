@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+from sct_jax.evaluation import report_html
 from sct_jax.evaluation.evaluate import evaluate_run
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import synthrad
@@ -213,6 +214,7 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
     evaluate_run(config, workdir, qa=True)
     out = capsys.readouterr().out
     assert f"with the step-{BEST_PASS} checkpoint (best)" in out, out
+    assert f"bone renderings: {workdir / 'predictions'}/<id>/bone3d.png (" in out, out
     pred = workdir / "predictions"
     summary = json.loads((pred / "metrics.json").read_text())
     page = _Table()
@@ -227,6 +229,10 @@ def test_evaluation_uses_best_checkpoint_and_writes_report(trained, capsys):
         qa = json.loads((pred / case["id"] / "qa.json").read_text())
         assert row["qa"] == qa["status"]
         assert case["id"] in page.images  # the panel is embedded
+        # The bone renderings: written beside the panel and embedded in the case's section.
+        bone_png = (pred / case["id"] / "bone3d.png").read_bytes()
+        assert bone_png.startswith(b"\x89PNG")
+        assert report_html.png_data_uri(bone_png) in (pred / "report.html").read_text()
     assert set(summary["baselines"]) == {"constant", "lookup", "mean_ct", "perfect"}
     for base_name, base in summary["baselines"].items():
         for name, value in base["mean"].items():
@@ -263,3 +269,26 @@ def test_report_std_maps_and_non_finite_values(tmp_path):
     assert page.rows["1PA001"]["psnr"] == "inf" and page.rows["1PA001"]["mae_air"] == "n/a"
     assert page.images == {"1PA001"} and "baseline" not in page.rows
     assert report_html.path_for(tmp_path / "p2p.json").name == "p2p.html"
+
+
+def test_report_bone3d_figure(tmp_path):
+    """The bone renderings are one more figure in their case's section; none without."""
+    from sct_jax.evaluation import scoring
+    values = dict.fromkeys(scoring.SCORED_METRICS, 1.0)
+    report = scoring.ScoreReport(
+        cases=tuple(scoring.CaseScore(i, "pelvis", tmp_path / "p.nii.gz", values)
+                    for i in ("1PA001", "1PA002")),
+        unscored=(), skipped=(), pred_dir=tmp_path, data_root=tmp_path, region=None)
+    png = b"\x89PNG\r\n\x1a\nbone"
+    caption = "bone surface (&gt; 250 HU), CT left, sCT right"
+    text = report_html.render(report, title="run", panels={"1PA001": b"\x89PNGpanel"},
+                              bone3d={"1PA002": png})
+    page = _Table()
+    page.feed(text)
+    assert page.images == {"1PA001", "1PA002"}
+    section = text[text.index('<section data-case="1PA002">'):]
+    section = section[:section.index("</section>")]
+    assert caption in section and report_html.png_data_uri(png) in section
+    assert text.count('data-figure="bone3d"') == 1
+    text = report_html.render(report, title="run", panels={"1PA001": b"\x89PNGpanel"})
+    assert 'data-figure="bone3d"' not in text and "bone surface" not in text

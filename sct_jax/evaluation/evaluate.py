@@ -5,8 +5,9 @@ default), writes sCT NIfTIs, scores them next to the no-model baselines of
 :mod:`sct_jax.evaluation.baselines` (constant soft tissue, intensity lookup and mean
 training CT, fitted on the run's training split; the perfect-model floor where the data
 have one), says first whether the model beats the best baseline in MAE and in SSIM,
-draws a panel per case, and (``qa=True``) runs the reference-free QA checks on every
-case; ``metrics.json`` and ``report.html`` gather it all.
+draws a panel per case and, where it has a CT, the bone surface of CT and sCT in 3D
+(:mod:`sct_jax.evaluation.bone3d`), and (``qa=True``) runs the reference-free QA checks
+on every case; ``metrics.json`` and ``report.html`` gather it all.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from sct_jax import runs
 from sct_jax.data import datasets, synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation import (baselines, figures, lpips_setup, qa_report, report_html,
-                                scoring)
+from sct_jax.evaluation import (baselines, bone3d, figures, lpips_setup, qa_report,
+                                report_html, scoring)
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 
@@ -104,7 +105,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       workdir: the training run directory.
       data_root: score these cases instead of the config's evaluation split.
       out: JSON summary path (default ``workdir/predictions/metrics.json``).
-      panels: draw a PNG per case (default ``config.eval.panels``).
+      panels: draw a PNG per case (default ``config.eval.panels``): ``<id>/panel.png``
+        and, for a case with a CT, ``<id>/bone3d.png``.
       samples: sCT samples per case for sampling methods (the LDM; the GANs by
         test-time dropout): the mean is scored, the per-voxel standard deviation
         written as ``<id>/sct_std.nii.gz``.
@@ -168,9 +170,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         print(base_note)
     print(lpips_note)
     print(f"wrote {json_path} and {csv_path}")
-    panel_png, std_png = {}, {}
+    panel_png, std_png, bone_png = {}, {}, {}
     if config.eval.panels if panels is None else panels:
         scores = {c.id: c.metrics for c in report.cases}
+        bone_seconds = 0.0
         for case in cases:
             data = synthrad.load_case(case)
             sct = load_volume(pred_dir / case.id / "sct.nii.gz").data
@@ -181,7 +184,15 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                     data.ct.data if data.ct is not None else None, sct,
                                     data.mask, spacing=data.mr.spacing, title=title)
             panel_png[case.id] = (pred_dir / case.id / "panel.png").read_bytes()
+            if data.ct is not None:
+                t2 = time.perf_counter()
+                png = bone3d.save_bone3d(pred_dir / case.id / "bone3d.png", data.ct.data, sct,
+                                         data.mask, spacing=data.ct.spacing, title=case.id)
+                bone_png[case.id] = png.read_bytes()
+                bone_seconds += time.perf_counter() - t2
         print(f"panels: {pred_dir}/<id>/panel.png")
+        if bone_png:
+            print(f"bone renderings: {pred_dir}/<id>/bone3d.png ({bone_seconds:.1f} s)")
     if samples > 1:
         for case in cases:
             std = load_volume(pred_dir / case.id / "sct_std.nii.gz").data
@@ -197,6 +208,6 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     page = report_html.write(
         report_html.path_for(json_path), report, title=config.name or config.method,
         baselines=[(n, b["label"], b["mean"]) for n, b in base.items()], verdict=verdict,
-        qa=verdicts, panels=panel_png, std_maps=std_png, notes=notes)
+        qa=verdicts, panels=panel_png, std_maps=std_png, bone3d=bone_png, notes=notes)
     print(f"report: {page}")
     return report

@@ -7,7 +7,8 @@ numbers when it does not), then the case table (the columns of
 MS-SSIM, bone and air Dice and HD95; and the QA verdict when QA ran), the mean and
 standard deviation over the cases, one row per baseline scored (constant soft tissue,
 intensity lookup, mean training CT, and the perfect-model floor where the data have
-one), then per case its panel (MR | CT | sCT | |error|) and, for sampling runs
+one), then per case its panel (MR | CT | sCT | |error|), the bone surface (> 250 HU)
+of CT and sCT in 3D (:mod:`sct_jax.evaluation.bone3d`) and, for sampling runs
 (``--samples K``), the map of the per-voxel standard deviation of the samples. Every
 image is embedded as base64 PNG and the page has no script or external resource, so it
 can be mailed or archived as one file.
@@ -93,6 +94,7 @@ def render(report: ScoreReport, *, title: str,
            verdict: Mapping | None = None, qa: Mapping[str, str] | None = None,
            panels: Mapping[str, bytes] | None = None,
            std_maps: Mapping[str, bytes] | None = None,
+           bone3d: Mapping[str, bytes] | None = None,
            notes: tuple[str, ...] = ()) -> str:
     """The page's HTML text.
 
@@ -106,6 +108,8 @@ def render(report: ScoreReport, *, title: str,
       qa: case id -> overall QA status (``pass``/``warn``/``fail``), when QA ran.
       panels: case id -> PNG bytes of its panel.
       std_maps: case id -> PNG bytes of its sample std map.
+      bone3d: case id -> PNG bytes of its bone surfaces, CT left, sCT right
+        (:func:`sct_jax.evaluation.bone3d.save_bone3d`).
       notes: lines shown under the title (checkpoint, samples, data).
     """
     qa = dict(qa or {})
@@ -156,13 +160,17 @@ def render(report: ScoreReport, *, title: str,
         f'<table id="metrics"><thead><tr><th>case</th>{header}{qa_header}</tr></thead>',
         "<tbody>", *rows, "</tbody></table>",
     ]
-    panels, std_maps = dict(panels or {}), dict(std_maps or {})
+    panels, std_maps, bone3d = dict(panels or {}), dict(std_maps or {}), dict(bone3d or {})
     for case in report.cases:
         figures = []
         if case.id in panels:
             figures.append(f'<figure><img alt="{html.escape(case.id)} panel" '
                            f'src="{png_data_uri(panels[case.id])}"><figcaption>MR, CT, sCT '
                            "and |sCT - CT|, axial and coronal</figcaption></figure>")
+        if case.id in bone3d:
+            figures.append(f'<figure data-figure="bone3d"><img alt="{html.escape(case.id)} '
+                           f'bone surface" src="{png_data_uri(bone3d[case.id])}"><figcaption>'
+                           "bone surface (&gt; 250 HU), CT left, sCT right</figcaption></figure>")
         if case.id in std_maps:
             figures.append(f'<figure><img alt="{html.escape(case.id)} sample std" '
                            f'src="{png_data_uri(std_maps[case.id])}"><figcaption>per-voxel '
