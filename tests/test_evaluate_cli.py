@@ -345,3 +345,23 @@ def test_lpips_column_with_given_weights_and_why_empty_without(dataset, tmp_path
                                     bare / "nope.npz", cwd=bare))
     assert "nope.npz" in line and "--lpips_weights" in line
     assert not (bare / "missing.json").exists()
+
+
+def test_markdown_table_from_metrics_json(tmp_path, capsys):
+    from sct_jax.evaluation import markdown
+    doc = {"n_scored": 2,
+           "metrics": {"mae": {"mean": 87.15, "std": 2.36, "n": 2},
+                       "hd95_bone": {"mean": "inf", "std": None, "n": 2},
+                       "lpips": {"mean": None, "std": None, "n": 0}},
+           "baselines": {"mean_ct": {"label": "mean training CT",
+                                     "mean": {"mae": 120.15, "hd95_bone": 7.03,
+                                              "lpips": None}}}}
+    cols = (("mae", "MAE", ".1f"), ("hd95_bone", "HD95", ".2f"), ("lpips", "LPIPS", ".4f"))
+    assert markdown.table(doc, "pix2pix", cols).splitlines() == [
+        "| | MAE | HD95 | LPIPS |", "|---|---|---|---|",
+        "| pix2pix (2 cases) | 87.2 ± 2.4 | inf | n/a |",
+        "| mean training CT | 120.2 | 7.03 | n/a |"]
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    assert markdown.main([str(tmp_path / "m.json")]) == 0
+    assert markdown.main([str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
