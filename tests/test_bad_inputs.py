@@ -219,6 +219,22 @@ ROWS = [
     Row(12, "score an sCT on a grid with another origin",
         "python evaluate.py --pred {tmp}/shifted --data {data}", 2,
         "not on the grid of the reference CT"),
+    # Item 13: a seed table on the user's own data (sct-reproduce --data; issue #23).
+    Row(13, "seed table on a --data folder that does not exist",
+        "python -m sct_jax.reproduce seed03 --tiny --data {tmp}/nodata --out {tmp}/table",
+        2, "--data folder not found"),
+    Row(13, "seed table on an empty --data folder",
+        "python -m sct_jax.reproduce seed03 --tiny --data {tmp}/empty --out {tmp}/table",
+        2, "no cases found for region 'brain'"),
+    Row(13, "seed table on --data with no case of the region",
+        "python -m sct_jax.reproduce seed03 --tiny --data {data} --out {tmp}/table",
+        2, "no cases found for region 'brain'"),
+    Row(13, "seed table on --data with too few cases for the split",
+        "python -m sct_jax.reproduce seed02 --tiny --data {phantom} --out {tmp}/table",
+        2, "split is empty (1 case(s)"),
+    Row(13, "seed table with --region but no --data",
+        "python -m sct_jax.reproduce seed02 --tiny --region brain --out {tmp}/table",
+        2, "--region brain: needs --data"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 
@@ -288,6 +304,7 @@ def world(tmp_path):
     save_volume(out / "mu.nii.gz", (ct.astype(np.float32) + 1000.0) / 1000.0 * 0.19, AFFINE)
     save_volume(out / "flat.nii.gz", np.full(SHAPE, 3000.0, np.float32), AFFINE)
     (out / "afile").write_text("not a folder")
+    (out / "empty").mkdir()
     locked = out / "locked"
     locked.mkdir()
     (locked / "run.lock").write_text(json.dumps(
@@ -335,6 +352,8 @@ def run_in_process(command: str, capsys) -> tuple[int, str]:
     code = 0
     if argv[1] == "-m":
         module = importlib.import_module(argv[2])
+        if not hasattr(module, "main"):  # a package run by its __main__ (sct_jax.reproduce)
+            module = importlib.import_module(f"{argv[2]}.__main__")
         try:
             code = module.main(argv[3:])
         except SystemExit as e:

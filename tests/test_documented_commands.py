@@ -10,8 +10,8 @@ exists fails here.
 
 Where they run: one sandbox folder per module that looks like a checkout (``configs``,
 ``train.py``, ... are symlinks to this repository, ``.venv`` to ``sys.prefix``) and holds
-what a user brings: ``data/synthrad2023`` (the phantom, written by
-``python -m sct_jax.data.phantom``), ``mr.nii.gz`` and ``case/mr.nii.gz`` (one phantom
+what a user brings: ``data/synthrad2023`` (the phantom's pelvis and brain cases, written
+by ``python -m sct_jax.data.phantom``), ``mr.nii.gz`` and ``case/mr.nii.gz`` (one phantom
 MR), ``mr_dicom/`` (that MR as a DICOM series) and torchvision's two ``.pth`` files (random
 weights in torchvision's layout; without torch installed a stub ``torch.load`` reads them:
 see :func:`_write_pth`).
@@ -130,6 +130,10 @@ XFAIL: dict[str, str] = {}
 # same cases), so predictions of that run can be scored against data/synthrad2023.
 PHANTOM_ARGS = ["--region", "pelvis", "--cases", "4", "--seed", "0", "--shape", "48", "32",
                 "8"]
+# Brain heads beside them, as in the challenge's release (``sct-reproduce seed03 --data``):
+# the tiny brain configs' phantom, 32^3.
+PHANTOM_BRAIN_ARGS = ["--region", "brain", "--cases", "4", "--seed", "0", "--shape", "32",
+                      "32", "32"]
 
 
 @dataclass(frozen=True)
@@ -465,7 +469,11 @@ def outputs(argv: list[str]) -> list[str]:
         outs += [f"{workdirs[0]}/predictions"]
     if program in REPRODUCE and not any(k == "--out" for k, _ in pairs):
         seed = next(t for t in argv[1:] if t.startswith("seed"))
-        outs.append(f"runs/reproduce/{seed}{'_tiny' if '--tiny' in argv else ''}")
+        data = dict(pairs).get("--data")  # a user's data: runs/reproduce/<seed>_<name>...
+        name = f"{seed}_{Path(data).name}" if data else seed
+        region = dict(pairs).get("--region") if data else None
+        name += f"_{region}" if region else ""
+        outs.append(f"runs/reproduce/{name}{'_tiny' if '--tiny' in argv else ''}")
     return [o.rstrip("/") for o in outs]
 
 
@@ -630,8 +638,9 @@ class Sandbox:
                 (self.root / entry.name).symlink_to(entry)
         (self.root / ".venv").symlink_to(sys.prefix)
         data = self.root / "data" / "synthrad2023"
-        self.call([sys.executable, "-m", "sct_jax.data.phantom", "--out", str(data),
-                   *PHANTOM_ARGS], check=True)
+        for args in (PHANTOM_ARGS, PHANTOM_BRAIN_ARGS):
+            self.call([sys.executable, "-m", "sct_jax.data.phantom", "--out", str(data),
+                       *args], check=True)
         case = sorted((data / "Task1" / "pelvis").glob("*/mr.nii.gz"))[-1].parent
         (self.root / "mr.nii.gz").symlink_to(case / "mr.nii.gz")
         (self.root / "case").symlink_to(case)

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sct_jax.data import phantom
+from sct_jax.data.io import save_volume
 from sct_jax.reproduce import __main__ as cli
 from sct_jax.evaluation import baselines as evaluation_baselines
 from sct_jax.reproduce import baselines, table
 
+NEW_COLUMNS = ("MS-SSIM", "bone HD95 [mm]", "air Dice", "air HD95 [mm]")
+
 
 def _row(method, seed, mae, dice=math.nan, note=""):
     return {"method": method, "seed": seed, "mae": mae, "psnr": 20.0, "ssim": 0.5,
-            "bone_mae": 2 * mae, "bone_dice": dice, "wall_s": 10.0, "note": note}
+            "ms_ssim": 0.6, "bone_mae": 2 * mae, "bone_dice": dice, "bone_hd95": 3.0,
+            "air_dice": 0.7, "air_hd95": 4.0, "wall_s": 10.0, "note": note}
 
 
 def test_table_mean_and_sample_std_over_seeds(tmp_path):
@@ -35,6 +42,11 @@ def test_table_mean_and_sample_std_over_seeds(tmp_path):
     md = md_path.read_text()
     assert f"| A | 3 | {np.mean(maes):.1f} ± {np.std(maes, ddof=1):.1f} |" in md
     assert "| floor | - | 12.0 |" in md and "| n1 |" in md
+    header = md.splitlines()[2]
+    assert all(f" {name} |" in header for name in NEW_COLUMNS), header
+    assert float(floor["air_hd95_mean"]) == 4.0
+    with pytest.raises(ValueError, match="lacks"):  # a row without the new keys
+        table.aggregate([{k: v for k, v in _row("C", 0, 1.0).items() if k != "air_dice"}])
 
 
 def test_constant_and_mean_ct_rows_use_the_evaluation_baselines():
@@ -42,16 +54,61 @@ def test_constant_and_mean_ct_rows_use_the_evaluation_baselines():
     ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
     mask = np.zeros(ct.shape, bool)
     mask[1:11, 1:9, :] = True
-    const = baselines.constant_row([(ct, mask)])
+    ref = baselines.Reference(ct, mask, (1.0, 1.0, 2.0))
+    const = baselines.constant_row([ref])
     assert const["mae"] == pytest.approx(np.abs(ct[mask] - 40.0).mean(), rel=1e-5)
     assert const["bone_dice"] == 0.0 and const["seed"] is None
+    for key in ("ms_ssim", "air_dice"):  # the evaluation's metrics (no air: HD95 NaN)
+        assert math.isfinite(const[key]), key
     # Two training CTs of other sizes: each body box is resampled onto the test's.
     train = [(rng.uniform(-100, 100, (12, 10, 9)), np.ones((12, 10, 9), bool)),
              (rng.uniform(-100, 100, (14, 10, 7)), np.ones((14, 10, 7), bool))]
     average = evaluation_baselines.mean_ct_on_boxes(train, [(10, 8, 9)])[0]
-    mean_row = baselines.mean_training_ct_row(train, [(ct, mask)])
+    mean_row = baselines.mean_training_ct_row(train, [ref])
     expected = evaluation_baselines.place_in_body(average, mask)
     assert mean_row["mae"] == pytest.approx(np.abs(ct[mask] - expected[mask]).mean(), rel=1e-5)
+
+
+def test_cached_row_without_the_new_metrics_is_rescored_or_na(tmp_path):
+    rng = np.random.default_rng(1)
+    ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
+    mask = np.ones(ct.shape, bool)
+    references = {"1BA001": baselines.Reference(ct, mask, (1.0, 1.0, 1.0))}
+    old = {k: v for k, v in _row("A", 0, 5.0).items()
+           if k not in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95")}
+    row, rescored = baselines.complete_row(old, tmp_path / "predictions", references)
+    assert not rescored and math.isnan(row["air_dice"]) and "n/a" in row["note"]
+    save_volume(tmp_path / "predictions" / "1BA001" / "sct.nii.gz", ct, np.eye(4))
+    row, rescored = baselines.complete_row(old, tmp_path / "predictions", references)
+    assert rescored and row["mae"] == 0.0 and row["ms_ssim"] == pytest.approx(1.0)
+    assert row["note"] == "" and set(table.ROW_KEYS) <= set(row)
+
+
+def test_phantom_only_notes_on_other_data(tmp_path):
+    """Data without the phantom's manifest and ct_ideal: the aligned-subset check and
+    the floor are left out, each saying why (nothing is prepared or scored for them)."""
+    from sct_jax.data import synthrad
+    from sct_jax.reproduce import seed02
+
+    rng = np.random.default_rng(2)
+    for case_id in ("1PA001", "1PA002"):
+        ct = rng.uniform(-1000, 1000, (16, 16, 8)).astype(np.float32)
+        for name, volume in (("mr", ct + 1000), ("ct", ct), ("mask", np.ones(ct.shape))):
+            save_volume(tmp_path / "pelvis" / case_id / f"{name}.nii.gz", volume, np.eye(4))
+    cases = synthrad.discover_cases(tmp_path, region="pelvis")
+    assert baselines.phantom_manifest(cases) is None
+    note = seed02.meta_validation_check(None, {"train": cases})
+    assert "left out: the data are not the phantom" in note
+    references = {c.id: baselines.load_reference(c)[0] for c in cases}
+    assert not baselines.load_reference(cases[0])[1]  # no ct_aligned: the case's own CT
+    floor = baselines.floor_row(cases, references, "unused")
+    assert math.isnan(floor["mae"]) and "no noise-free CT" in floor["note"]
+
+
+def test_default_out_keeps_user_data_apart(tmp_path):
+    assert cli.default_out("seed02", False, None, None) == Path("runs/reproduce/seed02")
+    assert cli.default_out("seed03", True, str(tmp_path / "mine"), "pelvis") == Path(
+        "runs/reproduce/seed03_mine_pelvis_tiny")
 
 
 def test_cli_refuses_bad_arguments_before_writing(tmp_path, capsys):
@@ -63,6 +120,13 @@ def test_cli_refuses_bad_arguments_before_writing(tmp_path, capsys):
         cli.main(["seed02", "--vgg19", str(tmp_path / "none.npz"), "--out", str(out)])
     assert err.value.code == 2 and "none.npz: --vgg19 weights file not found" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed03", "--region", "pelvis", "--out", str(out)])
+    assert err.value.code == 2 and "error: --region pelvis: needs --data" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed03", "--data", str(tmp_path), "--region", "knee", "--out", str(out)])
+    assert err.value.code == 2 and "--region knee: unknown region" in capsys.readouterr().err
     assert not out.exists()
     assert cli._load("seed99") is None  # a seed module this version lacks
 
@@ -93,31 +157,56 @@ def test_reproduce_seed02_tiny_writes_every_row(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
+    """On a user's own dataset (``--data``): the brain phantom of the tiny configs, written
+    by the phantom CLI; the phantom's own path is seed02's test (and the docs run)."""
+    root = tmp_path / "mydata"
+    assert phantom.main(["--out", str(root), "--region", "brain", "--cases", "4",
+                         "--seed", "0", "--shape", "32", "32", "32"]) == 0
     out = tmp_path / "seed03"
-    assert cli.main(["seed03", "--tiny", "--seeds", "1", "--out", str(out)]) == 0
+    argv = ["seed03", "--tiny", "--seeds", "1", "--data", str(root), "--out", str(out)]
+    assert cli.main(argv) == 0
     entries = {e["method"]: e for e in csv.DictReader(io.StringIO(
         (out / "table.csv").read_text()))}
     trained = ["LDM (MR concat)", "LDM (ControlNet)", "pix2pix"]
     fixed = ["constant 40 HU", "intensity lookup", "mean training CT", "perfect model (floor)"]
     assert list(entries) == trained + fixed
     for name in trained + fixed:
-        for key in ("mae_mean", "psnr_mean", "ssim_mean"):
+        for key in ("mae_mean", "psnr_mean", "ssim_mean", "ms_ssim_mean", "air_dice_mean"):
             assert math.isfinite(float(entries[name][key])), (name, key)
     for name in trained[:2]:
         assert "autoencoder recon" in entries[name]["note"]
         assert "another head's MR" in entries[name]["note"]
     floor = float(entries["perfect model (floor)"]["mae_mean"])
     assert 0 < floor < float(entries["mean training CT"]["mae_mean"])
+    md = (out / "table.md").read_text()
+    assert str(root) in md.splitlines()[0]  # the title names the data
+    assert all(f" {name} |" in md.splitlines()[2] for name in NEW_COLUMNS)
+    config = json.loads((out / "pix2pix" / "seed0" / "config.json").read_text())
+    assert config["data"]["root"] == str(root)  # trained on --data, not the phantom
+    # A row cached before the new columns is rescored from its run's predictions.
+    cached = out / "ldm_concat" / "seed0" / "reproduce_row.json"
+    record = json.loads(cached.read_text())
+    for key in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95"):
+        del record["row"][key]
+    cached.write_text(json.dumps(record))
     # --only retrains nothing it is not asked to; the other rows come from their runs.
     capsys.readouterr()
-    assert cli.main(["seed03", "--tiny", "--seeds", "1", "--only", "pix2pix",
-                     "--out", str(out)]) == 0
+    assert cli.main([*argv, "--only", "pix2pix"]) == 0
     printed = capsys.readouterr().out
     assert "steps in" not in printed and "| LDM (ControlNet) | 1 |" in printed
-    assert cli.main(["seed03", "--tiny", "--only", "ldm", "--out", str(out)]) == 2
+    rescored = json.loads(cached.read_text())["row"]
+    assert rescored["ms_ssim"] == pytest.approx(float(entries[trained[0]]["ms_ssim_mean"]))
+    # The same command on the phantom-less data: the floor says why it is empty.
+    for path in root.rglob("ct_ideal.nii.gz"):
+        path.unlink()
+    assert cli.main([*argv, "--only", "pix2pix"]) == 0
+    floor_line = next(line for line in (out / "table.md").read_text().splitlines()
+                      if line.startswith("| perfect model (floor)"))
+    assert "| n/a |" in floor_line and "no noise-free CT" in floor_line
+    assert cli.main([*argv, "--only", "ldm"]) == 2
     assert "--only ldm: unknown method" in capsys.readouterr().err
     # A finished stage of another config is refused, not resumed as this one's.
     done = out / "ldm_autoencoder" / "seed0" / "stage_done.json"
     done.write_text(done.read_text().replace('"config_digest": "', '"config_digest": "0'))
-    assert cli.main(["seed03", "--tiny", "--only", "ldm_concat", "--out", str(out)]) == 2
+    assert cli.main([*argv, "--only", "ldm_concat"]) == 2
     assert "holds a finished run of a different config" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""``sct-reproduce seed02|seed03 [--seeds N] [--tiny] [--out DIR]``: one seed's table."""
+"""``sct-reproduce seed02|seed03 [--seeds N] [--tiny] [--out DIR] [--data ROOT [--region R]]``:
+one seed's table, on the built-in phantom or on a SynthRAD-layout dataset."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from sct_jax.data.synthrad import REGIONS
 from sct_jax.errors import SctError
 from sct_jax.reproduce import table
 
-SEEDS = {"seed02": "pGAN family under MR/CT misalignment, pelvis phantom",
-         "seed03": "brain LDM (each conditioning) vs pix2pix, brain phantom"}
+# seed -> (what it compares, the phantom it runs on without --data)
+SEEDS = {"seed02": ("pGAN family under MR/CT misalignment", "pelvis phantom"),
+         "seed03": ("brain LDM (each conditioning) vs pix2pix", "brain phantom")}
 
 
 def _load(seed: str):
@@ -24,15 +27,33 @@ def _load(seed: str):
         return None
 
 
+def default_out(seed: str, tiny: bool, data: str | None, region: str | None) -> Path:
+    """``runs/reproduce/<seed>[_<data folder>[_<region>]][_tiny]``: a table of a user's
+    dataset never lands in (or reuses the runs of) the phantom's folder, nor one of
+    another dataset or region."""
+    name = seed
+    if data:
+        name += f"_{Path(data).expanduser().resolve().name}" + (f"_{region}" if region else "")
+    return Path("runs/reproduce") / f"{name}{'_tiny' if tiny else ''}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="sct-reproduce", description="Train a seed paper's methods on the phantom, "
-        "score the held-out cases and write table.md and table.csv (mean ± std over seeds).")
+        prog="sct-reproduce", description="Train a seed paper's methods on the phantom "
+        "(or --data), score the held-out cases and write table.md and table.csv (mean ± "
+        "std over seeds).")
     parser.add_argument("seed", choices=sorted(SEEDS), help="which seed paper")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     parser.add_argument("--tiny", action="store_true",
                         help="each config's tiny variant: seconds, a smoke test only")
-    parser.add_argument("--out", help="output folder (default runs/reproduce/<seed>[_tiny])")
+    parser.add_argument("--out", help="output folder (default runs/reproduce/<seed>[_tiny]; "
+                        "with --data runs/reproduce/<seed>_<data folder>[_<region>][_tiny])")
+    parser.add_argument("--data", metavar="ROOT",
+                        help="a SynthRAD-layout dataset (ROOT/<region>/<id>/{mr,ct,mask}.nii.gz "
+                        "or ROOT/Task1/<region>/...) instead of the phantom; the configs' "
+                        "data.split gives the test cases")
+    parser.add_argument("--region", help=f"with --data: the region to use "
+                        f"({', '.join(REGIONS)}; default: the seed's own)")
     parser.add_argument("--vgg16", help="seed02: VGG-16 .npz for the perceptual term")
     parser.add_argument("--vgg19", help="seed02: VGG-19 .npz for CTX-pGAN")
     parser.add_argument("--only", help="train only these methods (run folder names, "
@@ -46,7 +67,16 @@ def main(argv=None) -> int:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             parser.exit(2, f"error: {path}: --{flag} weights file not found\n")
-    out = Path(args.out or f"runs/reproduce/{args.seed}{'_tiny' if args.tiny else ''}")
+    if args.region is not None and not args.data:
+        parser.exit(2, f"error: --region {args.region}: needs --data (the phantom's region "
+                       "is the seed's own)\n")
+    if args.region is not None and args.region not in REGIONS:
+        parser.exit(2, f"error: --region {args.region}: unknown region (expected one of "
+                       f"{', '.join(REGIONS)})\n")
+    if args.data and not Path(args.data).expanduser().is_dir():
+        parser.exit(2, f"error: {args.data}: --data folder not found\n")
+    out = Path(args.out) if args.out else default_out(args.seed, args.tiny, args.data,
+                                                      args.region)
     if out.exists() and not out.is_dir():
         parser.exit(2, f"error: {out}: --out is a file, expected a folder\n")
     module = _load(args.seed)
@@ -54,7 +84,11 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: sct_jax/reproduce/{args.seed}.py: {args.seed} is not "
                        "available in this version of sct_jax\n")
     extra = {"only": None if args.only is None else
-             tuple(s.strip() for s in args.only.split(",") if s.strip())}
+             tuple(s.strip() for s in args.only.split(",") if s.strip()),
+             # Absolute: the runs' config.json (and digests) name the data wherever
+             # the command is run from.
+             "data_root": str(Path(args.data).expanduser().absolute()) if args.data else None,
+             "region": args.region}
     if args.seed == "seed02":
         extra.update(vgg16=args.vgg16, vgg19=args.vgg19)
     t0 = time.perf_counter()
@@ -63,7 +97,10 @@ def main(argv=None) -> int:
     except SctError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    title = (f"{args.seed}: {SEEDS[args.seed]}; mean ± std over {args.seeds} seed(s)"
+    compared, phantom = SEEDS[args.seed]
+    data = (f"{args.data}" + (f" ({args.region})" if args.region else "")) if args.data \
+        else phantom
+    title = (f"{args.seed}: {compared}, {data}; mean ± std over {args.seeds} seed(s)"
              f"{' (tiny: smoke test, not a result)' if args.tiny else ''}")
     md_path, csv_path = table.write_tables(out, rows, title)
     print(md_path.read_text())

@@ -1,14 +1,21 @@
-"""Seed 02 (pGAN family under MR/CT misalignment) on the pelvis phantom.
+"""Seed 02 (pGAN family under MR/CT misalignment) on the pelvis phantom or your data.
 
   sct-reproduce seed02 [--seeds 3] [--tiny] [--out runs/reproduce/seed02] [--vgg19 PATH]
+                       [--data ROOT [--region R]]
 
 Trains pGAN, CTX-pGAN (only with VGG-19 weights), REG-pGAN and meta-pGAN at its three
 weight granularities (per pixel, per 16 x 16 patch, per slice) on the misaligned pelvis
 phantom (20% of the cases perfectly registered, the rest moved by ~4 mm; see
 :mod:`sct_jax.data.phantom`), predicts the held-out test cases and scores them against
-the CT in the MR's frame (``ct_aligned``). Rows: each method and seed, the constant
-and mean-training-CT baselines and the perfect-model floor (the noise-free CT in the
+the CT in the MR's frame (``ct_aligned``). Rows: each method and seed, the constant,
+intensity-lookup and mean-training-CT baselines and the perfect-model floor (the noise-free CT in the
 MR's frame: what no model can beat, CT noise being unpredictable from the MR).
+
+``--data ROOT [--region R]`` trains and scores the same methods on a SynthRAD-layout
+dataset instead (every config's ``data.root``; the split is the configs'
+``data.split``): the test cases are scored against their own ``ct`` unless the folder
+has a ``ct_aligned``; the aligned-subset check of the meta-validation and the floor need
+the phantom's manifest and ``ct_ideal``, and say so in their notes when missing.
 
 Scale: the ``small`` configs shrunk to what trains in a few minutes per run on a CPU
 (:data:`CPU_SCALE`: 128 x 96 slices of a 128 x 96 x 16 phantom, generator ngf 8 with
@@ -63,11 +70,12 @@ CPU_SCALE_BY_METHOD = {"reg_pgan": {"model.reg.down_channels": (16, 32, 32, 32, 
 TINY_SCALE = {"meta.patch_size": 8, "eval.panels": False}
 
 
-def _config(path: str, tiny: bool, overrides: dict, vgg16: str | None, vgg19: str | None):
+def _config(path: str, tiny: bool, overrides: dict, vgg16: str | None, vgg19: str | None,
+            data: dict | None = None):
     config = load_config_file(f"{REPO / path}:{'tiny' if tiny else 'small'}")
     scale = TINY_SCALE if tiny else {**CPU_SCALE,
                                      **CPU_SCALE_BY_METHOD.get(config.method, {})}
-    for key, value in {**scale, **overrides}.items():
+    for key, value in {**scale, **overrides, **(data or {})}.items():
         if key.startswith("meta.") and "meta" not in config:
             continue
         ablate.set_override(config, key, value)
@@ -122,12 +130,23 @@ def _take_lock(workdir: Path) -> Path | None:
     return None
 
 
-def _cached_row(workdir: Path, digest: str) -> dict | None:
+def _cached_row(workdir: Path, digest: str, references: dict) -> dict | None:
+    """The finished run's row when ``workdir`` holds one of this config, else None.
+
+    A row cached before the table gained columns (``baselines.ROW_METRICS``) is
+    rescored from the run's predictions and its cache rewritten; without predictions
+    its new columns are n/a, said in its note (:func:`baselines.complete_row`).
+    """
     cached = workdir / RESULT_FILE
     if cached.exists():
         record = json.loads(cached.read_text())
         if record.get("config_digest") == digest:
-            return record["row"]
+            row, rescored = baselines.complete_row(record["row"], workdir / "predictions",
+                                                   references)
+            if rescored:
+                atomic_write_text(cached, json.dumps({**record, "row": row}, indent=1,
+                                                     default=str))
+            return row
     return None
 
 
@@ -138,7 +157,7 @@ def _train_and_score(label: str, config, workdir: Path, seed: int, references) -
     ``sct-reproduce`` processes on one output folder share the runs out).
     """
     digest = ablate.config_digest(config)
-    row = _cached_row(workdir, digest)
+    row = _cached_row(workdir, digest, references)
     if row is not None:
         print(f"[seed02] {label} seed {seed}: reusing {workdir / RESULT_FILE}")
         return row
@@ -146,7 +165,7 @@ def _train_and_score(label: str, config, workdir: Path, seed: int, references) -
     if lock is None:
         return None
     try:
-        row = _cached_row(workdir, digest)  # finished while we waited for the lock
+        row = _cached_row(workdir, digest, references)  # finished while we waited
         return row if row is not None else _train_and_score_locked(
             label, config, workdir, seed, references, digest)
     finally:
@@ -175,17 +194,18 @@ def _train_and_score_locked(label, config, workdir, seed, references, digest) ->
     return result
 
 
-def meta_validation_check(config) -> str:
+def meta_validation_check(config, splits) -> str:
     """Which training cases the meta-validation picks (top 11% by MI) and how many of
-    them the phantom made aligned, as a note."""
+    them the phantom made aligned, as a note; on other data (no phantom manifest says
+    which cases are aligned) a note that the check was left out."""
 
-    splits = datasets.case_splits(config)
+    manifest = baselines.phantom_manifest(splits["train"])
+    if manifest is None:
+        return ("aligned-subset check of the meta-validation left out: the data are not "
+                "the phantom (no manifest of aligned cases)")
     prepared = datasets.prepare(config, splits["train"])
     picked = meta_pgan.meta_validation_ids(config, prepared)
-    manifest = datasets.dataset_root(config) / "Task1" / config.data.region / "manifest.json"
-    aligned = set()
-    if manifest.exists():
-        aligned = {c["id"] for c in json.loads(manifest.read_text())["cases"] if c.get("aligned")}
+    aligned = {c["id"] for c in manifest.get("cases", []) if c.get("aligned")}
     hits = sum(i in aligned for i in picked)
     in_train = sum(c.id in aligned for c in splits["train"])
     return (f"meta-validation {', '.join(picked)}: {hits} of {len(picked)} aligned "
@@ -193,11 +213,17 @@ def meta_validation_check(config) -> str:
 
 
 def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
-        vgg19: str | None = None, only: tuple[str, ...] | None = None) -> list[dict]:
+        vgg19: str | None = None, only: tuple[str, ...] | None = None,
+        data_root: str | None = None, region: str | None = None) -> list[dict]:
     """Trains and scores every method for ``seeds`` seeds; returns the table rows.
 
     ``only``: run folder names (``pgan``, ``meta_pgan_slice``, ...) of the methods to
     train; the others are reported from their finished runs alone (none: no row).
+    ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
+
+    Raises:
+      SctError: a bad config or dataset (no cases, too few for the split), before
+        anything is trained or written.
     """
     slugs = [slug for _, slug, _, _ in METHODS]
     unknown = sorted(set(only or ()) - set(slugs))
@@ -208,24 +234,31 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
     out_dir = Path(out_dir)
     if vgg19 is None and (REPO / "weights" / "vgg19.npz").exists():
         vgg19 = str(REPO / "weights" / "vgg19.npz")
-    configs = [(label, slug, _config(path, tiny, overrides, vgg16, vgg19))
+    data = baselines.data_overrides(data_root, region)
+    configs = [(label, slug, _config(path, tiny, overrides, vgg16, vgg19, data))
                for label, slug, path, overrides in METHODS]
     for _, _, config in configs:  # every config checked before the first run starts
         method = methods.get_method(config.method)
         if config.method != "ctx_pgan" or vgg19:
             method.validate(config)
-    ablate.enable_compilation_cache(out_dir)
     first = configs[0][2]
-    cases = {"train": datasets.case_splits(first)["train"],
-             "test": datasets.case_splits(first)[first.eval.split]}
+    # The data are found and split (a missing root, no case of the region, too few
+    # cases for the split: one-line errors) before anything is compiled or written.
+    splits = datasets.case_splits(first)
+    cases = {"train": splits["train"], "test": splits[first.eval.split]}
     if first.eval.max_cases:
         cases["test"] = cases["test"][:first.eval.max_cases]
     loaded = {c.id: baselines.load_reference(c) for c in cases["test"]}
-    references = {i: (ct, mask) for i, (ct, mask, _) in loaded.items()}
-    frame = ("CT in the MR's frame" if all(a for _, _, a in loaded.values())
+    references = {i: ref for i, (ref, _) in loaded.items()}
+    frame = ("CT in the MR's frame" if all(a for _, a in loaded.values())
              else "the cases' CT (no aligned CT found)")
+    ablate.enable_compilation_cache(out_dir)
     print(f"[seed02] scoring {len(references)} test case(s) against {frame}")
-    meta_note = meta_validation_check(configs[-1][2])
+    meta = configs[-1][2]
+    same_cases = all(meta.data.to_dict()[k] == first.data.to_dict()[k]
+                     for k in ("root", "region", "split", "split_seed", "phantom"))
+    meta_note = meta_validation_check(meta, splits if same_cases
+                                      else datasets.case_splits(meta))
     print(f"[seed02] {meta_note}")
 
     rows = []
@@ -242,7 +275,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
             c.seed = int(config.seed) + k
             workdir = out_dir / slug / f"seed{k}"
             if only is not None and slug not in only:
-                row = _cached_row(workdir, ablate.config_digest(c))
+                row = _cached_row(workdir, ablate.config_digest(c), references)
                 if row is not None:
                     jobs.append(row)
                 continue
@@ -262,13 +295,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
     rows = [done[i] for i in range(len(jobs))]
     rows.append(baselines.constant_row(list(references.values())))
     rows += baselines.fitted_rows(first, cases["train"], cases["test"], references)
-    ideal = [(baselines.ideal_prediction(c), references[c.id]) for c in cases["test"]]
-    if all(p is not None for p, _ in ideal):
-        rows.append(baselines.row("perfect model (floor)", baselines.score(ideal),
-                                  note="noise-free CT in the MR's frame: CT noise only"))
-    else:
-        rows.append(baselines.row("perfect model (floor)", {},
-                                  note="needs phantom data (ct_ideal)"))
+    rows.append(baselines.floor_row(cases["test"], references,
+                                    "noise-free CT in the MR's frame: CT noise only"))
     for r in rows:  # once, on the first meta-pGAN row
         if r["method"].startswith("meta-pGAN") and r["seed"] == 0:
             r["note"] = f"{r['note']}; {meta_note}" if r["note"] else meta_note

@@ -1,7 +1,7 @@
-"""Seed 03 (brain latent diffusion vs pix2pix) on the brain phantom.
+"""Seed 03 (brain latent diffusion vs pix2pix) on the brain phantom or your data.
 
   sct-reproduce seed03 [--seeds 3] [--tiny] [--out runs/reproduce/seed03]
-                       [--only ldm_concat,ldm_controlnet,pix2pix]
+                       [--only ldm_concat,ldm_controlnet,pix2pix] [--data ROOT [--region R]]
 
 Per seed, trains the chained ``configs/ldm_brain.py`` runs of both conditioning modes
 (sharing one autoencoder) and pix2pix on axial slices of the same heads, then predicts
@@ -16,12 +16,19 @@ the held-out test heads and scores them:
 The LDM rows give the mean of :data:`SAMPLES` samples per head and note the
 autoencoder's reconstruction MAE on the test heads (the LDM's ceiling) and, for the
 first seed, the MR-swap check: the MAE when each head is sampled from another head's
-MR (a model that uses the MR must get worse). Baseline rows: constant 40 HU, the mean
-training CT and the perfect-model floor (the phantom's noise-free CT). ``--only`` trains
-a subset of the model rows and reports the others from their finished runs (each
-writes ``reproduce_row.json`` with its config digest). Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file
-matches the config) is skipped, an interrupted one resumes from its checkpoint. One
+MR (a model that uses the MR must get worse). Baseline rows: constant 40 HU, the
+intensity lookup, the mean training CT and the perfect-model floor (the phantom's
+noise-free CT). ``--only`` trains a subset of the model rows and reports the others
+from their finished runs (each writes ``reproduce_row.json`` with its config digest).
+Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file matches the
+config) is skipped, an interrupted one resumes from its checkpoint. One
 ``sct-reproduce`` process per output folder.
+
+``--data ROOT [--region R]`` trains and scores the same rows on a SynthRAD-layout
+dataset instead (every config's ``data.root``; the split is the configs'
+``data.split``). Everything above works on any data except the floor, which needs the
+phantom's ``ct_ideal`` (its note says so), and the MR swap, which needs another head on
+the same voxel grid (n/a otherwise).
 
 Cost: the ``small`` chain is about an hour of 2-core CPU per stage (autoencoder, each
 UNet, ControlNet), so one seed of the full table takes several CPU hours; ``--tiny``
@@ -62,17 +69,23 @@ PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32)
                       "data.crop": (32, 32), "name": "pix2pix_brain_tiny"}
 
 
-def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int):
+def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int,
+               data: dict | None = None):
+    """One LDM stage's config (``data``: :func:`baselines.data_overrides`)."""
     config = load_config_file(f"{REPO / 'configs/ldm_brain.py'}:{words},{size}")
     config.ldm.autoencoder_workdir = str(runs["autoencoder"])
     config.ldm.diffusion_workdir = str(runs.get("diffusion", ""))
+    for key, value in (data or {}).items():
+        ablate.set_override(config, key, value)
     config.seed = seed
     return config
 
 
-def pix2pix_config(size: str, seed: int):
+def pix2pix_config(size: str, seed: int, data: dict | None = None):
+    """pix2pix on the brain heads (``data``: :func:`baselines.data_overrides`)."""
     config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}")
-    for key, value in (PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY).items():
+    brain = PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY
+    for key, value in {**brain, **(data or {})}.items():
         ablate.set_override(config, key, value)
     config.eval.panels = False
     config.seed = seed
@@ -121,11 +134,11 @@ def autoencoder_ceiling(config, workdir: Path, references: dict) -> float:
     _, state = load_state(config, workdir)
     reconstruct = jax.jit(functools.partial(ldm_autoencoder.reconstruct, config))
     maes = []
-    for ct, mask in references.values():
-        unit = np.asarray(preprocess.ct_to_unit(ct), np.float32)[None, ..., None]
+    for ref in references.values():
+        unit = np.asarray(preprocess.ct_to_unit(ref.ct), np.float32)[None, ..., None]
         recon = np.asarray(preprocess.unit_to_ct(
             np.asarray(reconstruct(state, unit))[0, ..., 0]), np.float32)
-        maes.append(metrics.mae(ct, recon, mask))
+        maes.append(metrics.mae(ref.ct, recon, ref.mask))
     return float(np.mean(maes))
 
 
@@ -141,8 +154,8 @@ def mr_swap_mae(config, workdir: Path, cases, references: dict, donors) -> float
         if donor.id == case.id:
             donor = donors[(i + 2) % len(donors)]
         mr = _unit_mr(config, donor)
-        ct, mask = references[case.id]
-        if mr.shape != ct.shape:
+        ct, mask, _ = references[case.id]
+        if mr.shape != ct.shape:  # other data: heads on other grids have no swap
             continue
         volume = predict.make_volume_predictor(config, state, jitted_predict=jitted)
         sct = np.asarray(preprocess.unit_to_ct(volume(mr)), np.float32)
@@ -161,18 +174,23 @@ CHAINS = (
 )
 
 
-def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int) -> list:
+def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dict) -> list:
     return [(ldm_config(words, size, {"autoencoder": runs["ldm_autoencoder"],
-                                      "diffusion": runs["ldm_diffusion_uncond"]}, seed),
+                                      "diffusion": runs["ldm_diffusion_uncond"]}, seed, data),
              runs[name]) for words, name in chain]
 
 
-def run(out_dir: Path, seeds: int, tiny: bool,
-        only: tuple[str, ...] | None = None) -> list[dict]:
+def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
+        data_root: str | None = None, region: str | None = None) -> list[dict]:
     """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
 
     ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
     others are reported from their finished runs of the same configs, else as not run.
+    ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
+
+    Raises:
+      SctError: a bad config or dataset (no cases, too few for the split), before
+        anything is trained or written.
     """
 
     slugs = [slug for _, slug, _ in CHAINS]
@@ -183,22 +201,25 @@ def run(out_dir: Path, seeds: int, tiny: bool,
     out_dir = Path(out_dir)
     size = "tiny" if tiny else "small"
     samples = SAMPLES[size]
+    data = baselines.data_overrides(data_root, region)
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
     for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet"):
-        config = ldm_config(words, size, probe, 0)
+        config = ldm_config(words, size, probe, 0, data)
         methods.get_method(config.method).validate_config(config)
-    pix2pix_config(size, 0)
-    ablate.enable_compilation_cache(out_dir)
+    pix2pix_config(size, 0, data)
 
-    first = ldm_config("autoencoder", size, probe, 0)
+    first = ldm_config("autoencoder", size, probe, 0, data)
+    # The data are found and split (a missing root, no case of the region, too few
+    # cases for the split: one-line errors) before anything is compiled or written.
     splits = datasets.case_splits(first)
     test_cases = splits[first.eval.split]
     if first.eval.max_cases:
         test_cases = test_cases[:first.eval.max_cases]
     loaded = {c.id: baselines.load_reference(c) for c in test_cases}
-    references = {i: (ct, mask) for i, (ct, mask, _) in loaded.items()}
+    references = {i: ref for i, (ref, _) in loaded.items()}
+    ablate.enable_compilation_cache(out_dir)
     print(f"[seed03] scoring {len(references)} held-out head(s): "
           f"{', '.join(references)}")
 
@@ -209,12 +230,12 @@ def run(out_dir: Path, seeds: int, tiny: bool,
             "ldm_autoencoder", "ldm_concat", "ldm_diffusion_uncond", "ldm_controlnet",
             "pix2pix")}
         for label, slug, chain in CHAINS:
-            stages = (_chain_configs(chain, size, runs, seed) if chain
-                      else [(pix2pix_config(size, seed), runs["pix2pix"])])
+            stages = (_chain_configs(chain, size, runs, seed, data) if chain
+                      else [(pix2pix_config(size, seed, data), runs["pix2pix"])])
             config, workdir = stages[-1]
             digest = ablate.config_digest(config)
             if only is not None and slug not in only:
-                row = _cached_row(workdir, digest)
+                row = _cached_row(workdir, digest, references)
                 if row is not None:
                     rows.append(row)
                 elif k == 0:
@@ -235,7 +256,8 @@ def run(out_dir: Path, seeds: int, tiny: bool,
                 if k == 0:
                     swap = mr_swap_mae(config, workdir, test_cases, references,
                                        [*test_cases, *splits["train"]])
-                    note += f"; another head's MR: MAE {swap:.1f} HU"
+                    note += (f"; another head's MR: MAE {swap:.1f} HU" if math.isfinite(swap)
+                             else "; another head's MR: n/a (no other head on its grid)")
             else:
                 scores = predict_and_score(config, workdir, references, 1)
                 note = "axial slices" + (" 64 x 96" if not tiny else "")
@@ -246,8 +268,5 @@ def run(out_dir: Path, seeds: int, tiny: bool,
 
     rows.append(baselines.constant_row(list(references.values())))
     rows += baselines.fitted_rows(first, splits["train"], test_cases, references)
-    ideal = [(baselines.ideal_prediction(c), references[c.id]) for c in test_cases]
-    if all(p is not None for p, _ in ideal):
-        rows.append(baselines.row("perfect model (floor)", baselines.score(ideal),
-                                  note="noise-free CT: CT noise only"))
+    rows.append(baselines.floor_row(test_cases, references, "noise-free CT: CT noise only"))
     return rows

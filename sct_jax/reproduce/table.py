@@ -1,8 +1,9 @@
 """Rows of a seed reproduction -> one markdown and one CSV table (mean ± std over seeds).
 
 A row is a dict with ``method: str``, ``seed: int | None`` (``None`` for a baseline),
-``mae``, ``psnr``, ``ssim``, ``bone_mae``, ``bone_dice`` (floats, NaN when not
-applicable), ``wall_s`` and ``note: str``.
+``mae``, ``psnr``, ``ssim``, ``ms_ssim``, ``bone_mae``, ``bone_dice``, ``bone_hd95``,
+``air_dice``, ``air_hd95`` (floats, NaN when not applicable; the evaluation's metrics,
+see :data:`sct_jax.reproduce.baselines.ROW_METRICS`), ``wall_s`` and ``note: str``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from sct_jax.data.io import atomic_write_text
 
 # (row key, markdown heading, format)
 COLUMNS = (("mae", "MAE [HU]", ".1f"), ("psnr", "PSNR [dB]", ".2f"), ("ssim", "SSIM", ".3f"),
+           ("ms_ssim", "MS-SSIM", ".3f"),
            ("bone_mae", "bone MAE [HU]", ".1f"), ("bone_dice", "bone Dice", ".3f"),
+           ("bone_hd95", "bone HD95 [mm]", ".1f"),
+           ("air_dice", "air Dice", ".3f"), ("air_hd95", "air HD95 [mm]", ".1f"),
            ("wall_s", "wall [s]", ".0f"))
-ROW_KEYS = ("method", "seed", "mae", "psnr", "ssim", "bone_mae", "bone_dice", "wall_s",
-            "note")
+ROW_KEYS = ("method", "seed") + tuple(key for key, _, _ in COLUMNS) + ("note",)
 
 
 def _finite(values) -> list[float]:
