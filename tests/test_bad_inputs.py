@@ -235,6 +235,10 @@ ROWS = [
     Row(13, "seed table with --region but no --data",
         "python -m sct_jax.reproduce seed02 --tiny --region brain --out {tmp}/table",
         2, "--region brain: needs --data"),
+    # Item 14: the LPIPS backbone named on the command line (issue #23).
+    Row(14, "score with an LPIPS backbone file that is not there",
+        "python evaluate.py --pred {pred} --data {data} --out {tmp}/m.json "
+        "--lpips_weights {tmp}/vgg16.npz", 2, "--lpips_weights: VGG-16 weights file not found"),
 ]
 COMMAND_ROWS = [r for r in ROWS if "(test)" not in r.what]
 

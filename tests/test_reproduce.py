@@ -17,13 +17,14 @@ from sct_jax.reproduce import __main__ as cli
 from sct_jax.evaluation import baselines as evaluation_baselines
 from sct_jax.reproduce import baselines, table
 
-NEW_COLUMNS = ("MS-SSIM", "bone HD95 [mm]", "air Dice", "air HD95 [mm]")
+NEW_COLUMNS = ("MS-SSIM", "bone HD95 [mm]", "air Dice", "air HD95 [mm]", "dWEPL [mm]")
 
 
 def _row(method, seed, mae, dice=math.nan, note=""):
     return {"method": method, "seed": seed, "mae": mae, "psnr": 20.0, "ssim": 0.5,
             "ms_ssim": 0.6, "bone_mae": 2 * mae, "bone_dice": dice, "bone_hd95": 3.0,
-            "air_dice": 0.7, "air_hd95": 4.0, "wall_s": 10.0, "note": note}
+            "air_dice": 0.7, "air_hd95": 4.0, "wepl_distal": 1.5, "wall_s": 10.0,
+            "note": note}
 
 
 def test_table_mean_and_sample_std_over_seeds(tmp_path):
@@ -75,12 +76,13 @@ def test_cached_row_without_the_new_metrics_is_rescored_or_na(tmp_path):
     mask = np.ones(ct.shape, bool)
     references = {"1BA001": baselines.Reference(ct, mask, (1.0, 1.0, 1.0))}
     old = {k: v for k, v in _row("A", 0, 5.0).items()
-           if k not in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95")}
+           if k not in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95", "wepl_distal")}
     row, rescored = baselines.complete_row(old, tmp_path / "predictions", references)
     assert not rescored and math.isnan(row["air_dice"]) and "n/a" in row["note"]
     save_volume(tmp_path / "predictions" / "1BA001" / "sct.nii.gz", ct, np.eye(4))
     row, rescored = baselines.complete_row(old, tmp_path / "predictions", references)
     assert rescored and row["mae"] == 0.0 and row["ms_ssim"] == pytest.approx(1.0)
+    assert row["wepl_distal"] == pytest.approx(0.0, abs=1e-9)
     assert row["note"] == "" and set(table.ROW_KEYS) <= set(row)
 
 
@@ -186,7 +188,7 @@ def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
     # A row cached before the new columns is rescored from its run's predictions.
     cached = out / "ldm_concat" / "seed0" / "reproduce_row.json"
     record = json.loads(cached.read_text())
-    for key in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95"):
+    for key in ("ms_ssim", "bone_hd95", "air_dice", "air_hd95", "wepl_distal"):
         del record["row"][key]
     cached.write_text(json.dumps(record))
     # --only retrains nothing it is not asked to; the other rows come from their runs.

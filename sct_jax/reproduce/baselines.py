@@ -34,7 +34,7 @@ SOFT_TISSUE_HU = evaluation_baselines.SOFT_TISSUE_HU
 # Row key -> the case_metrics name it averages (table order is table.COLUMNS').
 ROW_METRICS = {"mae": "mae", "psnr": "psnr", "ssim": "ssim", "ms_ssim": "ms_ssim",
                "bone_mae": "mae_bone", "bone_dice": "dice_bone", "bone_hd95": "hd95_bone",
-               "air_dice": "dice_air", "air_hd95": "hd95_air"}
+               "air_dice": "dice_air", "air_hd95": "hd95_air", "wepl_distal": "wepl_distal"}
 PHANTOM_GENERATOR = "sct_jax.data.phantom"
 
 

@@ -22,7 +22,7 @@ COLUMNS = (("mae", "MAE [HU]", ".1f"), ("psnr", "PSNR [dB]", ".2f"), ("ssim", "S
            ("bone_mae", "bone MAE [HU]", ".1f"), ("bone_dice", "bone Dice", ".3f"),
            ("bone_hd95", "bone HD95 [mm]", ".1f"),
            ("air_dice", "air Dice", ".3f"), ("air_hd95", "air HD95 [mm]", ".1f"),
-           ("wall_s", "wall [s]", ".0f"))
+           ("wepl_distal", "dWEPL [mm]", ".2f"), ("wall_s", "wall [s]", ".0f"))
 ROW_KEYS = ("method", "seed") + tuple(key for key, _, _ in COLUMNS) + ("note",)
 
 
