@@ -130,12 +130,16 @@ def test_gamma_against_pymedphys():
         np.testing.assert_allclose(np.minimum(ours, 2.0)[valid], theirs[valid], atol=1e-6)
 
 
-def test_gamma_memory_chunks_do_not_change_the_result():
+def test_gamma_shortcuts_do_not_change_the_result():
+    """Memory chunks change nothing; a pass rate searched only to the criterion and not
+    past a pass (gamma_pass_rate) is that of the full search."""
     ref, ev, spacing = _analytic_pair()
-    whole = gamma.gamma_index(ref, ev, spacing, 2.0, 2.0, 10.0, max_gamma=1.0)
-    chunked = gamma.gamma_index(ref, ev, spacing, 2.0, 2.0, 10.0, max_gamma=1.0,
+    whole = gamma.gamma_index(ref, ev, spacing, 1.0, 1.0, 10.0, max_gamma=2.0)
+    chunked = gamma.gamma_index(ref, ev, spacing, 1.0, 1.0, 10.0, max_gamma=2.0,
                                 max_elements=500)
     np.testing.assert_array_equal(whole, chunked)
+    assert 10.0 < gamma.pass_rate(whole) < 90.0
+    assert gamma.gamma_pass_rate(ref, ev, spacing, 1.0, 1.0) == gamma.pass_rate(whole)
 
 
 def test_gamma_refuses_bad_input():

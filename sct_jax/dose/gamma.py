@@ -76,7 +76,7 @@ def _search_radii(dta_mm: float, step_mm: float, max_gamma: float):
 def gamma_index(reference: np.ndarray, evaluation: np.ndarray, spacing: Sequence[float],
                 dose_percent: float = 2.0, dta_mm: float = 2.0, cutoff_percent: float = 10.0,
                 normalisation: float | None = None, interp_fraction: int = 10,
-                max_gamma: float = 2.0,
+                max_gamma: float = 2.0, skip_once_passed: bool = False,
                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
     """Global 3D gamma of ``evaluation`` against ``reference`` on one grid.
 
@@ -91,6 +91,8 @@ def gamma_index(reference: np.ndarray, evaluation: np.ndarray, spacing: Sequence
       interp_fraction: search step = ``dta_mm / interp_fraction``.
       max_gamma: the search stops at ``dta_mm * max_gamma``; a value above it is an
         upper bound of a gamma known to exceed ``max_gamma``.
+      skip_once_passed: stop searching a voxel once its gamma is <= 1 (its value is then
+        an upper bound <= 1): the pass rate is unchanged and comes much faster.
       max_elements: interpolated points per chunk (bounds the memory).
 
     Returns:
@@ -132,7 +134,10 @@ def gamma_index(reference: np.ndarray, evaluation: np.ndarray, spacing: Sequence
         candidate = np.sqrt((min_diff / dose_criterion) ** 2 + (radius / dta_mm) ** 2)
         best[searching] = np.minimum(best[searching], candidate)
         # Further shells cannot beat radius / DTA: only voxels with a larger gamma go on.
-        searching = searching[best[searching] > radius / dta_mm]
+        keep = best[searching] > radius / dta_mm
+        if skip_once_passed:
+            keep &= best[searching] > 1.0
+        searching = searching[keep]
         if len(searching) == 0:
             break
     gamma[tuple(points.T)] = best
@@ -169,8 +174,10 @@ def gamma_pass_rate(reference: np.ndarray, evaluation: np.ndarray, spacing: Sequ
                     dose_percent: float = 2.0, dta_mm: float = 2.0,
                     cutoff_percent: float = 10.0, normalisation: float | None = None,
                     **kwargs) -> float:
-    """:func:`gamma_index` reduced to its pass rate (%); same arguments. The search needs
-    go no further than the criterion for a pass rate, so ``max_gamma`` defaults to 1."""
+    """:func:`gamma_index` reduced to its pass rate (%); same arguments. A pass rate needs
+    no search beyond the criterion nor past a pass, so ``max_gamma`` defaults to 1 and
+    ``skip_once_passed`` to True."""
     kwargs.setdefault("max_gamma", 1.0)
+    kwargs.setdefault("skip_once_passed", True)
     return pass_rate(gamma_index(reference, evaluation, spacing, dose_percent, dta_mm,
                                  cutoff_percent, normalisation, **kwargs))
