@@ -440,3 +440,25 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, capsys, change, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (case["tmp"] / "out").exists()
+
+
+def test_cli_keeps_the_other_results_when_a_modality_fails(case, monkeypatch, capsys):
+    """pyradplan failing on one modality (its rays missing the image): that modality's
+    error is in the file, WEPL is kept, exit status 1 with one error line."""
+    from sct_jax.errors import RunFailed
+
+    def fail(*args, **kwargs):
+        raise RunFailed("photon plan failed in pyradplan (ValueError: operands could not "
+                        "be broadcast); give a smaller target")
+
+    monkeypatch.setattr(engine, "has_pyradplan", lambda: True)
+    monkeypatch.setattr(engine, "plan_on_ct", fail)
+    out = case["tmp"] / "out"
+    assert _exit_code(["--ct", case["ct"], "--sct", case["sct"], "--mask", case["mask"],
+                       "--target-radius", "12", "--modality", "photon", "--out",
+                       str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("warning: photon plan failed") and err[-1].startswith("error: ")
+    report = json.loads((out / "dose_metrics.json").read_text())
+    assert "smaller target" in report["dose"]["photon"]["error"]
+    assert report["wepl"]["sct_a"]["angles"]

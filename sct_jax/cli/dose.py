@@ -18,6 +18,9 @@ grid (dose_ct_<modality>.nii.gz, dose_<sct stem>_<modality>.nii.gz, Gy), a DVH f
 The WEPL proxy needs nothing optional (``--modality wepl``); photon/proton need the
 ``[dose]`` extra, and without it the command reports WEPL alone and prints how to
 install it.
+
+Exit status: 0 done; 1 a modality failed in pyradplan (the others, WEPL and the file are
+still written; the error is in the file); 2 bad input, nothing written; 3 a bug.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 from sct_jax import guard
 from sct_jax.data.io import Volume, atomic_write_text, load_volume, save_volume, volume_suffix
 from sct_jax.dose import dvh, engine, gamma, plots, wepl
-from sct_jax.errors import DataError
+from sct_jax.errors import DataError, RunFailed
 from sct_jax.io_guard import refuse_overwrite
 
 PROG = "sct-dose"
@@ -241,11 +244,20 @@ def _main(args) -> int:
                   "wepl": "mm, sCT - CT, beam angles IEC (0 anterior, 90 patient's left)"},
               "wepl": _wepl(args, data), "dose": {}}
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     for modality in modalities:
-        report["dose"][modality] = run_modality(args, data, modality, out)
+        try:
+            report["dose"][modality] = run_modality(args, data, modality, out)
+        except RunFailed as e:  # the other modalities and WEPL are still worth having
+            report["dose"][modality] = {"error": str(e)}
+            failed.append(modality)
+            print(f"warning: {e}", file=sys.stderr, flush=True)
     atomic_write_text(out / "dose_metrics.json", json.dumps(report, indent=1) + "\n")
     print(format_summary(report))
     print(f"wrote {out / 'dose_metrics.json'}")
+    if failed:
+        raise RunFailed(f"{out / 'dose_metrics.json'}: the {' and '.join(failed)} dose failed "
+                        "(its error is in the file); the rest was written")
     return guard.EXIT_OK
 
 
@@ -256,7 +268,7 @@ def format_summary(report: dict) -> str:
         lines.append(f"{stem} wepl: mean |dWEPL| distal {w['mean_abs_diff_distal']:.2f} mm, "
                      f"max {w['max_abs_diff_distal']:.2f} mm")
     for modality, result in report["dose"].items():
-        for stem, m in result["scts"].items():
+        for stem, m in result.get("scts", {}).items():
             lines.append(f"{stem} {modality}: dose MAE {m['dose_mae_percent_rx']:.2f} % Rx, "
                          f"gamma 2%/2mm {m['gamma_pass_2pct_2mm']:.1f} %, 1%/1mm "
                          f"{m['gamma_pass_1pct_1mm']:.1f} %, target D98 "

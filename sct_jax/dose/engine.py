@@ -46,7 +46,7 @@ import numpy as np
 from nibabel import orientations
 
 from sct_jax.data.io import atomic_path, atomic_write_text, ras_to_lps
-from sct_jax.errors import ConfigError, DataError
+from sct_jax.errors import ConfigError, DataError, RunFailed
 
 INSTALL_HINT = ('the photon/proton dose needs the optional extra: pip install -e ".[dose]" '
                 '(or the lean install in the README\'s "Dose" section: pip install --no-deps '
@@ -244,6 +244,22 @@ def plan_fingerprint(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
 
 
 @contextlib.contextmanager
+def _engine_errors(modality: str, step: str) -> Iterator[None]:
+    """An exception inside pyradplan becomes one line (exit status 1): pyradplan 0.5.0
+    fails with a broadcasting ValueError when a beam's rays miss the image, which
+    happens when the target reaches the image's edge."""
+    try:
+        yield
+    except (DataError, ConfigError):
+        raise
+    except Exception as e:  # noqa: BLE001 (a third-party engine's failure)
+        text = " ".join(str(e).split())[:200]
+        raise RunFailed(f"{modality} {step} failed in pyradplan ({type(e).__name__}: {text}); "
+                        "if the target (plus a beamlet) reaches the image's edge, give a "
+                        "smaller target") from e
+
+
+@contextlib.contextmanager
 def _quiet(prp) -> Iterator[None]:
     """pyradplan on the CPU with numpy, without its progress bars, warnings and INFO
     logs (they would bury the command's own output); settings restored afterwards."""
@@ -374,7 +390,7 @@ def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
                     ct_dose=np.zeros(0, np.float32),
                     info={"max_iter": int(max_iter), "pyradplan": prp.__version__})
     timings = {}
-    with _quiet(prp):
+    with _engine_errors(modality, "plan"), _quiet(prp):
         ct_obj, cst, pln = _setup(prp, plan, plan.ct_hu)
         start = time.perf_counter()
         stf = prp.generate_stf(ct_obj, cst, pln)
@@ -386,7 +402,8 @@ def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
         dose = _dose_array(dij.compute_result_ct_grid(weights), plan.affine)
     mean = float(dose[target].mean())
     if not mean > 0:
-        raise DataError("dose plan: the optimised plan gives the target no dose")
+        raise RunFailed(f"{modality} plan: the optimised plan gives the target no dose; if "
+                        "the target fills the image, give a smaller target")
     plan.weights, plan.scale, plan._stf = weights, plan.rx / mean, stf
     plan.ct_dose = (dose * plan.scale).astype(np.float32)
     plan.info.update(timings=timings, n_beamlets=int(weights.size),
@@ -409,7 +426,7 @@ def recompute(plan: DosePlan, hu: np.ndarray) -> np.ndarray:
     if np.shape(hu) != plan.ct_hu.shape:
         raise DataError(f"recompute: volume {np.shape(hu)} differs from the plan's grid "
                         f"{plan.ct_hu.shape}")
-    with _quiet(prp):
+    with _engine_errors(plan.modality, "recompute"), _quiet(prp):
         if plan._stf is None:
             # The beamlets and, for protons, their energies are set on the planning CT.
             ct_obj, cst, pln = _setup(prp, plan, plan.ct_hu)
