@@ -280,7 +280,8 @@ def _quiet(prp) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _ct(prp, hu_lps: np.ndarray, spacing: np.ndarray, origin: np.ndarray):
+def _ct(hu_lps: np.ndarray, spacing: np.ndarray, origin: np.ndarray):
+    """pyradplan's CT of an LPS-ordered HU array (sitk wants (Z, Y, X) arrays)."""
     import SimpleITK as sitk  # noqa: PLC0415 (a dependency of the optional extra)
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(hu_lps.transpose(2, 1, 0)))
@@ -290,7 +291,7 @@ def _ct(prp, hu_lps: np.ndarray, spacing: np.ndarray, origin: np.ndarray):
     return create_ct(cube_hu=image)
 
 
-def _structure_set(prp, ct_obj, plan: DosePlan):
+def _structure_set(ct_obj, plan: DosePlan):
     """The VOIs (target, organs, body) with their objectives, on ``ct_obj``."""
     from pyRadPlan.cst import StructureSet, create_voi  # noqa: PLC0415
     from pyRadPlan.optimization.objectives import (  # noqa: PLC0415
@@ -338,8 +339,8 @@ def _dose_array(result: dict, affine: np.ndarray) -> np.ndarray:
 def _setup(prp, plan: DosePlan, hu: np.ndarray):
     """pyradplan's CT, structure set and plan for ``hu`` (input grid, air outside)."""
     lps, spacing, origin = to_lps(air_outside(hu, plan.body), plan.affine)
-    ct_obj = _ct(prp, lps, spacing, origin)
-    return ct_obj, _structure_set(prp, ct_obj, plan), _pln(prp, plan)
+    ct_obj = _ct(lps, spacing, origin)
+    return ct_obj, _structure_set(ct_obj, plan), _pln(prp, plan)
 
 
 def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
@@ -371,10 +372,10 @@ def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
     prp = require_pyradplan()
     if rx <= 0:
         raise ConfigError(f"prescription {rx:g} Gy must be > 0")
-    angles = tuple(float(a) for a in (gantry_angles if gantry_angles is not None
-                                      else default_beams(modality, beam_set)))
     if modality not in MODALITIES:
         raise ConfigError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
+    angles = tuple(float(a) for a in (gantry_angles if gantry_angles is not None
+                                      else default_beams(modality, beam_set)))
     shape = np.shape(ct)
     for name, mask in [("body", body), ("target", target), *organs.items()]:
         if np.shape(mask) != shape:
