@@ -6,7 +6,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {"sct-train", "sct-evaluate", "sct-predict", "sct-qa", "sct-export-dicom",
-            "sct-export-model", "sct-ablate", "sct-bench", "sct-reproduce"}
+            "sct-export-model", "sct-ablate", "sct-bench", "sct-reproduce", "sct-dose"}
 
 
 def _scripts() -> dict[str, str]:
