@@ -28,22 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from sct_jax import guard
-from sct_jax.data.io import Volume, atomic_write_text, load_volume, save_volume, volume_suffix
-from sct_jax.dose import dvh, engine, gamma, plots, wepl
+from sct_jax.data.io import Volume, atomic_write_text, load_volume, volume_suffix
+from sct_jax.dose import compare, engine, wepl
 from sct_jax.errors import DataError, RunFailed
 from sct_jax.io_guard import refuse_overwrite
 
 PROG = "sct-dose"
 KNOWN_MODALITIES = ("photon", "proton", "wepl")
-GAMMA_CRITERIA = ((2.0, 2.0), (1.0, 1.0))  # (dose %, DTA mm)
-GAMMA_CUTOFF_PERCENT = 10.0
+GAMMA_CUTOFF_PERCENT = compare.GAMMA_CUTOFF_PERCENT
 
 
 def _parse_args(argv):
@@ -162,67 +160,6 @@ def _wepl(args, data) -> dict:
             for stem, sct in data["scts"].items()}
 
 
-def _cached_plan(folder: Path, fingerprint: str):
-    try:
-        plan = engine.load_plan(folder)
-    except DataError:
-        return None
-    return plan if plan.info.get("fingerprint") == fingerprint else None
-
-
-def compare_doses(ct_dose, sct_dose, rx, target, organs, spacing) -> dict:
-    """The dose metrics of one sCT dose against the CT dose (module docstring)."""
-    result = {"dose_mae_percent_rx": dvh.dose_mae_percent(ct_dose, sct_dose, rx)}
-    for dose_percent, dta in GAMMA_CRITERIA:
-        key = f"gamma_pass_{dose_percent:g}pct_{dta:g}mm"
-        result[key] = gamma.gamma_pass_rate(ct_dose, sct_dose, spacing, dose_percent, dta,
-                                            GAMMA_CUTOFF_PERCENT)
-    result.update(dvh.dvh_differences(ct_dose, sct_dose, rx, target, organs))
-    return result
-
-
-def run_modality(args, data, modality: str, out: Path) -> dict:
-    """Plans (or reuses the cached plan) on the CT and recomputes on each sCT."""
-    ct = data["ct"]
-    settings = dict(modality=modality, rx=args.rx, beams=args.beams, dose_grid=args.dose_grid)
-    fingerprint = engine.plan_fingerprint(ct.data, data["body"], data["target"],
-                                          data["organs"], ct.affine, **settings)
-    folder = out / f"plan_{modality}"
-    plan = _cached_plan(folder, fingerprint)
-    cached = plan is not None
-    start = time.perf_counter()
-    if plan is None:
-        plan = engine.plan_on_ct(ct.data, data["body"], data["target"], data["organs"],
-                                 ct.affine, modality, args.rx,
-                                 beam_set=args.beams if modality == "photon" else None,
-                                 dose_grid_mm=args.dose_grid)
-        plan.info["fingerprint"] = fingerprint
-        plan.save(folder)
-    plan_s = time.perf_counter() - start
-    save_volume(out / f"dose_ct_{modality}.nii.gz", plan.ct_dose, ct.affine, ct.header)
-    structures = {"target": data["target"], **data["organs"]}
-    per_sct = {}
-    for stem, sct in data["scts"].items():
-        start = time.perf_counter()
-        dose = engine.recompute(plan, sct)
-        recompute_s = time.perf_counter() - start
-        save_volume(out / f"dose_{stem}_{modality}.nii.gz", dose, ct.affine, ct.header)
-        metrics = compare_doses(plan.ct_dose, dose, args.rx, data["target"], data["organs"],
-                                ct.spacing)
-        metrics["recompute_s"] = recompute_s
-        per_sct[stem] = metrics
-        title = f"{stem} vs CT, {modality}"
-        plots.save_dvh_figure(out / f"dvh_{stem}_{modality}.png", plan.ct_dose, dose,
-                              structures, args.rx, title)
-        plots.save_dose_difference_figure(out / f"dose_diff_{stem}_{modality}.png",
-                                          plan.ct_hu, plan.ct_dose, dose, args.rx,
-                                          data["target"], ct.spacing, title)
-    summary = {"gantry_angles_deg": list(plan.gantry_angles), "cached": cached,
-               "plan_s": plan_s, **{k: v for k, v in plan.info.items()
-                                    if k not in ("fingerprint", "recompute_s")}}
-    return {"plan": summary, "scts": per_sct}
-
-
 def _main(args) -> int:
     out = check_out(args)
     data = load_inputs(args)
@@ -247,7 +184,9 @@ def _main(args) -> int:
     failed = []
     for modality in modalities:
         try:
-            report["dose"][modality] = run_modality(args, data, modality, out)
+            report["dose"][modality] = compare.run_modality(
+                data["ct"], data["scts"], data["body"], data["target"], data["organs"],
+                modality, args.rx, out, beams=args.beams, dose_grid_mm=args.dose_grid)
         except RunFailed as e:  # the other modalities and WEPL are still worth having
             report["dose"][modality] = {"error": str(e)}
             failed.append(modality)

@@ -68,6 +68,12 @@ def define_flags() -> None:
                         "scripts/convert_vgg_weights.py) for the LPIPS column; default: "
                         "the run's perceptual-loss weights or weights/vgg16.npz when "
                         "present, else the column is empty and the report says why.")
+    flags.DEFINE_boolean("dose", False, "With --workdir: also score every case by dose: "
+                         "photon and proton plans on the CT (a 25 mm target sphere at the "
+                         "body's centre of mass), recomputed on the model's and the "
+                         "baselines' sCTs (dose MAE, gamma, D98; DVH plots in the report). "
+                         "Needs the [dose] extra.")
+    flags.DEFINE_float("dose_rx", 2.0, "With --dose: the prescription in Gy.")
     flags.DEFINE_boolean("qa", False, "With --workdir: also run the reference-free fidelity "
                          "checks on every case (<id>/qa.json, qa.png; the sample spread with "
                          "--samples, cycle consistency for CycleGAN) and print a case x "
@@ -83,6 +89,9 @@ def score_predictions() -> None:
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
+    if FLAGS.dose:
+        raise ConfigError("--dose needs --workdir (the run's training split gives the "
+                          "baselines); use sct-dose for single files")
     lpips_setup.check_weights(FLAGS.lpips_weights)
     lpips_net, lpips_note = lpips_setup.lpips_for(FLAGS.lpips_weights)
     report = scoring.evaluate_folder(FLAGS.pred, FLAGS.data, out=FLAGS.out,
@@ -106,7 +115,8 @@ def main(argv):
         config = runs.config_for(FLAGS.workdir, FLAGS.config)
         evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
                      samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint,
-                     lpips_weights=FLAGS.lpips_weights)
+                     lpips_weights=FLAGS.lpips_weights, dose=FLAGS.dose,
+                     dose_rx=FLAGS.dose_rx)
         return
     score_predictions()
 

@@ -21,8 +21,8 @@ from sct_jax import runs
 from sct_jax.data import datasets, synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.evaluation import (baselines, bone3d, figures, lpips_setup, qa_report,
-                                report_html, scoring)
+from sct_jax.evaluation import (baselines, bone3d, dose_eval, figures, lpips_setup,
+                                qa_report, report_html, scoring)
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 
@@ -97,7 +97,8 @@ def check_outputs(config, workdir: Path, data_root, out) -> None:
 def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = None,
                  out: str | Path | None = None, panels: bool | None = None,
                  samples: int = 1, qa: bool = False, checkpoint: int | str = "best",
-                 lpips_weights: str | None = None):
+                 lpips_weights: str | None = None, dose: bool = False,
+                 dose_rx: float = 2.0):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -118,6 +119,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
       lpips_weights: VGG-16 ``.npz`` for the LPIPS column (default: the run's perceptual
         weights or ``weights/vgg16.npz`` when present; none: the column says why, see
         :mod:`sct_jax.evaluation.lpips_setup`).
+      dose: also score every case by dose (photon and proton plans on the CT,
+        recomputed on the model's and the baselines' sCTs; needs the ``[dose]`` extra,
+        see :mod:`sct_jax.evaluation.dose_eval`).
+      dose_rx: the prescription in Gy.
 
     Returns:
       The :class:`scoring.ScoreReport`.
@@ -125,6 +130,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     workdir = Path(workdir)
     check_outputs(config, workdir, data_root, out)
     lpips_setup.check_weights(lpips_weights)
+    if dose:
+        if not dose_rx > 0:
+            raise ConfigError(f"--dose_rx: {dose_rx:g} Gy; the prescription must be > 0")
+        dose_eval.check_available()
     t0 = time.perf_counter()
     step = runs.resolve_checkpoint(workdir, checkpoint)
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
@@ -156,6 +165,12 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         if base_note:
             extra["baselines_note"] = base_note
     extra["lpips_note"] = lpips_note
+    dose_result = None
+    if dose and with_ct:
+        t3 = time.perf_counter()
+        dose_result = dose_eval.dose_scores(config, with_ct, train_cases, pred_dir, dose_rx)
+        extra["dose"] = dose_eval.json_part(dose_result)
+        logging.info("dose scored in %.1fs", time.perf_counter() - t3)
     scoring.write_results(report, json_path, csv_path, extra)
     if verdict is not None:
         print(verdict["line"])
@@ -169,6 +184,10 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     if base_note:
         print(base_note)
     print(lpips_note)
+    if dose_result is not None:
+        print("\n".join(dose_eval.summary_lines(dose_result)))
+        print(f"dose: {dose_result['target']}, Rx {dose_rx:g} Gy; "
+              f"{sum(dose_result['seconds_per_case']):.0f} s for {len(with_ct)} case(s)")
     print(f"wrote {json_path} and {csv_path}")
     panel_png, std_png, bone_png = {}, {}, {}
     if config.eval.panels if panels is None else panels:
@@ -208,6 +227,7 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     page = report_html.write(
         report_html.path_for(json_path), report, title=config.name or config.method,
         baselines=[(n, b["label"], b["mean"]) for n, b in base.items()], verdict=verdict,
-        qa=verdicts, panels=panel_png, std_maps=std_png, bone3d=bone_png, notes=notes)
+        qa=verdicts, panels=panel_png, std_maps=std_png, bone3d=bone_png, notes=notes,
+        dose=dose_result)
     print(f"report: {page}")
     return report

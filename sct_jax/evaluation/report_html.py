@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sct_jax.data.io import atomic_write_text
+from sct_jax.evaluation.dose_eval import SUMMARY, label
 from sct_jax.evaluation.scoring import SCORED_METRICS, TABLE_COLUMNS, ScoreReport
 
 _STYLE = """
@@ -94,6 +95,7 @@ def render(report: ScoreReport, *, title: str,
            verdict: Mapping | None = None, qa: Mapping[str, str] | None = None,
            panels: Mapping[str, bytes] | None = None,
            std_maps: Mapping[str, bytes] | None = None,
+           dose: Mapping | None = None,
            bone3d: Mapping[str, bytes] | None = None,
            notes: tuple[str, ...] = ()) -> str:
     """The page's HTML text.
@@ -111,6 +113,8 @@ def render(report: ScoreReport, *, title: str,
       bone3d: case id -> PNG bytes of its bone surfaces, CT left, sCT right
         (:func:`sct_jax.evaluation.bone3d.save_bone3d`).
       notes: lines shown under the title (checkpoint, samples, data).
+      dose: :func:`sct_jax.evaluation.dose_eval.dose_scores`'s result: a dose table
+        (model and baselines, per modality) and each case's DVH plots.
     """
     qa = dict(qa or {})
     header = "".join(f"<th>{html.escape(TABLE_COLUMNS[n][0])}</th>" for n in SCORED_METRICS)
@@ -159,6 +163,7 @@ def render(report: ScoreReport, *, title: str,
         "one, the noise-free CT (a perfect model's floor).</p>",
         f'<table id="metrics"><thead><tr><th>case</th>{header}{qa_header}</tr></thead>',
         "<tbody>", *rows, "</tbody></table>",
+        *_dose_table(dose),
     ]
     panels, std_maps, bone3d = dict(panels or {}), dict(std_maps or {}), dict(bone3d or {})
     for case in report.cases:
@@ -171,6 +176,12 @@ def render(report: ScoreReport, *, title: str,
             figures.append(f'<figure data-figure="bone3d"><img alt="{html.escape(case.id)} '
                            f'bone surface" src="{png_data_uri(bone3d[case.id])}"><figcaption>'
                            "bone surface (&gt; 250 HU), CT left, sCT right</figcaption></figure>")
+        for modality, png in ((dose or {}).get("dvh_png", {}).get(case.id, {})).items():
+            figures.append(f'<figure data-figure="dvh_{html.escape(modality)}"><img alt="'
+                           f'{html.escape(case.id)} {html.escape(modality)} DVH" '
+                           f'src="{png_data_uri(Path(png).read_bytes())}"><figcaption>'
+                           f"{html.escape(modality)} DVH, CT solid, sCT dashed"
+                           "</figcaption></figure>")
         if case.id in std_maps:
             figures.append(f'<figure><img alt="{html.escape(case.id)} sample std" '
                            f'src="{png_data_uri(std_maps[case.id])}"><figcaption>per-voxel '
@@ -180,6 +191,28 @@ def render(report: ScoreReport, *, title: str,
                       f"<h2>{html.escape(case.id)}</h2>", *figures, "</section>"]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _dose_table(dose: Mapping | None) -> list[str]:
+    """The dose section: per modality, the model's and each baseline's mean metrics."""
+    if not dose:
+        return []
+    head = "".join(f"<th>{html.escape(text)}</th>" for text, _ in SUMMARY.values())
+    rows = []
+    for modality, by_name in dose["summary"].items():
+        for name, values in by_name.items():
+            css = "" if name == "model" else ' class="baseline"'
+            cells = "".join(f'<td data-metric="{k}">{values[k]:.2f}</td>' for k in SUMMARY)
+            rows.append(f'<tr{css} data-case="dose:{html.escape(modality)}:{html.escape(name)}">'
+                        f"<td>{html.escape(modality)}</td><td>{html.escape(label(name))}</td>"
+                        f"{cells}</tr>")
+    return ["<h2>Dose</h2>",
+            f"<p>Plans optimised on the CT ({html.escape(dose['target'])}, Rx "
+            f"{dose['rx_gy']:g} Gy), recomputed on each sCT; means over the cases. Dose MAE "
+            "where the CT dose is &ge; 90% of Rx; gamma global, 10% low-dose cut-off; "
+            "target D98 of sCT - CT.</p>",
+            f'<table id="dose"><thead><tr><th>modality</th><th>sCT</th>{head}</tr></thead>',
+            "<tbody>", *rows, "</tbody></table>"]
 
 
 def path_for(json_path: str | os.PathLike) -> Path:
