@@ -6,6 +6,7 @@ skipped without it; the rest runs everywhere.
 """
 
 import json
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from sct_jax.cli import dose as dose_cli
 from sct_jax.data.io import lps_to_ras, ras_to_lps
 from sct_jax.dose import dvh, engine, gamma
-from sct_jax.errors import ConfigError, DataError
+from sct_jax.errors import ConfigError, DataError, RunFailed
 
 NEEDS_EXTRA = "the photon/proton dose needs the [dose] extra (pyradplan)"
 
@@ -445,7 +446,6 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(case, capsys, change, message):
 def test_cli_keeps_the_other_results_when_a_modality_fails(case, monkeypatch, capsys):
     """pyradplan failing on one modality (its rays missing the image): that modality's
     error is in the file, WEPL is kept, exit status 1 with one error line."""
-    from sct_jax.errors import RunFailed
 
     def fail(*args, **kwargs):
         raise RunFailed("photon plan failed in pyradplan (ValueError: operands could not "
@@ -462,3 +462,33 @@ def test_cli_keeps_the_other_results_when_a_modality_fails(case, monkeypatch, ca
     report = json.loads((out / "dose_metrics.json").read_text())
     assert "smaller target" in report["dose"]["photon"]["error"]
     assert report["wepl"]["sct_a"]["angles"]
+
+
+def test_padding_only_where_the_target_nears_the_image_edge():
+    ct, body, target, _, affine = phantom()
+    assert not engine.padding(SimpleNamespace(target=target, affine=affine)).any()
+    thin = target[:, :, 8:12]  # 4 slices of 3 mm: the sphere is cut by both z faces
+    pad = engine.padding(SimpleNamespace(target=thin, affine=affine))
+    need = int(np.ceil(engine.EDGE_MARGIN_MM / SPACING))
+    assert pad[:2].sum() == 0 and pad[2].tolist() == [need, need]  # S axis only, both ends
+
+
+def test_a_target_at_the_image_edge_plans_on_air_padding(monkeypatch):
+    """pyradplan 0.5.0 fails (a broadcasting ValueError) when a beam's rays miss the
+    image: a 25 mm target in a 48 x 32 x 8 image of 1 x 1 x 2.5 mm that the body fills.
+    Padded with air, it plans, and the dose comes back on the input grid."""
+    pytest.importorskip("pyRadPlan", reason=NEEDS_EXTRA)
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    body = np.zeros((48, 32, 8), bool)
+    body[1:-1, 1:-1, :] = True
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)
+    target = engine.default_target(body, affine, 25.0)
+    plan = engine.plan_on_ct(ct, body, target, {}, affine, "photon", 2.0,
+                             gantry_angles=(0.0, 90.0, 180.0, 270.0))
+    assert plan.ct_dose.shape == ct.shape
+    assert plan.ct_dose[target].mean() == pytest.approx(2.0, rel=1e-5)
+    np.testing.assert_allclose(engine.recompute(plan, ct), plan.ct_dose, atol=1e-5)
+    monkeypatch.setattr(engine, "EDGE_MARGIN_MM", 0.0)  # what the padding prevents
+    with pytest.raises(RunFailed, match="reaches the image's edge"):
+        engine.plan_on_ct(ct, body, target, {}, affine, "photon", 2.0,
+                          gantry_angles=(0.0, 90.0, 180.0, 270.0))

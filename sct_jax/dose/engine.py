@@ -59,6 +59,10 @@ BEAM_SETS = {
 }
 DEFAULT_BEAM_SET = {"photon": "coplanar7", "proton": "lateral2"}
 AIR_HU = -1000.0
+# Air added around the image (mm, per side, only where the target comes closer to the
+# image's edge than this): pyradplan 0.5.0 fails when a beam's rays miss the image, as
+# they do when the target touches its edge. The dose is cropped back to the input grid.
+EDGE_MARGIN_MM = 15.0
 PLAN_FORMAT = 1
 _LPS = orientations.axcodes2ornt(("L", "P", "S"))
 
@@ -280,6 +284,21 @@ def _quiet(prp) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def padding(plan: "DosePlan") -> np.ndarray:
+    """``(3, 2)`` voxels of air added before/after each LPS axis so that the target lies
+    at least :data:`EDGE_MARGIN_MM` inside the image (zeros for most images)."""
+    target_lps, spacing, _ = to_lps(np.asarray(plan.target, np.uint8), plan.affine)
+    idx = np.argwhere(target_lps > 0)
+    need = np.ceil(EDGE_MARGIN_MM / spacing).astype(int)
+    before = np.maximum(0, need - idx.min(axis=0))
+    after = np.maximum(0, need - (np.array(target_lps.shape) - 1 - idx.max(axis=0)))
+    return np.stack([before, after], axis=1)
+
+
+def _pad(lps: np.ndarray, pad: np.ndarray, value: float) -> np.ndarray:
+    return np.pad(lps, [tuple(int(v) for v in p) for p in pad], constant_values=value)
+
+
 def _ct(hu_lps: np.ndarray, spacing: np.ndarray, origin: np.ndarray):
     """pyradplan's CT of an LPS-ordered HU array (sitk wants (Z, Y, X) arrays)."""
     import SimpleITK as sitk  # noqa: PLC0415 (a dependency of the optional extra)
@@ -291,14 +310,15 @@ def _ct(hu_lps: np.ndarray, spacing: np.ndarray, origin: np.ndarray):
     return create_ct(cube_hu=image)
 
 
-def _structure_set(ct_obj, plan: DosePlan):
-    """The VOIs (target, organs, body) with their objectives, on ``ct_obj``."""
+def _structure_set(ct_obj, plan: DosePlan, pad: np.ndarray):
+    """The VOIs (target, organs, body) with their objectives, on ``ct_obj`` (the CT
+    padded by ``pad``, see :func:`padding`)."""
     from pyRadPlan.cst import StructureSet, create_voi  # noqa: PLC0415
     from pyRadPlan.optimization.objectives import (  # noqa: PLC0415
         SquaredDeviation, SquaredOverdosing)
 
     def voi(kind, name, mask, objectives):
-        lps = to_lps(np.asarray(mask, np.uint8), plan.affine)[0]
+        lps = _pad(to_lps(np.asarray(mask, np.uint8), plan.affine)[0], pad, 0)
         v = create_voi(voi_type=kind, name=name, ct_image=ct_obj,
                        mask=np.ascontiguousarray(lps.transpose(2, 1, 0)))
         v.objectives = objectives
@@ -328,19 +348,24 @@ def _pln(prp, plan: DosePlan):
     return pln
 
 
-def _dose_array(result: dict, affine: np.ndarray) -> np.ndarray:
+def _dose_array(result: dict, affine: np.ndarray, pad: np.ndarray) -> np.ndarray:
     import SimpleITK as sitk  # noqa: PLC0415
 
     dose = result["physical_dose"]
     dose = sitk.GetArrayFromImage(dose) if isinstance(dose, sitk.Image) else np.asarray(dose)
-    return from_lps(np.asarray(dose, np.float64).transpose(2, 1, 0), affine)
+    dose = np.asarray(dose, np.float64).transpose(2, 1, 0)
+    crop = tuple(slice(int(b), n - int(a)) for (b, a), n in zip(pad, dose.shape))
+    return from_lps(dose[crop], affine)
 
 
 def _setup(prp, plan: DosePlan, hu: np.ndarray):
-    """pyradplan's CT, structure set and plan for ``hu`` (input grid, air outside)."""
+    """pyradplan's CT, structure set and plan for ``hu`` (input grid, air outside; padded
+    with air where the target nears the image's edge, see :func:`padding`)."""
     lps, spacing, origin = to_lps(air_outside(hu, plan.body), plan.affine)
-    ct_obj = _ct(lps, spacing, origin)
-    return ct_obj, _structure_set(ct_obj, plan), _pln(prp, plan)
+    pad = padding(plan)
+    # LPS axes run along +L, +P, +S: voxels added before an axis start one step earlier.
+    ct_obj = _ct(_pad(lps, pad, AIR_HU), spacing, origin - pad[:, 0] * spacing)
+    return ct_obj, _structure_set(ct_obj, plan, pad), _pln(prp, plan)
 
 
 def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
@@ -400,7 +425,7 @@ def plan_on_ct(ct: np.ndarray, body: np.ndarray, target: np.ndarray,
         start = time.perf_counter()
         weights = np.asarray(prp.fluence_optimization(ct_obj, cst, stf, dij, pln), np.float64)
         timings["optimisation_s"] = time.perf_counter() - start
-        dose = _dose_array(dij.compute_result_ct_grid(weights), plan.affine)
+        dose = _dose_array(dij.compute_result_ct_grid(weights), plan.affine, padding(plan))
     mean = float(dose[target].mean())
     if not mean > 0:
         raise RunFailed(f"{modality} plan: the optimised plan gives the target no dose; if "
@@ -440,4 +465,4 @@ def recompute(plan: DosePlan, hu: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         result = prp.calc_dose_forward(ct_obj, cst, plan._stf, pln, plan.weights.copy())
         plan.info.setdefault("recompute_s", []).append(time.perf_counter() - start)
-    return (_dose_array(result, plan.affine) * plan.scale).astype(np.float32)
+    return (_dose_array(result, plan.affine, padding(plan)) * plan.scale).astype(np.float32)

@@ -20,6 +20,7 @@ import numpy as np
 from sct_jax.data import synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.dose import compare, engine
+from sct_jax.errors import RunFailed
 from sct_jax.evaluation import baselines
 
 TARGET_RADIUS_MM = 25.0
@@ -52,9 +53,12 @@ def dose_scores(config, cases: Sequence[synthrad.Case], train_cases, pred_dir: P
     Returns:
       ``{"rx_gy", "target", "cases": {id: {modality: {"plan", "scts": {name: metrics}}}},
       "summary": {modality: {name: {metric: mean over cases}}}, "dvh_png": {id: {modality:
-      path}}, "seconds_per_case"}`` with names ``model`` and the baselines'.
+      path}}, "seconds_per_case", "errors"}`` with names ``model`` and the baselines'. A
+      modality pyradplan fails on for a case (e.g. protons too shallow for the generic
+      machine's lowest energy) is ``{"error": ...}`` there, listed in ``errors`` and left
+      out of the summary; the other modalities and cases are still scored.
     """
-    per_case, dvh_png, seconds = {}, {}, []
+    per_case, dvh_png, seconds, errors = {}, {}, [], []
     for case, data, preds in baselines.case_predictions(config, cases, train_cases):
         start = time.perf_counter()
         body = np.asarray(data.mask) > 0
@@ -63,24 +67,29 @@ def dose_scores(config, cases: Sequence[synthrad.Case], train_cases, pred_dir: P
         out = pred_dir / case.id / "dose"
         per_case[case.id], dvh_png[case.id] = {}, {}
         for modality in MODALITIES:
-            per_case[case.id][modality] = compare.run_modality(
-                data.ct, scts, body, target, {}, modality, rx, out, figures={"model"})
+            try:
+                per_case[case.id][modality] = compare.run_modality(
+                    data.ct, scts, body, target, {}, modality, rx, out, figures={"model"})
+            except RunFailed as err:  # the other modality and cases are still worth having
+                per_case[case.id][modality] = {"error": str(err)}
+                errors.append(f"{case.id} {modality}: {err}")
+                continue
             dvh_png[case.id][modality] = out / f"dvh_model_{modality}.png"
         seconds.append(time.perf_counter() - start)
     summary = {}
     for modality in MODALITIES:
-        names = {n for c in per_case.values() for n in c[modality]["scts"]}
+        done = [c[modality]["scts"] for c in per_case.values() if "scts" in c[modality]]
+        names = {n for scts in done for n in scts}
         summary[modality] = {}
         for name in ["model"] + [n for n in baselines.LABELS if n in names]:
-            rows = [c[modality]["scts"][name] for c in per_case.values()
-                    if name in c[modality]["scts"]]
-            if len(rows) != len(per_case):
+            rows = [scts[name] for scts in done if name in scts]
+            if not rows or len(rows) != len(done):
                 continue
             summary[modality][name] = {
                 key: float(np.mean([read(r) for r in rows])) for key, (_, read) in SUMMARY.items()}
     return {"rx_gy": rx, "target": f"sphere of radius {TARGET_RADIUS_MM:g} mm at the body's "
             "centre of mass", "cases": per_case, "summary": summary, "dvh_png": dvh_png,
-            "seconds_per_case": seconds}
+            "seconds_per_case": seconds, "errors": errors}
 
 
 def label(name: str) -> str:
@@ -95,7 +104,7 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"dose {modality} {label(name)}: MAE {m['dose_mae_percent_rx']:.2f} % Rx, "
                          f"gamma 2%/2mm {m['gamma_2_2']:.1f} %, 1%/1mm {m['gamma_1_1']:.1f} %, "
                          f"target D98 {m['target_d98']:+.2f} % Rx")
-    return lines
+    return lines + [f"dose failed: {e}" for e in result["errors"]]
 
 
 def json_part(result: dict) -> dict:

@@ -212,7 +212,8 @@ def _dose_table(dose: Mapping | None) -> list[str]:
             "where the CT dose is &ge; 90% of Rx; gamma global, 10% low-dose cut-off; "
             "target D98 of sCT - CT.</p>",
             f'<table id="dose"><thead><tr><th>modality</th><th>sCT</th>{head}</tr></thead>',
-            "<tbody>", *rows, "</tbody></table>"]
+            "<tbody>", *rows, "</tbody></table>",
+            *[f'<p class="warning">dose failed: {html.escape(e)}</p>' for e in dose["errors"]]]
 
 
 def path_for(json_path: str | os.PathLike) -> Path:
