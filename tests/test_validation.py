@@ -292,3 +292,37 @@ def test_report_bone3d_figure(tmp_path):
     assert text.count('data-figure="bone3d"') == 1
     text = report_html.render(report, title="run", panels={"1PA001": b"\x89PNGpanel"})
     assert 'data-figure="bone3d"' not in text and "bone surface" not in text
+
+
+def test_report_dose_table_figures_and_failures(tmp_path):
+    """--dose: one table row per modality and sCT (model first, baselines italic), the
+    model's DVH and dose-difference figures in their case's section, failures named."""
+    from sct_jax.evaluation import scoring
+    values = dict.fromkeys(scoring.SCORED_METRICS, 1.0)
+    report = scoring.ScoreReport(
+        cases=(scoring.CaseScore("1PA001", "pelvis", tmp_path / "p.nii.gz", values),),
+        unscored=(), skipped=(), pred_dir=tmp_path, data_root=tmp_path, region=None)
+    dose_dir = tmp_path / "1PA001" / "dose"
+    dose_dir.mkdir(parents=True)
+    (dose_dir / "dvh_model_photon.png").write_bytes(b"\x89PNGdvh")
+    (dose_dir / "dose_diff_model_photon.png").write_bytes(b"\x89PNGdiff")
+    row = {"dose_mae_percent_rx": 0.7, "gamma_2_2": 99.5, "gamma_1_1": 97.25,
+           "target_d98": -0.5}
+    dose = {"rx_gy": 2.0, "target": "sphere of radius 25 mm", "errors":
+            ["1PA001 proton: proton plan: the optimised plan gives the target no dose"],
+            "summary": {"photon": {"model": row, "mean_ct": {**row, "gamma_2_2": 95.0}},
+                        "proton": {}},
+            "dvh_png": {"1PA001": {"photon": dose_dir / "dvh_model_photon.png"}}}
+    text = report_html.render(report, title="run", dose=dose)
+    table = text[text.index('<table id="dose">'):]
+    table = table[:table.index("</table>")]
+    assert table.index('data-case="dose:photon:model"') < table.index(
+        'data-case="dose:photon:mean_ct"')
+    assert '<tr class="baseline" data-case="dose:photon:mean_ct">' in table
+    assert '<td data-metric="gamma_1_1">97.25</td>' in table
+    assert "mean training CT" in table and "proton" not in table
+    assert "dose failed: 1PA001 proton" in text
+    section = text[text.index('<section data-case="1PA001">'):]
+    assert report_html.png_data_uri(b"\x89PNGdvh") in section
+    assert report_html.png_data_uri(b"\x89PNGdiff") in section
+    assert 'id="dose"' not in report_html.render(report, title="run")

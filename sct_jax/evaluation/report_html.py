@@ -182,6 +182,13 @@ def render(report: ScoreReport, *, title: str,
                            f'src="{png_data_uri(Path(png).read_bytes())}"><figcaption>'
                            f"{html.escape(modality)} DVH, CT solid, sCT dashed"
                            "</figcaption></figure>")
+            diff = Path(png).with_name(f"dose_diff_model_{modality}.png")
+            if diff.is_file():
+                figures.append(f'<figure data-figure="dose_diff_{html.escape(modality)}">'
+                               f'<img alt="{html.escape(case.id)} {html.escape(modality)} '
+                               f'dose difference" src="{png_data_uri(diff.read_bytes())}">'
+                               f"<figcaption>{html.escape(modality)} dose on the CT and "
+                               "sCT - CT</figcaption></figure>")
         if case.id in std_maps:
             figures.append(f'<figure><img alt="{html.escape(case.id)} sample std" '
                            f'src="{png_data_uri(std_maps[case.id])}"><figcaption>per-voxel '
