@@ -252,11 +252,11 @@ def _np_conv(x, p, stride=1, pad=None):
     """``x (B, C, H, W)``, our kernel ``(k, k, I, O)``; "same" padding unless ``pad`` =
     ``((top, bottom), (left, right))``."""
     from test_resnet_generator import _conv
-    w = np.float64(p["kernel"]).transpose(3, 2, 0, 1)
+    w = np.asarray(p["kernel"], np.float64).transpose(3, 2, 0, 1)
     k = w.shape[-1]
     pad = ((k // 2,) * 2,) * 2 if pad is None else pad
     x = np.pad(x, ((0, 0), (0, 0)) + tuple(pad))
-    return _conv(x, w, np.float64(p["bias"]), stride, 0)
+    return _conv(x, w, np.asarray(p["bias"], np.float64), stride, 0)
 
 
 def _np_group_norm(x, p, groups, eps=1e-6):
@@ -264,8 +264,8 @@ def _np_group_norm(x, p, groups, eps=1e-6):
     g = x.reshape(b, groups, c // groups, h, w)
     g = (g - g.mean(axis=(2, 3, 4), keepdims=True)) / np.sqrt(
         g.var(axis=(2, 3, 4), keepdims=True) + eps)
-    return (g.reshape(x.shape) * np.float64(p["scale"])[None, :, None, None]
-            + np.float64(p["bias"])[None, :, None, None])
+    return (g.reshape(x.shape) * np.asarray(p["scale"], np.float64)[None, :, None, None]
+            + np.asarray(p["bias"], np.float64)[None, :, None, None])
 
 
 def _np_silu(x):
@@ -280,7 +280,7 @@ def _np_res(x, p, groups):
 
 def numpy_encoder(p, x_nhwc, levels, groups):
     """MONAI's Encoder, one ResBlock per level, no attention."""
-    h = _np_conv(np.float64(x_nhwc).transpose(0, 3, 1, 2), p["conv_in"])
+    h = _np_conv(np.asarray(x_nhwc, np.float64).transpose(0, 3, 1, 2), p["conv_in"])
     for i in range(levels):
         h = _np_res(h, p[f"down_{i}_res_0"], groups)
         if i != levels - 1:  # asymmetric (0, 1) zero pad, stride-2 conv3
@@ -290,7 +290,7 @@ def numpy_encoder(p, x_nhwc, levels, groups):
 
 
 def numpy_decoder(p, z_nhwc, levels, groups):
-    h = _np_conv(np.float64(z_nhwc).transpose(0, 3, 1, 2), p["conv_in"])
+    h = _np_conv(np.asarray(z_nhwc, np.float64).transpose(0, 3, 1, 2), p["conv_in"])
     for level in reversed(range(levels)):
         h = _np_res(h, p[f"up_{level}_res_0"], groups)
         if level != 0:  # nearest x2 then conv3

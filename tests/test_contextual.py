@@ -15,7 +15,7 @@ cx_loss = jax.jit(contextual_loss)
 
 def numpy_contextual_loss(x, y, h=0.5):
     """Mechrez et al. eqs. (1)-(5) in float64, one sample at a time."""
-    x, y = np.float64(x), np.float64(y)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     channels = x.shape[-1]
     mu = y.reshape(-1, channels).mean(axis=0)
     losses = []

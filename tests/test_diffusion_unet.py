@@ -374,13 +374,13 @@ def test_time_resblock_matches_float64_numpy():
 
     for r in blocks:
         p = jax.device_get(params[r])
-        xs = np.float64(np.asarray(x)).transpose(0, 3, 1, 2)
+        xs = np.asarray(np.asarray(x), np.float64).transpose(0, 3, 1, 2)
         h = _np_silu(_np_group_norm(xs, p["norm1"], 2))
         if r == "down":
             xs, h = pool(xs), pool(h)
         h = _np_conv(h, p["conv1"])
-        t = _np_silu(np.float64(np.asarray(temb))) @ np.float64(p["time_emb_proj"]["kernel"])
-        h = h + (t + np.float64(p["time_emb_proj"]["bias"]))[:, :, None, None]
+        t = _np_silu(np.asarray(np.asarray(temb), np.float64)) @ np.asarray(p["time_emb_proj"]["kernel"], np.float64)
+        h = h + (t + np.asarray(p["time_emb_proj"]["bias"], np.float64))[:, :, None, None]
         h = _np_conv(_np_silu(_np_group_norm(h, p["norm2"], 2)), p["conv2"])
         expected = (_np_conv(xs, p["skip"]) + h).transpose(0, 2, 3, 1)
         assert out[r].shape == expected.shape

@@ -43,7 +43,7 @@ def net(vgg16_file, random_heads_file):
 def numpy_lpips(state, heads, x, y):
     """The LPIPS paper's network in float64: x, y (B, H, W, 1) in [-1, 1] -> (B,)."""
     def features(images):
-        h = np.repeat(np.float64(images), 3, axis=-1)
+        h = np.repeat(np.asarray(images, np.float64), 3, axis=-1)
         h = ((h - np.array(lpips.SHIFT)) / np.array(lpips.SCALE)).transpose(0, 3, 1, 2)
         out, index = [], 0
         for v in TORCHVISION_CFGS["vgg16"]:
@@ -51,8 +51,8 @@ def numpy_lpips(state, heads, x, y):
                 h = _np_maxpool2(h)
                 index += 1
                 continue
-            h = np.maximum(_np_conv3(h, np.float64(state[f"features.{index}.weight"]),
-                                     np.float64(state[f"features.{index}.bias"])), 0)
+            h = np.maximum(_np_conv3(h, np.asarray(state[f"features.{index}.weight"], np.float64),
+                                     np.asarray(state[f"features.{index}.bias"], np.float64)), 0)
             if index + 1 in LPIPS_INDICES:
                 out.append(h)
             index += 2
@@ -62,7 +62,7 @@ def numpy_lpips(state, heads, x, y):
     for fx, fy, w in zip(features(x), features(y), heads):
         nx = fx / (np.sqrt((fx ** 2).sum(axis=1, keepdims=True)) + 1e-10)
         ny = fy / (np.sqrt((fy ** 2).sum(axis=1, keepdims=True)) + 1e-10)
-        total += np.einsum("bchw,c->bhw", (nx - ny) ** 2, np.float64(w)).mean(axis=(1, 2))
+        total += np.einsum("bchw,c->bhw", (nx - ny) ** 2, np.asarray(w, np.float64)).mean(axis=(1, 2))
     return total
 
 

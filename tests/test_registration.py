@@ -40,7 +40,7 @@ def test_random_flow_matches_scipy_with_clamped_coordinates():
     rows, cols = np.meshgrid(np.arange(7), np.arange(8), indexing="ij")
     coords = np.stack([np.clip(rows + flow[0, ..., 0], 0, 6),
                        np.clip(cols + flow[0, ..., 1], 0, 7)]).astype(np.float64)
-    expected = ndimage.map_coordinates(np.float64(image[0, ..., 0]), coords, order=1)
+    expected = ndimage.map_coordinates(np.asarray(image[0, ..., 0], np.float64), coords, order=1)
     np.testing.assert_allclose(np.asarray(warp_jit(image, flow))[0, ..., 0], expected,
                                atol=1e-5)
 
@@ -93,7 +93,7 @@ def test_smoothness_closed_form_and_reference():
                                rtol=1e-6)
     # The reference's smooothing_loss on an NCHW field, in numpy.
     field = _image((2, 5, 7, 2), seed=8)
-    nchw = np.float64(field).transpose(0, 3, 1, 2)
+    nchw = np.asarray(field, np.float64).transpose(0, 3, 1, 2)
     dy = np.abs(nchw[:, :, 1:, :] - nchw[:, :, :-1, :])
     dx = np.abs(nchw[:, :, :, 1:] - nchw[:, :, :, :-1])
     np.testing.assert_allclose(float(smoothness_jit(field)), np.mean(dx * dx) + np.mean(dy * dy),

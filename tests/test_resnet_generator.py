@@ -98,26 +98,26 @@ def _reflect(x, p):
 def numpy_resnet_generator(params, x_nhwc, n_blocks):
     """The reference forward in eval mode (dropout off), from our params."""
     def w(name):  # ours (k, k, I, O) -> torch Conv2d (O, I, k, k)
-        return np.float64(params[name]["kernel"]).transpose(3, 2, 0, 1)
+        return np.asarray(params[name]["kernel"], np.float64).transpose(3, 2, 0, 1)
 
     def wt(name):  # ours -> torch ConvTranspose2d (I, O, k, k): spatially flipped
-        return np.float64(params[name]["kernel"])[::-1, ::-1].transpose(2, 3, 0, 1)
+        return np.asarray(params[name]["kernel"], np.float64)[::-1, ::-1].transpose(2, 3, 0, 1)
 
     def b(name):
-        return np.float64(params[name]["bias"])
+        return np.asarray(params[name]["bias"], np.float64)
 
     relu = lambda v: np.maximum(v, 0)  # noqa: E731
-    h = np.float64(x_nhwc).transpose(0, 3, 1, 2)
+    h = np.asarray(x_nhwc, np.float64).transpose(0, 3, 1, 2)
     h = relu(_instance_norm(_conv(_reflect(h, 3), w("conv_in"), b("conv_in"))))
     for i in range(2):
         h = relu(_instance_norm(_conv(h, w(f"down_conv_{i}"), b(f"down_conv_{i}"), 2, 1)))
     for n in range(n_blocks):
         blk = params[f"block_{n}"]
-        r = _conv(_reflect(h, 1), np.float64(blk["conv_0"]["kernel"]).transpose(3, 2, 0, 1),
-                  np.float64(blk["conv_0"]["bias"]))
+        r = _conv(_reflect(h, 1), np.asarray(blk["conv_0"]["kernel"], np.float64).transpose(3, 2, 0, 1),
+                  np.asarray(blk["conv_0"]["bias"], np.float64))
         r = relu(_instance_norm(r))
-        r = _conv(_reflect(r, 1), np.float64(blk["conv_1"]["kernel"]).transpose(3, 2, 0, 1),
-                  np.float64(blk["conv_1"]["bias"]))
+        r = _conv(_reflect(r, 1), np.asarray(blk["conv_1"]["kernel"], np.float64).transpose(3, 2, 0, 1),
+                  np.asarray(blk["conv_1"]["bias"], np.float64))
         h = h + _instance_norm(r)
     for i in range(2):
         h = relu(_instance_norm(_conv_transpose(h, wt(f"up_conv_{i}"), b(f"up_conv_{i}"),

@@ -218,10 +218,10 @@ def test_unet_3d_batch_norm_forward():
 def _torch_layout(params):
     """Our kernels ``(k, k, I, O)`` -> torch Conv2d ``(O, I, k, k)`` and ConvTranspose2d
     ``(I, O, k, k)`` (spatially flipped), float64, biases 0 where absent."""
-    conv = {n: np.float64(p["kernel"]).transpose(3, 2, 0, 1) for n, p in params.items()}
-    conv_t = {n: np.float64(p["kernel"])[::-1, ::-1].transpose(2, 3, 0, 1)
+    conv = {n: np.asarray(p["kernel"], np.float64).transpose(3, 2, 0, 1) for n, p in params.items()}
+    conv_t = {n: np.asarray(p["kernel"], np.float64)[::-1, ::-1].transpose(2, 3, 0, 1)
               for n, p in params.items()}
-    bias = {n: np.float64(p["bias"]) if "bias" in p else np.zeros(p["kernel"].shape[-1])
+    bias = {n: np.asarray(p["bias"], np.float64) if "bias" in p else np.zeros(p["kernel"].shape[-1])
             for n, p in params.items()}
     return conv, conv_t, bias
 
@@ -250,13 +250,13 @@ def numpy_unet(params, x_nhwc, num_downs):
             return np.tanh(up)
         return np.concatenate([x, _instance_norm(up)], axis=1)
 
-    return block(0, np.float64(x_nhwc).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    return block(0, np.asarray(x_nhwc, np.float64).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
 
 
 def numpy_patchgan(params, x_nhwc, n_layers):
     from test_resnet_generator import _conv, _instance_norm
     conv, _, bias = _torch_layout(params)
-    h = _leaky(_conv(np.float64(x_nhwc).transpose(0, 3, 1, 2), conv["conv_0"], bias["conv_0"],
+    h = _leaky(_conv(np.asarray(x_nhwc, np.float64).transpose(0, 3, 1, 2), conv["conv_0"], bias["conv_0"],
                      2, 1))
     for n in range(1, n_layers + 1):
         stride = 2 if n < n_layers else 1
