@@ -230,7 +230,7 @@ def test_dose_evaluation_scores_model_and_baselines(trained_2d, capsys):
     assert doc["dose"]["summary"]["proton"] or len(proton_failed) == n_cases
     case_id = doc["cases"][0]["id"]
     assert (workdir / "predictions" / case_id / "dose" / "dvh_model_photon.png").is_file()
-    page = (workdir / "dose_eval" / "metrics.html").read_text()
+    page = (workdir / "dose_eval" / "report.html").read_text()
     assert 'id="dose"' in page and 'data-figure="dvh_photon"' in page
     assert 'data-figure="dose_diff_photon"' in page
     assert "dose photon model: MAE" in capsys.readouterr().out
