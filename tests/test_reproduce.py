@@ -212,3 +212,101 @@ def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
     done.write_text(done.read_text().replace('"config_digest": "', '"config_digest": "0'))
     assert cli.main([*argv, "--only", "ldm_concat"]) == 2
     assert "holds a finished run of a different config" in capsys.readouterr().err
+
+
+class _FakeDose:
+    """A stand-in for :class:`sct_jax.reproduce.dose.CaseDose`: its "dose MAE" is the mean
+    |sCT - CT| in the body / 100 and its gamma 100 minus that (no dose engine needed)."""
+
+    def __init__(self, ct, mask):
+        self.ct, self.mask, self.calls = ct, mask, 0
+
+    def __call__(self, sct):
+        self.calls += 1
+        err = float(np.abs(sct - self.ct)[self.mask].mean()) / 100
+        return {"dose_mae_photon": err, "gamma_photon": 100 - err,
+                "dose_mae_proton": 2 * err, "gamma_proton": math.nan}
+
+
+def test_dose_columns_come_from_each_reference_and_show_only_when_scored(tmp_path):
+    rng = np.random.default_rng(3)
+    refs = []
+    for _ in range(2):
+        ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
+        mask = np.ones(ct.shape, bool)
+        refs.append(baselines.Reference(ct, mask, (1.0, 1.0, 1.0), _FakeDose(ct, mask)))
+    const = baselines.constant_row(refs)
+    expected = np.mean([np.abs(r.ct - 40.0).mean() / 100 for r in refs])
+    assert const["dose_mae_photon"] == pytest.approx(expected, rel=1e-5)
+    assert const["dose_mae_proton"] == pytest.approx(2 * expected, rel=1e-5)
+    assert math.isnan(const["gamma_proton"]) and all(r.dose.calls == 1 for r in refs)
+    plain = baselines.constant_row([r._replace(dose=None) for r in refs])
+    assert "dose_mae_photon" not in plain  # without --dose: no dose keys, no columns
+    md, _ = table.write_tables(tmp_path / "plain", [plain])
+    assert "dose MAE" not in md.read_text()
+    md, csv_path = table.write_tables(tmp_path / "dose", [const, plain | {"method": "p"}])
+    header = md.read_text().splitlines()[0]
+    assert "photon dose MAE [% Rx]" in header and "proton gamma 2%/2mm [%]" in header
+    assert header.index("proton gamma") < header.index("wall [s]")
+    entries = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert float(entries[0]["dose_mae_photon_mean"]) == pytest.approx(expected, rel=1e-5)
+    assert entries[1]["dose_mae_photon_mean"] == ""  # the row scored without dose: n/a
+
+
+def test_cached_row_without_dose_columns_is_rescored_when_dose_is_asked(tmp_path):
+    rng = np.random.default_rng(4)
+    ct = rng.uniform(-1000, 1500, (12, 10, 9)).astype(np.float32)
+    mask = np.ones(ct.shape, bool)
+    references = {"1BA001": baselines.Reference(ct, mask, (1.0,) * 3, _FakeDose(ct, mask))}
+    cached = _row("A", 0, 5.0)
+    save_volume(tmp_path / "predictions" / "1BA001" / "sct.nii.gz", ct + 100, np.eye(4))
+    row, rescored = baselines.complete_row(cached, tmp_path / "predictions", references)
+    assert rescored and row["dose_mae_photon"] == pytest.approx(1.0, rel=1e-5)
+    plain = {"1BA001": references["1BA001"]._replace(dose=None)}
+    assert baselines.complete_row(cached, tmp_path / "predictions", plain) == (cached, False)
+
+
+def test_case_dose_reads_each_modality_and_keeps_the_other_when_one_fails(monkeypatch):
+    from sct_jax.data.io import Volume
+    from sct_jax.dose import compare
+    from sct_jax.errors import RunFailed
+    from sct_jax.reproduce import dose
+
+    calls = []
+
+    def fake_run_modality(ct, scts, body, target, organs, modality, rx, out, figures):
+        assert not figures and set(scts) == {"sct"} and target.any() and rx == 3.0
+        calls.append(modality)
+        if modality == "proton":
+            raise RunFailed("too shallow for the machine")
+        return {"scts": {"sct": {"dose_mae_percent_rx": 0.5, "gamma_pass_2pct_2mm": 97.0,
+                                 "gamma_pass_1pct_1mm": 90.0}}}
+
+    monkeypatch.setattr(compare, "run_modality", fake_run_modality)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    ct = np.zeros((20, 20, 20), np.float32)
+    case = dose.CaseDose("1HN001", Volume(ct, affine), np.ones(ct.shape, bool), Path("x"), 3.0)
+    out = case(ct)
+    assert (out["dose_mae_photon"], out["gamma_photon"]) == (0.5, 97.0)
+    assert math.isnan(out["dose_mae_proton"]) and math.isnan(out["gamma_proton"])
+    assert math.isnan(case(ct + 10)["gamma_proton"])
+    assert calls == ["photon", "proton", "photon"]  # a failed modality is not retried
+
+
+def test_dose_flags_are_checked_before_anything_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed03", "--tiny", "--dose", "--dose_rx", "0", "--out", str(out)])
+    assert err.value.code == 2 and "error: --dose_rx 0" in capsys.readouterr().err
+    from sct_jax.dose import engine
+    from sct_jax.errors import ConfigError
+
+    def missing():
+        raise ConfigError(f"pyradplan is not installed: {engine.INSTALL_HINT}")
+
+    monkeypatch.setattr(engine, "require_pyradplan", missing)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed03", "--tiny", "--dose", "--out", str(out)])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and message.startswith("error: --dose: pyradplan")
+    assert message.count("\n") == 1 and not out.exists()

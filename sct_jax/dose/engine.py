@@ -275,7 +275,8 @@ def _quiet(prp) -> Iterator[None]:
     try:
         prp.settings.xp.prefer_gpu = False  # deterministic numpy on every machine
         ProgressReporter.console_progress = False
-        logger.setLevel(logging.WARNING)
+        # ERROR: its WARNINGs say which default it picks (generator, engine), every call.
+        logger.setLevel(logging.ERROR)
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             yield

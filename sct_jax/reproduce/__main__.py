@@ -1,5 +1,6 @@
-"""``sct-reproduce seed02|seed03 [--seeds N] [--tiny] [--out DIR] [--data ROOT [--region R]]``:
-one seed's table, on the built-in phantom or on a SynthRAD-layout dataset."""
+"""``sct-reproduce seed02|seed03 [--seeds N] [--tiny] [--out DIR] [--data ROOT [--region R]]
+[--dose [--dose_rx GY]]``: one seed's table, on the built-in phantom or on a SynthRAD-layout
+dataset, optionally with the dose columns (:mod:`sct_jax.reproduce.dose`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from sct_jax.data.synthrad import REGIONS
+from sct_jax.dose import engine
 from sct_jax.errors import SctError
 from sct_jax.reproduce import table
 
@@ -60,6 +62,13 @@ def main(argv=None) -> int:
                         "comma-separated, e.g. seed02: pgan,meta_pgan_slice; seed03: "
                         "ldm_concat,pix2pix); the others are reported from their "
                         "finished runs")
+    parser.add_argument("--dose", action="store_true",
+                        help="also score every row by dose: photon and proton plans on each "
+                        "test CT (cached in <out>/dose/), recomputed on each sCT; adds dose "
+                        "MAE and gamma 2%%/2mm columns (needs the [dose] extra; minutes per "
+                        "row and test case on a CPU)")
+    parser.add_argument("--dose_rx", type=float, default=2.0,
+                        help="with --dose: the prescription in Gy (default 2)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.exit(2, f"error: --seeds {args.seeds}: need at least 1\n")
@@ -73,6 +82,13 @@ def main(argv=None) -> int:
     if args.region is not None and args.region not in REGIONS:
         parser.exit(2, f"error: --region {args.region}: unknown region (expected one of "
                        f"{', '.join(REGIONS)})\n")
+    if not args.dose_rx > 0:
+        parser.exit(2, f"error: --dose_rx {args.dose_rx:g}: need a prescription above 0 Gy\n")
+    if args.dose:
+        try:
+            engine.require_pyradplan()
+        except SctError as err:
+            parser.exit(2, f"error: --dose: {err}\n")
     if args.data and not Path(args.data).expanduser().is_dir():
         parser.exit(2, f"error: {args.data}: --data folder not found\n")
     out = Path(args.out) if args.out else default_out(args.seed, args.tiny, args.data,
@@ -88,7 +104,7 @@ def main(argv=None) -> int:
              # Absolute: the runs' config.json (and digests) name the data wherever
              # the command is run from.
              "data_root": str(Path(args.data).expanduser().absolute()) if args.data else None,
-             "region": args.region}
+             "region": args.region, "dose_rx": args.dose_rx if args.dose else None}
     if args.seed == "seed02":
         extra.update(vgg16=args.vgg16, vgg19=args.vgg19)
     t0 = time.perf_counter()

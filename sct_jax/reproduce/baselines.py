@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from sct_jax.data import synthrad
-from sct_jax.data.io import load_volume
+from sct_jax.data.io import Volume, load_volume
 from sct_jax.evaluation import baselines as evaluation_baselines
 from sct_jax.evaluation import scoring
 from sct_jax.evaluation.baselines import find_volume, ideal_prediction  # noqa: F401 (re-exported)
+from sct_jax.reproduce.dose import DOSE_METRICS, CaseDose
 
 SOFT_TISSUE_HU = evaluation_baselines.SOFT_TISSUE_HU
 # Row key -> the case_metrics name it averages (table order is table.COLUMNS').
@@ -44,20 +45,34 @@ class Reference(NamedTuple):
     ct: np.ndarray  # HU, float32
     mask: np.ndarray  # bool
     spacing: tuple[float, ...]  # mm per axis
+    # sCT -> dose columns (a :class:`~sct_jax.reproduce.dose.CaseDose`; ``--dose`` only).
+    dose: Callable[[np.ndarray], dict] | None = None
 
 
-def load_reference(case: synthrad.Case) -> tuple[Reference, bool]:
+def load_reference(case: synthrad.Case, dose_dir: Path | None = None,
+                   rx: float = 2.0) -> tuple[Reference, bool]:
     """``(reference, aligned)``: the case's CT in the MR's frame when the folder has one
-    (``ct_aligned`` and ``mask_aligned``; ``aligned`` True), else its ``ct``/``mask``."""
+    (``ct_aligned`` and ``mask_aligned``; ``aligned`` True), else its ``ct``/``mask``.
+
+    Args:
+      case: a test case.
+      dose_dir: with ``--dose``, the folder of the case plans (``<dose_dir>/<case id>``):
+        the reference then scores every sCT by dose too (:mod:`sct_jax.reproduce.dose`).
+      rx: the dose prescription in Gy.
+    """
     ct_path = find_volume(case.dir, "ct_aligned")
     mask_path = find_volume(case.dir, "mask_aligned")
-    if ct_path is None or mask_path is None:
+    aligned = ct_path is not None and mask_path is not None
+    if aligned:
+        ct, mask = load_volume(ct_path), load_volume(mask_path).data > 0
+    else:
         data = synthrad.load_case(case)
-        return Reference(data.ct.data.astype(np.float32), np.asarray(data.mask, bool),
-                         tuple(data.ct.spacing)), False
-    ct = load_volume(ct_path)
-    return Reference(ct.data.astype(np.float32), load_volume(mask_path).data > 0,
-                     tuple(ct.spacing)), True
+        ct, mask = data.ct, np.asarray(data.mask, bool)
+    dose = None
+    if dose_dir is not None:
+        dose = CaseDose(case.id, Volume(ct.data.astype(np.float32), ct.affine, ct.header),
+                        mask, Path(dose_dir) / case.id, rx)
+    return Reference(ct.data.astype(np.float32), mask, tuple(ct.spacing), dose), aligned
 
 
 def data_overrides(data_root: str | None, region: str | None) -> dict:
@@ -87,19 +102,35 @@ def score(pairs) -> dict[str, float]:
     """Mean per-case metrics over ``(sct, reference)`` pairs, as row keys.
 
     Returns:
-      The :data:`ROW_METRICS` keys (NaN-aware means; NaN when no case has the tissue).
+      The :data:`ROW_METRICS` keys (NaN-aware means; NaN when no case has the tissue),
+      and the :data:`~sct_jax.reproduce.dose.DOSE_METRICS` keys when every reference
+      scores dose (``--dose``).
     """
+    pairs = list(pairs)
     per_case = [scoring.case_metrics(ref.ct, sct, ref.mask, ref.spacing)
                 for sct, ref in pairs]
+    names = dict(ROW_METRICS)
+    if pairs and all(ref.dose is not None for _, ref in pairs):
+        for case, (sct, ref) in zip(per_case, pairs):
+            case.update(ref.dose(sct))
+        names.update({key: key for key in DOSE_METRICS})
     out = {}
-    for key, name in ROW_METRICS.items():
+    for key, name in names.items():
         values = [c[name] for c in per_case if math.isfinite(c[name])]
         out[key] = float(np.mean(values)) if values else math.nan
     return out
 
 
+def wanted_metrics(references: dict) -> list[str]:
+    """The row keys a row scored against ``references`` has: :data:`ROW_METRICS`, and
+    the dose columns when the references score dose."""
+    dose = bool(references) and all(r.dose is not None for r in references.values())
+    return list(ROW_METRICS) + (list(DOSE_METRICS) if dose else [])
+
+
 def complete_row(row: dict, pred_dir: Path, references: dict) -> tuple[dict, bool]:
-    """A cached row made before some of :data:`ROW_METRICS` existed, completed.
+    """A cached row made before some of :data:`ROW_METRICS` existed (or without the
+    dose columns ``--dose`` now asks for), completed.
 
     Rescored from the run's predictions (``pred_dir/<id>/sct.nii.gz`` of every test
     case) when they are all there; otherwise the missing metrics are NaN (``n/a`` in
@@ -109,7 +140,7 @@ def complete_row(row: dict, pred_dir: Path, references: dict) -> tuple[dict, boo
       ``(row, rescored)``: ``rescored`` True when the metrics were recomputed (the
       caller rewrites its cache).
     """
-    missing = [k for k in ROW_METRICS if k not in row]
+    missing = [k for k in wanted_metrics(references) if k not in row]
     if not missing:
         return row, False
     if not any(math.isfinite(row[k]) for k in ROW_METRICS if k in row):
@@ -125,9 +156,11 @@ def complete_row(row: dict, pred_dir: Path, references: dict) -> tuple[dict, boo
 
 def row(method: str, scores: dict, seed: int | None = None, wall_s: float = math.nan,
         note: str = "") -> dict:
-    """A table row (see :mod:`sct_jax.reproduce.table`)."""
+    """A table row (see :mod:`sct_jax.reproduce.table`); the dose columns only when
+    ``scores`` has them."""
     return {"method": method, "seed": seed, **{k: float(scores.get(k, math.nan))
                                                for k in ROW_METRICS},
+            **{k: float(scores[k]) for k in DOSE_METRICS if k in scores},
             "wall_s": float(wall_s), "note": note}
 
 

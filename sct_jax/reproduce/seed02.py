@@ -214,12 +214,15 @@ def meta_validation_check(config, splits) -> str:
 
 def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
         vgg19: str | None = None, only: tuple[str, ...] | None = None,
-        data_root: str | None = None, region: str | None = None) -> list[dict]:
+        data_root: str | None = None, region: str | None = None,
+        dose_rx: float | None = None) -> list[dict]:
     """Trains and scores every method for ``seeds`` seeds; returns the table rows.
 
     ``only``: run folder names (``pgan``, ``meta_pgan_slice``, ...) of the methods to
     train; the others are reported from their finished runs alone (none: no row).
     ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
+    ``dose_rx``: score every row by dose too, with this prescription in Gy
+    (``--dose``; :mod:`sct_jax.reproduce.dose`).
 
     Raises:
       SctError: a bad config or dataset (no cases, too few for the split), before
@@ -248,7 +251,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
     cases = {"train": splits["train"], "test": splits[first.eval.split]}
     if first.eval.max_cases:
         cases["test"] = cases["test"][:first.eval.max_cases]
-    loaded = {c.id: baselines.load_reference(c) for c in cases["test"]}
+    loaded = {c.id: baselines.load_reference(
+        c, out_dir / "dose" if dose_rx else None, dose_rx or 2.0) for c in cases["test"]}
     references = {i: ref for i, (ref, _) in loaded.items()}
     frame = ("CT in the MR's frame" if all(a for _, a in loaded.values())
              else "the cases' CT (no aligned CT found)")

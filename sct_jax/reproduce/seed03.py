@@ -154,7 +154,7 @@ def mr_swap_mae(config, workdir: Path, cases, references: dict, donors) -> float
         if donor.id == case.id:
             donor = donors[(i + 2) % len(donors)]
         mr = _unit_mr(config, donor)
-        ct, mask, _ = references[case.id]
+        ct, mask = references[case.id].ct, references[case.id].mask
         if mr.shape != ct.shape:  # other data: heads on other grids have no swap
             continue
         volume = predict.make_volume_predictor(config, state, jitted_predict=jitted)
@@ -181,12 +181,15 @@ def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dic
 
 
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
-        data_root: str | None = None, region: str | None = None) -> list[dict]:
+        data_root: str | None = None, region: str | None = None,
+        dose_rx: float | None = None) -> list[dict]:
     """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
 
     ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
     others are reported from their finished runs of the same configs, else as not run.
     ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
+    ``dose_rx``: score every row by dose too, with this prescription in Gy
+    (``--dose``; :mod:`sct_jax.reproduce.dose`).
 
     Raises:
       SctError: a bad config or dataset (no cases, too few for the split), before
@@ -217,7 +220,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     test_cases = splits[first.eval.split]
     if first.eval.max_cases:
         test_cases = test_cases[:first.eval.max_cases]
-    loaded = {c.id: baselines.load_reference(c) for c in test_cases}
+    loaded = {c.id: baselines.load_reference(
+        c, out_dir / "dose" if dose_rx else None, dose_rx or 2.0) for c in test_cases}
     references = {i: ref for i, (ref, _) in loaded.items()}
     ablate.enable_compilation_cache(out_dir)
     print(f"[seed03] scoring {len(references)} held-out head(s): "
