@@ -8,6 +8,9 @@ Every config also takes the accelerator words of :data:`SHARED_VARIANTS`: ``bf16
 computes convolutions and matmuls in bfloat16 (``config.model.dtype``; parameters,
 optimizer state, norm statistics, softmax, losses and the diffusion scheduler stay
 float32), e.g. ``configs/pix2pix_pelvis.py:bf16`` or ``configs/ldm_brain.py:controlnet,bf16``.
+And ``cbct``: the same experiment on cone-beam CT input (SynthRAD Task 2,
+``config.data.input="cbct"``, the phantom's Task 2 cases; ``_cbct`` added to the name),
+e.g. ``configs/pix2pix_pelvis.py:small,cbct``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from sct_jax.errors import ConfigError
 
 
 # Variant words every config accepts (applied by :func:`accelerator_settings`).
-SHARED_VARIANTS = frozenset({"bf16"})
+SHARED_VARIANTS = frozenset({"bf16", "cbct"})
+# The phantom's residual motion between planning CT and CBCT (mm) for the cbct word:
+# a CT registered to the day's CBCT, as SynthRAD Task 2 ships it, is close but not exact.
+CBCT_RESIDUAL_MOTION_MM = 1.0
 
 
 def parse_variants(arg: str | None, allowed: set[str] | frozenset[str]) -> set[str]:
@@ -54,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.context = 0  # 2.5D: number of MR neighbours on each side
     c.data.patch = (64, 64, 32)
     c.data.mr_percentiles = (0.5, 99.5)
+    # The input modality (sct_jax/data/modality.py): "mr" (SynthRAD Task 1) or "cbct"
+    # (Task 2: cbct volumes in HU, normalised by the fixed window below, not percentiles).
+    c.data.input = "mr"
+    c.data.cbct_window = (-1024.0, 3000.0)
     c.data.phantom = ml_collections.ConfigDict()
     c.data.phantom.cases = 20
     c.data.phantom.seed = 0
@@ -118,7 +128,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def accelerator_settings(c: ml_collections.ConfigDict,
                          variants: set[str]) -> ml_collections.ConfigDict:
-    """Sets ``c.model.dtype`` and ``c.model.remat`` (every config calls it last).
+    """Sets ``c.model.dtype`` and ``c.model.remat`` (every config calls it last), and
+    the CBCT input for the ``cbct`` word.
 
     ``model.dtype``: ``"float32"``, or ``"bfloat16"`` with the ``bf16`` variant word.
     ``model.remat``: ``"none"``; ``"blocks"`` or a ``jax.checkpoint_policies`` name
@@ -127,6 +138,10 @@ def accelerator_settings(c: ml_collections.ConfigDict,
     """
     c.model.dtype = "bfloat16" if "bf16" in variants else "float32"
     c.model.remat = "none"
+    if "cbct" in variants:
+        c.data.input = "cbct"
+        c.data.phantom.misalign = CBCT_RESIDUAL_MOTION_MM
+        c.name = f"{c.name}_cbct"
     return c
 
 

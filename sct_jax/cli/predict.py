@@ -17,7 +17,9 @@ an input or a case folder, an unwritable output, a broken affine, an MR without 
 a grid too large at the training spacing): one ``error: ...`` line, exit status 2,
 before the model loads and before anything is written. Outputs are written atomically;
 SIGTERM removes the one being written (exit 1); ``--continue`` then finishes a folder.
-Also ``python -m sct_jax.predict``.
+A CBCT model (``config.data.input=cbct``, SynthRAD Task 2) takes CBCTs in HU the same
+ways (``sct-predict -i cbct.nii.gz -o sct.nii.gz -m runs/pix2pix_pelvis_small_cbct``),
+each checked for HU units first. Also ``python -m sct_jax.predict``.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import jax
 from tqdm import tqdm
 
 from sct_jax import guard, methods, runs
+from sct_jax.data import hu, modality
 from sct_jax.data.io import remove_stale_temps, save_like, volume_suffix
 from sct_jax.errors import EXIT_FAIL, ConfigError, DataError, RunFailed
-from sct_jax.evaluation.qa import mr_body_outline
+from sct_jax.evaluation.qa import body_outline
 from sct_jax.export import model as model_lib
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import inputs, run_report
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.split("\n")[1:]) + "\n" + guard.EXIT_STATUS_HELP)
     parser.add_argument("-i", "--input", required=True,
-                        help="MR file, DICOM MR series folder, or folder of MR files")
+                        help="MR file, DICOM MR series folder, or folder of MR files (a "
+                             "CBCT model, config.data.input=cbct: CBCTs in HU, the same ways)")
     parser.add_argument("-o", "--output", required=True,
                         help="sCT file (.nii.gz, single input) or output folder")
     parser.add_argument("-m", "--model", required=True,
@@ -86,9 +90,10 @@ def _oblique_note(job: inputs.Job, grid: geometry_lib.ModelGrid, geometry) -> st
             "the MR's grid)")
 
 
-def check_inputs(args: argparse.Namespace, plan: inputs.Plan, geometry):
+def check_inputs(args: argparse.Namespace, plan: inputs.Plan, geometry, kind: str = "mr"):
     """Reads and checks every input before the model loads or anything is written
-    (each is read again when its turn comes: memory holds one MR at a time).
+    (each is read again when its turn comes: memory holds one MR at a time). ``kind``:
+    the model's input (``mr``, or ``cbct``: then each input is checked for HU units).
 
     Returns:
       ``(mask, records, notes)``: the ``--mask`` array (or ``None``), one report
@@ -104,8 +109,12 @@ def check_inputs(args: argparse.Namespace, plan: inputs.Plan, geometry):
             mask = inputs.load_mask(args.mask, mr)
         # sct-qa's body outline: an MR without one (all zero, constant) has no anatomy
         # to predict; the network would still paint a plausible-looking sCT.
-        if float(mr.data.max()) <= float(mr.data.min()) or not mr_body_outline(mr.data).any():
-            raise DataError(f"{job.source}: no body found (the MR has no signal above "
+        label = modality.LABEL[kind]
+        if kind == "cbct":  # in HU like a CT: the same unit mistakes, the same check
+            hu.check_hu(mr.data, job.source, what="CBCT")
+        if float(mr.data.max()) <= float(mr.data.min()) or not body_outline(mr.data,
+                                                                            kind).any():
+            raise DataError(f"{job.source}: no body found (the {label} has no signal above "
                             "its background: all zero or constant)")
         grid = geometry_lib.to_model_grid(mr.affine, mr.shape, geometry)
         inputs.check_grid_size(job, mr, grid)
@@ -142,8 +151,9 @@ def run(args: argparse.Namespace) -> list:
     geometry = model_lib.read_geometry(args.model)
     # Run and export directories both hold config.json: --samples is checked before
     # the parameters load.
-    predict_lib.check_samples(runs.read_config(args.model), args.samples)
-    mask, records, notes = check_inputs(args, plan, geometry)
+    saved = runs.read_config(args.model)
+    predict_lib.check_samples(saved, args.samples)
+    mask, records, notes = check_inputs(args, plan, geometry, modality.spec(saved).kind)
     # Every input passed: only now say what was skipped, and load the model.
     if plan.skipped:
         print(f"skipped {len(plan.skipped)} earlier sct-predict output(s) in {args.input} "

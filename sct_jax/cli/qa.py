@@ -66,7 +66,8 @@ def _same_grid(path, volume: Volume, mr: Volume) -> Volume:
 
 
 def run_files(mr_path, sct_path, report_path, *, mask_path=None, png_path=None, region=None,
-              reference_path=None, sample_paths=(), cycle_mr_path=None) -> qa.QAResult:
+              reference_path=None, sample_paths=(), cycle_mr_path=None,
+              input_kind: str = "mr") -> qa.QAResult:
     """Loads the volumes, runs :func:`sct_jax.evaluation.qa.run_qa`, writes JSON and PNG.
 
     Args:
@@ -78,6 +79,7 @@ def run_files(mr_path, sct_path, report_path, *, mask_path=None, png_path=None, 
       reference_path: a profile JSON from ``--build-reference``.
       sample_paths: sCT samples of a stochastic method (>= 2 for the spread check).
       cycle_mr_path: G_CT->MR(sCT), computed elsewhere, for the cycle check.
+      input_kind: ``"mr"``, or ``"cbct"`` when ``mr_path`` is a CBCT in HU.
 
     Returns:
       The :class:`sct_jax.evaluation.qa.QAResult`.
@@ -100,8 +102,9 @@ def run_files(mr_path, sct_path, report_path, *, mask_path=None, png_path=None, 
         mr_hat = _same_grid(cycle_mr_path, load_volume(cycle_mr_path), mr).data
         ct_to_mr = lambda _sct: mr_hat  # noqa: E731 (computed by the generator elsewhere)
     result = qa.run_qa(mr.data, sct.data, mask, spacing=mr.spacing, region=region,
-                       reference=reference, ct_to_mr=ct_to_mr, samples=samples)
-    result.report["inputs"] = {"mr": str(mr_path), "sct": str(sct_path),
+                       reference=reference, ct_to_mr=ct_to_mr, samples=samples,
+                       input_kind=input_kind)
+    result.report["inputs"] = {input_kind: str(mr_path), "sct": str(sct_path),
                                "mask": str(mask_path) if mask_path else None,
                                "reference": str(reference_path) if reference_path else None,
                                "samples": [str(p) for p in sample_paths],
@@ -127,6 +130,8 @@ def _parse_args(argv):
         epilog="exit status: 0 pass or warn; 1 fail; 2 bad input (one line naming the file, "
                "nothing written); 3 internal error (a bug: please report the traceback)")
     parser.add_argument("--mr", help="MR volume")
+    parser.add_argument("--cbct", help="instead of --mr: the CBCT (HU) of a CBCT model's sCT "
+                        "(CBCT outline; its field-of-view truncation is reported)")
     parser.add_argument("--sct", help="synthetic CT on the MR grid (HU)")
     parser.add_argument("--mask", help="body mask (default: derived from the MR)")
     parser.add_argument("--region", choices=sorted(qa.BUILTIN_RANGES),
@@ -146,7 +151,10 @@ def _parse_args(argv):
         if not args.cases:
             parser.error("--build-reference needs --cases DIR [DIR ...]")
     else:
-        missing = [f"--{k}" for k in ("mr", "sct", "report") if not getattr(args, k)]
+        if args.mr and args.cbct:
+            parser.error("--mr and --cbct: give one input")
+        missing = [f"--{k}" for k in ("mr", "sct", "report") if not getattr(args, k)
+                   and not (k == "mr" and args.cbct)]
         if missing:
             parser.error(f"missing {', '.join(missing)}")
         if not args.region and not args.reference:
@@ -158,7 +166,7 @@ def _parse_args(argv):
 
 def check_outputs(args) -> None:
     """Refuses a --report/--png/--build-reference path that is one of the inputs."""
-    inputs = [args.mr, args.sct, args.mask, args.reference, args.cycle_mr, *args.samples,
+    inputs = [args.mr, args.cbct, args.sct, args.mask, args.reference, args.cycle_mr, *args.samples,
               *args.cases]
     if args.build_reference:
         refuse_overwrite(args.build_reference, inputs, what="--build-reference")
@@ -174,10 +182,10 @@ def _main(args) -> int:
         profile = build_reference_file(args.build_reference, args.cases, args.region)
         print(f"wrote {args.build_reference} ({profile['n_cases']} cases)")
         return guard.EXIT_OK
-    result = run_files(args.mr, args.sct, args.report, mask_path=args.mask,
+    result = run_files(args.cbct or args.mr, args.sct, args.report, mask_path=args.mask,
                        png_path=args.png, region=args.region,
                        reference_path=args.reference, sample_paths=args.samples,
-                       cycle_mr_path=args.cycle_mr)
+                       cycle_mr_path=args.cycle_mr, input_kind="cbct" if args.cbct else "mr")
     print(qa.format_report(result.report))
     return guard.EXIT_FAIL if result.status == "fail" else guard.EXIT_OK
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from sct_jax.data import phantom, pipeline, synthrad
+from sct_jax.data import modality, phantom, pipeline, synthrad
 from sct_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -30,21 +30,25 @@ def cache_root(config) -> Path:
 
 
 def phantom_root(config) -> Path:
-    """Where the phantom dataset of this config lives (generated if missing)."""
+    """Where the phantom dataset of this config lives (generated if missing; a CBCT
+    input's is the phantom's Task 2 dataset)."""
     p = config.data.phantom
+    task = modality.spec(config).task
     shape = "x".join(str(int(s)) for s in p.shape) if p.shape else "default"
     aligned = float(p.get("aligned_fraction", 0.0))
     name = (f"phantom_{config.data.region}_n{p.cases}_seed{p.seed}"
-            f"_mis{float(p.misalign):g}{f'_al{aligned:g}' if aligned else ''}_{shape}")
+            f"_mis{float(p.misalign):g}{f'_al{aligned:g}' if aligned else ''}_{shape}"
+            f"{f'_task{task}' if task != 1 else ''}")
     root = cache_root(config) / "datasets" / name
-    if not (root / "Task1" / config.data.region / "manifest.json").exists():
+    if not (root / f"Task{task}" / config.data.region / "manifest.json").exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
         try:
             phantom.write_dataset(tmp, config.data.region, p.cases, p.seed,
                                   misalign_mm=float(p.misalign),
                                   shape=tuple(p.shape) if p.shape else None,
-                                  aligned_fraction=aligned)
+                                  aligned_fraction=aligned,
+                                  **({"task": task} if task != 1 else {}))
             if root.exists():  # another process finished first
                 shutil.rmtree(tmp)
             else:
@@ -59,10 +63,18 @@ def dataset_root(config) -> Path:
     return Path(config.data.root).expanduser() if config.data.root else phantom_root(config)
 
 
+def discover(config, root=None) -> list[synthrad.Case]:
+    """The cases of ``root`` (default the config's data) with the config's input
+    (``data.input``: MR or CBCT) and region; not validated."""
+    return synthrad.discover_cases(root if root is not None else dataset_root(config),
+                                   region=config.data.region or None,
+                                   input=modality.spec(config).kind)
+
+
 def case_splits(config) -> dict[str, list[synthrad.Case]]:
     """Discovers, validates and splits the config's cases into train/val/test."""
     root = dataset_root(config)
-    cases = synthrad.discover_cases(root, region=config.data.region or None)
+    cases = discover(config, root)
     synthrad.validate_cases(cases)
     fractions = tuple(config.data.split)
     splits = synthrad.split_cases(cases, fractions=fractions, seed=config.data.split_seed)
@@ -76,7 +88,8 @@ def case_splits(config) -> dict[str, list[synthrad.Case]]:
 
 def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:
     return pipeline.prepare_cases(cases, cache_root(config) / "prepared",
-                                  mr_percentiles=tuple(config.data.mr_percentiles))
+                                  mr_percentiles=tuple(config.data.mr_percentiles),
+                                  input_spec=modality.spec(config))
 
 
 def train_dataset(config, local_batch_size: int, method_dataset=None):

@@ -23,7 +23,7 @@ import grain
 import jax
 import numpy as np
 
-from sct_jax.data import preprocess, synthrad
+from sct_jax.data import modality, preprocess, synthrad
 from sct_jax.data.io import atomic_path, atomic_write_text
 from sct_jax.errors import ConfigError, DataError
 
@@ -53,8 +53,8 @@ class PreparedCase:
     affine: np.ndarray
 
 
-def _cache_key(case: synthrad.Case, mr_percentiles: Sequence[float]) -> str:
-    parts = [str(_CACHE_VERSION), repr(tuple(float(p) for p in mr_percentiles))]
+def _cache_key(case: synthrad.Case, spec: modality.InputSpec) -> str:
+    parts = [str(_CACHE_VERSION), spec.key()]
     for path in (case.mr, case.ct, case.mask):
         if path is None:
             parts.append("-")
@@ -73,18 +73,31 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def prepare_case(case: synthrad.Case, cache_dir: str | Path,
-                 mr_percentiles: Sequence[float] = (0.5, 99.5)) -> PreparedCase:
-    """Normalises one case once and memory-maps the cached result."""
+                 mr_percentiles: Sequence[float] = (0.5, 99.5),
+                 input_spec: modality.InputSpec | None = None) -> PreparedCase:
+    """Normalises one case once and memory-maps the cached result.
+
+    Args:
+      case: the case.
+      cache_dir: the prepared-data cache.
+      mr_percentiles: MR input: the normalisation percentiles (when no ``input_spec``).
+      input_spec: how the input becomes model units (:mod:`sct_jax.data.modality`; the
+        ``mr`` array of the result holds the normalised input, MR or CBCT).
+    """
     lo, hi = (float(p) for p in mr_percentiles)
     if not 0.0 <= lo < hi <= 100.0:
         raise ConfigError(f"mr_percentiles {tuple(mr_percentiles)}: need 0 <= low < high "
                           "<= 100")
-    folder = Path(cache_dir) / f"{case.id}-{_cache_key(case, mr_percentiles)}"
+    spec = input_spec or modality.InputSpec("mr", (lo, hi))
+    if spec.kind != case.input:
+        raise ConfigError(f"{case.mr}: a {modality.LABEL[case.input]} case, but the "
+                          f"config's input is {spec.kind} (config.data.input)")
+    folder = Path(cache_dir) / f"{case.id}-{_cache_key(case, spec)}"
     done = folder / "meta.json"
     if not done.exists():
         data = synthrad.load_case(case)
         folder.mkdir(parents=True, exist_ok=True)
-        _save_npy_atomic(folder / "mr.npy", preprocess.mr_to_unit(data.mr.data, data.mask, lo, hi))
+        _save_npy_atomic(folder / "mr.npy", spec.to_unit(data.mr.data, data.mask))
         if data.ct is not None:
             _save_npy_atomic(folder / "ct.npy", preprocess.ct_to_unit(data.ct.data))
         _save_npy_atomic(folder / "mask.npy", data.mask.astype(np.uint8))
@@ -101,9 +114,10 @@ def prepare_case(case: synthrad.Case, cache_dir: str | Path,
 
 
 def prepare_cases(cases: Sequence[synthrad.Case], cache_dir: str | Path,
-                  mr_percentiles: Sequence[float] = (0.5, 99.5)) -> list[PreparedCase]:
+                  mr_percentiles: Sequence[float] = (0.5, 99.5),
+                  input_spec: modality.InputSpec | None = None) -> list[PreparedCase]:
     """:func:`prepare_case` for every case (decoded only the first time)."""
-    return [prepare_case(c, cache_dir, mr_percentiles) for c in cases]
+    return [prepare_case(c, cache_dir, mr_percentiles, input_spec) for c in cases]
 
 
 def _shard(shard_index, shard_count) -> tuple[int, int]:

@@ -1,6 +1,6 @@
-"""Cases in the SynthRAD2023 Task 1 layout: discovery, validation, loading, splits.
+"""Cases in the SynthRAD layouts: discovery, validation, loading, splits.
 
-Accepted layouts (each case a folder holding ``mr``, ``ct`` and ``mask`` volumes as
+Task 1 (MR -> CT; each case a folder holding ``mr``, ``ct`` and ``mask`` volumes as
 ``.nii.gz``, ``.nii`` or ``.mha``):
 
 - ``<root>/Task1/{brain,pelvis}/<id>/``  (the challenge's release)
@@ -8,11 +8,16 @@ Accepted layouts (each case a folder holding ``mr``, ``ct`` and ``mask`` volumes
 - ``<root>/<id>/``                        (a bare folder of cases)
 - ``<root>/`` itself holding the MR          (a single case)
 
+Task 2 (CBCT -> CT, ``input="cbct"``, :mod:`sct_jax.data.modality`): the same with a
+``cbct`` volume instead of ``mr`` and ``Task2`` instead of ``Task1``. A case's input
+volume is its ``mr`` attribute whichever it is (``Case.input`` says which); a CBCT is
+checked for HU units like the CT.
+
 Other file names (``mr_t2.nii.gz``) are given per role with ``names``.
 
 Ids look like ``1PA001`` (task, B/P region, centre A/B/C, number). A case needs at
-least an MR; the CT is needed for training and scoring, the mask is made from the MR
-when absent.
+least its input; the CT is needed for training and scoring, the mask is made from the
+input when absent.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sct_jax.data import hu
+from sct_jax.data import hu, modality
 from sct_jax.data.io import VOLUME_SUFFIXES, Volume, load_volume
 from sct_jax.data.preprocess import body_mask_from_mr
 from sct_jax.errors import ConfigError, DataError
@@ -43,7 +48,9 @@ class Case:
       id: case id (the folder name).
       region: ``"brain"``, ``"pelvis"`` or ``""`` (bare layout).
       dir: the case folder.
-      mr, ct, mask: volume paths (``ct``/``mask`` ``None`` when absent).
+      mr, ct, mask: volume paths (``ct``/``mask`` ``None`` when absent); ``mr`` is the
+        input volume: the MR, or the CBCT when ``input`` is ``"cbct"``.
+      input: ``"mr"`` or ``"cbct"``.
     """
 
     id: str
@@ -52,26 +59,31 @@ class Case:
     mr: Path
     ct: Path | None
     mask: Path | None
+    input: str = "mr"
 
 
 @dataclasses.dataclass
 class CaseData:
-    """A loaded case: MR and CT volumes (HU), and the body mask ``(X, Y, Z)`` bool."""
+    """A loaded case: the input (MR, or CBCT in HU) and CT volumes (HU), and the body
+    mask ``(X, Y, Z)`` bool."""
 
     id: str
     mr: Volume
     ct: Volume | None
     mask: np.ndarray
+    input: str = "mr"  # what ``mr`` holds: "mr" or "cbct"
 
 
-def _role_files(names: Mapping[str, str] | None) -> dict[str, str]:
-    """Role -> file stem, e.g. ``{"mr": "mr_t2", "ct": "ct_rigid", "mask": "mask"}``."""
+def _role_files(names: Mapping[str, str] | None, input: str = "mr") -> dict[str, str]:
+    """Role -> file stem, e.g. ``{"mr": "mr_t2", "ct": "ct_rigid", "mask": "mask"}``
+    (the input role's default stem is ``cbct`` for CBCT input)."""
     names = dict(names or {})
     unknown = set(names) - set(_ROLES)
     if unknown:
         raise ConfigError(f"file name map: unknown roles {sorted(unknown)} "
                           f"(expected some of {_ROLES})")
-    return {role: names.get(role, role) for role in _ROLES}
+    defaults = {"mr": input, "ct": "ct", "mask": "mask"}
+    return {role: names.get(role, defaults[role]) for role in _ROLES}
 
 
 def _find_role(case_dir: Path, stem: str) -> Path | None:
@@ -84,17 +96,18 @@ def _find_role(case_dir: Path, stem: str) -> Path | None:
     return found[0] if found else None
 
 
-def _case_from_dir(case_dir: Path, region: str, stems: dict[str, str]) -> Case | None:
+def _case_from_dir(case_dir: Path, region: str, stems: dict[str, str],
+                   input: str = "mr") -> Case | None:
     mr = _find_role(case_dir, stems["mr"])
     if mr is None:
         return None
     return Case(id=case_dir.name, region=region, dir=case_dir, mr=mr,
                 ct=_find_role(case_dir, stems["ct"]),
-                mask=_find_role(case_dir, stems["mask"]))
+                mask=_find_role(case_dir, stems["mask"]), input=input)
 
 
 def _scan(parent: Path, region: str, stems: dict[str, str],
-          dropped: list[str] | None = None) -> list[Case]:
+          dropped: list[str] | None = None, input: str = "mr") -> list[Case]:
     """Cases in the sub-folders of ``parent``; what is not a case goes to ``dropped``."""
     cases = []
     for entry in sorted(p for p in parent.iterdir() if not p.name.startswith(".")):
@@ -104,7 +117,7 @@ def _scan(parent: Path, region: str, stems: dict[str, str],
             continue
         if not entry.is_dir():
             continue
-        case = _case_from_dir(entry, region, stems)
+        case = _case_from_dir(entry, region, stems, input)
         if case is not None:
             cases.append(case)
         elif dropped is not None:
@@ -113,7 +126,8 @@ def _scan(parent: Path, region: str, stems: dict[str, str],
 
 
 def discover_cases(root: str | Path, region: str | None = None,
-                   names: Mapping[str, str] | None = None) -> list[Case]:
+                   names: Mapping[str, str] | None = None,
+                   input: str | None = "mr") -> list[Case]:
     """Finds every case under ``root``.
 
     Args:
@@ -123,6 +137,8 @@ def discover_cases(root: str | Path, region: str | None = None,
         region and are always kept.
       names: file stems per role when they are not ``mr``/``ct``/``mask``, e.g.
         ``{"mr": "mr_t2", "ct": "ct_rigid"}`` (the ``--mr``/``--ct`` options).
+      input: ``"mr"`` (Task 1) or ``"cbct"`` (Task 2: ``cbct`` volumes, ``Task2``
+        folder); ``None``: whichever of the two ``root`` holds (MR first).
 
     Returns:
       Cases sorted by id.
@@ -133,27 +149,36 @@ def discover_cases(root: str | Path, region: str | None = None,
       ConfigError: ``names`` has a key other than ``mr``, ``ct``, ``mask``.
     """
     root = Path(root)
-    stems = _role_files(names)
+    if input is None:  # whichever input the data hold, MR first
+        for kind in modality.INPUTS:
+            try:
+                return discover_cases(root, region, names, kind)
+            except DataError as err:
+                if "no cases found" not in str(err) or kind == modality.INPUTS[-1]:
+                    raise
+    if input not in modality.INPUTS:
+        raise ConfigError(f"input {input!r}: expected one of {', '.join(modality.INPUTS)}")
+    stems = _role_files(names, input)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found")
     if region is not None and region not in REGIONS:
         raise DataError(f"{root}: unknown region {region!r} (expected one of {REGIONS})")
-    single = _case_from_dir(root, "", stems)
+    single = _case_from_dir(root, "", stems, input)
     if single is not None:
         return [single]
     cases: list[Case] = []
     dropped: list[str] = []
-    for base in (root / "Task1", root):
+    for base in (root / f"Task{modality.TASK[input]}", root):
         for r in REGIONS:
             if (base / r).is_dir() and (region is None or region == r):
                 found = []
-                cases.extend(_scan(base / r, r, stems, found))
+                cases.extend(_scan(base / r, r, stems, found, input))
                 dropped.extend(f"{r}/{d}" for d in found)
         if cases:
             break
     if not cases:
         dropped = []
-        cases = _scan(root, "", stems, dropped)
+        cases = _scan(root, "", stems, dropped, input)
     if cases and dropped:
         log.warning("%s: skipped %d folder(s) that are not cases: %s", root, len(dropped),
                     ", ".join(dropped))
@@ -167,9 +192,9 @@ def discover_cases(root: str | Path, region: str | None = None,
                         "regions; pass the region (--region / config.data.region)")
     if not cases:
         want = f" for region {region!r}" if region else ""
-        mr = stems["mr"]
-        raise DataError(f"{root}: no cases found{want} (expected <root>/Task1/<region>/<id>/"
-                        f"{mr}.nii.gz, <root>/<region>/<id>/{mr}.nii.gz or "
+        mr, task = stems["mr"], modality.TASK[input]
+        raise DataError(f"{root}: no cases found{want} (expected <root>/Task{task}/<region>/"
+                        f"<id>/{mr}.nii.gz, <root>/<region>/<id>/{mr}.nii.gz or "
                         f"<root>/<id>/{mr}.nii.gz)")
     return sorted(cases, key=lambda c: c.id)
 
@@ -192,12 +217,17 @@ def _consistency_problems(case: Case, volumes: dict[str, Volume],
                             f"(max difference {diff:.3g})")
     if "mask" in volumes and not np.any(volumes["mask"].data > 0):
         problems.append(f"{case.mask}: empty mask")
-    ct = volumes.get("ct")
-    if ct is not None and not problems:
+    # A CBCT input is in HU like the CT: the same unit mistakes, the same check.
+    in_hu = [("ct", "CT")] + ([("mr", "CBCT")] if case.input == "cbct" else [])
+    for role, what in in_hu:
+        vol = volumes.get(role)
+        if vol is None or problems:
+            continue
         mask = volumes["mask"].data > 0 if "mask" in volumes else None
-        problem = hu.non_hu_problem(ct.data, mask) if hu.checking() else None
+        problem = hu.non_hu_problem(vol.data, mask) if hu.checking() else None
         if problem:
-            problems.append(f"{case.ct}: CT {problem} (set {hu.ALLOW_ENV}=1 if intended)")
+            problems.append(f"{getattr(case, role)}: {what} {problem} (set {hu.ALLOW_ENV}=1 "
+                            "if intended)")
     return problems
 
 
@@ -213,7 +243,7 @@ def validate_case(case: Case, affine_atol: float = 1e-3) -> list[str]:
         path = getattr(case, role)
         if path is None:
             if role == "mr":
-                problems.append(f"{case.dir}: no mr volume")
+                problems.append(f"{case.dir}: no {case.input} volume")
             continue
         try:
             volumes[role] = load_volume(path)
@@ -249,8 +279,9 @@ def load_case(case: Case, affine_atol: float = 1e-3) -> CaseData:
     mr = volumes["mr"]
     mask = volumes["mask"].data > 0 if "mask" in volumes else body_mask_from_mr(mr.data)
     if not mask.any():
-        raise DataError(f"{case.mr}: no body found in the MR to make a mask from")
-    return CaseData(id=case.id, mr=mr, ct=volumes.get("ct"), mask=mask)
+        raise DataError(f"{case.mr}: no body found in the {modality.LABEL[case.input]} to "
+                        "make a mask from")
+    return CaseData(id=case.id, mr=mr, ct=volumes.get("ct"), mask=mask, input=case.input)
 
 
 def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0

@@ -19,6 +19,12 @@ network at all. Three baselines, each an sCT of the test case's grid with air
   ignores the MR but knows the average anatomy. For data on one grid (heads in an atlas
   space) this is the plain voxel-wise mean.
 
+With a CBCT input (SynthRAD Task 2, :mod:`sct_jax.data.modality`) a fourth:
+
+* **the CBCT itself** (:func:`cbct_as_sct`): the CBCT's own HU (clipped to the CT's
+  range, air outside the body) scored as the sCT: what doing nothing gives. Its offset,
+  cupping, scatter and truncation are what a CBCT model has to remove.
+
 And the **perfect-model floor** where the data provide it: the phantom's noise-free CT
 in the MR's frame (``ct_ideal``, :func:`ideal_prediction`), what a model that recovers
 the anatomy exactly would score (CT noise and, on misaligned cases, the misalignment).
@@ -38,7 +44,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from sct_jax.data import preprocess, synthrad
+from sct_jax.data import modality, preprocess, synthrad
 from sct_jax.data.io import VOLUME_SUFFIXES, load_volume
 from sct_jax.errors import DataError
 
@@ -54,6 +60,7 @@ LABELS = {
     "constant": f"constant {SOFT_TISSUE_HU:g} HU in the body",
     "lookup": "intensity lookup (MR -> HU)",
     "mean_ct": "mean training CT",
+    "cbct": "the CBCT itself (uncorrected HU)",
     "perfect": "perfect model (floor)",
 }
 # Lower is better for these; higher for the rest of the verdict's metrics.
@@ -223,6 +230,17 @@ def find_volume(case_dir, stem):
     return None
 
 
+def cbct_as_sct(cbct: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The CBCT as its own sCT: its HU clipped to the CT's range, air outside the body.
+
+    Args:
+      cbct: ``(X, Y, Z)`` CBCT in HU.
+      mask: ``(X, Y, Z)`` bool body mask.
+    """
+    hu = np.clip(np.asarray(cbct, np.float32), -1024.0, 3071.0)
+    return np.where(np.asarray(mask, bool), hu, np.float32(AIR_HU)).astype(np.float32)
+
+
 def ideal_prediction(case: synthrad.Case) -> np.ndarray | None:
     """A phantom case's noise-free CT in the MR's frame (``ct_ideal``), or None."""
     path = find_volume(case.dir, "ct_ideal")
@@ -230,10 +248,10 @@ def ideal_prediction(case: synthrad.Case) -> np.ndarray | None:
 
 
 def unit_mr(config, data: synthrad.CaseData) -> np.ndarray:
-    """The case's MR normalised as the models see it (``data.mr_percentiles`` inside
-    its body mask), float32 in [-1, 1]."""
-    lo, hi = config.data.mr_percentiles
-    return preprocess.mr_to_unit(data.mr.data, data.mask, lo_pct=lo, hi_pct=hi)
+    """The case's input (MR, or CBCT) normalised as the models see it
+    (:mod:`sct_jax.data.modality`: MR percentiles inside its body mask, or the CBCT's
+    fixed HU window), float32 in [-1, 1]."""
+    return modality.spec(config).to_unit(data.mr.data, data.mask)
 
 
 def training_cases(cases: Sequence[synthrad.Case],
@@ -298,8 +316,8 @@ def case_predictions(config, test_cases: Sequence[synthrad.Case],
 
     Yields:
       ``(case, data, {name: sct})`` with names of :data:`LABELS`: ``constant`` always,
-      ``lookup`` and ``mean_ct`` when fitted, ``perfect`` when the case has a
-      ``ct_ideal``.
+      ``lookup`` and ``mean_ct`` when fitted, ``cbct`` for a CBCT case, ``perfect``
+      when the case has a ``ct_ideal``.
     """
     fitted = None
     if train_cases:
@@ -311,6 +329,8 @@ def case_predictions(config, test_cases: Sequence[synthrad.Case],
         if fitted is not None:
             preds["lookup"] = fitted.lookup.predict(unit_mr(config, data), data.mask)
             preds["mean_ct"] = place_in_body(fitted.mean_boxes[k], data.mask)
+        if case.input == "cbct":
+            preds["cbct"] = cbct_as_sct(data.mr.data, data.mask)
         ideal = ideal_prediction(case)
         if ideal is not None and ideal.shape == data.mask.shape:
             preds["perfect"] = ideal

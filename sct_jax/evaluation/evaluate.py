@@ -83,7 +83,7 @@ def check_outputs(config, workdir: Path, data_root, out) -> None:
     if not root.is_dir():
         return  # the phantom is generated later; a missing --data root is reported there
     # Every case of the root (a superset of the split, and no volume is read).
-    cases = synthrad.discover_cases(root, region=config.data.region or None)
+    cases = datasets.discover(config, root)
     inputs = [p for c in cases for p in (c.mr, c.ct, c.mask) if p is not None]
     pred_dir = workdir / "predictions"
     for case in cases:
@@ -201,7 +201,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                                f"SSIM {m['ssim']:.3f}" if m else "")
             figures.save_case_panel(pred_dir / case.id / "panel.png", data.mr.data,
                                     data.ct.data if data.ct is not None else None, sct,
-                                    data.mask, spacing=data.mr.spacing, title=title)
+                                    data.mask, spacing=data.mr.spacing, title=title,
+                                    input_kind=case.input)
             panel_png[case.id] = (pred_dir / case.id / "panel.png").read_bytes()
             if data.ct is not None:
                 t2 = time.perf_counter()

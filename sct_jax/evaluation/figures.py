@@ -17,7 +17,7 @@ def _aspect(spacing: Sequence[float], axes: tuple[int, int]) -> float:
 
 def save_case_panel(path: str | Path, mr: np.ndarray, ct: np.ndarray | None, sct: np.ndarray,
                     mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                    title: str = "") -> Path:
+                    title: str = "", input_kind: str = "mr") -> Path:
     """Writes a 2-row panel (axial at the body's centre slice, coronal) atomically.
 
     Args:
@@ -28,6 +28,8 @@ def save_case_panel(path: str | Path, mr: np.ndarray, ct: np.ndarray | None, sct
       mask: ``(X, Y, Z)`` body mask.
       spacing: voxel size in mm, for the displayed aspect ratio.
       title: figure title (case id, metrics).
+      input_kind: ``"mr"``, or ``"cbct"`` (``mr`` is then a CBCT, shown in the CT's
+        HU window so its offset and cupping show against the CT).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -41,7 +43,8 @@ def save_case_panel(path: str | Path, mr: np.ndarray, ct: np.ndarray | None, sct
     y = int(ys[len(ys) // 2]) if len(ys) else mr.shape[1] // 2
     lo, hi = np.percentile(mr[mask] if mask.any() else mr, [0.5, 99.5])
 
-    columns = [("MR", mr, "gray", (lo, hi))]
+    columns = [("MR", mr, "gray", (lo, hi)) if input_kind != "cbct"
+               else ("CBCT (HU)", mr, "gray", (-1000, 1500))]
     if ct is not None:
         columns.append(("CT (HU)", ct, "gray", (-1000, 1500)))
     columns.append(("sCT (HU)", sct, "gray", (-1000, 1500)))

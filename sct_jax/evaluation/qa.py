@@ -27,6 +27,10 @@ Checks (HU bins: air < -200 <= fat < -30 <= soft <= 250 < bone):
   (crop/pad offset, flipped or shifted axes).
 - ``cycle_consistency`` (given ``ct_to_mr``): Pearson r and NMI of MR vs G_CT->MR(sCT).
 - ``sample_spread`` (given >= 2 samples, or their std map): per-voxel std in the body.
+- ``cbct_field_of_view`` (CBCT input, ``input_kind="cbct"``): the share of the body
+  outside the CBCT's field of view (body voxels the CBCT shows as air: truncation).
+  Always ``pass``: a CBCT's field of view is smaller than the body by design; the value
+  says how much of the sCT there is the model's extrapolation, for a person to weigh.
 
 The thresholds are heuristics, documented where they are defined; a ``warn`` asks a
 person to look, a ``fail`` says the sCT should not be used as it is.
@@ -121,6 +125,21 @@ def _below(value: float, limits: tuple[float, float]) -> str:
 def _in_range(value: float, ranges: Mapping[str, Sequence[float]]) -> str:
     (plo, phi), (flo, fhi) = ranges["pass"], ranges["fail"]
     return "pass" if plo <= value <= phi else "warn" if flo <= value <= fhi else "fail"
+
+
+def body_outline(volume: np.ndarray, kind: str = "mr") -> np.ndarray:
+    """The body outline of a model input: an MR's (:func:`mr_body_outline`) or a CBCT's
+    (above -500 HU after smoothing: HU need no relative threshold; largest component,
+    holes filled per axial slice).
+
+    Args:
+      volume: ``(X, Y, Z)`` MR (scanner units) or CBCT (HU).
+      kind: ``"mr"`` or ``"cbct"``.
+    """
+    if kind == "cbct":
+        smooth = ndimage.gaussian_filter(np.asarray(volume, np.float32), 1.0)
+        return _largest_filled(smooth > -500.0)
+    return mr_body_outline(volume)
 
 
 def mr_body_outline(mr: np.ndarray) -> np.ndarray:
@@ -401,6 +420,49 @@ def check_cycle(mr, sct, body, ct_to_mr: Callable[[np.ndarray], np.ndarray]) -> 
                   f"MR vs G_CT->MR(sCT) inside the body: r = {r:.3f}, NMI = {nmi:.3f}")
 
 
+# A body voxel a CBCT shows below this (smoothed) is air: outside its field of view
+# when that air reaches the body's edge.
+CBCT_OUTSIDE_FOV_HU = -500.0  # halfway between air and tissue: the edge stays put
+
+
+def check_cbct_field_of_view(cbct: np.ndarray, body: np.ndarray, spacing) -> dict:
+    """Reports the body outside a CBCT's field of view (truncation); never a failure.
+
+    Args:
+      cbct: ``(X, Y, Z)`` CBCT in HU.
+      body: ``(X, Y, Z)`` bool body mask (of the CT or the case).
+      spacing: voxel size in mm.
+
+    Returns:
+      A ``pass`` check whose value is the truncated share of the body (0..1) and whose
+      reason gives it with the radius of the field of view seen (mm, from the axial
+      centre of the image).
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(cbct, np.float32), 1.0)
+    outside = body & (smooth < CBCT_OUTSIDE_FOV_HU)
+    # Lungs or bowel gas inside the body are air too: only air connected to the image
+    # border through the body counts as truncation.
+    # In-plane only: the volume's first and last slices are not the body's edge.
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(outside, in_plane)
+    edge = np.zeros(outside.shape, bool)
+    edge[[0, -1], :, :] = edge[:, [0, -1], :] = True
+    rim = edge | (body & ~ndimage.binary_erosion(body, in_plane))
+    border_labels = np.unique(labels[rim & outside])
+    truncated = np.isin(labels, border_labels[border_labels > 0])
+    share = float(truncated.sum()) / float(body.sum())
+    seen = body & ~truncated
+    centre = (np.asarray(cbct.shape[:2], np.float64) - 1.0) / 2.0
+    x, y = np.nonzero(seen.any(axis=2))
+    radius = float(np.max(np.hypot((x - centre[0]) * spacing[0],
+                                   (y - centre[1]) * spacing[1]))) if x.size else 0.0
+    reason = (f"{100 * share:.1f} % of the body lies outside the CBCT's field of view "
+              f"(seen to a radius of {radius:.0f} mm): the sCT there is extrapolated "
+              "(reported, not an error)")
+    return _check("cbct_field_of_view", "pass", share, None, reason)
+
+
 def check_sample_spread(samples: Sequence[np.ndarray], body) -> tuple[dict, np.ndarray]:
     """(h) Per-voxel std (ddof 1) across samples in the body; returns the check and std."""
     if len(samples) < 2:
@@ -436,11 +498,12 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
            reference: Mapping | None = None,
            ct_to_mr: Callable[[np.ndarray], np.ndarray] | None = None,
            samples: Sequence[np.ndarray] | None = None,
-           sample_std: np.ndarray | None = None, n_samples: int = 0) -> QAResult:
+           sample_std: np.ndarray | None = None, n_samples: int = 0,
+           input_kind: str = "mr") -> QAResult:
     """Runs every applicable check on one case.
 
     Args:
-      mr: ``(X, Y, Z)`` MR in scanner units.
+      mr: ``(X, Y, Z)`` MR in scanner units (a CBCT in HU with ``input_kind="cbct"``).
       sct: ``(X, Y, Z)`` synthetic CT in HU on the MR's grid (may hold NaN/Inf: reported).
       mask: ``(X, Y, Z)`` body mask, or ``None`` to derive one from the MR
         (:func:`mr_body_outline` dilated 2 voxels in-plane, like a SynthRAD mask).
@@ -452,6 +515,7 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
       samples: optional sCT samples (>= 2, each ``(X, Y, Z)`` HU) of a stochastic method.
       sample_std, n_samples: instead of ``samples``, their per-voxel std ``(X, Y, Z)``
         HU (ddof 1) computed elsewhere, and how many samples it is over (>= 2).
+      input_kind: ``"mr"`` or ``"cbct"`` (the outline from HU; the field-of-view check).
 
     Returns:
       The :class:`QAResult`.
@@ -471,7 +535,7 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
     else:
         raise ConfigError(f"qa: region {region!r} unknown and no reference profile given "
                           f"(expected one of {', '.join(BUILTIN_RANGES)})")
-    outline = mr_body_outline(mr)
+    outline = body_outline(mr, input_kind)
     if mask is not None:
         if np.shape(mask) != mr.shape:
             raise DataError(f"qa: mask shape {np.shape(mask)} differs from mr {mr.shape}")
@@ -491,10 +555,12 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
     checks.append(bone_check)
     outline_check, outline_disagreement = check_body_outline(
         body if mask is not None else outline, finite_sct,
-        "mask" if mask is not None else "MR outline")
+        "mask" if mask is not None else f"{'CBCT' if input_kind == 'cbct' else 'MR'} outline")
     continuity, slice_mean_hu, flagged_slices = check_slice_continuity(finite_sct, body)
     alignment = check_alignment(mr, finite_sct, body, spacing)
     checks += [outline_check, continuity, alignment]
+    if input_kind == "cbct":
+        checks.append(check_cbct_field_of_view(mr, body, spacing))
     if outline_check["status"] != "pass" or alignment["status"] != "pass":
         flagged |= outline_disagreement
     for z in flagged_slices:
@@ -512,7 +578,8 @@ def run_qa(mr: np.ndarray, sct: np.ndarray, mask: np.ndarray | None = None, *,
     report = {"status": worst(c["status"] for c in checks), "checks": checks,
               "reference": source, "shape": list(mr.shape),
               "spacing_mm": [float(s) for s in spacing],
-              "body": "mask" if mask is not None else "derived from the MR",
+              "body": "mask" if mask is not None else f"derived from the {input_kind.upper()}",
+              "input": input_kind,
               "flagged_voxels": int(flagged.sum()), "flagged_slices": flagged_slices}
     return QAResult(report, flagged, body, slice_mean_hu, flagged_slices)
 

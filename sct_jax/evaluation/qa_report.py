@@ -167,7 +167,8 @@ def qa_case(case_data: synthrad.CaseData, case_dir: str | os.PathLike, reference
         sample_std = std * np.float32(math.sqrt(samples / (samples - 1)))
     result = qa.run_qa(case_data.mr.data, sct, case_data.mask, spacing=case_data.mr.spacing,
                        reference=reference, ct_to_mr=ct_to_mr, sample_std=sample_std,
-                       n_samples=samples if samples > 1 else 0)
+                       n_samples=samples if samples > 1 else 0, 
+                       input_kind=case_data.input)
     result.report["inputs"] = {
         "sct": str(case_dir / "sct.nii.gz"),
         "sct_std": str(case_dir / "sct_std.nii.gz") if samples > 1 else None,

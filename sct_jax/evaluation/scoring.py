@@ -338,7 +338,8 @@ def score_folder(pred_dir: str | os.PathLike, data_root: str | os.PathLike,
     if case_ids is not None:
         wanted = set(case_ids)
         predictions = {i: p for i, p in predictions.items() if i in wanted}
-    all_cases = {case.id: case for case in synthrad.discover_cases(data_root)}
+    # Either task's cases: the references are the CTs (and masks) of either.
+    all_cases = {case.id: case for case in synthrad.discover_cases(data_root, input=None)}
     unknown = sorted(set(predictions) - set(all_cases))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""

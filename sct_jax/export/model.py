@@ -42,7 +42,7 @@ from jax import export
 
 from sct_jax import __version__, methods, runs
 from sct_jax.data import geometry as geometry_lib
-from sct_jax.data import preprocess
+from sct_jax.data import modality, preprocess
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.inference import geometry as inference_geometry
 from sct_jax.inference import windows
@@ -314,9 +314,12 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
                 timespec="seconds"),
             "source_run": str(workdir.resolve()),
             "normalisation": {
+                "input": modality.spec(config).kind,
                 "mr": "per case: clip to the percentiles "
                       f"{list(config.data.mr_percentiles)} of the MR inside the body mask "
-                      "(Otsu mask from the MR when none is given), map linearly to [-1, 1]",
+                      "(Otsu mask from the MR when none is given), map linearly to [-1, 1]"
+                      if modality.spec(config).kind == "mr" else
+                      f"not used: the input is a {modality.spec(config).describe()}",
                 "ct": f"[-1, 1] <-> [{preprocess.HU_MIN:g}, {preprocess.HU_MAX:g}] HU "
                       "(linear)"},
             "training_geometry": json.loads(model.geometry.to_json()),

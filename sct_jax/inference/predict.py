@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from sct_jax import methods, runs
-from sct_jax.data import datasets, preprocess, synthrad
+from sct_jax.data import datasets, modality, preprocess, synthrad
 from sct_jax.data.geometry import TrainingGeometry
 from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
@@ -132,7 +132,7 @@ def check_settings(config) -> None:
 def eval_cases(config, data_root: str | Path | None = None) -> list[synthrad.Case]:
     """The cases of ``config.eval.split`` (all cases of ``data_root`` when it is given)."""
     if data_root:
-        cases = synthrad.discover_cases(Path(data_root), region=config.data.region or None)
+        cases = datasets.discover(config, Path(data_root))
         synthrad.validate_cases(cases)
     else:
         cases = datasets.case_splits(config)[config.eval.split]
@@ -167,9 +167,7 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
         mask_model = preprocess.body_mask_from_mr(mr_model)
     else:
         mask_model = grid.to_grid(np.asarray(mask, np.float32), order=0) > 0.5
-    lo, hi = config.data.mr_percentiles
-    unit = preprocess.mr_to_unit(mr_model, mask_model if mask_model.any() else None,
-                                 lo_pct=lo, hi_pct=hi)
+    unit = modality.spec(config).to_unit(mr_model, mask_model if mask_model.any() else None)
     pred = predict_volume(np.asarray(unit, np.float32))
     sct = np.asarray(preprocess.unit_to_ct(pred), np.float32)
     return grid.to_input(sct, order=1).astype(np.float32)

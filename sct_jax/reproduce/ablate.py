@@ -187,8 +187,18 @@ def seconds_per_step(workdir: Path) -> float:
     return float(statistics.median(rates)) if rates else math.nan
 
 
+# Keys added to every config after runs were cached: at these values they change
+# nothing, so they are left out of the digest and earlier finished runs stay reusable.
+DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0]}
+
+
 def config_digest(config) -> str:
-    return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
+    """The config's identity for the run caches (see :data:`DIGEST_NEUTRAL`)."""
+    tree = json.loads(config.to_json_best_effort(sort_keys=True))
+    for (section, key), neutral in DIGEST_NEUTRAL.items():
+        if tree.get(section, {}).get(key, neutral) == neutral:
+            tree.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 def refuse_stale_run(workdir: Path, record_name: str) -> None:

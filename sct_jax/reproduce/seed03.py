@@ -48,7 +48,7 @@ import numpy as np
 
 from sct_jax import methods, metrics
 from sct_jax.config_utils import load_config_file
-from sct_jax.data import datasets, preprocess, synthrad
+from sct_jax.data import datasets, modality, preprocess, synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
 from sct_jax.errors import ConfigError
 from sct_jax.inference import predict
@@ -123,9 +123,7 @@ def predict_and_score(config, workdir: Path, references: dict, samples: int) -> 
 
 def _unit_mr(config, case) -> np.ndarray:
     data = synthrad.load_case(case)
-    lo, hi = config.data.mr_percentiles
-    return np.asarray(preprocess.mr_to_unit(data.mr.data, data.mask, lo_pct=lo, hi_pct=hi),
-                      np.float32)
+    return np.asarray(modality.spec(config).to_unit(data.mr.data, data.mask), np.float32)
 
 
 def autoencoder_ceiling(config, workdir: Path, references: dict) -> float:

@@ -34,7 +34,10 @@ LOCK_NAME = "run.lock"
 # Config keys whose change makes the checkpoint another model or the data other data.
 RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode",
                "data.crop", "data.patch", "data.context", "data.mr_percentiles",
-               "data.split", "data.split_seed", "data.phantom")
+               "data.split", "data.split_seed", "data.phantom", "data.input",
+               "data.cbct_window")
+# Keys a run saved before they existed had at these values.
+ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0]}
 
 
 class RunDirBusy(SctError):
@@ -52,7 +55,7 @@ def changed_resume_keys(saved: dict, config) -> list[str]:
     """Keys under :data:`RESUME_KEYS` whose value differs between ``saved`` (the run's
     ``config.json``) and ``config``; sorted, dotted (``data.crop``, ``model.gen.ngf``)."""
     live = _flat(config.to_dict())
-    old = _flat(saved)
+    old = {**ABSENT_MEANS, **_flat(saved)}
 
     def watched(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
