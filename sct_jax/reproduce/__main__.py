@@ -1,6 +1,7 @@
-"""``sct-reproduce seed02|seed03 [--seeds N] [--tiny] [--out DIR] [--data ROOT [--region R]]
-[--dose [--dose_rx GY]]``: one seed's table, on the built-in phantom or on a SynthRAD-layout
-dataset, optionally with the dose columns (:mod:`sct_jax.reproduce.dose`)."""
+"""``sct-reproduce seed02|seed03|synthrad_task2 [--seeds N] [--tiny] [--out DIR]
+[--data ROOT [--region R]] [--dose [--dose_rx GY]]``: one seed's table, on the built-in
+phantom or on a SynthRAD-layout dataset, optionally with the dose columns
+(:mod:`sct_jax.reproduce.dose`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from sct_jax.reproduce import table
 
 # seed -> (what it compares, the phantom it runs on without --data)
 SEEDS = {"seed02": ("pGAN family under MR/CT misalignment", "pelvis phantom"),
-         "seed03": ("brain LDM (each conditioning) vs pix2pix", "brain phantom")}
+         "seed03": ("brain LDM (each conditioning) vs pix2pix", "brain phantom"),
+         "synthrad_task2": ("CBCT -> CT (SynthRAD Task 2): brain LDM and pix2pix on CBCT input",
+                            "brain phantom's CBCTs")}
 
 
 def _load(seed: str):
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
         prog="sct-reproduce", description="Train a seed paper's methods on the phantom "
         "(or --data), score the held-out cases and write table.md and table.csv (mean ± "
         "std over seeds).")
-    parser.add_argument("seed", choices=sorted(SEEDS), help="which seed paper")
+    parser.add_argument("seed", choices=sorted(SEEDS), help="which table: a seed paper's, or SynthRAD Task 2 (CBCT -> CT)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
     parser.add_argument("--tiny", action="store_true",
                         help="each config's tiny variant: seconds, a smoke test only")
@@ -52,15 +55,17 @@ def main(argv=None) -> int:
                         "with --data runs/reproduce/<seed>_<data folder>[_<region>][_tiny])")
     parser.add_argument("--data", metavar="ROOT",
                         help="a SynthRAD-layout dataset (ROOT/<region>/<id>/{mr,ct,mask}.nii.gz "
-                        "or ROOT/Task1/<region>/...) instead of the phantom; the configs' "
+                        "or ROOT/Task1/<region>/...; synthrad_task2: {cbct,ct,mask}, "
+                        "ROOT/Task2/<region>/...) instead of the phantom; the configs' "
                         "data.split gives the test cases")
     parser.add_argument("--region", help=f"with --data: the region to use "
                         f"({', '.join(REGIONS)}; default: the seed's own)")
     parser.add_argument("--vgg16", help="seed02: VGG-16 .npz for the perceptual term")
     parser.add_argument("--vgg19", help="seed02: VGG-19 .npz for CTX-pGAN")
     parser.add_argument("--only", help="train only these methods (run folder names, "
-                        "comma-separated, e.g. seed02: pgan,meta_pgan_slice; seed03: "
-                        "ldm_concat,pix2pix); the others are reported from their "
+                        "comma-separated, e.g. seed02: pgan,meta_pgan_slice; seed03 and "
+                        "synthrad_task2: ldm_concat,pix2pix); the others are reported from "
+                        "their "
                         "finished runs")
     parser.add_argument("--dose", action="store_true",
                         help="also score every row by dose: photon and proton plans on each "

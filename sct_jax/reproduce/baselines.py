@@ -215,6 +215,17 @@ def fitted_rows(config, train_cases, test_cases, references) -> list[dict]:
             row("mean training CT", score(mean_pairs), note=note + "; ignores the MR")]
 
 
+def cbct_row(test_cases, references: dict) -> dict:
+    """The CBCT itself as the sCT (its HU, air outside the body): what doing nothing
+    gives (:func:`sct_jax.evaluation.baselines.cbct_as_sct`)."""
+    pairs = []
+    for case in test_cases:
+        ref = references[case.id]
+        cbct = load_volume(case.mr).data
+        pairs.append((evaluation_baselines.cbct_as_sct(cbct, ref.mask), ref))
+    return row("CBCT itself", score(pairs), note="uncorrected CBCT HU in the body")
+
+
 def floor_row(test_cases, references: dict, note: str) -> dict:
     """The perfect-model floor: each case's noise-free CT (``ct_ideal``, which only the
     phantom writes) scored as its sCT; with no ``ct_ideal`` the row says why it is empty."""

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from sct_jax import methods, metrics
+from sct_jax import config_utils
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import datasets, modality, preprocess, synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
@@ -65,6 +66,9 @@ SAMPLES = {"small": 8, "tiny": 2}
 PIX2PIX_BRAIN = {"data.region": "brain", "data.phantom.shape": (64, 80, 64),
                  "data.phantom.cases": 20, "data.crop": (64, 96),
                  "name": "pix2pix_brain_small"}
+# The cbct config word's settings (config_utils.accelerator_settings), as overrides.
+CBCT_OVERRIDES = {"data.input": "cbct",
+                  "data.phantom.misalign": config_utils.CBCT_RESIDUAL_MOTION_MM}
 PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32),
                       "data.crop": (32, 32), "name": "pix2pix_brain_tiny"}
 
@@ -180,7 +184,7 @@ def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dic
 
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
         data_root: str | None = None, region: str | None = None,
-        dose_rx: float | None = None) -> list[dict]:
+        dose_rx: float | None = None, input: str = "mr") -> list[dict]:
     """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
 
     ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
@@ -188,6 +192,9 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
     ``dose_rx``: score every row by dose too, with this prescription in Gy
     (``--dose``; :mod:`sct_jax.reproduce.dose`).
+    ``input``: ``"cbct"`` trains every row on CBCT input instead of MR (the configs'
+    ``cbct`` settings, :mod:`sct_jax.reproduce.synthrad_task2`) and adds the CBCT itself
+    as a baseline row.
 
     Raises:
       SctError: a bad config or dataset (no cases, too few for the split), before
@@ -203,6 +210,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     size = "tiny" if tiny else "small"
     samples = SAMPLES[size]
     data = baselines.data_overrides(data_root, region)
+    if input == "cbct":
+        data.update(CBCT_OVERRIDES)
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
@@ -258,8 +267,9 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
                 if k == 0:
                     swap = mr_swap_mae(config, workdir, test_cases, references,
                                        [*test_cases, *splits["train"]])
-                    note += (f"; another head's MR: MAE {swap:.1f} HU" if math.isfinite(swap)
-                             else "; another head's MR: n/a (no other head on its grid)")
+                    other = f"another head's {modality.LABEL[input]}"
+                    note += (f"; {other}: MAE {swap:.1f} HU" if math.isfinite(swap)
+                             else f"; {other}: n/a (no other head on its grid)")
             else:
                 scores = predict_and_score(config, workdir, references, 1)
                 note = "axial slices" + (" 64 x 96" if not tiny else "")
@@ -270,5 +280,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
 
     rows.append(baselines.constant_row(list(references.values())))
     rows += baselines.fitted_rows(first, splits["train"], test_cases, references)
+    if input == "cbct":
+        rows.append(baselines.cbct_row(test_cases, references))
     rows.append(baselines.floor_row(test_cases, references, "noise-free CT: CT noise only"))
     return rows
