@@ -11,8 +11,8 @@ one a documented parameter of :class:`CbctParams` that the tests measure:
    body;
 3. streaks: for each angle of ``streak_angles_deg``, the lines through dense bone in
    that direction (a ray model: path length through bone > ``streak_bone_hu`` along the
-   line), ``streak_hu`` at saturation, angle ``k`` with sign ``(-1)**k`` (dark, bright,
-   dark, ...);
+   line), ``streak_hu`` at saturation, angle ``k`` (from 0) with sign ``-(-1)**k``:
+   dark, bright, dark, ...;
 4. noise: Gaussian, std ``noise_hu``, slightly correlated (higher than the CT's 10-18);
 5. the scanner's calibration, applied to the image with its artefacts:
    ``scale * hu + shift_hu``;
@@ -242,7 +242,7 @@ def _streaks(ct_hu: np.ndarray, spacing, angles, p: CbctParams) -> np.ndarray:
 
     For angle ``theta`` a ray is the line of direction ``(cos theta, sin theta)`` at
     signed offset ``s = -x sin theta + y cos theta``. The bone path length of each ray
-    (1 mm bins) becomes ``(-1)**k * streak_hu * (1 - exp(-path / streak_path_mm))`` on
+    (1 mm bins) becomes ``-(-1)**k * streak_hu * (1 - exp(-path / streak_path_mm))`` on
     every voxel of that ray.
 
     Returns:
@@ -277,5 +277,5 @@ def _streaks(ct_hu: np.ndarray, spacing, angles, p: CbctParams) -> np.ndarray:
         high = np.minimum(low + 1, n_bins - 1)
         w = (position - low)[:, :, None]
         ray = (1.0 - w) * strength[low] + w * strength[high]  # (X, Y, Z)
-        streaks += np.float32((-1) ** k * p.streak_hu) * ray.astype(np.float32)
+        streaks += np.float32(-((-1) ** k) * p.streak_hu) * ray.astype(np.float32)
     return streaks
