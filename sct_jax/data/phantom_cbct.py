@@ -25,7 +25,7 @@ one a documented parameter of :class:`CbctParams` that the tests measure:
 
 The per-centre scanners (A, B, C) differ in calibration, cupping and noise
 (:func:`scanner_params`); the region sets the field of view (a pelvis is truncated
-laterally, a head fits) and halves the scatter artefacts of a head. All random draws
+laterally, a head fits) and halves the cupping and scatter of a head. All random draws
 come from the generator passed in, in a fixed order that does not depend on the
 parameter values, so two renderings with one seed and different amplitudes share their
 noise and scatter fields.
