@@ -1,12 +1,15 @@
-"""The built-in phantom dataset: procedural pelvis and head MR/CT pairs, no download needed.
+"""The built-in phantom dataset: procedural pelvis and head MR/CT and CBCT/CT pairs, no
+download needed.
 
-Writes the SynthRAD2023 Task 1 layout so everything downstream runs on it unchanged::
+Writes the SynthRAD2023 layouts so everything downstream runs on them unchanged::
 
     python -m sct_jax.data.phantom --out data/phantom --region pelvis --cases 20 --seed 0 \\
-        [--misalign 4] [--shape 256 160 64] [--panel docs/images/phantom_pelvis.png]
+        [--task 2] [--misalign 4] [--shape 256 160 64] [--panel docs/images/phantom_pelvis.png]
 
 gives ``data/phantom/Task1/pelvis/<id>/{mr,ct,mask}.nii.gz`` (ids like ``1PA001``: task
-1, P(elvis)/B(rain), centre A/B/C, number) and ``manifest.json`` next to the cases.
+1, P(elvis)/B(rain), centre A/B/C, number) and ``manifest.json`` next to the cases; with
+``--task 2``, ``data/phantom/Task2/pelvis/<id>/{cbct,ct,mask}.nii.gz`` (ids ``2PA001``):
+a cone-beam CT of the day of treatment in place of the MR (no MR is written).
 
 Each case draws a random anatomy (:mod:`sct_jax.data.phantom_anatomy`), renders the CT
 in HU (tissue values, texture, partial volume, noise) and a T1-weighted MR (cortical bone
@@ -26,6 +29,15 @@ noise: the prediction of a perfect model, whose score is the floor). Generation 
 deterministic: the same seed gives byte-identical arrays. The direction of the
 misalignment does not depend on its size, so one seed at 0, 4 and 8 mm gives the same
 motion, scaled.
+
+Task 2 (CBCT -> CT): the same anatomy and CT; the CBCT is rendered by
+:func:`sct_jax.data.phantom_cbct.cbct_from_ct` from the noise-free CT in the moved frame
+(``ct_ideal``; ``misalign_mm`` is then the residual motion between the planning CT and
+the CBCT), with the scanner of the case's centre (calibration, cupping, scatter,
+streaks, noise, a cylindrical field of view that cuts a pelvis at the sides) and a
+random stream of its own, so Task 1 cases are unchanged. Its masks (``mask``,
+``mask_aligned``) are limited to that field of view: outside it the CBCT holds no data
+(-1000 HU), so nothing there is trained on or scored.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from sct_jax.data import phantom_anatomy as anatomy
+from sct_jax.data import phantom_cbct
 from sct_jax.data import phantom_shapes as shapes
 from sct_jax.data.io import atomic_path, atomic_write_text, load_volume, save_volume
 from sct_jax import guard
@@ -50,7 +63,8 @@ DEFAULT_SHAPE = {"pelvis": (256, 160, 64), "brain": (128, 160, 128)}
 MIN_SHAPE = (16, 16, 4)
 CENTRES = "ABC"
 _REGION_CODE = {"pelvis": 1, "brain": 2}
-_STREAM_ANATOMY, _STREAM_APPEARANCE, _STREAM_MOTION = 0, 1, 2
+TASKS = (1, 2)  # SynthRAD2023: 1 MR -> CT, 2 CBCT -> CT
+_STREAM_ANATOMY, _STREAM_APPEARANCE, _STREAM_MOTION, _STREAM_CBCT = 0, 1, 2, 3
 _PARTIAL_VOLUME_VOX = (0.6, 0.6, 0.5)  # tissue borders blur by this much before sampling
 
 # Per tissue (index = anatomy label): CT mean HU, CT texture std, case-to-case CT spread,
@@ -75,14 +89,17 @@ _TISSUE_TABLE = np.array([
 _CENTRE_SCALING = {"A": (1000.0, 0.0, 1.0), "B": (1600.0, 30.0, 0.8), "C": (700.0, 0.0, 1.25)}
 
 
-def case_id(region: str, index: int) -> tuple[str, str]:
-    """The SynthRAD-style id and centre of case ``index`` (0-based): ``("1PA001", "A")``."""
+def case_id(region: str, index: int, task: int = 1) -> tuple[str, str]:
+    """The SynthRAD-style id and centre of case ``index`` (0-based): ``("1PA001", "A")``
+    (``"2PA001"`` for task 2)."""
     centre = CENTRES[index % len(CENTRES)]
-    return f"1{region[0].upper()}{centre}{index + 1:03d}", centre
+    return f"{int(task)}{region[0].upper()}{centre}{index + 1:03d}", centre
 
 
-def _check_args(region, index, seed, misalign_mm, shape) -> tuple[int, ...]:
+def _check_args(region, index, seed, misalign_mm, shape, task=1) -> tuple[int, ...]:
     """Validates the arguments of :func:`generate_case`; returns the shape to use."""
+    if task not in TASKS:
+        raise DataError(f"task {task!r}: unknown (expected 1 (MR -> CT) or 2 (CBCT -> CT))")
     if region not in REGIONS:
         raise DataError(f"region {region!r}: unknown (expected one of {', '.join(REGIONS)})")
     if not 0 <= int(index) <= 998:
@@ -110,35 +127,42 @@ def affine_for(shape, spacing) -> np.ndarray:
 
 
 def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
-                  shape=None) -> dict:
+                  shape=None, task: int = 1) -> dict:
     """One phantom case.
 
     Args:
       region: ``"pelvis"`` or ``"brain"``.
       index: 0-based case number (sets the id and centre; varies the anatomy).
       seed: dataset seed (>= 0).
-      misalign_mm: scale of the MR-to-CT misalignment in mm (0 = aligned).
+      misalign_mm: scale of the MR-to-CT (task 2: CBCT-to-CT) misalignment in mm
+        (0 = aligned).
       shape: ``(X, Y, Z)`` voxels (default :data:`DEFAULT_SHAPE`); the anatomy is
         stretched to the field of view.
+      task: 1 (MR -> CT) or 2 (CBCT -> CT: ``cbct`` in place of ``mr``; the same
+        anatomy and CT as task 1's case of this index and seed).
 
     Returns:
-      ``dict(mr, ct, mask, labels, affine, info)``:
+      ``dict(mr, ct, mask, labels, affine, info)`` (task 2: ``cbct`` in place of ``mr``):
 
       - ``mr``: ``(X, Y, Z)`` float32, integer scanner units in [0, 32767];
+      - ``cbct`` (task 2): ``(X, Y, Z)`` float32 integer HU in [-1024, 3071], -1000
+        outside the cylindrical field of view, in the moved frame (like ``ct_aligned``);
       - ``ct``: ``(X, Y, Z)`` float32, integer HU in [-1024, 3071];
       - ``mask``: ``(X, Y, Z)`` uint8 body mask (dilated ~3 mm) on the CT grid;
       - ``labels``: ``(X, Y, Z)`` uint8 tissue classes of the CT
         (:data:`phantom_anatomy.TISSUE_NAMES`), for tests and analysis;
       - ``affine``: ``(4, 4)`` voxel -> RAS+ mm, volume centred on the origin;
-      - ``info``: the JSON-ready record written to the manifest;
+      - ``info``: the JSON-ready record written to the manifest (task 2: ``task`` and
+        the CBCT's settings, ``cbct``, in place of ``mr_scaling``);
       - ``ct_aligned``, ``mask_aligned``: the CT (noise added after the move) and body
         mask in the MR's frame, like ``ct`` and ``mask``; ``ct_ideal``: ``ct_aligned``
-        without CT noise (a perfect model's sCT).
+        without CT noise (a perfect model's sCT). Task 2: both masks are limited to
+        the CBCT's field of view.
 
     Raises:
-      DataError: unknown region, bad index, seed, misalignment or shape.
+      DataError: unknown region or task, bad index, seed, misalignment or shape.
     """
-    shape = _check_args(region, index, seed, misalign_mm, shape)
+    shape = _check_args(region, index, seed, misalign_mm, shape, task)
     spacing = SPACING_MM[region]
     grid = anatomy.make_grid(region, shape, spacing)
     build = anatomy.build_pelvis if region == "pelvis" else anatomy.build_brain
@@ -172,8 +196,13 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
     # The CT the MR shows (the MR's frame), with the noise of the scanner's CT added
     # after the move: the reference an sCT is scored against, and its noise-free form.
     ct_aligned, ct_ideal = _quantize_ct(ct_clean + ct_noise), _quantize_ct(ct_clean)
-    case, centre = case_id(region, index)
-    mr, scaling = _render_mr(t1, centre, rng, spacing)
+    case, centre = case_id(region, index, task)
+    if task == 1:
+        name, (image, scaling) = "mr", _render_mr(t1, centre, rng, spacing)
+    else:  # the day's CBCT of the moved anatomy; its own stream leaves task 1 unchanged
+        name, (image, cbct_info) = "cbct", phantom_cbct.cbct_from_ct(
+            ct_clean, body_seen, spacing, _rng(seed, region, index, _STREAM_CBCT),
+            phantom_cbct.scanner_params(centre, region))
 
     xy_steps = max(1, int(round(3.0 / spacing[0])))  # dilate ~3 mm in-plane
     in_plane = np.zeros((3, 3, 3), dtype=bool)
@@ -181,6 +210,9 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
     mask, mask_aligned = (
         ndimage.binary_dilation(b, in_plane, iterations=xy_steps).astype(np.uint8)
         for b in (body, body_seen))
+    if task == 2:  # no CBCT data outside its field of view: nothing to learn or score
+        fov = phantom_cbct.fov_mask(shape, spacing, cbct_info["fov_radius_mm"])
+        mask, mask_aligned = mask * fov, mask_aligned * fov
     info = {
         "id": case, "centre": centre, "index": int(index), "seed": int(seed),
         "region": region, "shape": list(shape), "spacing_mm": list(spacing),
@@ -188,11 +220,12 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
         "rotation_deg": motion["rotation_deg"], "translation_mm": motion["translation_mm"],
         "elastic_amplitude_mm": motion["elastic_mm"],
         "displacement_mm": motion["displacement_mm"],
-        "mr_scaling": scaling, "ct_noise_hu": ct_noise_hu,
     }
-    return dict(mr=mr, ct=ct, mask=mask, labels=labels, affine=affine_for(shape, spacing),
-                info=info, ct_aligned=ct_aligned, mask_aligned=mask_aligned,
-                ct_ideal=ct_ideal)
+    info.update({"mr_scaling": scaling, "ct_noise_hu": ct_noise_hu} if task == 1 else
+                {"task": 2, "ct_noise_hu": ct_noise_hu, "cbct": cbct_info})
+    return {name: image, "ct": ct, "mask": mask, "labels": labels,
+            "affine": affine_for(shape, spacing), "info": info, "ct_aligned": ct_aligned,
+            "mask_aligned": mask_aligned, "ct_ideal": ct_ideal}
 
 
 def _render_ct(labels, table, texture, rng) -> tuple[np.ndarray, np.ndarray, float]:
@@ -342,28 +375,30 @@ def aligned_indices(region: str, cases: int, seed: int, aligned_fraction: float)
 
 
 def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 0.0,
-                  shape=None, aligned_fraction: float = 0.0) -> Path:
+                  shape=None, aligned_fraction: float = 0.0, task: int = 1) -> Path:
     """Writes ``cases`` phantom cases and a manifest in the SynthRAD2023 layout.
 
     Args:
-      out: dataset root; cases go to ``out/Task1/<region>/<id>/{mr,ct,mask}.nii.gz``.
-      region, seed, misalign_mm, shape: as in :func:`generate_case`.
+      out: dataset root; cases go to ``out/Task1/<region>/<id>/{mr,ct,mask}.nii.gz``
+        (task 2: ``out/Task2/<region>/<id>/{cbct,ct,mask}.nii.gz``, no MR), each with
+        ``ct_aligned``, ``mask_aligned`` and ``ct_ideal`` beside them.
+      region, seed, misalign_mm, shape, task: as in :func:`generate_case`.
       cases: number of cases (1..999).
       aligned_fraction: share of the cases generated with no misalignment (a
         well-registered minority, :func:`aligned_indices`); the others get
         ``misalign_mm``.
 
     Returns:
-      The region folder ``out/Task1/<region>``.
+      The region folder ``out/Task<task>/<region>``.
 
     Raises:
       DataError: bad arguments, or an unwritable output folder.
     """
     if not 1 <= int(cases) <= 999:
         raise DataError(f"cases {cases}: must be in 1..999")
-    shape = _check_args(region, 0, seed, misalign_mm, shape)
+    shape = _check_args(region, 0, seed, misalign_mm, shape, task)
     aligned = set(aligned_indices(region, cases, seed, aligned_fraction))
-    region_dir = Path(out) / "Task1" / region
+    region_dir = Path(out) / f"Task{task}" / region
     try:
         region_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -371,16 +406,15 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
     records = []
     for index in range(int(cases)):
         case = generate_case(region, index, seed, 0.0 if index in aligned else misalign_mm,
-                             shape)
+                             shape, task)
         case_dir = region_dir / case["info"]["id"]
-        save_volume(case_dir / "mr.nii.gz", case["mr"], case["affine"], dtype=np.int16)
-        for name in ("ct", "ct_aligned", "ct_ideal"):
+        for name in ("mr" if task == 1 else "cbct", "ct", "ct_aligned", "ct_ideal"):
             save_volume(case_dir / f"{name}.nii.gz", case[name], case["affine"],
                         dtype=np.int16)
         for name in ("mask", "mask_aligned"):
             save_volume(case_dir / f"{name}.nii.gz", case[name], case["affine"])
         records.append({**case["info"], "aligned": index in aligned or misalign_mm == 0.0})
-    manifest = {"generator": "sct_jax.data.phantom", "task": 1, "region": region,
+    manifest = {"generator": "sct_jax.data.phantom", "task": int(task), "region": region,
                 "seed": int(seed), "misalign_mm": float(misalign_mm),
                 "aligned_fraction": float(aligned_fraction), "shape": list(shape),
                 "spacing_mm": list(SPACING_MM[region]), "cases": records}
@@ -389,10 +423,11 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
 
 
 def save_phantom_panel(case_dir, out_png) -> Path:
-    """Saves a figure of one case: MR | CT | mask, axial (top) and coronal (bottom).
+    """Saves a figure of one case: MR (task 2: CBCT) | CT | mask, axial (top) and coronal
+    (bottom).
 
     Args:
-      case_dir: a case folder with ``mr``, ``ct`` and ``mask`` volumes.
+      case_dir: a case folder with ``mr`` (or ``cbct``), ``ct`` and ``mask`` volumes.
       out_png: the PNG to write (atomically).
 
     Returns:
@@ -403,27 +438,33 @@ def save_phantom_panel(case_dir, out_png) -> Path:
     from matplotlib.figure import Figure
 
     case_dir, out_png = Path(case_dir), Path(out_png)
-    vols = {name: load_volume(case_dir / f"{name}.nii.gz") for name in ("mr", "ct", "mask")}
+    image = "cbct" if (case_dir / "cbct.nii.gz").is_file() else "mr"
+    names = (image, "ct", "mask")
+    vols = {name: load_volume(case_dir / f"{name}.nii.gz") for name in names}
     spacing = vols["ct"].spacing
     mask = vols["mask"].data > 0
-    mr_top = float(np.percentile(vols["mr"].data[mask], 99.5)) if mask.any() else None
+    mr_top = (float(np.percentile(vols[image].data[mask], 99.5))
+              if image == "mr" and mask.any() else None)
+    # The CBCT is in HU too: the CT's window shows its shading and offsets as such.
     style = {"mr": dict(cmap="gray", vmin=0.0, vmax=mr_top),
+             "cbct": dict(cmap="gray", vmin=-300.0, vmax=1200.0),
              "ct": dict(cmap="gray", vmin=-300.0, vmax=1200.0),
              "mask": dict(cmap="gray", vmin=0.0, vmax=1.0)}
+    labels = {"mr": "MR (T1)", "cbct": "CBCT [-300, 1200] HU", "ct": "CT [-300, 1200] HU",
+              "mask": "mask"}
     x, y, z = (n // 2 for n in vols["ct"].shape)
     views = [("axial", lambda a: a[:, :, z].T, spacing[1] / spacing[0]),
              ("coronal", lambda a: a[:, y, :].T, spacing[2] / spacing[0])]
     fig = Figure(figsize=(10.0, 7.0), dpi=110)
     axes = fig.subplots(2, 3)
     for row, (view, cut, aspect) in enumerate(views):
-        for col, name in enumerate(("mr", "ct", "mask")):
+        for col, name in enumerate(names):
             ax = axes[row, col]
             ax.imshow(cut(vols[name].data), origin="lower", aspect=aspect,
                       interpolation="nearest", **style[name])
             ax.set_xticks([])
             ax.set_yticks([])
-            label = {"mr": "MR (T1)", "ct": "CT [-300, 1200] HU", "mask": "mask"}[name]
-            ax.set_title(f"{label}, {view}", fontsize=9)
+            ax.set_title(f"{labels[name]}, {view}", fontsize=9)
     fig.suptitle(f"phantom case {case_dir.name}", fontsize=10)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
@@ -435,18 +476,24 @@ def _parse_args(argv):
 
     parser = guard.ArgumentParser(
         prog="python -m sct_jax.data.phantom",
-        description="Write the built-in phantom MR/CT dataset in the SynthRAD2023 layout.",
+        description="Write the built-in phantom dataset in the SynthRAD2023 layout: MR/CT "
+                    "pairs (task 1) or CBCT/CT pairs (task 2).",
         epilog=guard.EXIT_STATUS_HELP)
     parser.add_argument("--out", required=True, help="dataset root folder")
     parser.add_argument("--region", choices=REGIONS, default="pelvis")
+    parser.add_argument("--task", type=int, choices=TASKS, default=1,
+                        help="1: MR -> CT, writes Task1/<region>/<id>/{mr,ct,mask}; 2: CBCT "
+                             "-> CT, writes Task2/<region>/<id>/{cbct,ct,mask} (default 1)")
     parser.add_argument("--cases", type=int, default=20, help="number of cases (1..999)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (>= 0)")
     parser.add_argument("--misalign", type=float, default=0.0, metavar="MM",
-                        help="MR/CT misalignment scale in mm (0 = aligned)")
+                        help="MR/CT misalignment scale in mm (task 2: the residual "
+                             "CBCT/CT motion; 0 = aligned)")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                         help="volume size in voxels (default: pelvis 256 160 64, "
                              "brain 128 160 128)")
-    parser.add_argument("--panel", metavar="PNG", help="also save a figure of the first case")
+    parser.add_argument("--panel", metavar="PNG",
+                        help="also save a figure of the first case (MR or CBCT | CT | mask)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset made with other settings (as a "
                              "whole: never a mix of two datasets)")
@@ -464,7 +511,7 @@ def _parse_args(argv):
 
 
 def existing_dataset_differences(region_dir: Path, region: str, cases: int, seed: int,
-                                 misalign_mm: float, shape) -> list[str]:
+                                 misalign_mm: float, shape, task: int = 1) -> list[str]:
     """How the dataset already in ``region_dir`` differs from the requested one.
 
     Returns:
@@ -477,10 +524,11 @@ def existing_dataset_differences(region_dir: Path, region: str, cases: int, seed
         manifest = json.loads((region_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return ["the folder holds files but no readable manifest.json"]
-    want = {"region": region, "cases": int(cases), "seed": int(seed),
+    want = {"task": int(task), "region": region, "cases": int(cases), "seed": int(seed),
             "misalign_mm": float(misalign_mm),
             "shape": list(DEFAULT_SHAPE[region] if shape is None else map(int, shape))}
-    have = {"region": manifest.get("region"), "cases": len(manifest.get("cases", [])),
+    have = {"task": manifest.get("task", 1), "region": manifest.get("region"),
+            "cases": len(manifest.get("cases", [])),
             "seed": manifest.get("seed"), "misalign_mm": manifest.get("misalign_mm"),
             "shape": manifest.get("shape")}
     return [f"{k} {have[k]} -> {want[k]}" for k in want if have[k] != want[k]]
@@ -494,7 +542,7 @@ def _replace_dataset(args, region_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         written = write_dataset(staging, args.region, args.cases, args.seed, args.misalign,
-                                args.shape)
+                                args.shape, task=args.task)
         old = region_dir.parent / f".{region_dir.name}.old-{os.getpid()}"
         os.replace(region_dir, old)
         os.replace(written, region_dir)
@@ -506,9 +554,10 @@ def _replace_dataset(args, region_dir: Path) -> Path:
 
 def _main(args) -> int:
 
-    region_dir = Path(args.out) / "Task1" / args.region
+    region_dir = Path(args.out) / f"Task{args.task}" / args.region
     differences = existing_dataset_differences(region_dir, args.region, args.cases,
-                                               args.seed, args.misalign, args.shape)
+                                               args.seed, args.misalign, args.shape,
+                                               args.task)
     if differences and not args.overwrite:
         raise DataError(f"{region_dir}: holds a dataset made with other settings "
                         f"({'; '.join(differences)}); pass --overwrite to replace it as a "
@@ -517,10 +566,10 @@ def _main(args) -> int:
         region_dir = _replace_dataset(args, region_dir)
     else:
         region_dir = write_dataset(args.out, args.region, args.cases, args.seed,
-                                   args.misalign, args.shape)
+                                   args.misalign, args.shape, task=args.task)
     print(f"wrote {args.cases} {args.region} cases to {region_dir}")
     if args.panel:
-        first = case_id(args.region, 0)[0]
+        first = case_id(args.region, 0, args.task)[0]
         print(f"wrote {save_phantom_panel(region_dir / first, args.panel)}")
     return guard.EXIT_OK
 
