@@ -63,6 +63,13 @@ LABELS = {
     "cbct": "the CBCT itself (uncorrected HU)",
     "perfect": "perfect model (floor)",
 }
+
+
+def labels_for(input_kind: str = "mr") -> dict[str, str]:
+    """:data:`LABELS` with the lookup named after its input (``MR`` or ``CBCT``)."""
+    return {**LABELS, "lookup": f"intensity lookup ({modality.LABEL[input_kind]} -> HU)"}
+
+
 # Lower is better for these; higher for the rest of the verdict's metrics.
 VERDICT_METRICS = {"mae": ("MAE", "HU", "{:.1f}", min), "ssim": ("SSIM", "", "{:.4f}", max)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from sct_jax import runs
-from sct_jax.data import datasets, synthrad
+from sct_jax.data import datasets, modality, synthrad
 from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import (baselines, bone3d, dose_eval, figures, lpips_setup,
@@ -66,7 +66,7 @@ def baseline_scores(config, cases: list[synthrad.Case],
             per_case.setdefault(name, {})[case.id] = scoring.case_metrics(
                 data.ct.data, sct, data.mask, data.ct.spacing, lpips_net, data.ct.affine)
     out = {}
-    for name, label in baselines.LABELS.items():
+    for name, label in baselines.labels_for(modality.input_kind(config)).items():
         rows = per_case.get(name, {})
         if len(rows) != len(cases):
             continue
@@ -155,7 +155,8 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         train_cases, base_note = training_split(config)
         base = baseline_scores(config, with_ct, train_cases, lpips_net)
         model = {name: stats["mean"] for name, stats in report.summary().items()}
-        verdict = baselines.verdict(model, {n: b["mean"] for n, b in base.items()})
+        verdict = baselines.verdict(model, {n: b["mean"] for n, b in base.items()},
+                                    baselines.labels_for(modality.input_kind(config)))
         logging.info("baselines scored in %.1fs", time.perf_counter() - t1)
     extra = {}  # the verdict first: a reader sees it before the numbers
     if verdict is not None:
