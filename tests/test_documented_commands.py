@@ -325,7 +325,7 @@ def _rename_runs(value: str) -> str:
     names = run_name_map()
 
     def sub(m):
-        if m.group(2) in ("seed02", "seed03") and m.group(1) == "reproduce/":
+        if m.group(2) in REPRODUCE_ONLY and m.group(1) == "reproduce/":
             return f"runs/reproduce/{m.group(2)}_tiny"
         return f"runs/{m.group(1) or ''}{names.get(m.group(2), m.group(2))}"
 
@@ -347,7 +347,7 @@ def _program(tokens: list[str]) -> str:
 REPRODUCE = ("sct-reproduce", "sct_jax.reproduce")
 # Rule 5: the row a seed command trains when it names none (every row at tiny size is
 # tests/test_reproduce.py's; here the command line is what is checked).
-REPRODUCE_ONLY = {"seed02": "pgan", "seed03": "pix2pix"}
+REPRODUCE_ONLY = {"seed02": "pgan", "seed03": "pix2pix", "synthrad_task2": "pix2pix"}
 
 
 def rewrite(cmd: DocCommand) -> list[str]:

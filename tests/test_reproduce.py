@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sct_jax.data import phantom
+from sct_jax.data import phantom, synthrad
 from sct_jax.data.io import save_volume
 from sct_jax.reproduce import __main__ as cli
 from sct_jax.evaluation import baselines as evaluation_baselines
@@ -158,26 +158,29 @@ def test_reproduce_seed02_tiny_writes_every_row(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
-    """On a user's own dataset (``--data``): the brain phantom of the tiny configs, written
-    by the phantom CLI; the phantom's own path is seed02's test (and the docs run)."""
+def test_reproduce_synthrad_task2_tiny_writes_every_row(tmp_path, capsys):
+    """Seed 03's rows (synthrad_task2 is seed03.run on CBCT input) on a user's own
+    dataset (``--data``): the brain phantom's Task 2 cases of the tiny configs, written by
+    the phantom CLI; the phantom's own path is seed02's test (and the docs run, which also
+    runs seed03 on MR)."""
     root = tmp_path / "mydata"
     assert phantom.main(["--out", str(root), "--region", "brain", "--cases", "4",
-                         "--seed", "0", "--shape", "32", "32", "32"]) == 0
-    out = tmp_path / "seed03"
-    argv = ["seed03", "--tiny", "--seeds", "1", "--data", str(root), "--out", str(out)]
+                         "--seed", "0", "--shape", "32", "32", "32", "--task", "2"]) == 0
+    out = tmp_path / "task2"
+    argv = ["synthrad_task2", "--tiny", "--seeds", "1", "--data", str(root), "--out", str(out)]
     assert cli.main(argv) == 0
     entries = {e["method"]: e for e in csv.DictReader(io.StringIO(
         (out / "table.csv").read_text()))}
     trained = ["LDM (MR concat)", "LDM (ControlNet)", "pix2pix"]
-    fixed = ["constant 40 HU", "intensity lookup", "mean training CT", "perfect model (floor)"]
+    fixed = ["constant 40 HU", "intensity lookup", "mean training CT", "CBCT itself",
+             "perfect model (floor)"]
     assert list(entries) == trained + fixed
     for name in trained + fixed:
         for key in ("mae_mean", "psnr_mean", "ssim_mean", "ms_ssim_mean", "air_dice_mean"):
             assert math.isfinite(float(entries[name][key])), (name, key)
     for name in trained[:2]:
         assert "autoencoder recon" in entries[name]["note"]
-        assert "another head's MR" in entries[name]["note"]
+        assert "another head's CBCT" in entries[name]["note"]
     floor = float(entries["perfect model (floor)"]["mae_mean"])
     assert 0 < floor < float(entries["mean training CT"]["mae_mean"])
     md = (out / "table.md").read_text()
@@ -185,6 +188,21 @@ def test_reproduce_seed03_tiny_writes_every_row(tmp_path, capsys):
     assert all(f" {name} |" in md.splitlines()[2] for name in NEW_COLUMNS)
     config = json.loads((out / "pix2pix" / "seed0" / "config.json").read_text())
     assert config["data"]["root"] == str(root)  # trained on --data, not the phantom
+    assert config["data"]["input"] == "cbct"
+    # The CBCT row is the CBCT's own HU scored against the CT in the CBCT's frame.
+    cases = synthrad.discover_cases(root, input="cbct")
+    test_ids = {i for line in capsys.readouterr().out.splitlines()
+                if "held-out head(s): " in line
+                for i in line.split("held-out head(s): ")[1].split(", ")}
+    test_cases = [c for c in cases if c.id in test_ids]
+    expected = []
+    for case in test_cases:
+        ref = baselines.load_reference(case)[0]
+        cbct = synthrad.load_case(case).mr.data
+        expected.append(np.abs(cbct - ref.ct)[ref.mask].mean())
+    expected = float(np.mean(expected))
+    assert float(entries["CBCT itself"]["mae_mean"]) == pytest.approx(expected, rel=1e-6)
+    assert 0 < expected < float(entries["constant 40 HU"]["mae_mean"])
     # A row cached before the new columns is rescored from its run's predictions.
     cached = out / "ldm_concat" / "seed0" / "reproduce_row.json"
     record = json.loads(cached.read_text())
