@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from sct_jax.config_utils import base_config
 from sct_jax.data.io import Volume, load_volume
 from sct_jax.errors import DataError
 from sct_jax.data import geometry as recorded
@@ -59,12 +60,9 @@ def test_predict_mr_is_independent_of_the_stored_axis_order():
     def directional(unit):
         return np.tanh(np.cumsum(unit, axis=0) / 10.0)
 
-    class Config:  # only the MR percentiles are read
-        class data:
-            mr_percentiles = (0.5, 99.5)
-
-    sct = predict_lib.predict_mr(directional, Config, mr, None, RAS)
-    sct_other = predict_lib.predict_mr(directional, Config, other, None, RAS)
+    config = base_config()  # only the input's normalisation (MR percentiles) is read
+    sct = predict_lib.predict_mr(directional, config, mr, None, RAS)
+    sct_other = predict_lib.predict_mr(directional, config, other, None, RAS)
     expected = np.flip(sct.transpose(2, 0, 1), axis=1)
     np.testing.assert_allclose(sct_other, expected, rtol=0, atol=1e-3)  # HU, float32
     assert sct.shape == mr.shape and np.ptp(sct) > 100
