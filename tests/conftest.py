@@ -2,7 +2,8 @@
 
 JAX compilation dominates this suite's time, and several tests build the same
 programs (the tiny pix2pix step, say) from fresh processes or loops: a persistent
-compilation cache in a per-session folder makes the repeats cache hits.
+compilation cache in a per-run folder makes the repeats cache hits. The suite runs on
+two pytest-xdist workers (pyproject's addopts), one test file at a time each.
 """
 
 import atexit
@@ -17,8 +18,14 @@ import pytest
 # added never removes absl's.
 from absl import app as _absl_app  # noqa: F401
 
-_CACHE = tempfile.mkdtemp(prefix="sct_jax_jit_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# pytest-xdist's workers share the cache of the process that started them (they inherit
+# its environment): a program one worker compiled is a hit for the other. That process
+# made the folder and removes it when it exits, after its workers.
+_CACHE = os.environ.get("SCT_JAX_TEST_JIT_CACHE")
+if _CACHE is None:
+    _CACHE = tempfile.mkdtemp(prefix="sct_jax_jit_cache_")
+    os.environ["SCT_JAX_TEST_JIT_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
