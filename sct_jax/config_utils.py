@@ -142,6 +142,10 @@ def accelerator_settings(c: ml_collections.ConfigDict,
         c.data.input = "cbct"
         c.data.phantom.misalign = CBCT_RESIDUAL_MOTION_MM
         c.name = f"{c.name}_cbct"
+        if "gen" in c.model:
+            # The CBCT in the CT's HU window is already a CT estimate: the generator
+            # learns its correction (models/layers.generator_output).
+            c.model.gen.residual = True
     return c
 
 

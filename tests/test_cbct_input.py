@@ -135,3 +135,28 @@ def test_qa_reports_cbct_truncation_without_failing():
     assert check["value"] == pytest.approx(truncated.sum() / body.sum(), abs=0.01)
     assert "outside the CBCT's field of view" in check["reason"]
     assert "radius of 1" in check["reason"]  # about 12 mm
+
+
+def test_residual_generator_output_starts_from_the_input_centre_slice():
+    import jax
+    import jax.numpy as jnp
+
+    from sct_jax.models.layers import generator_output
+    from sct_jax.models.unet import UNetGenerator
+
+    x = jnp.stack([jnp.full((1, 8, 8), v) for v in (-0.5, 0.25, 0.9)], axis=-1)  # 3 slices
+    h = jnp.zeros((1, 8, 8, 1))
+    np.testing.assert_allclose(generator_output(h, x, True), 0.25)  # the centre slice
+    np.testing.assert_allclose(generator_output(h + 10.0, x, True), 1.0)  # clipped
+    np.testing.assert_allclose(generator_output(h + 0.3, x, False), np.tanh(0.3), rtol=1e-6)
+    # A U-Net whose last layer is zeroed returns its input exactly when residual.
+    gen = UNetGenerator(ngf=4, num_downs=3, residual=True, dropout_rate=0.0)
+    image = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
+    params = gen.init(jax.random.key(1), image, train=False)["params"]
+    params = jax.tree_util.tree_map(lambda p: p, params)
+    params["up_conv_0"] = jax.tree_util.tree_map(jnp.zeros_like, params["up_conv_0"])
+    np.testing.assert_allclose(gen.apply({"params": params}, image, train=False), image,
+                               atol=1e-6)
+    config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny,cbct")
+    assert config.model.gen.residual
+    assert "residual" not in load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny").model.gen

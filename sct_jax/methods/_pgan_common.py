@@ -45,6 +45,7 @@ def build_generator(config) -> ResnetGenerator:
     g = config.model.gen
     return ResnetGenerator(out_channels=1, ngf=g.ngf, n_blocks=g.n_blocks, norm=g.norm,
                            dropout_rate=g.dropout, conv_impl=config.model.conv_impl,
+                           residual=bool(g.get("residual", False)),
                            **precision_kwargs(config))
 
 

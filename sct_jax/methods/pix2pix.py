@@ -32,7 +32,8 @@ def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
     m = config.model
     gen = UNetGenerator(out_channels=1, ngf=m.gen.ngf, num_downs=m.gen.num_downs,
                         norm=m.gen.norm, dropout_rate=m.gen.dropout, conv_impl=m.conv_impl,
-                        dtype=compute_dtype(m.get("dtype")))
+                        dtype=compute_dtype(m.get("dtype")),
+                        residual=bool(m.gen.get("residual", False)))
     disc = PatchDiscriminator(ndf=m.disc.ndf, n_layers=m.disc.n_layers, norm=m.disc.norm,
                               conv_impl=m.conv_impl, dtype=compute_dtype(m.get("dtype")))
     return gen, disc

@@ -338,6 +338,25 @@ class BatchStatsNorm(nn.Module):
                 + self.param("bias", nn.initializers.zeros, (c,)).astype(y.dtype))
 
 
+def generator_output(h: jax.Array, x: jax.Array, residual: bool) -> jax.Array:
+    """A generator's last activation ``h`` -> its output in ``[-1, 1]`` (float32).
+
+    Args:
+      h: ``(B, *spatial, C_out)`` pre-activation.
+      x: ``(B, *spatial, C_in)`` the generator's input (model units).
+      residual: ``False``: ``tanh(h)``. ``True``: the input's centre channel (the slice
+        itself when neighbours are stacked as channels) plus ``tanh(h)``, clipped to
+        ``[-1, 1]``: the network learns a correction of an input that is already an
+        image of the output's kind in the output's units (a CBCT in the CT's HU
+        window), and starts as the identity instead of having to learn it.
+    """
+    out = jnp.tanh(h.astype(jnp.float32))
+    if not residual:
+        return out
+    centre = x[..., x.shape[-1] // 2:x.shape[-1] // 2 + 1].astype(jnp.float32)
+    return jnp.clip(centre + out, -1.0, 1.0)
+
+
 def compute_dtype(name: str | None, config_key: str = "model.dtype") -> Any:
     """The ``jnp`` dtype for a config's ``model.dtype`` string (``None``: float32).
 

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from sct_jax.errors import ConfigError
 from sct_jax.models.layers import (Conv, ConvTranspose, Dropout, conv_bias_before_norm,
-                                   make_norm, reflect_pad, remat_block)
+                                   generator_output, make_norm, reflect_pad, remat_block)
 
 # Two stride-2 downsamplings: spatial sizes must be multiples of 4 to come back intact.
 N_DOWNSAMPLINGS = 2
@@ -133,6 +133,8 @@ class ResnetGenerator(nn.Module):
         is float32 whatever it is.
       remat: rematerialise the residual blocks, see
         :data:`~sct_jax.models.layers.REMAT_CHOICES`.
+      residual: output the input's centre channel plus the network's ``tanh``
+        (:func:`~sct_jax.models.layers.generator_output`; CBCT input).
     """
 
     out_channels: int = 1
@@ -143,6 +145,7 @@ class ResnetGenerator(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = None
     remat: str = "none"
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -191,4 +194,4 @@ class ResnetGenerator(nn.Module):
 
         h = Conv(self.out_channels, kernel_size=7, use_bias=True, name="conv_out",
                  **common)(reflect_pad(h, 3))
-        return jnp.tanh(h.astype(jnp.float32))
+        return generator_output(h, x, self.residual)

@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from sct_jax.errors import ConfigError
 from sct_jax.models.layers import (Conv, ConvTranspose, Dropout, conv_bias_before_norm,
-                                   make_norm)
+                                   generator_output, make_norm)
 
 
 def unet_channels(ngf: int, num_downs: int, max_mult: int = 8) -> list[int]:
@@ -82,6 +82,8 @@ class UNetGenerator(nn.Module):
       conv_impl: convolution lowering, see :mod:`sct_jax.models.conv_lowering`.
       dtype: computation dtype (``None``: from the input and parameters); the output
         is float32 whatever it is.
+      residual: output the input's centre channel plus the network's ``tanh``
+        (:func:`~sct_jax.models.layers.generator_output`; CBCT input).
     """
 
     out_channels: int = 1
@@ -92,6 +94,7 @@ class UNetGenerator(nn.Module):
     dropout_rate: float = 0.5
     conv_impl: str = "auto"
     dtype: Any = None
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -148,4 +151,4 @@ class UNetGenerator(nn.Module):
         # Outermost up block; the reference keeps the default bias on this layer.
         h = nn.relu(h)
         h = ConvTranspose(self.out_channels, use_bias=True, name="up_conv_0", **conv_kw)(h)
-        return jnp.tanh(h.astype(jnp.float32))
+        return generator_output(h, x, self.residual)
