@@ -468,7 +468,7 @@ def outputs(argv: list[str]) -> list[str]:
     if program in _EVALUATORS and workdirs and not any(k == "--pred" for k, _ in pairs):
         outs += [f"{workdirs[0]}/predictions"]
     if program in REPRODUCE and not any(k == "--out" for k, _ in pairs):
-        seed = next(t for t in argv[1:] if t.startswith("seed"))
+        seed = next(t for t in argv[1:] if t in REPRODUCE_ONLY)
         data = dict(pairs).get("--data")  # a user's data: runs/reproduce/<seed>_<name>...
         name = f"{seed}_{Path(data).name}" if data else seed
         region = dict(pairs).get("--region") if data else None
