@@ -47,7 +47,6 @@ import jax
 import numpy as np
 
 from sct_jax import methods, metrics
-from sct_jax import config_utils
 from sct_jax.config_utils import load_config_file
 from sct_jax.data import datasets, modality, preprocess, synthrad
 from sct_jax.data.io import atomic_write_text, load_volume
@@ -66,17 +65,16 @@ SAMPLES = {"small": 8, "tiny": 2}
 PIX2PIX_BRAIN = {"data.region": "brain", "data.phantom.shape": (64, 80, 64),
                  "data.phantom.cases": 20, "data.crop": (64, 96),
                  "name": "pix2pix_brain_small"}
-# The cbct config word's settings (config_utils.accelerator_settings), as overrides.
-CBCT_OVERRIDES = {"data.input": "cbct",
-                  "data.phantom.misalign": config_utils.CBCT_RESIDUAL_MOTION_MM}
 PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32),
                       "data.crop": (32, 32), "name": "pix2pix_brain_tiny"}
 
 
 def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int,
-               data: dict | None = None):
-    """One LDM stage's config (``data``: :func:`baselines.data_overrides`)."""
-    config = load_config_file(f"{REPO / 'configs/ldm_brain.py'}:{words},{size}")
+               data: dict | None = None, input: str = "mr"):
+    """One LDM stage's config (``data``: :func:`baselines.data_overrides`; ``input``
+    ``"cbct"``: the config's ``cbct`` word)."""
+    cbct = ",cbct" if input == "cbct" else ""
+    config = load_config_file(f"{REPO / 'configs/ldm_brain.py'}:{words},{size}{cbct}")
     config.ldm.autoencoder_workdir = str(runs["autoencoder"])
     config.ldm.diffusion_workdir = str(runs.get("diffusion", ""))
     for key, value in (data or {}).items():
@@ -85,10 +83,13 @@ def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int,
     return config
 
 
-def pix2pix_config(size: str, seed: int, data: dict | None = None):
-    """pix2pix on the brain heads (``data``: :func:`baselines.data_overrides`)."""
-    config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}")
+def pix2pix_config(size: str, seed: int, data: dict | None = None, input: str = "mr"):
+    """pix2pix on the brain heads (``data``: :func:`baselines.data_overrides`; ``input``
+    ``"cbct"``: the config's ``cbct`` word)."""
+    cbct = ",cbct" if input == "cbct" else ""
+    config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}{cbct}")
     brain = PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY
+    brain = {**brain, "name": brain["name"] + ("_cbct" if cbct else "")}
     for key, value in {**brain, **(data or {})}.items():
         ablate.set_override(config, key, value)
     config.eval.panels = False
@@ -176,10 +177,11 @@ CHAINS = (
 )
 
 
-def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dict) -> list:
+def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dict,
+                   input: str = "mr") -> list:
     return [(ldm_config(words, size, {"autoencoder": runs["ldm_autoencoder"],
-                                      "diffusion": runs["ldm_diffusion_uncond"]}, seed, data),
-             runs[name]) for words, name in chain]
+                                      "diffusion": runs["ldm_diffusion_uncond"]}, seed, data,
+                        input), runs[name]) for words, name in chain]
 
 
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
@@ -210,17 +212,15 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     size = "tiny" if tiny else "small"
     samples = SAMPLES[size]
     data = baselines.data_overrides(data_root, region)
-    if input == "cbct":
-        data.update(CBCT_OVERRIDES)
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
     for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet"):
-        config = ldm_config(words, size, probe, 0, data)
+        config = ldm_config(words, size, probe, 0, data, input)
         methods.get_method(config.method).validate_config(config)
-    pix2pix_config(size, 0, data)
+    pix2pix_config(size, 0, data, input)
 
-    first = ldm_config("autoencoder", size, probe, 0, data)
+    first = ldm_config("autoencoder", size, probe, 0, data, input)
     # The data are found and split (a missing root, no case of the region, too few
     # cases for the split: one-line errors) before anything is compiled or written.
     splits = datasets.case_splits(first)
@@ -241,8 +241,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
             "ldm_autoencoder", "ldm_concat", "ldm_diffusion_uncond", "ldm_controlnet",
             "pix2pix")}
         for label, slug, chain in CHAINS:
-            stages = (_chain_configs(chain, size, runs, seed, data) if chain
-                      else [(pix2pix_config(size, seed, data), runs["pix2pix"])])
+            stages = (_chain_configs(chain, size, runs, seed, data, input) if chain
+                      else [(pix2pix_config(size, seed, data, input), runs["pix2pix"])])
             config, workdir = stages[-1]
             digest = ablate.config_digest(config)
             if only is not None and slug not in only:
