@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from sct_jax.data import synthrad
+from sct_jax.data import modality, synthrad
 from sct_jax.data.io import Volume, load_volume
 from sct_jax.evaluation import baselines as evaluation_baselines
 from sct_jax.evaluation import scoring
@@ -211,8 +211,9 @@ def fitted_rows(config, train_cases, test_cases, references) -> list[dict]:
     mean_pairs = [(evaluation_baselines.place_in_body(box, ref.mask), ref)
                   for box, ref in zip(fitted.mean_boxes, refs)]
     note = f"fitted on {fitted.n_training} training case(s)"
-    return [lookup_row(fitted.lookup, units, refs) | {"note": note + "; uses the MR"},
-            row("mean training CT", score(mean_pairs), note=note + "; ignores the MR")]
+    label = modality.spec(config).label
+    return [lookup_row(fitted.lookup, units, refs) | {"note": f"{note}; uses the {label}"},
+            row("mean training CT", score(mean_pairs), note=f"{note}; ignores the {label}")]
 
 
 def cbct_row(test_cases, references: dict) -> dict:
