@@ -26,13 +26,15 @@ def pelvis_config(method: str, variants: set[str]):
     c.data.phantom.cases = 32
 
     c.model = dict(conv_impl="auto",
-                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.5),
+                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.5,
+                            upsample="transpose"),
                    disc=dict(ndf=64, n_layers=3, norm="instance"),
                    vgg16_weights="weights/vgg16.npz")
     # pGAN: G = adv + 100 L1 + 100 perceptual L1 (VGG-16 relu2_2, fed [-1, 1] images
     # unnormalised as the reference does), LSGAN.
     c.loss = dict(gan="lsgan", adv_weight=1.0, l1_weight=100.0, perceptual_weight=100.0,
-                  perceptual_layer="relu2_2", perceptual_input_norm="none")
+                  perceptual_layer="relu2_2", perceptual_input_norm="none",
+                  body_mask=False)
     # Adam 2e-4, beta1 0.5; 50 constant + 50 decaying epochs.
     c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
     c.train.batch_size = 6

@@ -26,7 +26,8 @@ def get_config(arg=None):
     # resnet_9blocks without dropout (the reference's --no_dropout default), 70 x 70
     # PatchGANs with instance norm, pools of 50 past fakes.
     c.model = dict(conv_impl="auto",
-                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.0),
+                   gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.0,
+                            upsample="transpose"),
                    disc=dict(ndf=64, n_layers=3, norm="instance"),
                    pool_size=50)
     # lambda_A = lambda_B = 10 (cycle), lambda_identity = 0.5 (times the cycle weight).

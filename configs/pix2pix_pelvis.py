@@ -22,9 +22,10 @@ def get_config(arg=None):
     c.data.crop = (320, 192)
 
     c.model = dict(conv_impl="auto",
-                   gen=dict(ngf=64, num_downs=6, norm="instance", dropout=0.5),
+                   gen=dict(ngf=64, num_downs=6, norm="instance", dropout=0.5,
+                            upsample="transpose"),
                    disc=dict(ndf=64, n_layers=3, norm="instance"))
-    c.loss = dict(gan="vanilla", l1_weight=100.0)
+    c.loss = dict(gan="vanilla", l1_weight=100.0, body_mask=False)
     c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
     c.train.batch_size = 6
     c.train.steps = 20000

@@ -9,7 +9,8 @@ Each is scored against ``ct`` and ``mask`` of the case with that id under the da
 root (found with :func:`sct_jax.data.synthrad.discover_cases`) with
 :func:`case_metrics` (SynthRAD2023's metrics and ours, SynthRAD2025's PSNR and
 MS-SSIM, Dice and HD95 in mm of bone and air, LPIPS when VGG-16 weights are given, the
-WEPL difference of :mod:`sct_jax.dose.wepl`), voxel by voxel on the CT's grid: a prediction
+WEPL difference of :mod:`sct_jax.dose.wepl`, the slice steps and high frequencies
+beyond the CT's of :mod:`sct_jax.metrics.texture`), voxel by voxel on the CT's grid: a prediction
 stored in another voxel order (the same world image, axes permuted or reversed) is
 reoriented by its affine, one on another grid is refused (:func:`on_reference_grid`).
 Everything is computed before anything is written, so a bad prediction (unreadable,
@@ -47,6 +48,7 @@ from sct_jax.metrics import METRIC_NAMES, synthrad_metrics
 from sct_jax.metrics.geometry import GEOMETRY_NAMES, geometry_metrics
 from sct_jax.metrics.lpips import LpipsNet, lpips_volume
 from sct_jax.metrics.synthrad2025 import METRIC_NAMES_2025, ms_ssim, psnr_2025
+from sct_jax.metrics.texture import TEXTURE_NAMES, texture_metrics
 from sct_jax.io_guard import refuse_overwrite
 
 # The per-case metrics of every scored case, in table order (scoring, baselines, report):
@@ -55,9 +57,11 @@ from sct_jax.io_guard import refuse_overwrite
 # then LPIPS on axial slices (NaN when no VGG-16 weights were given: never a random net's),
 # then the proton-range proxy: mean |WEPL(sCT) - WEPL(CT)| in mm over 4 axial beams to
 # the centre and the distal edge of a 25 mm sphere at the body's centre of mass.
+# Last, the sCT's texture beyond the CT's (:mod:`sct_jax.metrics.texture`): steps
+# between axial slices and in-plane high frequencies, in HU.
 SCORED_METRICS = METRIC_NAMES + METRIC_NAMES_2025 + tuple(
     n for n in GEOMETRY_NAMES if n not in METRIC_NAMES) + ("lpips", "wepl_center",
-                                                           "wepl_distal")
+                                                           "wepl_distal") + TEXTURE_NAMES
 
 
 def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
@@ -90,6 +94,7 @@ def case_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray,
     wepl = wepl_differences(ct, sct, mask > 0, affine)
     result["wepl_center"] = wepl["mean_abs_diff_center"]
     result["wepl_distal"] = wepl["mean_abs_diff_distal"]
+    result.update(texture_metrics(ct, sct, mask))
     return {name: result[name] for name in SCORED_METRICS}
 
 # Metric -> (table header, number format); report_html.py shows the same.
@@ -102,6 +107,7 @@ TABLE_COLUMNS = {
     "dice_air": ("Dice air", "{:.4f}"), "hd95_bone": ("HD95 bone", "{:.2f}"),
     "hd95_air": ("HD95 air", "{:.2f}"), "lpips": ("LPIPS", "{:.4f}"),
     "wepl_center": ("dWEPL c", "{:.2f}"), "wepl_distal": ("dWEPL d", "{:.2f}"),
+    "slice_step_excess": ("z-step +", "{:.1f}"), "high_freq_excess": ("HF +", "{:.1f}"),
 }
 # How far (mm) a voxel centre of a prediction (or mask) may lie from the reference CT's
 # voxel of the same index for the two to be one grid: float32 header rounding, far below

@@ -36,8 +36,12 @@ from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
+from sct_jax.methods.common import body_masked_loss
 
 log = logging.getLogger(__name__)
+
+# The sCT outside the body mask of a model trained inside it only (config.loss.body_mask).
+AIR_HU = -1000.0
 
 
 def check_samples(config, samples: int) -> None:
@@ -148,7 +152,8 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
     The MR is brought onto the training grid (:mod:`sct_jax.inference.geometry`:
     reoriented to the training axis codes, resampled when its spacing differs),
     normalised by its percentiles inside the body mask, predicted, mapped to HU and
-    back onto the input grid.
+    back onto the input grid. A model trained with a body-masked L1
+    (``config.loss.body_mask``) has its sCT set to air (:data:`AIR_HU`) outside the mask.
 
     Args:
       predict_volume: ``(X', Y', Z')`` normalised MR -> prediction in [-1, 1] (from
@@ -170,6 +175,9 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
     unit = modality.spec(config).to_unit(mr_model, mask_model if mask_model.any() else None)
     pred = predict_volume(np.asarray(unit, np.float32))
     sct = np.asarray(preprocess.unit_to_ct(pred), np.float32)
+    if body_masked_loss(config):
+        # The model never trained outside the body: what it says there is unconstrained.
+        sct[~mask_model] = AIR_HU
     return grid.to_input(sct, order=1).astype(np.float32)
 
 

@@ -43,3 +43,20 @@ def l1(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None) -> 
     if weights is None:
         return jnp.mean(errors)
     return jnp.sum(jnp.asarray(weights, errors.dtype) * errors)
+
+
+def masked_l1(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean absolute error over the voxels where ``mask`` is set (a body-masked L1).
+
+    Args:
+      pred: ``(B, *spatial, C)``.
+      target: the same shape as ``pred``.
+      mask: ``(B, *spatial, 1)`` or ``pred``'s shape, 1 inside the body and 0 outside.
+
+    Returns:
+      ``sum(mask * |pred - target|) / sum(mask)`` over every channel, a scalar; 0 for a
+      batch without a masked voxel (nothing to fit, rather than a NaN gradient).
+    """
+    mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), pred.shape)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    return l1(pred, target, weights=mask / count)

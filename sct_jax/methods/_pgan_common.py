@@ -27,9 +27,9 @@ import optax
 
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError, DataError
-from sct_jax.losses import adversarial, perceptual, pixel
+from sct_jax.losses import adversarial, perceptual
 from sct_jax.methods.common import (TrainState, apply_updates, dummy_input,
-                                    validate_resnet_gan_config)
+                                    reconstruction_l1, validate_resnet_gan_config)
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models import vgg
 from sct_jax.models.layers import precision_kwargs
@@ -46,6 +46,7 @@ def build_generator(config) -> ResnetGenerator:
     return ResnetGenerator(out_channels=1, ngf=g.ngf, n_blocks=g.n_blocks, norm=g.norm,
                            dropout_rate=g.dropout, conv_impl=config.model.conv_impl,
                            residual=bool(g.get("residual", False)),
+                           upsample=g.get("upsample", "transpose"),
                            **precision_kwargs(config))
 
 
@@ -215,7 +216,7 @@ def gan_step(config, state: dict, batch: dict, rng: jax.Array,
 
     def gen_loss_fn(fake_ct):
         adv = adversarial_term(config, disc_state, mr, fake_ct)
-        l1 = pixel.l1(fake_ct, ct)
+        l1 = reconstruction_l1(config, fake_ct, ct, batch)
         perc = perceptual_term(config, state, fake_ct, ct)
         total = w.adv_weight * adv + w.l1_weight * l1 + w.perceptual_weight * perc
         terms = {"g_adv": adv, "g_l1": l1, "g_perceptual": perc}

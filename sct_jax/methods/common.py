@@ -10,7 +10,8 @@ import optax
 from flax.training import train_state
 
 from sct_jax.errors import ConfigError
-from sct_jax.losses import adversarial
+from sct_jax.losses import adversarial, pixel
+from sct_jax.models.layers import check_upsample
 from sct_jax.models.resnet_generator import check_resnet_input
 
 TrainState = train_state.TrainState
@@ -45,6 +46,29 @@ def apply_updates(state: TrainState, grads: Any, prefix: str) -> tuple[TrainStat
     return new_state, metrics
 
 
+def reconstruction_l1(config, fake_ct: jax.Array, ct: jax.Array, batch: dict) -> jax.Array:
+    """The generator's L1 against the CT: over the whole crop, or over the body mask
+    when ``config.loss.body_mask`` (the error outside the body is air against air, and
+    averaging it in dilutes the body's share of the gradient; the sCT outside the body
+    mask is then set to air at prediction, :func:`sct_jax.inference.predict.predict_mr`).
+
+    Args:
+      config: the run's config.
+      fake_ct: ``(B, *spatial, 1)`` the generator's output.
+      ct: the same shape, the target.
+      batch: the training batch; ``batch["mask"]`` ``(B, *spatial, 1)`` is the body mask.
+    """
+    if body_masked_loss(config):
+        return pixel.masked_l1(fake_ct, ct, batch["mask"])
+    return pixel.l1(fake_ct, ct)
+
+
+def body_masked_loss(config) -> bool:
+    """Whether the run trains its L1 inside the body mask only (``config.loss.body_mask``;
+    absent in runs made before the option: ``False``)."""
+    return bool(config.get("loss", {}).get("body_mask", False))
+
+
 def step_rng(rng: jax.Array, state: TrainState) -> jax.Array:
     """The step's key: ``fold_in(base, step)``, so a resumed run draws the same numbers."""
     return jax.random.fold_in(rng, state.step)
@@ -66,3 +90,19 @@ def validate_resnet_gan_config(config, weight_keys: tuple[str, ...]) -> None:
     for key in weight_keys:
         if float(config.loss[key]) < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
+    check_upsample_config(config)
+
+
+def check_upsample_config(config) -> None:
+    """ConfigError for a ``config.model.gen.upsample`` the decoders do not know."""
+    try:
+        check_upsample(config.model.gen.get("upsample", "transpose"))
+    except ConfigError as err:
+        raise ConfigError(f"config.{err}") from err
+
+
+def refuse_body_mask(config, why: str) -> None:
+    """ConfigError when ``config.loss.body_mask`` is set for a method that cannot honour
+    it (``why`` says which loss would ignore it)."""
+    if body_masked_loss(config):
+        raise ConfigError(f"config.loss.body_mask=True: {why}; set it to False")

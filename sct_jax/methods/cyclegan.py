@@ -155,7 +155,8 @@ def build_generator(config, out_channels: int) -> ResnetGenerator:
     return ResnetGenerator(out_channels=out_channels, ngf=g.ngf, n_blocks=g.n_blocks,
                            norm=g.norm, dropout_rate=g.dropout,
                            conv_impl=config.model.conv_impl,
-                           residual=bool(g.get("residual", False)), **precision_kwargs(config))
+                           residual=bool(g.get("residual", False)),
+                           upsample=g.get("upsample", "transpose"), **precision_kwargs(config))
 
 
 def build_discriminator(config) -> PatchDiscriminator:

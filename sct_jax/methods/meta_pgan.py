@@ -64,7 +64,7 @@ from sct_jax.losses import pixel
 from sct_jax.meta import reweight
 from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
-from sct_jax.methods.common import TrainState, apply_updates, step_rng
+from sct_jax.methods.common import TrainState, apply_updates, refuse_body_mask, step_rng
 from sct_jax import sharding
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def validate_config(config) -> None:
             "meta.val_fraction", "meta.val_batch_size", "meta.val_exclusive",
             "meta.diagnostics")
     common.validate_pgan_config(config, modes=("slices_with_meta",))
+    refuse_body_mask(config, "meta-pGAN's reweighted L1 weights every pixel itself")
     reweight.check_method(config.meta.method, "config.meta.method")
     n_data = sharding.batch_shards(sharding.make_mesh(dict(config.mesh)))
     if config.meta.val_batch_size <= 0 or config.meta.val_batch_size % n_data:

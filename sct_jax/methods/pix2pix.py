@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
-from sct_jax.losses import adversarial, pixel
+from sct_jax.losses import adversarial
 from sct_jax.methods import Method
-from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.methods.common import (TrainState, apply_updates, check_upsample_config,
+                                    dummy_input, reconstruction_l1, step_rng)
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
@@ -33,7 +34,8 @@ def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
     gen = UNetGenerator(out_channels=1, ngf=m.gen.ngf, num_downs=m.gen.num_downs,
                         norm=m.gen.norm, dropout_rate=m.gen.dropout, conv_impl=m.conv_impl,
                         dtype=compute_dtype(m.get("dtype")),
-                        residual=bool(m.gen.get("residual", False)))
+                        residual=bool(m.gen.get("residual", False)),
+                        upsample=m.gen.get("upsample", "transpose"))
     disc = PatchDiscriminator(ndf=m.disc.ndf, n_layers=m.disc.n_layers, norm=m.disc.norm,
                               conv_impl=m.conv_impl, dtype=compute_dtype(m.get("dtype")))
     return gen, disc
@@ -57,6 +59,7 @@ def validate_config(config) -> None:
     if precision_kwargs(config)["remat"] != "none":
         raise ConfigError(f"config.model.remat={config.model.remat!r}: the pix2pix U-Net has "
                           "no residual blocks to rematerialise; use 'none'")
+    check_upsample_config(config)
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:
@@ -111,7 +114,7 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
         fake_logits = disc_state.apply_fn({"params": disc_state.params},
                                           jnp.concatenate([mr, fake_ct], -1))
         adv = adversarial.generator_loss(fake_logits, kind)
-        l1 = pixel.l1(fake_ct, ct)
+        l1 = reconstruction_l1(config, fake_ct, ct, batch)
         return adv + config.loss.l1_weight * l1, (adv, l1)
 
     (g_loss, (g_adv, g_l1)), dloss_dfake = jax.value_and_grad(gen_loss_fn, has_aux=True)(fake)

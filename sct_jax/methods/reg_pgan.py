@@ -27,7 +27,8 @@ from sct_jax.losses import pixel
 from sct_jax.losses.smoothness import smoothness
 from sct_jax.methods import Method
 from sct_jax.methods import _pgan_common as common
-from sct_jax.methods.common import TrainState, apply_updates, dummy_input, step_rng
+from sct_jax.methods.common import (TrainState, apply_updates, dummy_input, refuse_body_mask,
+                                    step_rng)
 from sct_jax.models.layers import precision_kwargs
 from sct_jax.models.registration import RegistrationNet, check_registration_input, warp
 from sct_jax import optim
@@ -44,6 +45,8 @@ def build_registration(config) -> RegistrationNet:
 
 def validate_config(config) -> None:
     common.validate_pgan_config(config)
+    refuse_body_mask(config, "REG-pGAN's L1 compares the registered sCT with the CT, "
+                             "whose body mask the registration moves")
     r = config.model.reg
     if len(r.down_channels) != len(r.up_channels):
         raise ConfigError(f"config.model.reg: down_channels {tuple(r.down_channels)} and "

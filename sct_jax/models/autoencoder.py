@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import Conv, remat_block
+from sct_jax.models.layers import Conv, remat_block, upsample_nearest
 
 LOGVAR_MIN = -30.0
 LOGVAR_MAX = 20.0
@@ -139,13 +139,6 @@ class AttentionBlock(nn.Module):
         q, k, v = (dense(n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
         attended = jax.nn.dot_product_attention(q, k, v)[:, :, 0, :]
         return x + dense("proj_attn")(attended).reshape(x.shape)
-
-
-def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
-    """Nearest-neighbour upsampling of every spatial axis: ``(B, *s, C) -> (B, *(f s), C)``."""
-    for axis in range(1, x.ndim - 1):
-        x = jnp.repeat(x, factor, axis=axis)
-    return x
 
 
 class _CoderBase(nn.Module):

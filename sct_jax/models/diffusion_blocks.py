@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import Conv, check_remat, remat_block
+from sct_jax.models.layers import Conv, check_remat, remat_block, upsample_nearest
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -84,13 +84,6 @@ def group_norm(x: jax.Array, num_groups: int, eps: float, *, name: str,
     # Two-pass variance: E[x^2] - E[x]^2 loses digits on activations with a large mean.
     return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False,
                         dtype=dtype, name=name)(x)
-
-
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 on every spatial axis: ``(B, *s, C)`` -> ``(B, *2s, C)``."""
-    for axis in range(1, x.ndim - 1):
-        x = jnp.repeat(x, 2, axis=axis)
-    return x
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:

@@ -212,6 +212,54 @@ class ConvTranspose(nn.Module):
         return y
 
 
+# config.model.gen.upsample: how a generator's decoder doubles the resolution.
+# "transpose": a stride-2 transposed convolution (the reference pix2pix / ResNet decoders);
+# its kernel overlaps unevenly between output voxels, which leaves a checkerboard.
+# "resize": nearest-neighbour x2 then a 3^d convolution (Odena et al. 2016, "Deconvolution
+# and checkerboard artifacts"): every output voxel sees the same number of taps.
+UPSAMPLE_KINDS = ("transpose", "resize")
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Nearest-neighbour upsampling of every spatial axis: ``(B, *s, C) -> (B, *(f s), C)``."""
+    for axis in range(1, x.ndim - 1):
+        x = jnp.repeat(x, factor, axis=axis)
+    return x
+
+
+def check_upsample(kind: str) -> str:
+    """``kind`` if it is one of :data:`UPSAMPLE_KINDS`, else ConfigError."""
+    if kind not in UPSAMPLE_KINDS:
+        raise ConfigError(f"model.gen.upsample={kind!r}: expected one of {UPSAMPLE_KINDS}")
+    return kind
+
+
+def upsample2x(h: jax.Array, features: int, *, kind: str, name: str, kernel_size: int,
+               padding: int, output_padding: int = 0, **conv_kwargs) -> jax.Array:
+    """A decoder's x2 upsampling to ``features`` channels, by :data:`UPSAMPLE_KINDS`.
+
+    Call it inside a module's ``nn.compact`` method: it creates one layer named ``name``
+    there (so a transposed-convolution model keeps the parameter names it always had).
+
+    Args:
+      h: ``(B, *s, C_in)``.
+      features: output channels.
+      kind: ``"transpose"``: the transposed convolution with PyTorch's ``kernel_size``,
+        ``padding`` and ``output_padding``; ``"resize"``: nearest x2, then a 3^d
+        convolution with padding 1 (the three arguments are unused).
+      name: the layer's name.
+      **conv_kwargs: ``use_bias``, ``conv_impl``, ``dtype`` of :class:`Conv`.
+
+    Returns:
+      ``(B, *2s, features)``.
+    """
+    if check_upsample(kind) == "resize":
+        return Conv(features, kernel_size=3, padding=1, name=name,
+                    **conv_kwargs)(upsample_nearest(h))
+    return ConvTranspose(features, kernel_size=kernel_size, strides=2, padding=padding,
+                         output_padding=output_padding, name=name, **conv_kwargs)(h)
+
+
 def reflect_pad(x: jax.Array, pad: IntOrSeq) -> jax.Array:
     """Reflection padding of the spatial axes, as ``torch.nn.ReflectionPadNd``.
 

@@ -9,6 +9,7 @@ junyanz/pytorch-CycleGAN-and-pix2pix ``resnet_9blocks``)::
       x + [ReflectPad 1 -> Conv k3 -> norm -> ReLU -> Dropout
            -> ReflectPad 1 -> Conv k3 -> norm]
   2x: ConvTranspose k3 s2 p1 output_padding 1 -> channels / 2 -> norm -> ReLU
+      (``upsample="resize"``: nearest x2 + Conv k3 p1 in place of the ConvTranspose)
   ReflectPad 3 -> Conv k7 -> out_channels (bias) -> Tanh
 
 Convs before a norm get a bias unless the norm is a batch norm (the reference's
@@ -31,8 +32,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import (Conv, ConvTranspose, Dropout, conv_bias_before_norm,
-                                   generator_output, make_norm, reflect_pad, remat_block)
+from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
+                                   make_norm, reflect_pad, remat_block, upsample2x)
 
 # Two stride-2 downsamplings: spatial sizes must be multiples of 4 to come back intact.
 N_DOWNSAMPLINGS = 2
@@ -135,6 +136,9 @@ class ResnetGenerator(nn.Module):
         :data:`~sct_jax.models.layers.REMAT_CHOICES`.
       residual: output the input's centre channel plus the network's ``tanh``
         (:func:`~sct_jax.models.layers.generator_output`; CBCT input).
+      upsample: ``"transpose"`` (the reference's ConvTranspose k3 s2 p1 op1) or
+        ``"resize"`` (nearest x2 + conv k3 p1, no checkerboard); see
+        :func:`~sct_jax.models.layers.upsample2x`.
     """
 
     out_channels: int = 1
@@ -146,6 +150,7 @@ class ResnetGenerator(nn.Module):
     dtype: Any = None
     remat: str = "none"
     residual: bool = False
+    upsample: str = "transpose"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -187,9 +192,9 @@ class ResnetGenerator(nn.Module):
 
         for i in range(N_DOWNSAMPLINGS):
             channels //= 2
-            h = ConvTranspose(channels, kernel_size=3, strides=2, padding=1,
-                              output_padding=1, use_bias=conv_bias, name=f"up_conv_{i}",
-                              **common)(h)
+            h = upsample2x(h, channels, kind=self.upsample, kernel_size=3, padding=1,
+                           output_padding=1, use_bias=conv_bias, name=f"up_conv_{i}",
+                           **common)
             h = nn.relu(make_norm(self.norm, name=f"up_norm_{i}")(h))
 
         h = Conv(self.out_channels, kernel_size=7, use_bias=True, name="conv_out",

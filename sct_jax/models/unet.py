@@ -9,6 +9,7 @@ channels inside level ``i``::
            (level 0: no activation before and no norm; innermost: no norm)
   up_i:    ReLU -> ConvTranspose k4 s2 p1 -> c_{i-1} -> norm -> [Dropout]
            (level 0: ReLU -> ConvTranspose -> out_channels -> Tanh)
+           (``upsample="resize"``: nearest x2 + Conv k3 p1 in place of each ConvTranspose)
   level i > 0 returns concat(LeakyReLU(x_i), up_i) on the channel axis.
 
 The skip carries ``LeakyReLU(x_i)``, not ``x_i``: the reference's ``LeakyReLU(0.2,
@@ -30,8 +31,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
-from sct_jax.models.layers import (Conv, ConvTranspose, Dropout, conv_bias_before_norm,
-                                   generator_output, make_norm)
+from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
+                                   make_norm, upsample2x)
 
 
 def unet_channels(ngf: int, num_downs: int, max_mult: int = 8) -> list[int]:
@@ -84,6 +85,9 @@ class UNetGenerator(nn.Module):
         is float32 whatever it is.
       residual: output the input's centre channel plus the network's ``tanh``
         (:func:`~sct_jax.models.layers.generator_output`; CBCT input).
+      upsample: ``"transpose"`` (the reference's ConvTranspose k4 s2 p1) or
+        ``"resize"`` (nearest x2 + conv k3 p1, no checkerboard); see
+        :func:`~sct_jax.models.layers.upsample2x`.
     """
 
     out_channels: int = 1
@@ -95,6 +99,7 @@ class UNetGenerator(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = None
     residual: bool = False
+    upsample: str = "transpose"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -126,6 +131,8 @@ class UNetGenerator(nn.Module):
         conv_bias = conv_bias_before_norm(self.norm)
         conv_kw = dict(kernel_size=4, strides=2, padding=1, conv_impl=self.conv_impl,
                        dtype=self.dtype)
+        up_kw = dict(kind=self.upsample, kernel_size=4, padding=1, conv_impl=self.conv_impl,
+                     dtype=self.dtype)
 
         # Encoder. skips[i] is what level i > 0 concatenates: LeakyReLU of its input.
         skips: dict[int, jax.Array] = {}
@@ -141,8 +148,8 @@ class UNetGenerator(nn.Module):
         # Decoder, innermost level first.
         for i in range(inner, 0, -1):
             h = nn.relu(h)
-            h = ConvTranspose(channels[i - 1], use_bias=conv_bias, name=f"up_conv_{i}",
-                              **conv_kw)(h)
+            h = upsample2x(h, channels[i - 1], use_bias=conv_bias, name=f"up_conv_{i}",
+                           **up_kw)
             h = make_norm(self.norm, name=f"up_norm_{i}")(h)
             if i in dropout_levels:
                 h = Dropout(self.dropout_rate, name=f"dropout_{i}")(h, deterministic=not train)
@@ -150,5 +157,5 @@ class UNetGenerator(nn.Module):
 
         # Outermost up block; the reference keeps the default bias on this layer.
         h = nn.relu(h)
-        h = ConvTranspose(self.out_channels, use_bias=True, name="up_conv_0", **conv_kw)(h)
+        h = upsample2x(h, self.out_channels, use_bias=True, name="up_conv_0", **up_kw)
         return generator_output(h, x, self.residual)

@@ -189,15 +189,20 @@ def seconds_per_step(workdir: Path) -> float:
 
 # Keys added to every config after runs were cached: at these values they change
 # nothing, so they are left out of the digest and earlier finished runs stay reusable.
-DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0]}
+DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0],
+                  ("model", "gen", "upsample"): "transpose",
+                  ("loss", "body_mask"): False}
 
 
 def config_digest(config) -> str:
     """The config's identity for the run caches (see :data:`DIGEST_NEUTRAL`)."""
     tree = json.loads(config.to_json_best_effort(sort_keys=True))
-    for (section, key), neutral in DIGEST_NEUTRAL.items():
-        if tree.get(section, {}).get(key, neutral) == neutral:
-            tree.get(section, {}).pop(key, None)
+    for path, neutral in DIGEST_NEUTRAL.items():
+        parent = tree
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(path[-1], neutral) == neutral:
+            parent.pop(path[-1], None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 

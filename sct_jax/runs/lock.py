@@ -37,7 +37,8 @@ RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode"
                "data.split", "data.split_seed", "data.phantom", "data.input",
                "data.cbct_window")
 # Keys a run saved before they existed had at these values.
-ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0]}
+ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0],
+                "model.gen.upsample": "transpose", "loss.body_mask": False}
 
 
 class RunDirBusy(SctError):
@@ -55,7 +56,8 @@ def changed_resume_keys(saved: dict, config) -> list[str]:
     """Keys under :data:`RESUME_KEYS` whose value differs between ``saved`` (the run's
     ``config.json``) and ``config``; sorted, dotted (``data.crop``, ``model.gen.ngf``)."""
     live = _flat(config.to_dict())
-    old = {**ABSENT_MEANS, **_flat(saved)}
+    # Only for keys the live config has: an LDM config has no model.gen to default.
+    old = {**{k: v for k, v in ABSENT_MEANS.items() if k in live}, **_flat(saved)}
 
     def watched(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
