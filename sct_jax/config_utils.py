@@ -10,7 +10,10 @@ optimizer state, norm statistics, softmax, losses and the diffusion scheduler st
 float32), e.g. ``configs/pix2pix_pelvis.py:bf16`` or ``configs/ldm_brain.py:controlnet,bf16``.
 And ``cbct``: the same experiment on cone-beam CT input (SynthRAD Task 2,
 ``config.data.input="cbct"``, the phantom's Task 2 cases; ``_cbct`` added to the name),
-e.g. ``configs/pix2pix_pelvis.py:small,cbct``.
+e.g. ``configs/pix2pix_pelvis.py:small,cbct``. And ``atlas``: the phantom's anatomy
+pulled towards a common one (``data.phantom.anatomy_variation`` = 0.2, as data registered
+to an atlas; ``_atlas`` added to the name), where the mean training CT is a strong
+baseline, e.g. ``configs/pix2pix_pelvis.py:small,atlas``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from sct_jax.errors import ConfigError
 
 
 # Variant words every config accepts (applied by :func:`accelerator_settings`).
-SHARED_VARIANTS = frozenset({"bf16", "cbct"})
+SHARED_VARIANTS = frozenset({"bf16", "cbct", "atlas"})
 # The phantom's residual motion between planning CT and CBCT (mm) for the cbct word:
 # a CT registered to the day's CBCT, as SynthRAD Task 2 ships it, is close but not exact.
 CBCT_RESIDUAL_MOTION_MM = 1.0
+# The phantom's anatomy variation for the atlas word: cases close to a common anatomy in
+# a common space, as data registered to an atlas are (data.phantom.anatomy_variation).
+ATLAS_ANATOMY_VARIATION = 0.2
 
 
 def parse_variants(arg: str | None, allowed: set[str] | frozenset[str]) -> set[str]:
@@ -68,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.phantom.cases = 20
     c.data.phantom.seed = 0
     c.data.phantom.misalign = 0.0
+    c.data.phantom.anatomy_variation = 1.0  # 1: the full population; 0.2: atlas-like
     c.data.phantom.shape = ()  # empty: the generator's default for the region
 
     c.train = ml_collections.ConfigDict()
@@ -128,8 +135,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def accelerator_settings(c: ml_collections.ConfigDict,
                          variants: set[str]) -> ml_collections.ConfigDict:
-    """Sets ``c.model.dtype`` and ``c.model.remat`` (every config calls it last), and
-    the CBCT input for the ``cbct`` word.
+    """Sets ``c.model.dtype`` and ``c.model.remat`` (every config calls it last), the
+    CBCT input for the ``cbct`` word and the atlas-like phantom for ``atlas``.
 
     ``model.dtype``: ``"float32"``, or ``"bfloat16"`` with the ``bf16`` variant word.
     ``model.remat``: ``"none"``; ``"blocks"`` or a ``jax.checkpoint_policies`` name
@@ -146,6 +153,9 @@ def accelerator_settings(c: ml_collections.ConfigDict,
             # The CBCT in the CT's HU window is already a CT estimate: the generator
             # learns its correction (models/layers.generator_output).
             c.model.gen.residual = True
+    if "atlas" in variants:
+        c.data.phantom.anatomy_variation = ATLAS_ANATOMY_VARIATION
+        c.name = f"{c.name}_atlas"
     return c
 
 

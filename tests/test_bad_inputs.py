@@ -732,7 +732,7 @@ def test_an_empty_split_is_an_error(tmp_path):
 # ------------------------------------------------------------- item 9: the phantom CLI
 
 def test_phantom_overwrite_replaces_the_dataset_as_a_whole(tmp_path):
-    from sct_jax.data import phantom
+    from sct_jax.data import phantom_cli as phantom
     argv = ["--out", str(tmp_path), "--cases", "2", "--shape", "16", "16", "4"]
     assert phantom.main(argv + ["--seed", "0"]) == 0
     assert phantom.main(argv + ["--seed", "0"]) == 0  # the same settings: rewritten in place

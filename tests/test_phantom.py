@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sct_jax.data import phantom
+from sct_jax.data import phantom, phantom_cli
 from sct_jax.data import phantom_anatomy as anat
 from sct_jax.data.io import load_volume
 from sct_jax.errors import DataError
@@ -149,9 +149,9 @@ def test_affine_spacing_and_centre():
 
 def test_cli_writes_a_loadable_dataset_and_panel(tmp_path):
     png = tmp_path / "panel.png"
-    status = phantom.main(["--out", str(tmp_path / "ds"), "--region", "brain", "--cases", "1",
-                           "--seed", "4", "--misalign", "1.5", "--shape", "32", "40", "32",
-                           "--panel", str(png)])
+    status = phantom_cli.main(["--out", str(tmp_path / "ds"), "--region", "brain", "--cases",
+                               "1", "--seed", "4", "--misalign", "1.5", "--shape", "32", "40",
+                               "32", "--panel", str(png)])
     assert status == 0
     case_dir = tmp_path / "ds" / "Task1" / "brain" / "1BA001"
     ct = load_volume(case_dir / "ct.nii.gz")
@@ -166,10 +166,11 @@ def test_cli_writes_a_loadable_dataset_and_panel(tmp_path):
     (["--region", "knee"], "--region"),
     (["--shape", "8", "40", "16"], "--shape"),
     (["--misalign", "-1"], "--misalign"),
+    (["--anatomy-variation", "1.5"], "--anatomy-variation"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        phantom.main(["--out", str(tmp_path)] + argv)
+        phantom_cli.main(["--out", str(tmp_path)] + argv)
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
 
@@ -240,3 +241,64 @@ def test_aligned_fraction_out_of_range_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="aligned fraction 1.5"):
         phantom.write_dataset(tmp_path, "pelvis", cases=2, seed=0, misalign_mm=4.0,
                               shape=(16, 16, 4), aligned_fraction=1.5)
+
+
+# ------------------------------------------------------------ anatomy variation (atlas)
+
+def test_variation_pulls_ranged_draws_to_the_middle_and_keeps_the_stream():
+    plain = np.random.default_rng(3)
+    assert anat.Variation(np.random.default_rng(3), 1.0).uniform(2.0, 4.0) == plain.uniform(2.0, 4.0)
+    rng = np.random.default_rng(3)
+    half = anat.Variation(np.random.default_rng(3), 0.5)
+    expected = 3.0 + 0.5 * (rng.uniform(2.0, 4.0) - 3.0)
+    assert half.uniform(2.0, 4.0) == pytest.approx(expected)
+    assert anat.Variation(np.random.default_rng(3), 0.0).uniform(low=2.0, high=4.0) == 3.0
+    # A probability draw and the integers pass through: anatomy is moved, not removed.
+    assert anat.Variation(np.random.default_rng(5), 0.0).uniform() == np.random.default_rng(5).uniform()
+    assert anat.Variation(np.random.default_rng(5), 0.0).integers(3, 7) == \
+        np.random.default_rng(5).integers(3, 7)
+
+
+def test_full_variation_is_the_default_phantom_byte_for_byte(pelvis_case):
+    again = phantom.generate_case("pelvis", 0, seed=7, shape=SMALL_PELVIS, anatomy_variation=1.0)
+    np.testing.assert_array_equal(again["ct"], pelvis_case["ct"])
+    np.testing.assert_array_equal(again["labels"], pelvis_case["labels"])
+
+
+@pytest.mark.parametrize("region, shape", [("pelvis", TINY_PELVIS), ("brain", (32, 40, 32))])
+def test_atlas_like_anatomy_differs_less_between_cases(region, shape):
+    """Two cases' CTs differ far less at variation 0.2 than at 1 (the mean training CT
+    becomes a strong baseline), and they still differ (appearance, noise, loops)."""
+    def case_difference(variation):
+        a, b = (phantom.generate_case(region, i, seed=2, shape=shape,
+                                      anatomy_variation=variation) for i in (0, 1))
+        body = (a["mask"] > 0) | (b["mask"] > 0)
+        return float(np.mean(np.abs(a["ct"] - b["ct"])[body]))
+
+    full, atlas = case_difference(1.0), case_difference(0.2)
+    assert 0 < atlas < 0.7 * full, (atlas, full)
+
+
+def test_anatomy_variation_is_recorded_checked_and_keys_the_cache(tmp_path):
+    from sct_jax.config_utils import load_config_file
+    from sct_jax.data import datasets
+    from pathlib import Path
+
+    argv = ["--out", str(tmp_path), "--cases", "1", "--shape", "16", "16", "4"]
+    assert phantom_cli.main(argv + ["--anatomy-variation", "0.2"]) == 0
+    region_dir = tmp_path / "Task1" / "pelvis"
+    manifest = json.loads((region_dir / "manifest.json").read_text())
+    assert manifest["anatomy_variation"] == 0.2
+    assert manifest["cases"][0]["anatomy_variation"] == 0.2
+    assert phantom_cli.existing_dataset_differences(region_dir, "pelvis", 1, 0, 0.0,
+                                                    (16, 16, 4), 1, 1.0) == [
+        "anatomy_variation 0.2 -> 1.0"]
+    assert phantom_cli.main(argv) == 2  # the default variation is another dataset
+    with pytest.raises(DataError, match="anatomy variation"):
+        phantom.generate_case("pelvis", 0, seed=0, shape=(16, 16, 4), anatomy_variation=-0.1)
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config_file(f"{repo / 'configs/pix2pix_pelvis.py'}:tiny,atlas")
+    assert config.data.phantom.anatomy_variation == 0.2
+    assert config.name.endswith("_atlas")
+    config.data.cache_dir = str(tmp_path / "cache")
+    assert datasets.phantom_root(config).name.endswith("_var0.2")

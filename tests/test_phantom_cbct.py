@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_jax.data import phantom
+from sct_jax.data import phantom, phantom_cli
 from sct_jax.data import phantom_cbct as pc
 from sct_jax.data.io import load_volume
 from sct_jax.errors import DataError
@@ -291,7 +291,7 @@ def test_cli_task2_writes_task2_and_a_panel(tmp_path, capsys):
     png = tmp_path / "panel.png"
     argv = ["--out", str(tmp_path / "ds"), "--region", "pelvis", "--cases", "1",
             "--shape", *map(str, SHAPE), "--task", "2"]
-    assert phantom.main(argv + ["--misalign", "1", "--panel", str(png)]) == 0
+    assert phantom_cli.main(argv + ["--misalign", "1", "--panel", str(png)]) == 0
     case_dir = tmp_path / "ds" / "Task2" / "pelvis" / "2PA001"
     assert load_volume(case_dir / "cbct.nii.gz").shape == SHAPE
     assert not (case_dir / "mr.nii.gz").exists()
@@ -299,16 +299,16 @@ def test_cli_task2_writes_task2_and_a_panel(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The existing-dataset check reads Task2's manifest, task included.
     capsys.readouterr()
-    assert phantom.main(argv + ["--misalign", "2"]) == 2
+    assert phantom_cli.main(argv + ["--misalign", "2"]) == 2
     assert "misalign_mm 1.0 -> 2.0" in capsys.readouterr().err
     region_dir = case_dir.parent
-    assert phantom.existing_dataset_differences(region_dir, "pelvis", 1, 0, 1.0, SHAPE,
+    assert phantom_cli.existing_dataset_differences(region_dir, "pelvis", 1, 0, 1.0, SHAPE,
                                                 task=1) == ["task 2 -> 1"]
 
 
 def test_cli_rejects_task_3_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        phantom.main(["--out", str(tmp_path), "--task", "3"])
+        phantom_cli.main(["--out", str(tmp_path), "--task", "3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--task" in err and "\n" not in err

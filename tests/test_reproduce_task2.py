@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from sct_jax.data import phantom, synthrad
+from sct_jax.data import phantom_cli, synthrad
 from sct_jax.reproduce import __main__ as cli
 from sct_jax.reproduce import baselines
 
@@ -25,7 +25,7 @@ def test_reproduce_synthrad_task2_tiny_writes_every_row(tmp_path, capsys):
     the phantom CLI; the phantom's own path is seed02's test (and the docs run, which also
     runs seed03 on MR)."""
     root = tmp_path / "mydata"
-    assert phantom.main(["--out", str(root), "--region", "brain", "--cases", "4",
+    assert phantom_cli.main(["--out", str(root), "--region", "brain", "--cases", "4",
                          "--seed", "0", "--shape", "32", "32", "32", "--task", "2"]) == 0
     out = tmp_path / "task2"
     argv = ["synthrad_task2", "--tiny", "--seeds", "1", "--data", str(root), "--out", str(out)]

@@ -36,9 +36,11 @@ def phantom_root(config) -> Path:
     task = modality.spec(config).task
     shape = "x".join(str(int(s)) for s in p.shape) if p.shape else "default"
     aligned = float(p.get("aligned_fraction", 0.0))
+    variation = float(p.get("anatomy_variation", 1.0))
     name = (f"phantom_{config.data.region}_n{p.cases}_seed{p.seed}"
             f"_mis{float(p.misalign):g}{f'_al{aligned:g}' if aligned else ''}_{shape}"
-            f"{f'_task{task}' if task != 1 else ''}")
+            f"{f'_task{task}' if task != 1 else ''}"
+            f"{f'_var{variation:g}' if variation != 1.0 else ''}")
     root = cache_root(config) / "datasets" / name
     if not (root / f"Task{task}" / config.data.region / "manifest.json").exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,7 @@ def phantom_root(config) -> Path:
             phantom.write_dataset(tmp, config.data.region, p.cases, p.seed,
                                   misalign_mm=float(p.misalign),
                                   shape=tuple(p.shape) if p.shape else None,
-                                  aligned_fraction=aligned,
+                                  aligned_fraction=aligned, anatomy_variation=variation,
                                   **({"task": task} if task != 1 else {}))
             if root.exists():  # another process finished first
                 shutil.rmtree(tmp)

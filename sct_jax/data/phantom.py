@@ -4,14 +4,19 @@ download needed.
 Writes the SynthRAD2023 layouts so everything downstream runs on them unchanged::
 
     python -m sct_jax.data.phantom --out data/phantom --region pelvis --cases 20 --seed 0 \\
-        [--task 2] [--misalign 4] [--shape 256 160 64] [--panel docs/images/phantom_pelvis.png]
+        [--task 2] [--misalign 4] [--anatomy-variation 0.2] [--shape 256 160 64] \\
+        [--panel docs/images/phantom_pelvis.png]
+
+(the command line: :mod:`sct_jax.data.phantom_cli`)
 
 gives ``data/phantom/Task1/pelvis/<id>/{mr,ct,mask}.nii.gz`` (ids like ``1PA001``: task
 1, P(elvis)/B(rain), centre A/B/C, number) and ``manifest.json`` next to the cases; with
 ``--task 2``, ``data/phantom/Task2/pelvis/<id>/{cbct,ct,mask}.nii.gz`` (ids ``2PA001``):
 a cone-beam CT of the day of treatment in place of the MR (no MR is written).
 
-Each case draws a random anatomy (:mod:`sct_jax.data.phantom_anatomy`), renders the CT
+Each case draws a random anatomy (:mod:`sct_jax.data.phantom_anatomy`; with
+``anatomy_variation`` < 1 drawn closer to the population's middle, as data registered to
+an atlas are, where the mean training CT is a strong baseline), renders the CT
 in HU (tissue values, texture, partial volume, noise) and a T1-weighted MR (cortical bone
 and air both dark, fat and marrow bright, bias field, Rician noise, per-centre gain,
 offset and contrast), then moves the MR against the CT by a rigid transform plus a
@@ -43,7 +48,6 @@ random stream of its own, so Task 1 cases are unchanged. Its masks (``mask``,
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -53,8 +57,7 @@ from scipy import ndimage
 from sct_jax.data import phantom_anatomy as anatomy
 from sct_jax.data import phantom_cbct
 from sct_jax.data import phantom_shapes as shapes
-from sct_jax.data.io import atomic_path, atomic_write_text, load_volume, save_volume
-from sct_jax import guard
+from sct_jax.data.io import atomic_write_text, save_volume
 from sct_jax.errors import DataError
 
 REGIONS = ("pelvis", "brain")
@@ -114,6 +117,13 @@ def _check_args(region, index, seed, misalign_mm, shape, task=1) -> tuple[int, .
     return shape
 
 
+def _check_variation(anatomy_variation: float) -> float:
+    value = float(anatomy_variation)
+    if not (np.isfinite(value) and 0.0 <= value <= 1.0):
+        raise DataError(f"anatomy variation {anatomy_variation}: must be in [0, 1]")
+    return value
+
+
 def _rng(seed: int, region: str, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(
         [int(seed), _REGION_CODE[region], int(index), stream]))
@@ -127,7 +137,7 @@ def affine_for(shape, spacing) -> np.ndarray:
 
 
 def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
-                  shape=None, task: int = 1) -> dict:
+                  shape=None, task: int = 1, anatomy_variation: float = 1.0) -> dict:
     """One phantom case.
 
     Args:
@@ -140,6 +150,10 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
         stretched to the field of view.
       task: 1 (MR -> CT) or 2 (CBCT -> CT: ``cbct`` in place of ``mr``; the same
         anatomy and CT as task 1's case of this index and seed).
+      anatomy_variation: in [0, 1], how far each case's anatomy strays from the
+        population's middle (:class:`phantom_anatomy.Variation`): 1 the full
+        population, about 0.2 data registered to an atlas, 0 one anatomy for every case
+        (appearance, noise and motion still vary).
 
     Returns:
       ``dict(mr, ct, mask, labels, affine, info)`` (task 2: ``cbct`` in place of ``mr``):
@@ -160,16 +174,19 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
         the CBCT's field of view.
 
     Raises:
-      DataError: unknown region or task, bad index, seed, misalignment or shape.
+      DataError: unknown region or task, bad index, seed, misalignment, shape or
+        anatomy variation.
     """
     shape = _check_args(region, index, seed, misalign_mm, shape, task)
+    variation = _check_variation(anatomy_variation)
     spacing = SPACING_MM[region]
     grid = anatomy.make_grid(region, shape, spacing)
     build = anatomy.build_pelvis if region == "pelvis" else anatomy.build_brain
     anatomy_rng = _rng(seed, region, index, _STREAM_ANATOMY)
     # A gentler bend for the head: a skull is smoother than a pelvic outline.
     amplitude, cell = (2.0, 18.0) if region == "pelvis" else (0.8, 30.0)
-    labels, body = _organic_warp(*build(grid, anatomy_rng), grid, anatomy_rng, amplitude, cell)
+    labels, body = _organic_warp(*build(grid, anatomy.Variation(anatomy_rng, variation)),
+                                 grid, anatomy_rng, variation * amplitude, cell)
 
     rng = _rng(seed, region, index, _STREAM_APPEARANCE)
     table = _TISSUE_TABLE.copy()
@@ -216,7 +233,7 @@ def generate_case(region: str, index: int, seed: int, misalign_mm: float = 0.0,
     info = {
         "id": case, "centre": centre, "index": int(index), "seed": int(seed),
         "region": region, "shape": list(shape), "spacing_mm": list(spacing),
-        "misalign_mm": float(misalign_mm),
+        "misalign_mm": float(misalign_mm), "anatomy_variation": variation,
         "rotation_deg": motion["rotation_deg"], "translation_mm": motion["translation_mm"],
         "elastic_amplitude_mm": motion["elastic_mm"],
         "displacement_mm": motion["displacement_mm"],
@@ -375,14 +392,16 @@ def aligned_indices(region: str, cases: int, seed: int, aligned_fraction: float)
 
 
 def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 0.0,
-                  shape=None, aligned_fraction: float = 0.0, task: int = 1) -> Path:
+                  shape=None, aligned_fraction: float = 0.0, task: int = 1,
+                  anatomy_variation: float = 1.0) -> Path:
     """Writes ``cases`` phantom cases and a manifest in the SynthRAD2023 layout.
 
     Args:
       out: dataset root; cases go to ``out/Task1/<region>/<id>/{mr,ct,mask}.nii.gz``
         (task 2: ``out/Task2/<region>/<id>/{cbct,ct,mask}.nii.gz``, no MR), each with
         ``ct_aligned``, ``mask_aligned`` and ``ct_ideal`` beside them.
-      region, seed, misalign_mm, shape, task: as in :func:`generate_case`.
+      region, seed, misalign_mm, shape, task, anatomy_variation: as in
+        :func:`generate_case`.
       cases: number of cases (1..999).
       aligned_fraction: share of the cases generated with no misalignment (a
         well-registered minority, :func:`aligned_indices`); the others get
@@ -397,6 +416,7 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
     if not 1 <= int(cases) <= 999:
         raise DataError(f"cases {cases}: must be in 1..999")
     shape = _check_args(region, 0, seed, misalign_mm, shape, task)
+    variation = _check_variation(anatomy_variation)
     aligned = set(aligned_indices(region, cases, seed, aligned_fraction))
     region_dir = Path(out) / f"Task{task}" / region
     try:
@@ -406,7 +426,7 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
     records = []
     for index in range(int(cases)):
         case = generate_case(region, index, seed, 0.0 if index in aligned else misalign_mm,
-                             shape, task)
+                             shape, task, variation)
         case_dir = region_dir / case["info"]["id"]
         for name in ("mr" if task == 1 else "cbct", "ct", "ct_aligned", "ct_ideal"):
             save_volume(case_dir / f"{name}.nii.gz", case[name], case["affine"],
@@ -416,171 +436,14 @@ def write_dataset(out, region: str, cases: int, seed: int, misalign_mm: float = 
         records.append({**case["info"], "aligned": index in aligned or misalign_mm == 0.0})
     manifest = {"generator": "sct_jax.data.phantom", "task": int(task), "region": region,
                 "seed": int(seed), "misalign_mm": float(misalign_mm),
-                "aligned_fraction": float(aligned_fraction), "shape": list(shape),
+                "aligned_fraction": float(aligned_fraction), "anatomy_variation": variation,
+                "shape": list(shape),
                 "spacing_mm": list(SPACING_MM[region]), "cases": records}
     atomic_write_text(region_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return region_dir
 
 
-def save_phantom_panel(case_dir, out_png) -> Path:
-    """Saves a figure of one case: MR (task 2: CBCT) | CT | mask, axial (top) and coronal
-    (bottom).
-
-    Args:
-      case_dir: a case folder with ``mr`` (or ``cbct``), ``ct`` and ``mask`` volumes.
-      out_png: the PNG to write (atomically).
-
-    Returns:
-      The written path.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    case_dir, out_png = Path(case_dir), Path(out_png)
-    image = "cbct" if (case_dir / "cbct.nii.gz").is_file() else "mr"
-    names = (image, "ct", "mask")
-    vols = {name: load_volume(case_dir / f"{name}.nii.gz") for name in names}
-    spacing = vols["ct"].spacing
-    mask = vols["mask"].data > 0
-    mr_top = (float(np.percentile(vols[image].data[mask], 99.5))
-              if image == "mr" and mask.any() else None)
-    # The CBCT is in HU too: the CT's window shows its shading and offsets as such.
-    style = {"mr": dict(cmap="gray", vmin=0.0, vmax=mr_top),
-             "cbct": dict(cmap="gray", vmin=-300.0, vmax=1200.0),
-             "ct": dict(cmap="gray", vmin=-300.0, vmax=1200.0),
-             "mask": dict(cmap="gray", vmin=0.0, vmax=1.0)}
-    labels = {"mr": "MR (T1)", "cbct": "CBCT [-300, 1200] HU", "ct": "CT [-300, 1200] HU",
-              "mask": "mask"}
-    x, y, z = (n // 2 for n in vols["ct"].shape)
-    views = [("axial", lambda a: a[:, :, z].T, spacing[1] / spacing[0]),
-             ("coronal", lambda a: a[:, y, :].T, spacing[2] / spacing[0])]
-    fig = Figure(figsize=(10.0, 7.0), dpi=110)
-    axes = fig.subplots(2, 3)
-    for row, (view, cut, aspect) in enumerate(views):
-        for col, name in enumerate(names):
-            ax = axes[row, col]
-            ax.imshow(cut(vols[name].data), origin="lower", aspect=aspect,
-                      interpolation="nearest", **style[name])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{labels[name]}, {view}", fontsize=9)
-    fig.suptitle(f"phantom case {case_dir.name}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return out_png
-
-
-def _parse_args(argv):
-
-    parser = guard.ArgumentParser(
-        prog="python -m sct_jax.data.phantom",
-        description="Write the built-in phantom dataset in the SynthRAD2023 layout: MR/CT "
-                    "pairs (task 1) or CBCT/CT pairs (task 2).",
-        epilog=guard.EXIT_STATUS_HELP)
-    parser.add_argument("--out", required=True, help="dataset root folder")
-    parser.add_argument("--region", choices=REGIONS, default="pelvis")
-    parser.add_argument("--task", type=int, choices=TASKS, default=1,
-                        help="1: MR -> CT, writes Task1/<region>/<id>/{mr,ct,mask}; 2: CBCT "
-                             "-> CT, writes Task2/<region>/<id>/{cbct,ct,mask} (default 1)")
-    parser.add_argument("--cases", type=int, default=20, help="number of cases (1..999)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (>= 0)")
-    parser.add_argument("--misalign", type=float, default=0.0, metavar="MM",
-                        help="MR/CT misalignment scale in mm (task 2: the residual "
-                             "CBCT/CT motion; 0 = aligned)")
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                        help="volume size in voxels (default: pelvis 256 160 64, "
-                             "brain 128 160 128)")
-    parser.add_argument("--panel", metavar="PNG",
-                        help="also save a figure of the first case (MR or CBCT | CT | mask)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing dataset made with other settings (as a "
-                             "whole: never a mix of two datasets)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.cases <= 999:
-        parser.error(f"--cases {args.cases}: must be in 1..999")
-    if args.seed < 0:
-        parser.error(f"--seed {args.seed}: must be >= 0")
-    if not (np.isfinite(args.misalign) and 0.0 <= args.misalign <= 50.0):
-        parser.error(f"--misalign {args.misalign}: must be in [0, 50] mm")
-    if args.shape is not None and any(n < m for n, m in zip(args.shape, MIN_SHAPE)):
-        parser.error(f"--shape {' '.join(map(str, args.shape))}: each size must be at least "
-                     f"{' '.join(map(str, MIN_SHAPE))}")
-    return args
-
-
-def existing_dataset_differences(region_dir: Path, region: str, cases: int, seed: int,
-                                 misalign_mm: float, shape, task: int = 1) -> list[str]:
-    """How the dataset already in ``region_dir`` differs from the requested one.
-
-    Returns:
-      ``["seed 0 -> 1", ...]``; empty when there is no dataset or it has these settings.
-      A folder with case files but no readable manifest is reported as such.
-    """
-    if not region_dir.is_dir() or not any(region_dir.iterdir()):
-        return []
-    try:
-        manifest = json.loads((region_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return ["the folder holds files but no readable manifest.json"]
-    want = {"task": int(task), "region": region, "cases": int(cases), "seed": int(seed),
-            "misalign_mm": float(misalign_mm),
-            "shape": list(DEFAULT_SHAPE[region] if shape is None else map(int, shape))}
-    have = {"task": manifest.get("task", 1), "region": manifest.get("region"),
-            "cases": len(manifest.get("cases", [])),
-            "seed": manifest.get("seed"), "misalign_mm": manifest.get("misalign_mm"),
-            "shape": manifest.get("shape")}
-    return [f"{k} {have[k]} -> {want[k]}" for k in want if have[k] != want[k]]
-
-
-def _replace_dataset(args, region_dir: Path) -> Path:
-    """Writes the dataset beside ``region_dir`` and swaps it in as a whole."""
-    import shutil
-
-    staging = region_dir.parent / f".{region_dir.name}.new-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        written = write_dataset(staging, args.region, args.cases, args.seed, args.misalign,
-                                args.shape, task=args.task)
-        old = region_dir.parent / f".{region_dir.name}.old-{os.getpid()}"
-        os.replace(region_dir, old)
-        os.replace(written, region_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return region_dir
-
-
-def _main(args) -> int:
-
-    region_dir = Path(args.out) / f"Task{args.task}" / args.region
-    differences = existing_dataset_differences(region_dir, args.region, args.cases,
-                                               args.seed, args.misalign, args.shape,
-                                               args.task)
-    if differences and not args.overwrite:
-        raise DataError(f"{region_dir}: holds a dataset made with other settings "
-                        f"({'; '.join(differences)}); pass --overwrite to replace it as a "
-                        "whole, or choose another --out")
-    if differences:
-        region_dir = _replace_dataset(args, region_dir)
-    else:
-        region_dir = write_dataset(args.out, args.region, args.cases, args.seed,
-                                   args.misalign, args.shape, task=args.task)
-    print(f"wrote {args.cases} {args.region} cases to {region_dir}")
-    if args.panel:
-        first = case_id(args.region, 0, args.task)[0]
-        print(f"wrote {save_phantom_panel(region_dir / first, args.panel)}")
-    return guard.EXIT_OK
-
-
-def main(argv=None) -> int:
-    """Command line entry point; returns the exit status (0 ok, 2 bad input or a
-    dataset with other settings in --out, 3 internal error)."""
-
-    args = _parse_args(argv)
-    return guard.run_main(lambda: _main(args))
-
-
 if __name__ == "__main__":
+    # The command line lives in phantom_cli, which imports this module (not at the top).
+    from sct_jax.data.phantom_cli import main
     sys.exit(main())

@@ -27,6 +27,34 @@ TISSUE_NAMES = ("air", "fat", "muscle", "fluid", "stool", "marrow", "cortical", 
 REFERENCE_FOV_MM = {"pelvis": (256.0, 160.0, 160.0), "brain": (128.0, 160.0, 128.0)}
 
 
+class Variation:
+    """A random generator whose ranged draws stray from their range's middle by a factor.
+
+    ``uniform(low, high)`` returns ``mid + variation * (draw - mid)`` with ``mid = (low +
+    high) / 2``: 1 is the full population, 0 the middle anatomy for every case. The
+    draws are the wrapped generator's own, one for one, so ``variation=1`` gives the same
+    anatomy as the plain generator. ``uniform()`` without a range (a probability: is a
+    sinus there, is a loop gas or stool) and ``integers`` (how many loops) pass through:
+    registration to an atlas moves and reshapes anatomy, it does not add or remove it.
+    """
+
+    def __init__(self, rng: np.random.Generator, variation: float = 1.0):
+        self._rng = rng
+        self.variation = float(variation)
+
+    def uniform(self, *args, **kwargs):
+        draw = self._rng.uniform(*args, **kwargs)
+        if not args and not kwargs:
+            return draw
+        bounds = dict(zip(("low", "high"), args)) | kwargs
+        low, high = bounds.get("low", 0.0), bounds.get("high", 1.0)
+        mid = 0.5 * (np.asarray(low) + np.asarray(high))
+        return mid + self.variation * (draw - mid)
+
+    def __getattr__(self, name):
+        return getattr(self._rng, name)
+
+
 def make_grid(region: str, shape, spacing) -> Grid:
     """The design-mm grid of a ``shape`` volume with voxel ``spacing`` (mm)."""
     fov = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)

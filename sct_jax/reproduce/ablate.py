@@ -191,7 +191,8 @@ def seconds_per_step(workdir: Path) -> float:
 # nothing, so they are left out of the digest and earlier finished runs stay reusable.
 DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0],
                   ("model", "gen", "upsample"): "transpose",
-                  ("loss", "body_mask"): False}
+                  ("loss", "body_mask"): False,
+                  ("data", "phantom", "anatomy_variation"): 1.0}
 
 
 def config_digest(config) -> str:

@@ -38,7 +38,8 @@ RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode"
                "data.cbct_window")
 # Keys a run saved before they existed had at these values.
 ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0],
-                "model.gen.upsample": "transpose", "loss.body_mask": False}
+                "model.gen.upsample": "transpose", "loss.body_mask": False,
+                "data.phantom.anatomy_variation": 1.0}
 
 
 class RunDirBusy(SctError):
