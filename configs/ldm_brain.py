@@ -27,7 +27,16 @@ Two conditioning modes (``config.ldm.conditioning``):
 
 Both predict with v-prediction (``ldm.prediction_type``; ``epsilon`` and ``sample`` are
 the alternatives) and standardise the latents per channel with a shift and scale
-estimated over the training data (stored in the diffusion run's checkpoint).
+estimated over the training data (stored in the diffusion run's checkpoint). The ``flow``
+word trains the UNet (and ControlNet) by rectified flow instead (``ldm.objective="flow"``:
+the straight path from the latent to noise, velocity regression) and samples it with 30
+Euler steps (``ldm.sampler`` ``euler`` | ``dpmpp_2m``; ``ldm.sample_steps``); its runs get
+``_flow`` in their directory::
+
+    python train.py --config configs/ldm_brain.py:diffusion,small,flow \
+        --workdir runs/ldm_brain_diffusion_small_flow
+    python evaluate.py --config configs/ldm_brain.py:diffusion,small,flow \
+        --workdir runs/ldm_brain_diffusion_small_flow
 
 Variant words (comma-separated): the stage, ``autoencoder`` | ``diffusion`` |
 ``controlnet`` (default: the last stage of the conditioning); the conditioning,
@@ -64,7 +73,8 @@ STAGES = ("autoencoder", "diffusion", "controlnet")
 
 def get_config(arg=None):
     from sct_jax.errors import ConfigError
-    variants = parse_variants(arg, set(STAGES) | set(SIZES) | set(CONDITIONING_WORDS))
+    variants = parse_variants(arg, set(STAGES) | set(SIZES) | set(CONDITIONING_WORDS)
+                              | {"flow"})
     stages = [s for s in STAGES if s in variants]
     if len(stages) > 1:
         raise ConfigError(f"configs/ldm_brain.py: choose one stage, got {stages}")
@@ -86,10 +96,14 @@ def get_config(arg=None):
     # A UNet of the size's other conditioning gets its own run directory.
     cond_suffix = "" if conditioning == default_conditioning else (
         "_concat" if conditioning == "concat" else "_uncond")
+    # A flow-matching UNet (and the ControlNet on it) is another model: its own runs.
+    cond_suffix += "_flow" if "flow" in variants else ""
 
     c = base_config()
     c.method = f"ldm_{stage}"
     c.name = f"ldm_brain_{stage}{suffix}" + (cond_suffix if stage == "diffusion" else "")
+    if stage == "controlnet" and "flow" in variants:
+        c.name += "_flow"
     c.data.region = "brain"
     c.data.mode = "patches"
     # The autoencoder is fully convolutional: it trains on smaller patches than the
@@ -130,6 +144,9 @@ def get_config(arg=None):
         schedule=dict(kind="scaled_linear", num_train_timesteps=1000,
                       beta_start=0.0015, beta_end=0.0195),
         sampler="ddim", sample_steps=50, eta=0.0, conditioning_scale=1.0,
+        # "flow" (the flow word): rectified flow on the standardised latents, velocity
+        # regression at logit-normal times (Esser et al. 2024), Euler sampling.
+        objective="diffusion", flow_time_sampling="logit_normal", flow_shift=1.0,
     )
     lr = {"autoencoder": 1e-4, "diffusion": 1e-4, "controlnet": 1e-4}[stage]
     c.optim = dict(lr=lr, b1=0.9, b2=0.999, decay_start=1.0)  # constant learning rate
@@ -204,4 +221,8 @@ def get_config(arg=None):
         c.train.batch_size = 1
         tiny_run_settings(c)
         c.eval.panels = False
+    if "flow" in variants:
+        c.ldm.objective = "flow"
+        c.ldm.sampler = "euler"
+        c.ldm.sample_steps = 3 if size == "tiny" else 30
     return accelerator_settings(c, variants)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sct_jax.diffusion import make_schedule, q_sample, training_target
+from sct_jax.diffusion import flow
 from sct_jax.diffusion.select import check_sampler, sample_any
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
@@ -44,6 +45,16 @@ from sct_jax.models.patchgan import PatchDiscriminator
 # How the diffusion stage sees the MR: "concat" (on the latent grid, the UNet is the
 # sCT model) or "none" (unconditional; the ControlNet stage adds the MR).
 CONDITIONINGS = ("concat", "none")
+# config.ldm.objective: "diffusion" (DDPM noising, ldm.prediction_type, the DDIM / DDPM /
+# DPM-Solver++ samplers) or "flow" (rectified flow, sct_jax.diffusion.flow: the straight
+# path between the standardised latent and noise, velocity regression, sampled with
+# ldm.sampler "euler" or "dpmpp_2m" in ldm.sample_steps).
+OBJECTIVES = ("diffusion", "flow")
+
+
+def objective(config) -> str:
+    """``config.ldm.objective`` (runs made before the option: ``"diffusion"``)."""
+    return str(config.ldm.get("objective", "diffusion"))
 
 
 # ----------------------------------------------------------------------------- models
@@ -167,7 +178,21 @@ def validate_ldm_config(config, stage: str) -> None:
                               f"{divisor} and at most config.data.patch={patch}")
     if int(config.ldm.sample_steps) < 1:
         raise ConfigError(f"config.ldm.sample_steps={config.ldm.sample_steps}: must be >= 1")
-    check_sampler(config.ldm.sampler)
+    if objective(config) not in OBJECTIVES:
+        raise ConfigError(f"config.ldm.objective={objective(config)!r}: expected one of "
+                          f"{OBJECTIVES}")
+    if objective(config) == "flow":
+        if config.ldm.sampler not in flow.FLOW_SOLVERS:
+            raise ConfigError(f"config.ldm.sampler={config.ldm.sampler!r}: the flow objective "
+                              f"samples with one of {flow.FLOW_SOLVERS}")
+        if config.ldm.get("flow_time_sampling", "uniform") not in flow.TIME_SAMPLING:
+            raise ConfigError(f"config.ldm.flow_time_sampling="
+                              f"{config.ldm.flow_time_sampling!r}: expected one of "
+                              f"{flow.TIME_SAMPLING}")
+        if not float(config.ldm.get("flow_shift", 1.0)) > 0:
+            raise ConfigError(f"config.ldm.flow_shift={config.ldm.flow_shift}: must be > 0")
+    else:
+        check_sampler(config.ldm.sampler)
 
 
 # ---------------------------------------------------------------------------- latents
@@ -269,24 +294,34 @@ def random_crop(config, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def diffusion_mse(config, schedule, z0: jax.Array, rng: jax.Array, model_fn):
-    """The denoising loss at random timesteps.
+    """The denoising (or flow-matching) loss at random times.
 
     Args:
-      config: stage config (``ldm.prediction_type``).
-      schedule: the training schedule.
+      config: stage config (``ldm.objective``, ``ldm.prediction_type``,
+        ``ldm.flow_time_sampling``).
+      schedule: the training schedule (unused by the flow objective).
       z0: scaled clean latents ``(B, *s, C)``.
-      rng: key for the noise and timesteps.
-      model_fn: ``(x_t, t) -> prediction`` of ``z0``'s shape.
+      rng: key for the noise and times.
+      model_fn: ``(x_t, t) -> prediction`` of ``z0``'s shape; ``t`` ``(B,)`` integer
+        timesteps, or for the flow objective float ``t * 1000`` with ``t`` in [0, 1].
 
     Returns:
-      Mean squared error to the target of ``config.ldm.prediction_type``.
+      Mean squared error to the target: of ``config.ldm.prediction_type``, or the flow's
+      velocity ``eps - z0`` at ``x_t = (1 - t) z0 + t eps``.
     """
     noise_rng, t_rng = jax.random.split(rng)
     noise = flat_normal(noise_rng, z0.shape, z0.dtype)
-    t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)
-    x_t = q_sample(schedule, z0, noise, t)
-    target = training_target(schedule, z0, noise, t, config.ldm.prediction_type)
-    prediction = model_fn(x_t, t)
+    if objective(config) == "flow":
+        t = flow.sample_flow_times(t_rng, z0.shape[0],
+                                   config.ldm.get("flow_time_sampling", "uniform"))
+        prediction = model_fn(flow.flow_interpolate(z0, noise, t),
+                              t * flow.DEFAULT_TIME_SCALE)
+        target = flow.flow_training_target(z0, noise)
+    else:
+        t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_train_timesteps)
+        x_t = q_sample(schedule, z0, noise, t)
+        target = training_target(schedule, z0, noise, t, config.ldm.prediction_type)
+        prediction = model_fn(x_t, t)
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
 
 
@@ -304,6 +339,12 @@ def sample_latents(config, denoise_fn, x_shape, rng: jax.Array,
     """Runs the scanned sampler from ``N(0, I)`` noise of ``x_shape`` (scaled latents)."""
     noise_rng, step_rng = jax.random.split(rng)
     x_T = flat_normal(noise_rng, x_shape)
+    if objective(config) == "flow":
+        # The UNet predicts the velocity at t * 1000; the solver wants an x0 predictor.
+        return flow.sample_flow(flow.velocity_denoiser(denoise_fn), x_T,
+                                num_steps=int(num_steps or config.ldm.sample_steps),
+                                solver=sampler or config.ldm.sampler,
+                                shift=float(config.ldm.get("flow_shift", 1.0)))
     return sample_any(denoise_fn, make_config_schedule(config), x_T,
                       num_steps=int(num_steps or config.ldm.sample_steps),
                       sampler=sampler or config.ldm.sampler, eta=float(config.ldm.eta),

@@ -192,7 +192,9 @@ def seconds_per_step(workdir: Path) -> float:
 DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0],
                   ("model", "gen", "upsample"): "transpose",
                   ("loss", "body_mask"): False,
-                  ("data", "phantom", "anatomy_variation"): 1.0}
+                  ("data", "phantom", "anatomy_variation"): 1.0,
+                  ("ldm", "objective"): "diffusion",
+                  ("ldm", "flow_time_sampling"): "logit_normal", ("ldm", "flow_shift"): 1.0}
 
 
 def config_digest(config) -> str:
