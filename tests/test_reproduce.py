@@ -109,6 +109,25 @@ def test_default_out_keeps_user_data_apart(tmp_path):
     assert cli.default_out("seed02", False, None, None) == Path("runs/reproduce/seed02")
     assert cli.default_out("seed03", True, str(tmp_path / "mine"), "pelvis") == Path(
         "runs/reproduce/seed03_mine_pelvis_tiny")
+    assert cli.default_out("seed03", False, None, None, atlas=True) == Path(
+        "runs/reproduce/seed03_atlas")
+
+
+def test_atlas_sets_the_phantoms_anatomy_of_every_config_and_refuses_data(tmp_path, capsys):
+    from sct_jax.reproduce import seed03
+    overrides = baselines.data_overrides(None, None, 0.2)
+    assert overrides == {"data.phantom.anatomy_variation": 0.2}
+    assert baselines.data_overrides(None, None) == {}
+    assert seed03.pix2pix_config("tiny", 0, overrides).data.phantom.anatomy_variation == 0.2
+    runs = {"autoencoder": tmp_path / "ae", "diffusion": tmp_path / "d"}
+    assert seed03.ldm_config("autoencoder", "tiny", runs, 0, overrides).data.phantom \
+        .anatomy_variation == 0.2
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed03", "--atlas", "--data", str(tmp_path / "mine"),
+                  "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and "error: --atlas" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_bad_arguments_before_writing(tmp_path, capsys):

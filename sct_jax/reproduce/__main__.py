@@ -1,7 +1,7 @@
 """``sct-reproduce seed02|seed03|synthrad_task2 [--seeds N] [--tiny] [--out DIR]
-[--data ROOT [--region R]] [--dose [--dose_rx GY]]``: one seed's table, on the built-in
-phantom or on a SynthRAD-layout dataset, optionally with the dose columns
-(:mod:`sct_jax.reproduce.dose`)."""
+[--data ROOT [--region R] | --atlas] [--dose [--dose_rx GY]]``: one seed's table, on the
+built-in phantom (``--atlas``: its atlas-like anatomy) or on a SynthRAD-layout dataset,
+optionally with the dose columns (:mod:`sct_jax.reproduce.dose`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from sct_jax.config_utils import ATLAS_ANATOMY_VARIATION
 from sct_jax.data.synthrad import REGIONS
 from sct_jax.dose import engine
 from sct_jax.errors import SctError
@@ -32,13 +33,15 @@ def _load(seed: str):
         return None
 
 
-def default_out(seed: str, tiny: bool, data: str | None, region: str | None) -> Path:
-    """``runs/reproduce/<seed>[_<data folder>[_<region>]][_tiny]``: a table of a user's
-    dataset never lands in (or reuses the runs of) the phantom's folder, nor one of
-    another dataset or region."""
+def default_out(seed: str, tiny: bool, data: str | None, region: str | None,
+                atlas: bool = False) -> Path:
+    """``runs/reproduce/<seed>[_<data folder>[_<region>]][_atlas][_tiny]``: a table of a
+    user's dataset never lands in (or reuses the runs of) the phantom's folder, nor one of
+    another dataset, region or phantom anatomy."""
     name = seed
     if data:
         name += f"_{Path(data).expanduser().resolve().name}" + (f"_{region}" if region else "")
+    name += "_atlas" if atlas else ""
     return Path("runs/reproduce") / f"{name}{'_tiny' if tiny else ''}"
 
 
@@ -72,6 +75,10 @@ def main(argv=None) -> int:
                         "test CT (cached in <out>/dose/), recomputed on each sCT; adds dose "
                         "MAE and gamma 2%%/2mm columns (needs the [dose] extra; minutes per "
                         "row and test case on a CPU)")
+    parser.add_argument("--atlas", action="store_true",
+                        help="the phantom with atlas-like anatomy (data.phantom."
+                        "anatomy_variation=0.2, the configs' atlas word): every case near a "
+                        "common anatomy, where the mean training CT is a strong baseline")
     parser.add_argument("--dose_rx", type=float, default=2.0,
                         help="with --dose: the prescription in Gy (default 2)")
     args = parser.parse_args(argv)
@@ -94,10 +101,13 @@ def main(argv=None) -> int:
             engine.require_pyradplan()
         except SctError as err:
             parser.exit(2, f"error: --dose: {err}\n")
+    if args.atlas and args.data:
+        parser.exit(2, f"error: --atlas: sets the phantom's anatomy; with --data {args.data} "
+                       "there is no phantom\n")
     if args.data and not Path(args.data).expanduser().is_dir():
         parser.exit(2, f"error: {args.data}: --data folder not found\n")
     out = Path(args.out) if args.out else default_out(args.seed, args.tiny, args.data,
-                                                      args.region)
+                                                      args.region, args.atlas)
     if out.exists() and not out.is_dir():
         parser.exit(2, f"error: {out}: --out is a file, expected a folder\n")
     module = _load(args.seed)
@@ -109,7 +119,8 @@ def main(argv=None) -> int:
              # Absolute: the runs' config.json (and digests) name the data wherever
              # the command is run from.
              "data_root": str(Path(args.data).expanduser().absolute()) if args.data else None,
-             "region": args.region, "dose_rx": args.dose_rx if args.dose else None}
+             "region": args.region, "dose_rx": args.dose_rx if args.dose else None,
+             "anatomy_variation": ATLAS_ANATOMY_VARIATION if args.atlas else 1.0}
     if args.seed == "seed02":
         extra.update(vgg16=args.vgg16, vgg19=args.vgg19)
     t0 = time.perf_counter()
@@ -120,7 +131,7 @@ def main(argv=None) -> int:
         return 2
     compared, phantom = SEEDS[args.seed]
     data = (f"{args.data}" + (f" ({args.region})" if args.region else "")) if args.data \
-        else phantom
+        else phantom + (" with atlas-like anatomy" if args.atlas else "")
     title = (f"{args.seed}: {compared}, {data}; mean ± std over {args.seeds} seed(s)"
              f"{' (tiny: smoke test, not a result)' if args.tiny else ''}")
     md_path, csv_path = table.write_tables(out, rows, title)

@@ -75,12 +75,16 @@ def load_reference(case: synthrad.Case, dose_dir: Path | None = None,
     return Reference(ct.data.astype(np.float32), mask, tuple(ct.spacing), dose), aligned
 
 
-def data_overrides(data_root: str | None, region: str | None) -> dict:
+def data_overrides(data_root: str | None, region: str | None,
+                   anatomy_variation: float = 1.0) -> dict:
     """The config overrides that point a seed's configs at a user's dataset
-    (``--data ROOT [--region R]``); empty for the built-in phantom. The phantom's own
-    settings (``data.phantom.*``) stay in the configs: unused once ``data.root`` is set."""
+    (``--data ROOT [--region R]``), or for the built-in phantom its anatomy variation
+    (``--atlas``: :data:`~sct_jax.config_utils.ATLAS_ANATOMY_VARIATION`); empty for the
+    phantom as the configs have it. The phantom's other settings (``data.phantom.*``) stay
+    in the configs: unused once ``data.root`` is set."""
     if not data_root:
-        return {}
+        return ({} if anatomy_variation == 1.0 else
+                {"data.phantom.anatomy_variation": float(anatomy_variation)})
     return {"data.root": str(data_root), **({"data.region": region} if region else {})}
 
 

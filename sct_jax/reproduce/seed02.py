@@ -215,7 +215,7 @@ def meta_validation_check(config, splits) -> str:
 def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
         vgg19: str | None = None, only: tuple[str, ...] | None = None,
         data_root: str | None = None, region: str | None = None,
-        dose_rx: float | None = None) -> list[dict]:
+        dose_rx: float | None = None, anatomy_variation: float = 1.0) -> list[dict]:
     """Trains and scores every method for ``seeds`` seeds; returns the table rows.
 
     ``only``: run folder names (``pgan``, ``meta_pgan_slice``, ...) of the methods to
@@ -237,7 +237,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, vgg16: str | None = None,
     out_dir = Path(out_dir)
     if vgg19 is None and (REPO / "weights" / "vgg19.npz").exists():
         vgg19 = str(REPO / "weights" / "vgg19.npz")
-    data = baselines.data_overrides(data_root, region)
+    data = baselines.data_overrides(data_root, region, anatomy_variation)
     configs = [(label, slug, _config(path, tiny, overrides, vgg16, vgg19, data))
                for label, slug, path, overrides in METHODS]
     for _, _, config in configs:  # every config checked before the first run starts

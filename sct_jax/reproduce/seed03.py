@@ -186,7 +186,8 @@ def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dic
 
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
         data_root: str | None = None, region: str | None = None,
-        dose_rx: float | None = None, input: str = "mr") -> list[dict]:
+        dose_rx: float | None = None, input: str = "mr",
+        anatomy_variation: float = 1.0) -> list[dict]:
     """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
 
     ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
@@ -211,7 +212,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     out_dir = Path(out_dir)
     size = "tiny" if tiny else "small"
     samples = SAMPLES[size]
-    data = baselines.data_overrides(data_root, region)
+    data = baselines.data_overrides(data_root, region, anatomy_variation)
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}

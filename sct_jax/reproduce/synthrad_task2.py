@@ -23,7 +23,7 @@ from sct_jax.reproduce import seed03
 
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
         data_root: str | None = None, region: str | None = None,
-        dose_rx: float | None = None) -> list[dict]:
+        dose_rx: float | None = None, anatomy_variation: float = 1.0) -> list[dict]:
     """Seed 03's rows on CBCT input, plus the CBCT-itself row (see the module)."""
     return seed03.run(out_dir, seeds, tiny, only=only, data_root=data_root, region=region,
-                      dose_rx=dose_rx, input="cbct")
+                      dose_rx=dose_rx, input="cbct", anatomy_variation=anatomy_variation)
