@@ -10,6 +10,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from sct_jax.dose import engine
 from sct_jax.errors import ConfigError
@@ -78,7 +79,8 @@ def _centre_window(n, size):
 def test_sct_on_disk_is_the_models_output(trained_2d):
     """The written NIfTI is unit_to_ct(G(mr_to_unit(mr))) voxel by voxel, computed here
     from the raw files: every whole axial slice centre-padded with air to the network's
-    stride, the generator applied (dropout off), cropped back, mapped to HU."""
+    stride, the generator applied (dropout off), cropped back, mapped to HU, air beyond
+    the body mask grown by the loss's margin."""
     config, workdir, _, _ = trained_2d
     assert config.data.context == 0  # one MR channel per slice
     case = train_data.case_splits(config)["test"][0]
@@ -102,6 +104,12 @@ def test_sct_on_disk_is_the_models_output(trained_2d):
     expected_unit = np.full((x, y, z), -1.0)
     expected_unit[ax:ax + nx, ay:ay + ny] = np.moveaxis(out[:, wx:wx + nx, wy:wy + ny, 0], 0, 2)
     expected = (np.clip(expected_unit, -1, 1) + 1) * (3000.0 + 1024.0) / 2 - 1024.0
+    if config.loss.body_mask:
+        # Trained inside the body mask grown in-plane by the margin: air beyond it.
+        r = int(config.loss.body_mask_margin)
+        grown = ndimage.binary_dilation(mask, structure=np.ones((2 * r + 1, 2 * r + 1, 1)))
+        expected[~grown] = -1000.0
+        assert (~grown).any() and (grown & ~mask).any()
 
     sct_img = nib.load(workdir / "predictions" / case.id / "sct.nii.gz")
     np.testing.assert_array_equal(sct_img.affine, mr_img.affine)

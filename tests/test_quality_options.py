@@ -109,15 +109,28 @@ def test_pix2pix_step_uses_the_body_masked_l1():
     batch["mask"][:, 8:24, 8:24] = 1.0
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     results = {}
-    for masked in (False, True):
-        config.loss.body_mask = masked
+    for masked, margin in ((False, 0), (True, 0), (True, 2), (True, 8)):
+        config.loss.body_mask, config.loss.body_mask_margin = masked, margin
         state = method.create_state(config, jax.random.key(0), spec)
-        fake = np.asarray(method.predict(config, state, batch["mr"]))
         _, metrics = method.train_step(config, state, batch, jax.random.key(2))
-        results[masked] = (float(metrics["g_l1"]), fake)
-    # The dropout draw differs from predict's, so compare the masked and plain values
-    # with each other: the masked mean sees only the mask's quarter of the crop.
-    assert results[True][0] != pytest.approx(results[False][0], rel=1e-3)
+        results[masked, margin] = float(metrics["g_l1"])
+    # The same weights and dropout draw each time: the masked mean sees the mask's
+    # quarter of the crop, the margin grows it, and grown by 8 it covers the 32 x 32 crop.
+    assert results[True, 0] != pytest.approx(results[False, 0], rel=1e-3)
+    assert results[True, 2] != pytest.approx(results[True, 0], rel=1e-3)
+    assert results[True, 8] == pytest.approx(results[False, 0], rel=1e-6)
+
+
+def test_grow_mask_is_a_box_dilation_against_scipy():
+    from scipy import ndimage
+    from sct_jax.methods.common import grow_mask
+    rng = np.random.default_rng(4)
+    for shape in ((2, 17, 13, 1), (1, 9, 11, 7, 1)):
+        mask = (rng.random(shape) > 0.93).astype(np.float32)
+        structure = np.ones((1,) + (5,) * (len(shape) - 2) + (1,))
+        expected = ndimage.binary_dilation(mask > 0, structure=structure)
+        np.testing.assert_array_equal(np.asarray(grow_mask(jnp.asarray(mask), 2)) > 0, expected)
+    assert grow_mask(jnp.asarray(mask), 0) is not None
 
 
 def test_methods_that_cannot_mask_their_l1_refuse_it():
@@ -141,12 +154,21 @@ def test_prediction_of_a_body_masked_model_is_air_outside_the_mask():
     def stand_in(volume):  # a model that says 0.1 (about 390 HU) everywhere
         return np.full(volume.shape, 0.1, np.float32)
 
+    config.loss.body_mask = False
     plain = predict_lib.predict_mr(stand_in, config, mr, mask)
-    config.loss.body_mask = True
+    config.loss.body_mask, config.loss.body_mask_margin = True, 0
     masked = predict_lib.predict_mr(stand_in, config, mr, mask)
     np.testing.assert_array_equal(masked[mask > 0], plain[mask > 0])
     assert np.all(masked[mask == 0] == predict_lib.AIR_HU)
     assert np.all(plain[mask == 0] > 0)
+    # With a margin the model's values stand one more voxel around the mask, in-plane
+    # only for a slice model (mask rows 3..8, columns 2..7 -> 2..9, 1..8).
+    config.loss.body_mask_margin = 1
+    grown = predict_lib.predict_mr(stand_in, config, mr, mask)
+    inside = np.zeros(mr.shape, bool)
+    inside[2:10, 1:9] = True
+    np.testing.assert_array_equal(grown[inside], plain[inside])
+    assert np.all(grown[~inside] == predict_lib.AIR_HU)
 
 
 def test_runs_saved_before_the_options_resume_and_keep_their_cache_digest():
@@ -154,6 +176,8 @@ def test_runs_saved_before_the_options_resume_and_keep_their_cache_digest():
     from sct_jax.runs import lock as run_dir
 
     config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny")
+    # A config at the values runs had before the options existed.
+    config.model.gen.upsample, config.loss.body_mask = "transpose", False
     saved = json.loads(config.to_json_best_effort())
     del saved["model"]["gen"]["upsample"], saved["loss"]["body_mask"]
     assert run_dir.changed_resume_keys(saved, config) == []

@@ -22,7 +22,9 @@ COLUMNS = (("mae", "MAE [HU]", ".1f"), ("psnr", "PSNR [dB]", ".2f"), ("ssim", "S
            ("dice_bone", "bone Dice", ".3f"), ("hd95_bone", "bone HD95 [mm]", ".2f"),
            ("dice_air", "air Dice", ".3f"), ("lpips", "LPIPS", ".4f"),
            ("wepl_center", "dWEPL centre [mm]", ".2f"),
-           ("wepl_distal", "dWEPL distal [mm]", ".2f"))
+           ("wepl_distal", "dWEPL distal [mm]", ".2f"),
+           ("slice_step_excess", "z-step excess [HU]", ".1f"),
+           ("high_freq_excess", "HF excess [HU]", ".1f"))
 
 
 def _number(value, fmt: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from sct_jax import methods, runs
 from sct_jax.data import datasets, modality, preprocess, synthrad
@@ -36,7 +37,7 @@ from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
-from sct_jax.methods.common import body_masked_loss
+from sct_jax.methods.common import body_mask_margin, body_masked_loss
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
     reoriented to the training axis codes, resampled when its spacing differs),
     normalised by its percentiles inside the body mask, predicted, mapped to HU and
     back onto the input grid. A model trained with a body-masked L1
-    (``config.loss.body_mask``) has its sCT set to air (:data:`AIR_HU`) outside the mask.
+    (``config.loss.body_mask``) has its sCT set to air (:data:`AIR_HU`) outside the mask
+    grown as in training (:func:`grown_body_mask`).
 
     Args:
       predict_volume: ``(X', Y', Z')`` normalised MR -> prediction in [-1, 1] (from
@@ -176,9 +178,20 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
     pred = predict_volume(np.asarray(unit, np.float32))
     sct = np.asarray(preprocess.unit_to_ct(pred), np.float32)
     if body_masked_loss(config):
-        # The model never trained outside the body: what it says there is unconstrained.
-        sct[~mask_model] = AIR_HU
+        # The model never trained beyond the grown mask: what it says there is unconstrained.
+        sct[~grown_body_mask(config, mask_model)] = AIR_HU
     return grid.to_input(sct, order=1).astype(np.float32)
+
+
+def grown_body_mask(config, mask: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` body mask on the model grid grown as the training loss grew it
+    (:func:`sct_jax.methods.common.grow_mask`): in-plane for slice models (they saw one
+    axial slice), on every axis for patch models."""
+    margin = body_mask_margin(config)
+    if margin <= 0:
+        return mask
+    size = (2 * margin + 1,) * 2 + ((2 * margin + 1) if config.data.mode == "patches" else 1,)
+    return ndimage.maximum_filter(mask.astype(np.uint8), size=size, mode="constant") > 0
 
 
 def predict_case(predict_volume, config, case_data: synthrad.CaseData,

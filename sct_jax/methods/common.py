@@ -15,6 +15,8 @@ from sct_jax.models.layers import check_upsample
 from sct_jax.models.resnet_generator import check_resnet_input
 
 TrainState = train_state.TrainState
+# Voxels the body mask grows by for the body-masked L1 (config.loss.body_mask_margin).
+BODY_MASK_MARGIN = 8
 
 
 def dummy_input(spec: jax.ShapeDtypeStruct, batch: int = 1) -> jax.Array:
@@ -48,9 +50,11 @@ def apply_updates(state: TrainState, grads: Any, prefix: str) -> tuple[TrainStat
 
 def reconstruction_l1(config, fake_ct: jax.Array, ct: jax.Array, batch: dict) -> jax.Array:
     """The generator's L1 against the CT: over the whole crop, or over the body mask
-    when ``config.loss.body_mask`` (the error outside the body is air against air, and
-    averaging it in dilutes the body's share of the gradient; the sCT outside the body
-    mask is then set to air at prediction, :func:`sct_jax.inference.predict.predict_mr`).
+    grown by ``config.loss.body_mask_margin`` voxels when ``config.loss.body_mask`` (the
+    air far from the body is easy, and averaging it in dilutes the body's share of the
+    gradient; the margin keeps the model predicting air just outside the body, so the
+    sCT does not hinge on the mask's exact edge; outside the grown mask the sCT is set
+    to air at prediction, :func:`sct_jax.inference.predict.predict_mr`).
 
     Args:
       config: the run's config.
@@ -59,7 +63,7 @@ def reconstruction_l1(config, fake_ct: jax.Array, ct: jax.Array, batch: dict) ->
       batch: the training batch; ``batch["mask"]`` ``(B, *spatial, 1)`` is the body mask.
     """
     if body_masked_loss(config):
-        return pixel.masked_l1(fake_ct, ct, batch["mask"])
+        return pixel.masked_l1(fake_ct, ct, grow_mask(batch["mask"], body_mask_margin(config)))
     return pixel.l1(fake_ct, ct)
 
 
@@ -67,6 +71,22 @@ def body_masked_loss(config) -> bool:
     """Whether the run trains its L1 inside the body mask only (``config.loss.body_mask``;
     absent in runs made before the option: ``False``)."""
     return bool(config.get("loss", {}).get("body_mask", False))
+
+
+def body_mask_margin(config) -> int:
+    """``config.loss.body_mask_margin``: voxels the body mask grows by on every spatial
+    axis of the training batch (default :data:`BODY_MASK_MARGIN`)."""
+    return int(config.get("loss", {}).get("body_mask_margin", BODY_MASK_MARGIN))
+
+
+def grow_mask(mask: jax.Array, margin: int) -> jax.Array:
+    """``(B, *spatial, 1)`` mask dilated by a ``(2 margin + 1)`` box on every spatial axis
+    (a max filter; the volume's edge counts as outside)."""
+    if margin <= 0:
+        return mask
+    window = (1,) + (2 * margin + 1,) * (mask.ndim - 2) + (1,)
+    return jax.lax.reduce_window(mask, jnp.array(-jnp.inf, mask.dtype), jax.lax.max,
+                                 window, (1,) * mask.ndim, "SAME")
 
 
 def step_rng(rng: jax.Array, state: TrainState) -> jax.Array:
@@ -91,6 +111,7 @@ def validate_resnet_gan_config(config, weight_keys: tuple[str, ...]) -> None:
         if float(config.loss[key]) < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
     check_upsample_config(config)
+    check_body_mask_config(config)
 
 
 def check_upsample_config(config) -> None:
@@ -99,6 +120,13 @@ def check_upsample_config(config) -> None:
         check_upsample(config.model.gen.get("upsample", "transpose"))
     except ConfigError as err:
         raise ConfigError(f"config.{err}") from err
+
+
+def check_body_mask_config(config) -> None:
+    """ConfigError for a negative ``config.loss.body_mask_margin``."""
+    if body_mask_margin(config) < 0:
+        raise ConfigError(f"config.loss.body_mask_margin={body_mask_margin(config)}: must "
+                          "be >= 0 voxels")
 
 
 def refuse_body_mask(config, why: str) -> None:

@@ -21,8 +21,9 @@ from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial
 from sct_jax.methods import Method
-from sct_jax.methods.common import (TrainState, apply_updates, check_upsample_config,
-                                    dummy_input, reconstruction_l1, step_rng)
+from sct_jax.methods.common import (TrainState, apply_updates, check_body_mask_config,
+                                    check_upsample_config, dummy_input, reconstruction_l1,
+                                    step_rng)
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
@@ -60,6 +61,7 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.model.remat={config.model.remat!r}: the pix2pix U-Net has "
                           "no residual blocks to rematerialise; use 'none'")
     check_upsample_config(config)
+    check_body_mask_config(config)
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:

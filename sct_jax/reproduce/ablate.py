@@ -191,7 +191,7 @@ def seconds_per_step(workdir: Path) -> float:
 # nothing, so they are left out of the digest and earlier finished runs stay reusable.
 DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0],
                   ("model", "gen", "upsample"): "transpose",
-                  ("loss", "body_mask"): False,
+                  ("loss", "body_mask"): False, ("loss", "body_mask_margin"): 8,
                   ("data", "phantom", "anatomy_variation"): 1.0,
                   ("ldm", "objective"): "diffusion",
                   ("ldm", "flow_time_sampling"): "logit_normal", ("ldm", "flow_shift"): 1.0}

@@ -38,7 +38,7 @@ from sct_jax import methods, sharding
 from sct_jax.data import geometry as geometry_lib
 from sct_jax.data.io import atomic_write_text
 from sct_jax.errors import ConfigError, DataError, SctError
-from sct_jax.runs import checkpoint
+from sct_jax.runs import checkpoint, lock
 from sct_jax.runs.checkpoint import Checkpointer, parse_choice
 from sct_jax.runs.lock import (RunDirBusy, RunLock, check_resume_config, check_workdir,
                               open_run_dir)
@@ -168,6 +168,8 @@ def config_for(workdir: str | os.PathLike, config=None) -> ml_collections.Config
     if not (workdir / CONFIG_FILE).is_file():
         return config  # no run here: loading the checkpoint reports it
     stored, given = flat_config(read_config(workdir)), flat_config(config)
+    # A key added after the run was made reads as the value the run had without it.
+    stored = {**{k: v for k, v in lock.ABSENT_MEANS.items() if k in given}, **stored}
     differing = sorted(k for k in set(stored) | set(given)
                        if not k.startswith(EVAL_FREE_PREFIXES)
                        and stored.get(k, "<absent>") != given.get(k, "<absent>"))
