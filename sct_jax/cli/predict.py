@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=1,
                         help="sCT samples per MR (sampling methods; GANs: test-time "
                              "dropout): the mean is written, and the per-voxel std as "
-                             "<name>_std.nii.gz (with 1, a stale <name>_std.nii.gz of an "
+                             "<name>_std.nii.gz (when the sCT is one prediction: 1 "
+                             "sample, one -m, no --tta, a stale <name>_std.nii.gz of an "
                              "earlier run is removed)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: also predict each input flipped the "
@@ -92,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip inputs whose sCT exists (an sCT appears only when it "
                              "is complete): finishes an interrupted folder run")
     parser.add_argument("--report", default=None,
-                        help="write a JSON record of the run: versions, device, model "
-                             "(path, content hash, step) and, per input, its geometry, "
+                        help="write a JSON record of the run: versions, device, every "
+                             "model (path, content hash, step), the flags (--tta) and, "
+                             "per input, its geometry, "
                              "what was done to it, seconds and outputs")
     return parser
 
