@@ -665,6 +665,8 @@ class Sandbox:
         """The outputs of other commands that ``p`` reads."""
         own = set(outputs(p.argv))
         values = [v for _, v in _flag_values(p.argv)] + p.argv[1:] + implicit_inputs(p.argv)
+        # a list flag's value names several (evaluate.py --ensemble RUN2,RUN3)
+        values += [part for v in values if "," in v for part in v.split(",")]
         found = []
         for value in values:
             for out in self.producers:

@@ -174,6 +174,16 @@ def test_prediction_without_reference_and_duplicates(dataset, tmp_path):
         scoring.find_predictions(bad_pred)
 
 
+def test_std_maps_beside_predictions_are_not_predictions(tmp_path):
+    """sct-predict's std maps (--samples, --tta, an ensemble) beside the sCTs of a folder
+    are skipped; a lone ``*_std`` volume is still a prediction of its own name."""
+    for name in ("a_sct", "a_sct_std", "b", "b_std", "c_std"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    found = scoring.find_predictions(tmp_path)
+    assert {k: v.name for k, v in found.items()} == {
+        "a": "a_sct.nii.gz", "b": "b.nii.gz", "c_std": "c_std.nii.gz"}
+
+
 def test_region_filter(dataset):
     root, pred, _ = dataset
     report = scoring.score_folder(pred, root, region="pelvis", progress=False)

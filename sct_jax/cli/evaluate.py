@@ -10,6 +10,8 @@ CSV/JSON, a PNG panel per case)::
   python evaluate.py --config configs/pgan_pelvis.py --workdir runs/pgan_pelvis \
       --samples 8 --qa  # GANs sample by test-time dropout; --qa: <id>/qa.json, qa.png
   python evaluate.py --workdir ... --checkpoint latest   # or best (default), or a step
+  python evaluate.py --workdir runs/a --tta   # + each case flipped left-right, averaged
+  python evaluate.py --workdir runs/a --ensemble runs/b,runs/c   # the mean of 3 runs
 
 Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 ``PRED/<id>_sct.nii.gz``) against the cases of a SynthRAD-layout data root::
@@ -20,8 +22,9 @@ Score a folder of predictions (``PRED/<id>/sct.nii.gz``, ``PRED/<id>.nii.gz`` or
 Writes the JSON summary (default ``PRED/metrics.json``), the per-case CSV and
 ``report.html`` (one self-contained page: the case table, and with ``--workdir`` first
 the verdict against the no-model baselines, then each case's panel, the baselines, the
-QA verdicts and the std maps of ``--samples``) next to it, and prints a table. Bad input ends the run with one ``error: ...`` line and exit
-status 2, before anything is written.
+QA verdicts and the std maps of ``--samples``, ``--tta`` or ``--ensemble``) next to it,
+and prints a table. Bad input ends the run with one ``error: ...`` line and exit status
+2, before anything is written.
 
 Exit status: 0 scored; 1 failed (disk full); 2 bad input (one line naming the file,
 nothing written); 3 internal error (a bug: the traceback is printed).
@@ -64,6 +67,15 @@ def define_flags() -> None:
                          "LDM): the mean is scored, the per-voxel std written as "
                          "<id>/sct_std.nii.gz. The GANs sample by test-time (Monte-Carlo) "
                          "dropout.")
+    flags.DEFINE_boolean("tta", False, "With --workdir: test-time augmentation: also "
+                         "predict each case flipped the ways training flipped it "
+                         "(left-right), flip back and average; the per-voxel std across "
+                         "the flips is written as <id>/sct_std.nii.gz.")
+    flags.DEFINE_list("ensemble", [], "With --workdir: further run directories (the same "
+                      "input and training grid, e.g. other seeds of the config), "
+                      "comma-separated: the mean over all runs is scored, their per-voxel "
+                      "std written as <id>/sct_std.nii.gz. Each predicts with its own "
+                      "config.json and the --checkpoint choice.")
     flags.DEFINE_string("lpips_weights", None, "VGG-16 ImageNet weights (.npz from "
                         "scripts/convert_vgg_weights.py) for the LPIPS column; default: "
                         "the run's perceptual-loss weights or weights/vgg16.npz when "
@@ -89,6 +101,9 @@ def score_predictions() -> None:
     if FLAGS.qa:
         raise ConfigError("--qa needs --config and --workdir (the run's checkpoint and "
                           "training split); use python -m sct_jax.cli.qa for single files")
+    if FLAGS.tta or FLAGS.ensemble:
+        raise ConfigError(f"{'--tta' if FLAGS.tta else '--ensemble'} needs --workdir (it "
+                          "predicts); sct-predict --tta / -m A -m B predicts single files")
     if FLAGS.dose:
         raise ConfigError("--dose needs --workdir (the run's training split gives the "
                           "baselines); use sct-dose for single files")
@@ -116,7 +131,7 @@ def main(argv):
         evaluate_run(config, FLAGS.workdir, data_root=FLAGS.data, out=FLAGS.out,
                      samples=FLAGS.samples, qa=FLAGS.qa, checkpoint=checkpoint,
                      lpips_weights=FLAGS.lpips_weights, dose=FLAGS.dose,
-                     dose_rx=FLAGS.dose_rx)
+                     dose_rx=FLAGS.dose_rx, tta=FLAGS.tta, ensemble=FLAGS.ensemble)
         return
     score_predictions()
 

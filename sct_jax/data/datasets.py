@@ -94,6 +94,25 @@ def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:
                                   input_spec=modality.spec(config))
 
 
+def augmentation_flips(config) -> tuple[tuple[int, ...], ...]:
+    """The flips training shows a model of ``config``: the views test-time augmentation
+    predicts under (:mod:`sct_jax.inference.ensemble`).
+
+    Every sampler of :mod:`sct_jax.data.pipeline` (slices, patches, unpaired slices,
+    meta-pGAN's zipped slices) flips :data:`pipeline.FLIP_AXES` of the training-grid
+    volume with probability 1/2, so every data mode has the same two views.
+
+    Args:
+      config: the model's config (``data.mode``); kept so that a sampler that flips
+        differently changes this one function.
+
+    Returns:
+      The views as volume axes to flip, the identity first: ``((), (0,))`` today.
+    """
+    del config  # every data mode flips the same axes (see above)
+    return ((), tuple(pipeline.FLIP_AXES))
+
+
 def train_dataset(config, local_batch_size: int, method_dataset=None):
     """The per-process training dataset (a grain ``IterDataset`` of numpy batches).
 

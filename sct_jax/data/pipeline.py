@@ -32,6 +32,17 @@ _CACHE_VERSION = 2
 # batches of 6 x 320 x 192 x (3 + 1 + 1) float32 are 3.7 GB per iterator (measured 4.5
 # GB RSS), and 3D patches far more. A few batches ahead keep the accelerator fed.
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+# The axes every training sampler flips (together, with probability 1/2), as axes of
+# the (X, Y, Z) volume: a 2D slice (X, Y, ...) and a 3D patch (X, Y, Z, ...) both start
+# with X, which runs left-right in NIfTI (the anatomy is near-symmetric that way; it is
+# not front-back or head-feet). Test-time augmentation predicts under the same flip
+# (:func:`sct_jax.data.datasets.augmentation_flips`), so a change here changes both.
+FLIP_AXES = (0,)
+
+
+def flip(array: np.ndarray) -> np.ndarray:
+    """``array`` flipped along :data:`FLIP_AXES` (a view)."""
+    return np.flip(array, FLIP_AXES)
 
 
 @dataclasses.dataclass
@@ -165,7 +176,8 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
       batch_size: per-process batch.
       seed: shuffle and augmentation seed.
       context: MR neighbours on each side: ``mr`` has ``2*context+1`` channels.
-      train: shuffle every epoch, repeat forever, random left-right flips, drop the
+      train: shuffle every epoch, repeat forever, random left-right flips
+        (:data:`FLIP_AXES`), drop the
         last partial batch; otherwise one ordered pass without flips.
       shard_index, shard_count: this process's part of the slices (default: the JAX
         process index and count).
@@ -187,8 +199,7 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
         ct = crop_or_pad_hw(np.asarray(case.ct[:, :, z])[..., None], crop, -1.0)
         mask = crop_or_pad_hw(np.asarray(case.mask[:, :, z], np.float32)[..., None], crop, 0.0)
         if rng is not None and rng.random() < 0.5:
-            # NIfTI X runs left-right: flip it (axis 0 of the (X, Y) slice).
-            mr, ct, mask = mr[::-1], ct[::-1], mask[::-1]
+            mr, ct, mask = flip(mr), flip(ct), flip(mask)
         return {"mr": np.ascontiguousarray(mr), "ct": np.ascontiguousarray(ct),
                 "mask": np.ascontiguousarray(mask)}
 
@@ -251,7 +262,7 @@ def patch_dataset(prepared: Sequence[PreparedCase], *, patch: Sequence[int], bat
 
         out = {"mr": cut(case.mr, -1.0), "ct": cut(case.ct, -1.0), "mask": cut(case.mask, 0.0)}
         if train and rng.random() < 0.5:
-            out = {k: np.ascontiguousarray(v[::-1]) for k, v in out.items()}
+            out = {k: np.ascontiguousarray(flip(v)) for k, v in out.items()}
         return out
 
     if train:
@@ -295,9 +306,9 @@ def unpaired_slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[i
         ct_mask = crop_or_pad_hw(np.asarray(prepared[ct_case].mask[:, :, zc], np.float32)[..., None],
                                  crop, 0.0)
         if flip_mr:
-            mr, mr_mask = mr[::-1], mr_mask[::-1]
+            mr, mr_mask = flip(mr), flip(mr_mask)
         if flip_ct:
-            ct, ct_mask = ct[::-1], ct_mask[::-1]
+            ct, ct_mask = flip(ct), flip(ct_mask)
         return {k: np.ascontiguousarray(v) for k, v in
                 (("mr", mr), ("mr_mask", mr_mask), ("ct", ct), ("ct_mask", ct_mask))}
 

@@ -8,6 +8,12 @@ have one), says first whether the model beats the best baseline in MAE and in SS
 draws a panel per case and, where it has a CT, the bone surface of CT and sCT in 3D
 (:mod:`sct_jax.evaluation.bone3d`), and (``qa=True``) runs the reference-free QA checks
 on every case; ``metrics.json`` and ``report.html`` gather it all.
+
+``tta=True`` scores test-time augmented predictions (each case also predicted flipped
+left-right, flipped back, averaged) and ``ensemble=[RUN, ...]`` the mean of the run and
+further runs of the same input and training grid (seeds of a config, say); either
+writes ``<id>/sct_std.nii.gz``, the spread across the predictions averaged
+(:mod:`sct_jax.inference.ensemble`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 
 from sct_jax import runs
@@ -23,6 +30,7 @@ from sct_jax.data.io import load_volume
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.evaluation import (baselines, bone3d, dose_eval, figures, lpips_setup,
                                 qa_report, report_html, scoring)
+from sct_jax.inference import ensemble as ensemble_lib
 from sct_jax.inference import predict
 from sct_jax.io_guard import refuse_overwrite
 
@@ -76,6 +84,15 @@ def baseline_scores(config, cases: list[synthrad.Case],
     return out
 
 
+def describe_prediction(samples: int, tta: bool, ensemble: Sequence[str], draws: int) -> str:
+    """One line: what each scored sCT is the mean of."""
+    parts = ([f"{1 + len(ensemble)} runs"] if ensemble else []) + (
+        ["flipped left-right (TTA)"] if tta else []) + (
+        [f"{samples} samples"] if samples > 1 else [])
+    return (f"each sCT the mean of {draws} predictions ({', '.join(parts)}); their "
+            "per-voxel std in <id>/sct_std.nii.gz")
+
+
 def check_outputs(config, workdir: Path, data_root, out) -> None:
     """Refuses (exit 2, before any prediction) outputs that would land on an input:
     ``<workdir>/predictions/<id>/`` or ``--out`` inside a case folder or onto a file."""
@@ -98,7 +115,7 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                  out: str | Path | None = None, panels: bool | None = None,
                  samples: int = 1, qa: bool = False, checkpoint: int | str = "best",
                  lpips_weights: str | None = None, dose: bool = False,
-                 dose_rx: float = 2.0):
+                 dose_rx: float = 2.0, tta: bool = False, ensemble: Sequence[str] = ()):
     """Predicts, scores and draws the evaluation cases of a trained run.
 
     Args:
@@ -123,6 +140,12 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         recomputed on the model's and the baselines' sCTs; needs the ``[dose]`` extra,
         see :mod:`sct_jax.evaluation.dose_eval`).
       dose_rx: the prescription in Gy.
+      tta: test-time augmentation: each case also predicted flipped the ways training
+        flipped it, flipped back, averaged; the std across them in
+        ``<id>/sct_std.nii.gz``.
+      ensemble: further run directories (the same input and training grid, each with
+        its own ``config.json`` and the ``checkpoint`` choice): the mean over the runs
+        is scored, their spread written as ``<id>/sct_std.nii.gz``.
 
     Returns:
       The :class:`scoring.ScoreReport`.
@@ -137,9 +160,17 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
     t0 = time.perf_counter()
     step = runs.resolve_checkpoint(workdir, checkpoint)
     pred_dir, cases = predict.predict_split(config, workdir, data_root=data_root,
-                                            samples=samples, checkpoint=step)
+                                            samples=samples, checkpoint=step, tta=tta,
+                                            ensemble_dirs=ensemble,
+                                            ensemble_checkpoint=checkpoint)
+    # How many predictions each sCT is the mean of (members x flips x samples): more
+    # than one wrote <id>/sct_std.nii.gz.
+    draws = ensemble_lib.draw_count([config] + [runs.read_config(d) for d in ensemble],
+                                    samples, tta)
+    how = describe_prediction(samples, tta, ensemble, draws)
     print(f"predicted {len(cases)} case(s) with the step-{step} checkpoint ({checkpoint}) "
-          f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}")
+          f"in {time.perf_counter() - t0:.1f}s -> {pred_dir}" + (f"; {how}" if draws > 1
+                                                                else ""))
     root = Path(data_root) if data_root else datasets.dataset_root(config)
     json_path, csv_path = scoring.output_paths(pred_dir, out)
     scoring.check_out_paths(pred_dir, root, json_path, csv_path)
@@ -165,6 +196,9 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
                               for n, b in base.items()}
         if base_note:
             extra["baselines_note"] = base_note
+    extra["prediction"] = {"samples": samples, "tta": bool(tta),
+                           "ensemble": [str(workdir)] + [str(d) for d in ensemble],
+                           "draws": draws}
     extra["lpips_note"] = lpips_note
     dose_result = None
     if dose and with_ct:
@@ -214,18 +248,18 @@ def evaluate_run(config, workdir: str | Path, data_root: str | Path | None = Non
         print(f"panels: {pred_dir}/<id>/panel.png")
         if bone_png:
             print(f"bone renderings: {pred_dir}/<id>/bone3d.png ({bone_seconds:.1f} s)")
-    if samples > 1:
+    if draws > 1:
         for case in cases:
             std = load_volume(pred_dir / case.id / "sct_std.nii.gz").data
             std_png[case.id] = report_html.std_map_png(std, synthrad.load_case(case).mask)
     verdicts = None
     if qa:
         qa_reports = qa_report.qa_predictions(config, workdir, pred_dir, cases,
-                                              samples=samples, checkpoint=step)
+                                              samples=draws, checkpoint=step)
         verdicts = {case_id: r["status"] for case_id, r in qa_reports.items()}
     notes = (f"{workdir}: step-{step} checkpoint ({checkpoint}); "
-             f"{samples} sample(s) per case; data {root}",) + ((base_note,) if base_note else ()) \
-        + (lpips_note,)
+             f"{samples} sample(s) per case; data {root}",) + ((how,) if draws > 1 else ()) \
+        + ((base_note,) if base_note else ()) + (lpips_note,)
     page = report_html.write(
         report_html.path_for(json_path), report, title=config.name or config.method,
         baselines=[(n, b["label"], b["mean"]) for n, b in base.items()], verdict=verdict,

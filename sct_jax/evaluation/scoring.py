@@ -175,7 +175,9 @@ def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
     """Maps case id -> prediction volume in ``pred_dir``.
 
     Accepts ``<id>/sct.<ext>``, ``<id>.<ext>`` and ``<id>_sct.<ext>``; other files
-    (the metrics themselves, logs, hidden temporary files) are ignored.
+    (the metrics themselves, logs, hidden temporary files) are ignored, and so is a
+    std map sct-predict wrote beside a prediction (``<name>_std.<ext>`` next to
+    ``<name>.<ext>``: ``--samples``, ``--tta``, an ensemble).
 
     Raises:
       DataError: the folder is missing, holds no prediction, or holds two predictions
@@ -192,15 +194,18 @@ def find_predictions(pred_dir: str | os.PathLike) -> dict[str, Path]:
                             f"(also {found[case_id]})")
         found[case_id] = path
 
-    for entry in sorted(pred_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    entries = [e for e in sorted(pred_dir.iterdir()) if not e.name.startswith(".")]
+    stems = {e.name[: -len(volume_suffix(e))] for e in entries
+             if not e.is_dir() and volume_suffix(e)}
+    for entry in entries:
         if entry.is_dir():
             for suffix in VOLUME_SUFFIXES:
                 if (entry / f"sct{suffix}").is_file():
                     add(entry.name, entry / f"sct{suffix}")
         elif (suffix := volume_suffix(entry)):
             stem = entry.name[: -len(suffix)]
+            if stem.endswith("_std") and stem[: -len("_std")] in stems:
+                continue  # the per-voxel std of the prediction beside it
             add(stem[: -len("_sct")] if stem.endswith("_sct") else stem, entry)
     if not found:
         raise DataError(f"{pred_dir}: no predictions found (expected <id>/sct.nii.gz, "

@@ -44,7 +44,8 @@ class Job:
 
     @property
     def std_output(self) -> Path:
-        """Where the per-voxel standard deviation of ``--samples K`` goes."""
+        """Where the per-voxel standard deviation of ``--samples K``, ``--tta`` or an
+        ensemble goes."""
         return std_path(self.output)
 
 
@@ -114,8 +115,8 @@ def _jobs(src: Path, out: Path, out_is_file: bool) -> tuple[list[Job], list[Path
 
 def plan(input_path: str | os.PathLike, output: str | os.PathLike, *,
          mask: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
-         samples: int = 1, resume: bool = False, model_files: Sequence[Path] = (),
-         protect: Sequence[Path] = ()) -> Plan:
+         samples: int = 1, std_maps: bool | None = None, resume: bool = False,
+         model_files: Sequence[Path] = (), protect: Sequence[Path] = ()) -> Plan:
     """Resolves ``-i`` and ``-o`` into jobs and checks every output path.
 
     Args:
@@ -126,6 +127,8 @@ def plan(input_path: str | os.PathLike, output: str | os.PathLike, *,
       mask: the ``--mask`` file (an input; single input only).
       report: the ``--report`` file, or ``None``.
       samples: sCT samples per MR; with more than 1 the std maps are outputs too.
+      std_maps: whether the std maps are outputs (default: ``samples > 1``; an
+        ensemble or test-time augmentation writes them too).
       resume: put the inputs whose sCT exists in ``done`` instead of ``jobs``.
       model_files: the model's files (inputs: no output may replace one).
       protect: folders no output may land in (a run's checkpoints, an exported model).
@@ -143,6 +146,8 @@ def plan(input_path: str | os.PathLike, output: str | os.PathLike, *,
         raise DataError(f"{out}: the sCT is written as NIfTI (.nii or .nii.gz), or give "
                         "a folder")
     jobs, skipped = _jobs(src, out, out_is_file)
+    if std_maps is None:
+        std_maps = samples > 1
     if mask is not None and len(jobs) > 1:
         raise ConfigError("--mask: only with a single input MR")
     names = [j.output.resolve() for j in jobs]
@@ -154,7 +159,7 @@ def plan(input_path: str | os.PathLike, output: str | os.PathLike, *,
     outputs = []
     for job in jobs:
         targets = [(job.output, "-o")] + ([(job.std_output, f"the std map of {job.output}")]
-                                          if samples > 1 else [])
+                                          if std_maps else [])
         for path, what in targets:
             if any(path.resolve().is_relative_to(f) for f in folders):
                 raise DataError(f"{path}: {what} would write into the input {job.source}; "

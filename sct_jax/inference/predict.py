@@ -16,6 +16,11 @@ the GANs by Monte-Carlo dropout, i.e. dropout left on at test time) can draw
 uncertainty map). Sample ``k`` uses the key :func:`sample_rng` ``(config, k)``. A method
 may define ``check_sampling(config)``, raising ``ConfigError`` when this config cannot
 sample (a GAN trained without dropout).
+
+Test-time augmentation (``tta=True``: the case also predicted flipped the ways training
+flipped it, flipped back) and ensembles (``ensemble_dirs``: further runs of the same
+input and training grid) average more draws the same way; ``sct_std.nii.gz`` is then
+the spread across members, views and samples (:mod:`sct_jax.inference.ensemble`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import itertools
 import logging
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import jax
 import nibabel as nib
@@ -35,6 +41,7 @@ from sct_jax.data import datasets, modality, preprocess, synthrad
 from sct_jax.data.geometry import TrainingGeometry
 from sct_jax.data.io import Volume, save_like
 from sct_jax.errors import ConfigError
+from sct_jax.inference import ensemble
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
 from sct_jax.methods.common import body_mask_margin, body_masked_loss
@@ -203,32 +210,88 @@ def predict_case(predict_volume, config, case_data: synthrad.CaseData,
 
 def predict_draws(config, state, mr: Volume, mask: np.ndarray | None,
                   geometry: TrainingGeometry | None, samples: int = 1,
-                  jitted_predict=None) -> tuple[np.ndarray, np.ndarray | None]:
+                  jitted_predict=None, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """``(sct, std)`` in HU on the MR's grid: one deterministic sCT (``std`` None), or
-    the mean and per-voxel standard deviation (``ddof=0``) of ``samples`` draws."""
-    if samples == 1:
-        return predict_mr(make_volume_predictor(config, state, jitted_predict=jitted_predict),
-                          config, mr, mask, geometry), None
-    # Welford's running mean and sum of squared deviations: memory is two volumes
-    # whatever the number of samples (float64, so that many draws lose no precision).
-    mean = m2 = None
-    for k in range(samples):
-        draw = predict_mr(make_volume_predictor(config, state, rng=sample_rng(config, k),
-                                                jitted_predict=jitted_predict),
-                          config, mr, mask, geometry).astype(np.float64)
-        if mean is None:
-            mean, m2 = draw, np.zeros_like(draw)
-            continue
-        delta = draw - mean
-        mean += delta / (k + 1)
-        m2 += delta * (draw - mean)
-    return mean.astype(np.float32), np.sqrt(m2 / samples).astype(np.float32)
+    the mean and per-voxel standard deviation (``ddof=0``) of ``samples`` draws (and,
+    with ``tta``, of every flipped view: :func:`predict_ensemble` of one member)."""
+    member = ensemble.Member(config, state, geometry, jitted_predict or jax.jit(
+        functools.partial(methods.get_method(config.method).predict, config)))
+    return predict_ensemble([member], mr, mask, samples, tta)
+
+
+def member_draws(member: ensemble.Member, mr: Volume, mask: np.ndarray | None,
+                 samples: int = 1, tta: bool = False) -> Iterator[np.ndarray]:
+    """One member's sCTs of ``mr`` in HU, ``(X, Y, Z)`` float32 on the MR's grid, one
+    at a time: per view of :func:`ensemble.tta_views` (identity first), ``samples``
+    draws (sample ``k`` with the key :func:`sample_rng` ``(config, k)``; ``samples=1``:
+    the method's deterministic prediction)."""
+    config = member.config
+    for axes in ensemble.tta_views(config, tta):
+        for k in range(samples):
+            rng = sample_rng(config, k) if samples > 1 else None
+            predictor = make_volume_predictor(config, member.state, rng=rng,
+                                              jitted_predict=member.jitted_predict)
+            yield predict_mr(ensemble.flipped(predictor, axes), config, mr, mask,
+                             member.geometry)
+
+
+def predict_ensemble(members: Sequence[ensemble.Member], mr: Volume,
+                     mask: np.ndarray | None, samples: int = 1,
+                     tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(sct, std)`` in HU on the MR's grid: the mean over members, views and samples
+    (:func:`member_draws`) and the per-voxel std (``ddof=0``) across all of them,
+    ``None`` when there is one draw (see :mod:`sct_jax.inference.ensemble`)."""
+    return ensemble.mean_and_std(draw for member in members
+                                 for draw in member_draws(member, mr, mask, samples, tta))
+
+
+def load_members(config, workdir: str | Path, ensemble_dirs: Sequence[str | Path] = (),
+                 checkpoint: int | str = "best",
+                 ensemble_checkpoint: int | str | None = None,
+                 samples: int = 1) -> list[ensemble.Member]:
+    """The run in ``workdir`` and the runs of ``ensemble_dirs`` as ensemble members.
+
+    Every run is checked (config, geometry, ``samples``, one input kind and training
+    grid: :func:`ensemble.check_members`) before any parameters load.
+
+    Args:
+      config: the config of the run in ``workdir`` (its ``eval.*`` apply to it).
+      workdir: the first member's run directory.
+      ensemble_dirs: further run directories, each predicting with its own
+        ``config.json``.
+      checkpoint: the first run's checkpoint (see :func:`sct_jax.runs.load_state`).
+      ensemble_checkpoint: the others' (default: ``checkpoint``).
+      samples: draws per view (checked for every member).
+
+    Raises:
+      ConfigError, DataError: naming the run directory.
+    """
+    named = [(str(workdir), config, runs.read_geometry(config, workdir))]
+    for path in ensemble_dirs:
+        member_config = runs.read_config(path)
+        named.append((str(path), member_config, runs.read_geometry(member_config, path)))
+    ensemble.check_members(named)
+    for name, member_config, _ in named[1:]:
+        try:
+            check_samples(member_config, samples)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    members = []
+    for i, (name, member_config, geometry) in enumerate(named):
+        choice = checkpoint if i == 0 or ensemble_checkpoint is None else ensemble_checkpoint
+        step, state = runs.load_state(member_config, name, step=choice)
+        log.info("member %s: step-%d checkpoint", name, step)
+        members.append(ensemble.make_member(member_config, state, geometry, name))
+    return members
 
 
 def predict_split(config, workdir: str | Path, data_root: str | Path | None = None,
                   out_dir: str | Path | None = None,
                   samples: int = 1,
-                  checkpoint: int | str = "best") -> tuple[Path, list[synthrad.Case]]:
+                  checkpoint: int | str = "best", tta: bool = False,
+                  ensemble_dirs: Sequence[str | Path] = (),
+                  ensemble_checkpoint: int | str | None = None,
+                  ) -> tuple[Path, list[synthrad.Case]]:
     """Predicts the evaluation cases and writes their sCT NIfTIs.
 
     Args:
@@ -239,31 +302,40 @@ def predict_split(config, workdir: str | Path, data_root: str | Path | None = No
       samples: sCT samples per case (sampling methods only): with ``K > 1``,
         ``sct.nii.gz`` is their mean and ``sct_std.nii.gz`` their standard deviation.
       checkpoint: ``"best"``, ``"latest"`` or a step (see :func:`sct_jax.runs.load_state`).
+      tta: also predict every case flipped the ways training flipped
+        (:func:`ensemble.tta_views`) and average.
+      ensemble_dirs: further runs of the same input and training grid: the mean over
+        all members is written (see :func:`load_members`).
+      ensemble_checkpoint: the checkpoint of the ``ensemble_dirs`` runs (default:
+        ``checkpoint``).
+
+    Whenever the mean is over more than one draw (members x views x samples),
+    ``sct_std.nii.gz`` holds their per-voxel std (``ddof=0``); otherwise an old one is
+    removed.
 
     Returns:
       ``(out_dir, cases)``.
 
     Raises:
-      ConfigError: see :func:`check_samples` (raised before anything is loaded).
+      ConfigError: see :func:`check_samples` and :func:`load_members` (raised before
+        any parameters load).
     """
-    method = methods.get_method(config.method)
     samples = int(samples)
     check_samples(config, samples)
     workdir = Path(workdir)
     out_dir = Path(out_dir) if out_dir else workdir / "predictions"
     cases = eval_cases(config, data_root)
-    step, state = runs.load_state(config, workdir, step=checkpoint)
-    log.info("predicting %d cases (%d sample(s) each) with the step-%d checkpoint",
-             len(cases), samples, step)
-    geometry = runs.read_geometry(config, workdir)
-    jitted = jax.jit(functools.partial(method.predict, config))
+    members = load_members(config, workdir, ensemble_dirs, checkpoint, ensemble_checkpoint,
+                           samples)
+    log.info("predicting %d cases: %d draw(s) each (%d member(s), %s, %d sample(s))",
+             len(cases), ensemble.draw_count([m.config for m in members], samples, tta),
+             len(members), "flips" if tta else "no flips", samples)
     for case in cases:
         case_data = synthrad.load_case(case)
-        sct, std = predict_draws(config, state, case_data.mr, case_data.mask, geometry,
-                                 samples, jitted_predict=jitted)
+        sct, std = predict_ensemble(members, case_data.mr, case_data.mask, samples, tta)
         if std is None:
             save_like(out_dir / case.id / "sct.nii.gz", sct, case_data.mr)
-            # A std map of an earlier multi-sample run would no longer describe sct.nii.gz.
+            # A std map of an earlier multi-draw run would no longer describe sct.nii.gz.
             (out_dir / case.id / "sct_std.nii.gz").unlink(missing_ok=True)
             continue
         save_like(out_dir / case.id / "sct_std.nii.gz", std, case_data.mr)

@@ -6,8 +6,10 @@ report holds:
 
 - ``software``: versions of sct_jax, jax, jaxlib and Python; the device it ran on;
 - ``model``: path, kind (run or export), method, training step and a content hash
-  (:func:`sct_jax.export.model.identity`);
-- ``command``: the flags;
+  (:func:`sct_jax.export.model.identity`); ``members``: the same for every model the
+  sCT is the mean of (one, or an ensemble's; ``model`` is the first);
+- ``command``: the flags (``model``: the ``-m`` paths; ``tta``; ``draws``: how many
+  predictions each sCT is the mean of);
 - ``inputs``: one record per MR: shape, spacing, orientation codes, whether it was
   reoriented, resampled (and onto which grid), oblique (and by how many degrees),
   the seconds it took and the files written; inputs left alone by ``--continue``
@@ -33,7 +35,8 @@ from sct_jax.data.io import Volume, atomic_write_text
 from sct_jax.inference.geometry import ModelGrid
 from sct_jax.inference.inputs import Job
 
-FORMAT = "sct_jax.predict_report/1"
+# 2: ``members`` added, ``command.model`` a list (-m repeats for an ensemble).
+FORMAT = "sct_jax.predict_report/2"
 
 
 def now() -> str:
@@ -74,10 +77,18 @@ def skipped_record(job: Job) -> dict:
             "skipped": "output exists (--continue)"}
 
 
-def write(path: str | os.PathLike, *, command: dict, model: dict, inputs: list[dict],
-          started: str) -> Path:
-    """Writes the report atomically (see the module docstring for its fields)."""
+def write(path: str | os.PathLike, *, command: dict, models: list[dict],
+          inputs: list[dict], started: str) -> Path:
+    """Writes the report atomically (see the module docstring for its fields).
+
+    Args:
+      path: the ``--report`` file.
+      command: the flags.
+      models: :func:`sct_jax.export.model.identity` of every model, in ``-m`` order.
+      inputs: one record per input.
+      started: :func:`now` when the command started.
+    """
     document = {"format": FORMAT, "started": started, "finished": now(),
-                "software": software(), "model": model, "command": command,
-                "inputs": inputs}
+                "software": software(), "model": models[0], "members": models,
+                "command": command, "inputs": inputs}
     return atomic_write_text(path, json.dumps(document, indent=2) + "\n")
