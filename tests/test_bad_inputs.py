@@ -344,6 +344,10 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- runner
 
+# Modules whose ``__main__`` block hands the command line to another module's ``main``.
+CLI_OF = {"sct_jax.data.phantom": "sct_jax.data.phantom_cli"}
+
+
 def run_in_process(command: str, capsys) -> tuple[int, str]:
     """Runs ``command`` through its entry point's ``main`` in this process.
 
@@ -355,7 +359,7 @@ def run_in_process(command: str, capsys) -> tuple[int, str]:
     capsys.readouterr()
     code = 0
     if argv[1] == "-m":
-        module = importlib.import_module(argv[2])
+        module = importlib.import_module(CLI_OF.get(argv[2], argv[2]))
         if not hasattr(module, "main"):  # a package run by its __main__ (sct_jax.reproduce)
             module = importlib.import_module(f"{argv[2]}.__main__")
         try:
@@ -693,7 +697,7 @@ def test_internal_error_is_status_3_with_its_traceback(capsys):
                                     "sct_jax.data.phantom"])
 def test_help_documents_the_exit_status(module, capsys):
     with pytest.raises(SystemExit) as info:
-        importlib.import_module(module).main(["--help"])
+        importlib.import_module(CLI_OF.get(module, module)).main(["--help"])
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0" in out and "2 bad input" in out and "3 internal error" in out
@@ -732,11 +736,11 @@ def test_an_empty_split_is_an_error(tmp_path):
 # ------------------------------------------------------------- item 9: the phantom CLI
 
 def test_phantom_overwrite_replaces_the_dataset_as_a_whole(tmp_path):
-    from sct_jax.data import phantom_cli as phantom
+    from sct_jax.data import phantom, phantom_cli
     argv = ["--out", str(tmp_path), "--cases", "2", "--shape", "16", "16", "4"]
-    assert phantom.main(argv + ["--seed", "0"]) == 0
-    assert phantom.main(argv + ["--seed", "0"]) == 0  # the same settings: rewritten in place
-    assert phantom.main(argv[:3] + ["1"] + argv[4:] + ["--seed", "1", "--overwrite"]) == 0
+    assert phantom_cli.main(argv + ["--seed", "0"]) == 0
+    assert phantom_cli.main(argv + ["--seed", "0"]) == 0  # the same settings: rewritten in place
+    assert phantom_cli.main(argv[:3] + ["1"] + argv[4:] + ["--seed", "1", "--overwrite"]) == 0
     region = tmp_path / "Task1" / "pelvis"
     manifest = json.loads((region / "manifest.json").read_text())
     assert manifest["seed"] == 1 and len(manifest["cases"]) == 1

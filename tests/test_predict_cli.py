@@ -30,14 +30,20 @@ FULL_PORCINE = REPO.parent.parent / "shared" / "data" / "mridir_porcine"
 FILL_HU = float(preprocess.unit_to_ct(np.float32(-1.0)))  # the old crop's fill value
 
 
+def _tiny_as_run():
+    """pix2pix tiny with the decoder and L1 of :func:`run_dir`."""
+    config = load_config_file(str(REPO / "configs/pix2pix_pelvis.py:tiny"))
+    config.model.gen.upsample, config.loss.body_mask = "transpose", False
+    return config
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny pix2pix run (20 steps, so its sCT has structure), with the reference's
     decoder and whole-slice L1 (``upsample=transpose``, ``loss.body_mask=False``), which
     the tolerances below were set with: after 20 steps a body-masked model says anything
     beyond the mask, and the geometry tests here compare sCTs of masks made on two grids."""
-    config = load_config_file(str(REPO / "configs/pix2pix_pelvis.py:tiny"))
-    config.model.gen.upsample, config.loss.body_mask = "transpose", False
+    config = _tiny_as_run()
     config.train.steps = 20
     config.train.ckpt_every = 20
     config.eval.batch_size = 16
@@ -328,7 +334,7 @@ def test_evaluate_uses_the_runs_config_and_names_mismatching_keys(run_dir):
 
     own = runs.config_for(run_dir)
     assert own.method == "pix2pix" and tuple(own.data.crop) == (32, 32)
-    given = load_config_file(str(REPO / "configs/pix2pix_pelvis.py:tiny"))
+    given = _tiny_as_run()
     assert runs.config_for(run_dir, given) is given  # train.steps differs: allowed
     given.data.crop = (64, 32)
     given.model.gen.ngf = 8
