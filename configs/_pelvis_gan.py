@@ -34,7 +34,7 @@ def pelvis_config(method: str, variants: set[str]):
     # unnormalised as the reference does), LSGAN.
     c.loss = dict(gan="lsgan", adv_weight=1.0, l1_weight=100.0, perceptual_weight=100.0,
                   perceptual_layer="relu2_2", perceptual_input_norm="none",
-                  body_mask=False, body_mask_margin=8)
+                  body_mask=False, body_mask_margin=0)
     # Adam 2e-4, beta1 0.5; 50 constant + 50 decaying epochs.
     c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
     c.train.batch_size = 6

@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # empty: $SCT_JAX_CACHE or ~/.cache/sct_jax
     c.data.split = (0.8, 0.1, 0.1)  # train, val, test fractions of the cases
     c.data.split_seed = 0
+    # K-fold cross-validation (0: off): the test split stays data.split's; the other cases
+    # are cut into data.folds folds, fold data.fold validates and the rest trains.
+    c.data.folds = 0
+    c.data.fold = 0
     c.data.mode = "slices"  # slices | patches | unpaired_slices
     c.data.crop = (320, 192)
     c.data.context = 0  # 2.5D: number of MR neighbours on each side
@@ -177,7 +181,8 @@ def tiny_run_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 # Run settings that must be whole numbers >= 1 (``train.image_every`` may be 0: never).
 _POSITIVE_INTS = ("train.steps", "train.batch_size", "train.log_every", "train.ckpt_every",
                   "train.keep_checkpoints", "eval.batch_size")
-_NON_NEGATIVE_INTS = ("train.image_every", "eval.max_cases", "seed", "data.split_seed")
+_NON_NEGATIVE_INTS = ("train.image_every", "eval.max_cases", "seed", "data.split_seed",
+                      "data.folds", "data.fold")
 
 
 def _get(config, dotted: str):
@@ -230,6 +235,12 @@ def check_run_config(config, where: str = "config") -> None:
                               f"(got {type(value).__name__})")
         if value < low:
             raise ConfigError(f"{where}: {key}={value} must be >= {low}")
+    folds, fold = _get(config, "data.folds") or 0, _get(config, "data.fold") or 0
+    if folds == 1:
+        raise ConfigError(f"{where}: data.folds=1: K-fold needs at least 2 folds (0: off)")
+    if fold and fold >= max(folds, 1):
+        raise ConfigError(f"{where}: data.fold={fold} must be below data.folds={folds}"
+                          + (" (K-fold is off: set data.folds)" if not folds else ""))
     if not isinstance(config.get("method", ""), str) or not config.get("method"):
         raise ConfigError(f"{where}: method is empty; set it to one of the methods in "
                           "sct_jax/methods")

@@ -722,6 +722,30 @@ def test_discovery_lists_what_it_skipped(tmp_path, caplog):
         assert fragment in warnings[0]
 
 
+def test_k_fold_config_selects_the_fold_and_refuses_a_fold_out_of_range(tmp_path):
+    from sct_jax.config_utils import check_run_config, load_config_file
+    from sct_jax.data import datasets as train_data
+    for i in range(6):
+        _write_case(tmp_path, f"1PA00{i + 1}", i)
+    config = load_config_file(TINY)
+    config.data.root = str(tmp_path)
+    plain = train_data.case_splits(config)
+    config.data.folds = 2
+    vals = []
+    for fold in (0, 1):
+        config.data.fold = fold
+        split = train_data.case_splits(config)
+        assert split["test"] == plain["test"]
+        vals.append([c.id for c in split["val"]])
+    assert not set(vals[0]) & set(vals[1]) and len(vals[0] + vals[1]) == 5
+    for folds, fold, message in ((1, 0, "data.folds=1"), (2, 2, "data.fold=2 must be below"),
+                                 (0, 1, "K-fold is off")):
+        config.data.folds, config.data.fold = folds, fold
+        with pytest.raises(ConfigError, match=message) as err:
+            check_run_config(config, "cfg.py")
+        assert "\n" not in str(err.value)
+
+
 def test_an_empty_split_is_an_error(tmp_path):
     from sct_jax.config_utils import load_config_file
     from sct_jax.data import datasets as train_data

@@ -285,6 +285,32 @@ def test_bad_split_fractions(fractions):
         synthrad.split_cases(_fake_cases(5), fractions)
 
 
+@pytest.mark.parametrize("n, folds", [(20, 5), (20, 3), (7, 2)])
+def test_k_folds_keep_the_test_split_and_validate_each_other_case_once(n, folds):
+    cases = _fake_cases(n)
+    base = synthrad.split_cases(cases, (0.8, 0.1, 0.1), seed=2)
+    pool = sorted(c.id for c in base["train"] + base["val"])
+    seen = []
+    for fold in range(folds):
+        split = synthrad.fold_split(base, folds, fold, seed=2)
+        assert split["test"] == base["test"]
+        train, val = [c.id for c in split["train"]], [c.id for c in split["val"]]
+        assert not set(train) & set(val) and sorted(train + val) == pool
+        assert train == sorted(train) and val == sorted(val)
+        assert len(val) in (len(pool) // folds, -(-len(pool) // folds))  # near-equal folds
+        seen += val
+    assert sorted(seen) == pool  # every non-test case validates exactly once
+    assert synthrad.fold_split(base, folds, 0, seed=2) == synthrad.fold_split(
+        base, folds, 0, seed=2)
+
+
+@pytest.mark.parametrize("folds, fold", [(1, 0), (5, 5), (5, -1), (99, 0)])
+def test_bad_folds(folds, fold):
+    base = synthrad.split_cases(_fake_cases(20), (0.8, 0.1, 0.1), seed=0)
+    with pytest.raises(DataError, match="data.folds"):
+        synthrad.fold_split(base, folds, fold)
+
+
 # ------------------------------------------------------------- real porcine fixture
 
 

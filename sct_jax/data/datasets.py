@@ -80,6 +80,9 @@ def case_splits(config) -> dict[str, list[synthrad.Case]]:
     synthrad.validate_cases(cases)
     fractions = tuple(config.data.split)
     splits = synthrad.split_cases(cases, fractions=fractions, seed=config.data.split_seed)
+    if config.data.get("folds", 0):
+        splits = synthrad.fold_split(splits, int(config.data.folds), int(config.data.fold),
+                                     seed=config.data.split_seed)
     # A split asked for (fraction > 0) that holds no case would train or score nothing.
     for (name, part), fraction in zip(splits.items(), fractions):
         if not part and (fraction > 0 or name == "train"):

@@ -325,3 +325,32 @@ def split_cases(cases: list[Case], fractions=(0.8, 0.1, 0.1), seed: int = 0
     return {name: sorted((ordered[i] for i in idx), key=lambda c: c.id)
             for name, idx in zip(("train", "val", "test"), parts)}
 
+
+def fold_split(splits: dict[str, list[Case]], folds: int, fold: int, seed: int = 0
+               ) -> dict[str, list[Case]]:
+    """K-fold cross-validation over the train and val cases of :func:`split_cases`.
+
+    The test cases stay as they are, so the K fold models are scored (and ensembled) on
+    the same held-out cases; the others are permuted by ``seed`` and cut into ``folds``
+    near-equal folds (sizes differ by at most one): fold ``fold`` validates, the rest
+    train. The K validation sets are disjoint and cover every non-test case once.
+
+    Args:
+      splits: ``{"train", "val", "test"}`` from :func:`split_cases`.
+      folds: K >= 2.
+      fold: which fold validates, ``0 <= fold < folds``.
+      seed: permutation seed (the split's).
+
+    Returns:
+      ``{"train", "val", "test"}`` -> cases sorted by id.
+    """
+    pool = sorted(splits["train"] + splits["val"], key=lambda c: c.id)
+    if not 2 <= folds <= len(pool) or not 0 <= fold < folds:
+        raise DataError(f"data.folds={folds}, data.fold={fold}: needs 2 <= folds <= "
+                        f"{len(pool)} (the non-test cases) and 0 <= fold < folds")
+    perm = np.random.default_rng(seed).permutation(len(pool))
+    val = set(np.array_split(perm, folds)[fold].tolist())
+    return {"train": [c for i, c in enumerate(pool) if i not in val],
+            "val": [c for i, c in enumerate(pool) if i in val],
+            "test": list(splits["test"])}
+

@@ -35,11 +35,12 @@ LOCK_NAME = "run.lock"
 RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode",
                "data.crop", "data.patch", "data.context", "data.mr_percentiles",
                "data.split", "data.split_seed", "data.phantom", "data.input",
-               "data.cbct_window")
+               "data.cbct_window", "data.folds", "data.fold")
 # Keys a run saved before they existed had at these values.
 ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0],
+                "data.folds": 0, "data.fold": 0,
                 "model.gen.upsample": "transpose", "loss.body_mask": False,
-                "loss.body_mask_margin": 8,
+                "loss.body_mask_margin": 0,
                 "data.phantom.anatomy_variation": 1.0, "ldm.objective": "diffusion",
                 "ldm.flow_time_sampling": "logit_normal", "ldm.flow_shift": 1.0}
 
