@@ -429,9 +429,10 @@ def test_vmapped_pix2pix_train_step_equals_each_seed_alone():
     seeds = (0, 1, 2)
     keys = [jax.random.split(jax.random.key_data(jax.random.key(s))) for s in seeds]
     init_rngs, base_rngs = (jnp.stack([k[i] for k in keys]) for i in (0, 1))
-    # the body mask of the tiny config's masked L1: a centred box, the same for every seed
-    mask = jnp.zeros((len(seeds), b, h, w, 1), jnp.float32)
-    mask = mask.at[:, :, h // 4:3 * h // 4, w // 4:3 * w // 4].set(1.0)
+    # The tiny config's masked L1 needs a body mask: the whole crop, so that the loss is
+    # the whole-slice L1 the tolerances below were set with (a box mask leaves gradient
+    # entries near zero, where float32 summation order shows at the 1e-3 level).
+    mask = jnp.ones((len(seeds), b, h, w, 1), jnp.float32)
     batches = [{"mr": _random(80 + t, (len(seeds), b, h, w, 1)),
                 "ct": jnp.tanh(_random(90 + t, (len(seeds), b, h, w, 1))),
                 "mask": mask} for t in (0, 1)]

@@ -151,16 +151,20 @@ def _conditional_gan_reference(config, state, batch, key, generator_objective, e
 
 
 def test_pix2pix_generator_gradient():
-    """G = BCE(D'(mr, G(mr)), 1) + 100 |G(mr) - ct|, D' = D after its own Adam step."""
+    """G = BCE(D'(mr, G(mr)), 1) + 100 |G(mr) - ct| averaged over the body mask,
+    D' = D after its own Adam step."""
     config, batch, key, before, after = _one_step("pix2pix_pelvis")
     assert config.loss.gan == "vanilla"
-    mr, ct = batch["mr"], batch["ct"]
+    assert config.loss.body_mask and config.loss.body_mask_margin == 0
+    mr, ct, body = batch["mr"], batch["ct"], jnp.asarray(batch["mask"], jnp.float32)
+    assert 0 < float(body.mean()) < 1  # the mask leaves voxels out: the mean is not the sum's
     gen, disc = before["gen"], before["disc"]
 
     def objective(params, d_params):
         f = _apply(gen, params[0], mr, key)
         logits = _disc(disc, d_params, jnp.concatenate([mr, f], -1))
-        return _bce_with_logits(logits, 1.0) + config.loss.l1_weight * jnp.mean(jnp.abs(f - ct))
+        l1 = jnp.sum(jnp.abs(f - ct) * body) / jnp.sum(body)
+        return _bce_with_logits(logits, 1.0) + config.loss.l1_weight * l1
 
     d_grads, (g_grads,) = _conditional_gan_reference(config, before, batch, key, objective)
     assert_first_adam_step(config, disc, after["disc"], d_grads, "disc")
