@@ -117,7 +117,7 @@ PLACEHOLDERS = {"W": "runs/pix2pix_pelvis_small", "MODEL_DIR": "exported_model"}
 # (pattern on the documented text, exit statuses accepted, why). A non-zero status
 # accepted here still needs the command's outputs written.
 EXPECTED_EXIT = [
-    (r"^python -m sct_jax\.cli\.qa --mr ", (0, 1),
+    (r"^python -m sct_jax\.cli\.qa --(mr|cbct) ", (0, 1),
      "the sCT of a 2-step model fails the QA checks: exit 1 is the documented 'QA: fail'"),
 ]
 
