@@ -346,8 +346,9 @@ def fold_split(splits: dict[str, list[Case]], folds: int, fold: int, seed: int =
     """
     pool = sorted(splits["train"] + splits["val"], key=lambda c: c.id)
     if not 2 <= folds <= len(pool) or not 0 <= fold < folds:
-        raise DataError(f"data.folds={folds}, data.fold={fold}: needs 2 <= folds <= "
-                        f"{len(pool)} (the non-test cases) and 0 <= fold < folds")
+        raise DataError(f"config.data.folds={folds}: K-fold needs 2 <= data.folds <= "
+                        f"{len(pool)} (the non-test cases) and 0 <= data.fold < data.folds "
+                        f"(data.fold={fold})")
     perm = np.random.default_rng(seed).permutation(len(pool))
     val = set(np.array_split(perm, folds)[fold].tolist())
     return {"train": [c for i, c in enumerate(pool) if i not in val],
