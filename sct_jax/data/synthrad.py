@@ -354,4 +354,3 @@ def fold_split(splits: dict[str, list[Case]], folds: int, fold: int, seed: int =
     return {"train": [c for i, c in enumerate(pool) if i not in val],
             "val": [c for i, c in enumerate(pool) if i in val],
             "test": list(splits["test"])}
-
