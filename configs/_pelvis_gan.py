@@ -27,7 +27,7 @@ def pelvis_config(method: str, variants: set[str]):
 
     c.model = dict(conv_impl="auto",
                    gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.5,
-                            upsample="transpose"),
+                            upsample="transpose", calibration_bins=0),
                    disc=dict(ndf=64, n_layers=3, norm="instance"),
                    vgg16_weights="weights/vgg16.npz")
     # pGAN: G = adv + 100 L1 + 100 perceptual L1 (VGG-16 relu2_2, fed [-1, 1] images

@@ -27,7 +27,7 @@ def get_config(arg=None):
     # PatchGANs with instance norm, pools of 50 past fakes.
     c.model = dict(conv_impl="auto",
                    gen=dict(ngf=64, n_blocks=9, norm="instance", dropout=0.0,
-                            upsample="transpose"),
+                            upsample="transpose", calibration_bins=0),
                    disc=dict(ndf=64, n_layers=3, norm="instance"),
                    pool_size=50)
     # lambda_A = lambda_B = 10 (cycle), lambda_identity = 0.5 (times the cycle weight).

@@ -32,6 +32,10 @@ SHARED_VARIANTS = frozenset({"bf16", "cbct", "atlas"})
 # The phantom's residual motion between planning CT and CBCT (mm) for the cbct word:
 # a CT registered to the day's CBCT, as SynthRAD Task 2 ships it, is close but not exact.
 CBCT_RESIDUAL_MOTION_MM = 1.0
+# Pieces of the generators' learned CBCT intensity calibration for the cbct word
+# (model.gen.calibration_bins; sct_jax/models/calibration.py): 128 over the CBCT's HU
+# window is about 31 HU a piece, finer than the lookup baseline's 64 bins.
+CBCT_CALIBRATION_BINS = 128
 # The phantom's anatomy variation for the atlas word: cases close to a common anatomy in
 # a common space, as data registered to an atlas are (data.phantom.anatomy_variation).
 ATLAS_ANATOMY_VARIATION = 0.2
@@ -155,8 +159,10 @@ def accelerator_settings(c: ml_collections.ConfigDict,
         c.name = f"{c.name}_cbct"
         if "gen" in c.model:
             # The CBCT in the CT's HU window is already a CT estimate: the generator
-            # learns its correction (models/layers.generator_output).
+            # learns its correction (models/layers.generator_output), of the CBCT after
+            # a learned voxel-wise HU calibration (models/calibration.py).
             c.model.gen.residual = True
+            c.model.gen.calibration_bins = CBCT_CALIBRATION_BINS
     if "atlas" in variants:
         c.data.phantom.anatomy_variation = ATLAS_ANATOMY_VARIATION
         c.name = f"{c.name}_atlas"

@@ -159,4 +159,6 @@ def test_residual_generator_output_starts_from_the_input_centre_slice():
                                atol=1e-6)
     config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny,cbct")
     assert config.model.gen.residual
-    assert "residual" not in load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny").model.gen
+    assert config.model.gen.calibration_bins == 128  # the CBCT is calibrated first
+    mr_config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:tiny")
+    assert "residual" not in mr_config.model.gen and mr_config.model.gen.calibration_bins == 0

@@ -29,7 +29,7 @@ def test_every_generator_config_keeps_its_output_shape(name, kind):
 
     config = load_config_file(f"{REPO / 'configs' / name}")
     config.model.gen.upsample = kind
-    common.check_upsample_config(config)
+    common.check_generator_options(config)
     size = tuple(config.data.patch if config.data.mode == "patches" else config.data.crop)
     channels = 2 * int(config.data.get("context", 0)) + 1
     x = jnp.zeros((1, *size, channels))

@@ -47,6 +47,7 @@ def build_generator(config) -> ResnetGenerator:
                            dropout_rate=g.dropout, conv_impl=config.model.conv_impl,
                            residual=bool(g.get("residual", False)),
                            upsample=g.get("upsample", "transpose"),
+                           calibration_bins=int(g.get("calibration_bins", 0)),
                            **precision_kwargs(config))
 
 

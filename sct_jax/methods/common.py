@@ -11,6 +11,7 @@ from flax.training import train_state
 
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial, pixel
+from sct_jax.models.calibration import check_calibration_bins
 from sct_jax.models.layers import check_upsample
 from sct_jax.models.resnet_generator import check_resnet_input
 
@@ -112,14 +113,16 @@ def validate_resnet_gan_config(config, weight_keys: tuple[str, ...]) -> None:
     for key in weight_keys:
         if float(config.loss[key]) < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
-    check_upsample_config(config)
+    check_generator_options(config)
     check_body_mask_config(config)
 
 
-def check_upsample_config(config) -> None:
-    """ConfigError for a ``config.model.gen.upsample`` the decoders do not know."""
+def check_generator_options(config) -> None:
+    """ConfigError for a ``config.model.gen.upsample`` the decoders do not know or a
+    ``config.model.gen.calibration_bins`` that is neither 0 nor at least 2."""
     try:
         check_upsample(config.model.gen.get("upsample", "transpose"))
+        check_calibration_bins(config.model.gen.get("calibration_bins", 0))
     except ConfigError as err:
         raise ConfigError(f"config.{err}") from err
 

@@ -156,7 +156,9 @@ def build_generator(config, out_channels: int) -> ResnetGenerator:
                            norm=g.norm, dropout_rate=g.dropout,
                            conv_impl=config.model.conv_impl,
                            residual=bool(g.get("residual", False)),
-                           upsample=g.get("upsample", "transpose"), **precision_kwargs(config))
+                           upsample=g.get("upsample", "transpose"),
+                           calibration_bins=int(g.get("calibration_bins", 0)),
+                           **precision_kwargs(config))
 
 
 def build_discriminator(config) -> PatchDiscriminator:

@@ -22,7 +22,7 @@ from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial
 from sct_jax.methods import Method
 from sct_jax.methods.common import (TrainState, apply_updates, check_body_mask_config,
-                                    check_upsample_config, dummy_input, reconstruction_l1,
+                                    check_generator_options, dummy_input, reconstruction_l1,
                                     step_rng)
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
@@ -36,7 +36,8 @@ def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
                         norm=m.gen.norm, dropout_rate=m.gen.dropout, conv_impl=m.conv_impl,
                         dtype=compute_dtype(m.get("dtype")),
                         residual=bool(m.gen.get("residual", False)),
-                        upsample=m.gen.get("upsample", "transpose"))
+                        upsample=m.gen.get("upsample", "transpose"),
+                        calibration_bins=int(m.gen.get("calibration_bins", 0)))
     disc = PatchDiscriminator(ndf=m.disc.ndf, n_layers=m.disc.n_layers, norm=m.disc.norm,
                               conv_impl=m.conv_impl, dtype=compute_dtype(m.get("dtype")))
     return gen, disc
@@ -60,7 +61,7 @@ def validate_config(config) -> None:
     if precision_kwargs(config)["remat"] != "none":
         raise ConfigError(f"config.model.remat={config.model.remat!r}: the pix2pix U-Net has "
                           "no residual blocks to rematerialise; use 'none'")
-    check_upsample_config(config)
+    check_generator_options(config)
     check_body_mask_config(config)
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
+from sct_jax.models.calibration import IntensityCalibration
 from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
                                    make_norm, reflect_pad, remat_block, upsample2x)
 
@@ -139,6 +140,9 @@ class ResnetGenerator(nn.Module):
       upsample: ``"transpose"`` (the reference's ConvTranspose k3 s2 p1 op1) or
         ``"resize"`` (nearest x2 + conv k3 p1, no checkerboard); see
         :func:`~sct_jax.models.layers.upsample2x`.
+      calibration_bins: 0, or the pieces of a learned piecewise-linear map of the
+        input's values applied before the network (and under the residual);
+        :mod:`sct_jax.models.calibration`.
     """
 
     out_channels: int = 1
@@ -151,6 +155,7 @@ class ResnetGenerator(nn.Module):
     remat: str = "none"
     residual: bool = False
     upsample: str = "transpose"
+    calibration_bins: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -171,6 +176,8 @@ class ResnetGenerator(nn.Module):
             raise ValueError(f"expected (B, *spatial, C) with 1-3 spatial axes, "
                              f"got shape {x.shape}")
         check_resnet_input(x.shape[1:-1])
+        if self.calibration_bins:
+            x = IntensityCalibration(self.calibration_bins, name="calibration")(x)
         conv_bias = conv_bias_before_norm(self.norm)
         common = dict(conv_impl=self.conv_impl, dtype=self.dtype)
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sct_jax.errors import ConfigError
+from sct_jax.models.calibration import IntensityCalibration
 from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
                                    make_norm, upsample2x)
 
@@ -88,6 +89,9 @@ class UNetGenerator(nn.Module):
       upsample: ``"transpose"`` (the reference's ConvTranspose k4 s2 p1) or
         ``"resize"`` (nearest x2 + conv k3 p1, no checkerboard); see
         :func:`~sct_jax.models.layers.upsample2x`.
+      calibration_bins: 0, or the pieces of a learned piecewise-linear map of the
+        input's values applied before the network (and under the residual);
+        :mod:`sct_jax.models.calibration`.
     """
 
     out_channels: int = 1
@@ -100,6 +104,7 @@ class UNetGenerator(nn.Module):
     dtype: Any = None
     residual: bool = False
     upsample: str = "transpose"
+    calibration_bins: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -124,6 +129,8 @@ class UNetGenerator(nn.Module):
             raise ConfigError(f"model.num_downs={self.num_downs}: needs at least 2 "
                               "(an outermost and an innermost level)")
         check_unet_input(x.shape[1:-1], self.num_downs)
+        if self.calibration_bins:
+            x = IntensityCalibration(self.calibration_bins, name="calibration")(x)
         channels = unet_channels(self.ngf, self.num_downs, self.max_mult)
         inner = self.num_downs - 1
         dropout_levels = (unet_dropout_levels(self.ngf, self.num_downs, self.max_mult)

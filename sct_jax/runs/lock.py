@@ -39,7 +39,8 @@ RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode"
 # Keys a run saved before they existed had at these values.
 ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0],
                 "data.folds": 0, "data.fold": 0,
-                "model.gen.upsample": "transpose", "loss.body_mask": False,
+                "model.gen.upsample": "transpose", "model.gen.calibration_bins": 0,
+                "loss.body_mask": False,
                 "loss.body_mask_margin": 0,
                 "data.phantom.anatomy_variation": 1.0, "ldm.objective": "diffusion",
                 "ldm.flow_time_sampling": "logit_normal", "ldm.flow_shift": 1.0}
