@@ -35,6 +35,10 @@ def pelvis_config(method: str, variants: set[str]):
     c.loss = dict(gan="lsgan", adv_weight=1.0, l1_weight=100.0, perceptual_weight=100.0,
                   perceptual_layer="relu2_2", perceptual_input_norm="none",
                   body_mask=False, body_mask_margin=0)
+    if method in ("pgan", "ctx_pgan"):
+        # REG-pGAN registers the sCT to the CT and meta-pGAN reweights each pixel's
+        # L1: neither takes the shift-tolerant L1 (methods/common.reconstruction_l1).
+        c.loss.shift_tolerance = 0
     # Adam 2e-4, beta1 0.5; 50 constant + 50 decaying epochs.
     c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
     c.train.batch_size = 6

@@ -32,7 +32,8 @@ def get_config(arg=None):
                    gen=dict(ngf=64, num_downs=6, norm="instance", dropout=0.5,
                             upsample="resize", calibration_bins=0),
                    disc=dict(ndf=64, n_layers=3, norm="instance"))
-    c.loss = dict(gan="vanilla", l1_weight=100.0, body_mask=True, body_mask_margin=0)
+    c.loss = dict(gan="vanilla", l1_weight=100.0, body_mask=True, body_mask_margin=0,
+                  shift_tolerance=0)
     c.optim = dict(lr=2e-4, b1=0.5, b2=0.999, decay_start=0.5)
     c.train.batch_size = 6
     c.train.steps = 20000

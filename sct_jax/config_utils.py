@@ -36,6 +36,10 @@ CBCT_RESIDUAL_MOTION_MM = 1.0
 # (model.gen.calibration_bins; sct_jax/models/calibration.py): 128 over the CBCT's HU
 # window is about 31 HU a piece, finer than the lookup baseline's 64 bins.
 CBCT_CALIBRATION_BINS = 128
+# Voxels of target misalignment the L1 forgives for the cbct word, where the method
+# takes it (config.loss.shift_tolerance; losses/pixel.shift_tolerant_l1): the CT is
+# registered to the CBCT up to a residual motion of about a millimetre.
+CBCT_SHIFT_TOLERANCE = 1
 # The phantom's anatomy variation for the atlas word: cases close to a common anatomy in
 # a common space, as data registered to an atlas are (data.phantom.anatomy_variation).
 ATLAS_ANATOMY_VARIATION = 0.2
@@ -163,6 +167,8 @@ def accelerator_settings(c: ml_collections.ConfigDict,
             # a learned voxel-wise HU calibration (models/calibration.py).
             c.model.gen.residual = True
             c.model.gen.calibration_bins = CBCT_CALIBRATION_BINS
+        if "shift_tolerance" in c.get("loss", {}):
+            c.loss.shift_tolerance = CBCT_SHIFT_TOLERANCE
     if "atlas" in variants:
         c.data.phantom.anatomy_variation = ATLAS_ANATOMY_VARIATION
         c.name = f"{c.name}_atlas"

@@ -23,13 +23,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_training import synthetic_dataset, tiny_config  # noqa: E402
 
 
+def _calibrated_tiny_config():
+    """The tiny pix2pix with the CBCT models' learned input calibration and residual
+    output: the export must trace parameters that are host arrays there."""
+    config = tiny_config(steps=2)
+    config.model.gen.calibration_bins = 8
+    config.model.gen.residual = True
+    return config
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """``(model_dir, config, state)`` of a 2-step tiny pix2pix, exported."""
     workdir = tmp_path_factory.mktemp("run")
-    result = loop.train(tiny_config(steps=2), workdir, make_dataset=synthetic_dataset)
+    result = loop.train(_calibrated_tiny_config(), workdir, make_dataset=synthetic_dataset)
     model_dir = model_lib.export_model(workdir, tmp_path_factory.mktemp("m") / "model")
-    return model_dir, tiny_config(steps=2), result.state
+    return model_dir, _calibrated_tiny_config(), result.state
 
 
 def _windows(n: int, config) -> np.ndarray:

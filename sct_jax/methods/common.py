@@ -57,7 +57,10 @@ def reconstruction_l1(config, fake_ct: jax.Array, ct: jax.Array, batch: dict) ->
     gradient; outside the grown mask the sCT is set to air at prediction,
     :func:`sct_jax.inference.predict.predict_mr`). A margin (none by default) trains the
     model on the air just outside the body too, for masks at prediction tighter than the
-    body; on the phantom pelvis a margin of 8 cost 6-8 HU MAE.
+    body; on the phantom pelvis a margin of 8 cost 6-8 HU MAE. With
+    ``config.loss.shift_tolerance`` the L1 (masked or not) takes, per sample, the best of
+    the target's integer shifts up to that many voxels (a CT registered to its input
+    only up to a residual motion).
 
     Args:
       config: the run's config.
@@ -65,9 +68,19 @@ def reconstruction_l1(config, fake_ct: jax.Array, ct: jax.Array, batch: dict) ->
       ct: the same shape, the target.
       batch: the training batch; ``batch["mask"]`` ``(B, *spatial, 1)`` is the body mask.
     """
-    if body_masked_loss(config):
-        return pixel.masked_l1(fake_ct, ct, grow_mask(batch["mask"], body_mask_margin(config)))
+    mask = (grow_mask(batch["mask"], body_mask_margin(config)) if body_masked_loss(config)
+            else None)
+    if shift_tolerance(config):
+        return pixel.shift_tolerant_l1(fake_ct, ct, mask, shift_tolerance(config))
+    if mask is not None:
+        return pixel.masked_l1(fake_ct, ct, mask)
     return pixel.l1(fake_ct, ct)
+
+
+def shift_tolerance(config) -> int:
+    """``config.loss.shift_tolerance``: the misalignment in voxels the L1 forgives
+    (:func:`sct_jax.losses.pixel.shift_tolerant_l1`; absent or 0: none)."""
+    return int(config.get("loss", {}).get("shift_tolerance", 0))
 
 
 def body_masked_loss(config) -> bool:
@@ -128,9 +141,13 @@ def check_generator_options(config) -> None:
 
 
 def check_body_mask_config(config) -> None:
-    """ConfigError for a negative ``config.loss.body_mask_margin``."""
+    """ConfigError for a negative ``config.loss.body_mask_margin`` or
+    ``config.loss.shift_tolerance``."""
     if body_mask_margin(config) < 0:
         raise ConfigError(f"config.loss.body_mask_margin={body_mask_margin(config)}: must "
+                          "be >= 0 voxels")
+    if shift_tolerance(config) < 0:
+        raise ConfigError(f"config.loss.shift_tolerance={shift_tolerance(config)}: must "
                           "be >= 0 voxels")
 
 

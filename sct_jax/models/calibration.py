@@ -43,6 +43,7 @@ def piecewise_linear(x: jax.Array, values: jax.Array) -> jax.Array:
     Returns:
       float32, the shape of ``x``.
     """
+    values = jnp.asarray(values, jnp.float32)  # a host array (an exported model's) too
     segments = values.shape[0] - 1
     t = (jnp.clip(x.astype(jnp.float32), -1.0, 1.0) + 1.0) * (0.5 * segments)
     index = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, segments - 1)
