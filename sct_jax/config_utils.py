@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mode = "slices"  # slices | patches | unpaired_slices
     c.data.crop = (320, 192)
     c.data.context = 0  # 2.5D: number of MR neighbours on each side
+    # "mean_ct": the mean training CT, placed on each case's body box, as one more input
+    # channel (sct_jax/data/prior.py); "": none.
+    c.data.prior = ""
     c.data.patch = (64, 64, 32)
     c.data.mr_percentiles = (0.5, 99.5)
     # The input modality (sct_jax/data/modality.py): "mr" (SynthRAD Task 1) or "cbct"

@@ -41,7 +41,7 @@ def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     ``ct`` and ``mask`` ``(B, *spatial, 1)``, as the paired pipelines yield it."""
     b = int(config.train.batch_size)
     spatial = tuple(config.data.patch if config.data.mode == "patches" else config.data.crop)
-    c_in = 2 * int(config.data.context) + 1
+    c_in = datasets.input_channels(config)
     return {"mr": rng.uniform(-1, 1, (b, *spatial, c_in)).astype(np.float32),
             "ct": rng.uniform(-1, 1, (b, *spatial, 1)).astype(np.float32),
             "mask": np.ones((b, *spatial, 1), np.float32)}

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import jax
 
-from sct_jax.data import modality, phantom, pipeline, synthrad
+import numpy as np
+
+from sct_jax.data import modality, phantom, pipeline, preprocess, prior as prior_lib, synthrad
 from sct_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,40 @@ def prepare(config, cases: list[synthrad.Case]) -> list[pipeline.PreparedCase]:
                                   input_spec=modality.spec(config))
 
 
+# Templates fitted in this process, by the prepared training cases' folders (training
+# needs one for the data pipeline and one for the run's geometry record).
+_TEMPLATES: dict[tuple[str, ...], np.ndarray] = {}
+
+
+def prior_template(config, train_cases: list[synthrad.Case]) -> np.ndarray:
+    """The mean training CT template of ``config.data.prior`` (:mod:`sct_jax.data.prior`)
+    over the first :data:`prior_lib.MAX_TEMPLATE_CASES` training cases with a CT, read
+    from the prepared cache (one case in memory at a time).
+
+    Raises:
+      DataError: no training case with a CT.
+    """
+    cases = [c for c in train_cases if c.ct is not None][:prior_lib.MAX_TEMPLATE_CASES]
+    if not cases:
+        raise DataError("config.data.prior: no training case with a CT to average")
+    prepared = prepare(config, cases)
+    key = tuple(str(c.folder) for c in prepared)
+    if key not in _TEMPLATES:
+        shape = tuple(int(round(v)) for v in np.median(
+            [prior_lib.box_shape(np.asarray(c.mask) > 0) for c in prepared], axis=0))
+        pairs = ((preprocess.unit_to_ct(np.asarray(c.ct)), np.asarray(c.mask) > 0)
+                 for c in prepared)
+        _TEMPLATES[key] = prior_lib.fit_template(pairs, shape)
+    return _TEMPLATES[key]
+
+
+def input_channels(config) -> int:
+    """The model's input channels: ``2 * data.context + 1`` MR slices (1 for 3D
+    patches), plus one for the prior (``data.prior``)."""
+    mr = 1 if config.data.mode == "patches" else 2 * int(config.data.context) + 1
+    return mr + prior_lib.extra_channels(config)
+
+
 def augmentation_flips(config) -> tuple[tuple[int, ...], ...]:
     """The flips training shows a model of ``config``: the views test-time augmentation
     predicts under (:mod:`sct_jax.inference.ensemble`).
@@ -128,6 +164,8 @@ def train_dataset(config, local_batch_size: int, method_dataset=None):
     """
     splits = case_splits(config)
     prepared = prepare(config, splits["train"])
+    if prior_lib.check_prior_config(config):
+        prepared = pipeline.with_prior(prepared, prior_template(config, splits["train"]))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if method_dataset is not None:
         return method_dataset(config, prepared, local_batch_size, **shard)

@@ -4,7 +4,10 @@ A network learns its anatomy in one voxel order and at one voxel size: the train
 cases' orientation (nibabel axis codes of the MR affine, e.g. ``("R", "A", "S")``) and
 spacing (mm). :class:`TrainingGeometry` records them (with the region); a run stores it
 as ``<workdir>/geometry.json`` when training starts (:mod:`sct_jax.runs`) and
-:mod:`sct_jax.inference.geometry` brings every new MR onto that grid.
+:mod:`sct_jax.inference.geometry` brings every new MR onto that grid. A model that takes
+the mean training CT as an input (``config.data.prior``, :mod:`sct_jax.data.prior`)
+also needs that template wherever it predicts: it is part of the geometry, stored
+beside it as ``prior_ct.npy``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
-from sct_jax.data import datasets
-from sct_jax.data.io import atomic_write_text
+from sct_jax.data import datasets, prior as prior_lib
+from sct_jax.data.io import atomic_path, atomic_write_text
 from sct_jax.errors import DataError
 
 GEOMETRY_FILE = "geometry.json"
@@ -34,12 +37,16 @@ class TrainingGeometry:
       spacing: voxel size in mm along those axes (median over the training cases).
       region: the anatomy trained on (``"pelvis"``, ``"brain"``, ``""`` unknown).
       cases: how many training cases this was read from (0: not recorded).
+      prior: the mean training CT template (HU, float32, :func:`prior_lib.fit_template`)
+        of a model that takes it as input (``config.data.prior``); ``None`` otherwise.
+        Not part of ``to_json`` or of equality (its file holds it).
     """
 
     axcodes: tuple[str, str, str]
     spacing: tuple[float, float, float]
     region: str = ""
     cases: int = 0
+    prior: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
         return json.dumps({"axcodes": list(self.axcodes), "spacing_mm": list(self.spacing),
@@ -75,21 +82,55 @@ def from_mr_files(paths: Sequence[str | Path], region: str = "") -> TrainingGeom
 
 
 def from_config(config) -> TrainingGeometry:
-    """The geometry of ``config``'s training split (reads the MR headers)."""
+    """The geometry of ``config``'s training split (reads the MR headers; with
+    ``config.data.prior``, also fits the mean training CT template)."""
     cases = datasets.case_splits(config)["train"]
-    return from_mr_files([c.mr for c in cases], region=config.data.region or "")
+    geometry = from_mr_files([c.mr for c in cases], region=config.data.region or "")
+    if prior_lib.check_prior_config(config):
+        geometry = dataclasses.replace(geometry, prior=datasets.prior_template(config, cases))
+    return geometry
 
 
 def save(geometry: TrainingGeometry, directory: str | Path) -> Path:
+    """Writes ``geometry.json`` (and ``prior_ct.npy`` when the geometry has a prior)."""
+    if geometry.prior is not None:
+        with atomic_path(Path(directory) / prior_lib.PRIOR_FILE) as tmp:
+            np.save(tmp, np.asarray(geometry.prior, np.float32))
     return atomic_write_text(Path(directory) / GEOMETRY_FILE, geometry.to_json())
 
 
 def load(directory: str | Path) -> TrainingGeometry | None:
-    """The recorded geometry of a run or model directory, ``None`` when there is none."""
+    """The recorded geometry of a run or model directory (with its prior template when
+    one is stored), ``None`` when there is none."""
     path = Path(directory) / GEOMETRY_FILE
     if not path.is_file():
         return None
     try:
-        return TrainingGeometry.from_dict(json.loads(path.read_text()))
+        geometry = TrainingGeometry.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not a training geometry ({err})") from err
+    prior_path = Path(directory) / prior_lib.PRIOR_FILE
+    if prior_path.is_file():
+        try:
+            template = np.load(prior_path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{prior_path}: not a prior template ({err})") from err
+        if template.ndim != 3 or not np.isfinite(template).all():
+            raise DataError(f"{prior_path}: not a prior template (a finite 3D array, "
+                            f"got shape {template.shape})")
+        geometry = dataclasses.replace(geometry, prior=template.astype(np.float32))
+    return geometry
+
+
+def check_prior(config, geometry: TrainingGeometry | None, where: str | Path) -> None:
+    """Refuses a model that takes the prior (``config.data.prior``) without its template.
+
+    Raises:
+      DataError: ``where`` (the run or model folder) lacks ``prior_ct.npy``.
+    """
+    if config is None:  # a caller that only reads the grid (no model config at hand)
+        return
+    if prior_lib.check_prior_config(config) and (geometry is None or geometry.prior is None):
+        raise DataError(f"{Path(where) / prior_lib.PRIOR_FILE}: missing; the model takes the "
+                        "mean training CT as input (config.data.prior) and its template is "
+                        "recorded when training starts")

@@ -23,7 +23,7 @@ import grain
 import jax
 import numpy as np
 
-from sct_jax.data import modality, preprocess, synthrad
+from sct_jax.data import modality, preprocess, prior as prior_lib, synthrad
 from sct_jax.data.io import atomic_path, atomic_write_text
 from sct_jax.errors import ConfigError, DataError
 
@@ -55,6 +55,9 @@ class PreparedCase:
       ct: ``(X, Y, Z)`` float32 in [-1, 1], or ``None``.
       mask: ``(X, Y, Z)`` uint8 body mask.
       affine: ``(4, 4)`` voxel -> world.
+      folder: the cache folder it is read from.
+      prior: ``(X, Y, Z)`` float32 mean-CT prior in [-1, 1] (:func:`with_prior`), an
+        input channel after the MR's; ``None``: the model takes none.
     """
 
     id: str
@@ -62,6 +65,8 @@ class PreparedCase:
     ct: np.ndarray | None
     mask: np.ndarray
     affine: np.ndarray
+    folder: Path | None = None
+    prior: np.ndarray | None = None
 
 
 def _cache_key(case: synthrad.Case, spec: modality.InputSpec) -> str:
@@ -121,7 +126,21 @@ def prepare_case(case: synthrad.Case, cache_dir: str | Path,
         mr=np.load(folder / "mr.npy", mmap_mode="r"),
         ct=np.load(folder / "ct.npy", mmap_mode="r") if meta["has_ct"] else None,
         mask=np.load(folder / "mask.npy", mmap_mode="r"),
-        affine=np.load(folder / "affine.npy"))
+        affine=np.load(folder / "affine.npy"), folder=folder)
+
+
+def with_prior(prepared: Sequence[PreparedCase], template: np.ndarray) -> list[PreparedCase]:
+    """The cases with their mean-CT prior channel (:func:`sct_jax.data.prior.prior_unit`
+    of ``template`` on each case's body mask), cached beside the case as a memory map
+    named after the template's content."""
+    name = f"prior-{prior_lib.digest(template)}.npy"
+    out = []
+    for case in prepared:
+        path = Path(case.folder) / name
+        if not path.exists():
+            _save_npy_atomic(path, prior_lib.prior_unit(template, np.asarray(case.mask) > 0))
+        out.append(dataclasses.replace(case, prior=np.load(path, mmap_mode="r")))
+    return out
 
 
 def prepare_cases(cases: Sequence[synthrad.Case], cache_dir: str | Path,
@@ -154,6 +173,15 @@ def _slice(volume: np.ndarray, z: int, context: int) -> np.ndarray:
     return np.stack([volume[:, :, k] for k in zs], axis=-1)
 
 
+def input_slice(case: PreparedCase, z: int, context: int) -> np.ndarray:
+    """``(X, Y, 2*context+1 [+1])``: the MR slices around ``z``, then the prior's slice
+    ``z`` when the case has one."""
+    mr = _slice(case.mr, z, context)
+    if case.prior is None:
+        return mr
+    return np.concatenate([mr, np.asarray(case.prior[:, :, z])[..., None]], axis=-1)
+
+
 def _source(index: np.ndarray, shard_index, shard_count) -> grain.MapDataset:
     i, n = _shard(shard_index, shard_count)
     ds = grain.MapDataset.source(index)
@@ -175,7 +203,8 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
       crop: ``(H, W)``; slices are centre-cropped/padded (MR/CT with -1, mask with 0).
       batch_size: per-process batch.
       seed: shuffle and augmentation seed.
-      context: MR neighbours on each side: ``mr`` has ``2*context+1`` channels.
+      context: MR neighbours on each side: ``mr`` has ``2*context+1`` channels (one
+        more, the prior, for cases :func:`with_prior` made).
       train: shuffle every epoch, repeat forever, random left-right flips
         (:data:`FLIP_AXES`), drop the
         last partial batch; otherwise one ordered pass without flips.
@@ -195,7 +224,7 @@ def slice_dataset(prepared: Sequence[PreparedCase], *, crop: Sequence[int], batc
     def load(row, rng=None):
         case = prepared[int(row[0])]
         z = int(row[1])
-        mr = crop_or_pad_hw(_slice(case.mr, z, context), crop, -1.0)
+        mr = crop_or_pad_hw(input_slice(case, z, context), crop, -1.0)
         ct = crop_or_pad_hw(np.asarray(case.ct[:, :, z])[..., None], crop, -1.0)
         mask = crop_or_pad_hw(np.asarray(case.mask[:, :, z], np.float32)[..., None], crop, 0.0)
         if rng is not None and rng.random() < 0.5:
@@ -233,7 +262,8 @@ def patch_dataset(prepared: Sequence[PreparedCase], *, patch: Sequence[int], bat
     flips of the first axis; otherwise one pass of 64 seeded draws per case, no flips.
 
     Returns:
-      An ``IterDataset`` of dicts ``mr``, ``ct``, ``mask``: ``(B, D, H, W, 1)`` float32.
+      An ``IterDataset`` of dicts ``mr``, ``ct``, ``mask``: ``(B, D, H, W, 1)`` float32
+      (``mr`` with a second channel, the prior, for cases :func:`with_prior` made).
     """
     patch = tuple(int(p) for p in patch)
     _require_ct(prepared)
@@ -260,7 +290,10 @@ def patch_dataset(prepared: Sequence[PreparedCase], *, patch: Sequence[int], bat
             return preprocess.crop_or_pad(np.asarray(vol[sl], np.float32), patch,
                                           axes=(0, 1, 2), value=value)[..., None]
 
-        out = {"mr": cut(case.mr, -1.0), "ct": cut(case.ct, -1.0), "mask": cut(case.mask, 0.0)}
+        mr = cut(case.mr, -1.0)
+        if case.prior is not None:  # the prior is the input's second channel
+            mr = np.concatenate([mr, cut(case.prior, -1.0)], axis=-1)
+        out = {"mr": mr, "ct": cut(case.ct, -1.0), "mask": cut(case.mask, 0.0)}
         if train and rng.random() < 0.5:
             out = {k: np.ascontiguousarray(flip(v)) for k, v in out.items()}
         return out

@@ -42,10 +42,11 @@ import math
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from sct_jax.data import modality, preprocess, synthrad
+from sct_jax.data import modality, synthrad
 from sct_jax.data.io import VOLUME_SUFFIXES, load_volume
+# The body-box helpers are shared with the mean-CT prior input (sct_jax.data.prior).
+from sct_jax.data.prior import body_box, body_in_box, box_shape, place_in_body, resample_to  # noqa: F401
 from sct_jax.errors import DataError
 
 # The constant baseline: every body voxel soft tissue (muscle-like HU).
@@ -77,26 +78,6 @@ VERDICT_METRICS = {"mae": ("MAE", "HU", "{:.1f}", min), "ssim": ("SSIM", "", "{:
 def constant_sct(mask: np.ndarray, hu: float = SOFT_TISSUE_HU) -> np.ndarray:
     """``(X, Y, Z)`` float32: ``hu`` inside the body mask, air outside."""
     return np.where(np.asarray(mask, bool), np.float32(hu), np.float32(AIR_HU))
-
-
-def body_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of the mask's voxels, one slice per axis.
-
-    Raises:
-      DataError: the mask is empty.
-    """
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        raise DataError(f"empty body mask of shape {mask.shape}: no bounding box")
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
-def box_shape(mask: np.ndarray) -> tuple[int, ...]:
-    return tuple(s.stop - s.start for s in body_box(mask))
 
 
 # -- intensity lookup --------------------------------------------------------------
@@ -164,19 +145,6 @@ def fit_intensity_lookup(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarra
 # -- mean training CT --------------------------------------------------------------
 
 
-def resample_to(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """``volume`` resampled (linear) to exactly ``shape``; a copy when equal."""
-    volume = np.asarray(volume, np.float32)
-    shape = tuple(int(n) for n in shape)
-    if volume.shape == shape:
-        return volume.copy()
-    factors = [n_out / n_in for n_out, n_in in zip(shape, volume.shape)]
-    out = ndimage.zoom(volume, factors, order=1, mode="nearest")
-    if out.shape != shape:  # zoom rounds the output size; never off by more than one
-        out = preprocess.crop_or_pad(out, shape, axes=tuple(range(out.ndim)), value=AIR_HU)
-    return out
-
-
 class MeanCtFit:
     """Accumulates the training CTs' body boxes resampled to each target box shape."""
 
@@ -186,9 +154,7 @@ class MeanCtFit:
         self.n = 0
 
     def add(self, ct: np.ndarray, mask: np.ndarray) -> None:
-        mask = np.asarray(mask, bool)
-        box = body_box(mask)
-        body = np.where(mask[box], np.asarray(ct, np.float32)[box], np.float32(AIR_HU))
+        body = body_in_box(ct, mask)
         for total, shape in zip(self.sums, self.shapes):
             total += resample_to(body, shape)
         self.n += 1
@@ -214,16 +180,6 @@ def mean_ct_on_boxes(pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     for ct, mask in pairs:
         fit.add(ct, mask)
     return fit.result()
-
-
-def place_in_body(box_values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(X, Y, Z)`` float32 sCT: ``box_values`` on the mask's bounding box, air
-    outside the mask."""
-    mask = np.asarray(mask, bool)
-    out = np.full(mask.shape, AIR_HU, np.float32)
-    out[body_box(mask)] = box_values
-    out[~mask] = AIR_HU
-    return out
 
 
 # -- from cases --------------------------------------------------------------------

@@ -7,6 +7,7 @@
   MODEL_DIR/config.json         the resolved training config
   MODEL_DIR/batch_spec.json     the training batch shapes (rebuilds the state's structure)
   MODEL_DIR/geometry.json       training orientation, spacing and region
+  MODEL_DIR/prior_ct.npy        the mean training CT template (models with data.prior)
   MODEL_DIR/predict_window.jaxexport   the network as a serialized JAX function
 
 ``model.json`` holds the method, the normalisation (MR: per-case percentiles inside the
@@ -42,7 +43,7 @@ from jax import export
 
 from sct_jax import __version__, methods, runs
 from sct_jax.data import geometry as geometry_lib
-from sct_jax.data import modality, preprocess
+from sct_jax.data import datasets, modality, preprocess, prior as prior_lib
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.inference import geometry as inference_geometry
 from sct_jax.inference import windows
@@ -172,6 +173,9 @@ def content_hash(directory: Path, description: dict) -> str:
     digest = hashlib.sha256()
     for name in HASHED:
         digest.update(name.encode() + b"\0" + (directory / name).read_bytes())
+    prior = directory / prior_lib.PRIOR_FILE
+    if prior.is_file():  # only models that take the mean-CT prior have one
+        digest.update(prior.name.encode() + b"\0" + prior.read_bytes())
     described = {k: v for k, v in description.items() if k != "content_sha256"}
     digest.update(MODEL_JSON.encode() + b"\0" + json.dumps(described, sort_keys=True).encode())
     return digest.hexdigest()
@@ -180,11 +184,11 @@ def content_hash(directory: Path, description: dict) -> str:
 def inference_window(config) -> tuple[tuple[int, ...], int]:
     """``(window, channels)`` the network is run on: the 2D tile or the 3D patch."""
     if config.data.mode == "patches":
-        return tuple(int(p) for p in config.data.patch), 1
+        return tuple(int(p) for p in config.data.patch), datasets.input_channels(config)
     tile = slice_tile(config)
     if 0 in tile:  # whole slices have no fixed window: export the training crop
         tile = tuple(int(c) for c in config.data.crop)
-    return tile, 2 * int(config.data.context) + 1
+    return tile, datasets.input_channels(config)
 
 
 def serialize_predict(config, state, batch_spec: dict) -> tuple[bytes, dict]:
@@ -304,7 +308,7 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
         (tmp / PARAMS).write_bytes(serialization.msgpack_serialize(state_dict))
         (tmp / "config.json").write_text(config.to_json_best_effort(indent=2))
         runs.write_batch_spec(runs.read_batch_spec(workdir), tmp)
-        (tmp / geometry_lib.GEOMETRY_FILE).write_text(model.geometry.to_json())
+        geometry_lib.save(model.geometry, tmp)  # with the prior template, if any
         window, channels = inference_window(config)
         description = {
             "format": FORMAT,
@@ -327,6 +331,10 @@ def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
                 "mode": config.data.mode,
                 "window": list(window), "channels": channels,
                 "context_slices": int(config.data.context),
+                "prior": (f"the last input channel is the mean training CT ({prior_lib.PRIOR_FILE}: "
+                          "HU, resampled to the body box of the mask and placed on it, air "
+                          "outside; mapped to [-1, 1] like the CT)"
+                          if prior_lib.check_prior_config(config) else "none"),
                 "overlap": float(config.eval.overlap),
                 "how": ("MR reoriented to the training axis codes and resampled to the "
                         "training spacing when it differs by more than "
@@ -395,6 +403,7 @@ def load_exported(model_dir: str | os.PathLike) -> LoadedModel:
     state = serialization.from_state_dict(
         target, _merge(serialization.to_state_dict(target), loaded))
     geometry = geometry_lib.load(model_dir)
+    geometry_lib.check_prior(config, geometry, model_dir)
     return LoadedModel(config, state, geometry, int(description.get("step", 0)), model_dir,
                        "export")
 

@@ -37,10 +37,10 @@ import numpy as np
 from scipy import ndimage
 
 from sct_jax import methods, runs
-from sct_jax.data import datasets, modality, preprocess, synthrad
+from sct_jax.data import datasets, modality, preprocess, prior as prior_lib, synthrad
 from sct_jax.data.geometry import TrainingGeometry
 from sct_jax.data.io import Volume, save_like
-from sct_jax.errors import ConfigError
+from sct_jax.errors import ConfigError, DataError
 from sct_jax.inference import ensemble
 from sct_jax.inference import geometry as geometry_lib
 from sct_jax.inference import windows as inference
@@ -181,8 +181,15 @@ def predict_mr(predict_volume, config, mr: Volume, mask: np.ndarray | None = Non
         mask_model = preprocess.body_mask_from_mr(mr_model)
     else:
         mask_model = grid.to_grid(np.asarray(mask, np.float32), order=0) > 0.5
-    unit = modality.spec(config).to_unit(mr_model, mask_model if mask_model.any() else None)
-    pred = predict_volume(np.asarray(unit, np.float32))
+    unit = np.asarray(modality.spec(config).to_unit(
+        mr_model, mask_model if mask_model.any() else None), np.float32)
+    if prior_lib.check_prior_config(config):
+        if geometry.prior is None:
+            raise DataError("the model takes the mean training CT (config.data.prior) but "
+                            "its template was not given (the run's prior_ct.npy)")
+        # The prior is placed on the body mask, the same way training placed it.
+        unit = np.stack([unit, prior_lib.prior_unit(geometry.prior, mask_model)], axis=-1)
+    pred = predict_volume(unit)
     sct = np.asarray(preprocess.unit_to_ct(pred), np.float32)
     if body_masked_loss(config):
         # The model never trained beyond the grown mask: what it says there is unconstrained.

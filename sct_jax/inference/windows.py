@@ -8,7 +8,10 @@ sliding windows of the training patch, blended the same way. The blend weight fa
 towards the window border (the border voxels of a window see the least context) but
 stays positive. Batches have a fixed size, so one compilation serves a volume.
 Everything here works in the normalised [-1, 1] space; callers map to HU with
-``preprocess.unit_to_ct``.
+``preprocess.unit_to_ct``. An input ``(X, Y, Z, C)`` holds the MR in channel 0 and
+per-voxel extra inputs after it (the mean-CT prior, :mod:`sct_jax.data.prior`): a slice
+model sees the MR's neighbouring slices and the extras' own slice, a patch model all
+channels of the patch.
 """
 
 from __future__ import annotations
@@ -38,9 +41,16 @@ def _batched(items: Iterable[np.ndarray], batch_size: int) -> Iterable[tuple[np.
 
 
 def slice_stack(mr: np.ndarray, z: int, context: int) -> np.ndarray:
-    """``(X, Y, 2*context+1)`` axial MR slices around ``z`` (edges replicated)."""
+    """``(X, Y, 2*context+1 [+E])`` axial MR slices around ``z`` (edges replicated),
+    then slice ``z`` of the ``E`` extra channels of an ``(X, Y, Z, 1 + E)`` input."""
+    extras = None
+    if mr.ndim == 4:
+        mr, extras = mr[..., 0], mr[..., 1:]
     zs = np.clip(np.arange(z - context, z + context + 1), 0, mr.shape[2] - 1)
-    return np.stack([mr[:, :, k] for k in zs], axis=-1)
+    stack = np.stack([mr[:, :, k] for k in zs], axis=-1)
+    if extras is None or not extras.shape[-1]:
+        return stack
+    return np.concatenate([stack, np.asarray(extras[:, :, z])], axis=-1)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -85,7 +95,7 @@ def predict_volume_2d(predict: PredictFn, mr: np.ndarray, tile: Sequence[int],
 
     Args:
       predict: ``(B, h, w, C_in)`` -> ``(B, h, w, 1)``, both in [-1, 1].
-      mr: ``(X, Y, Z)`` normalised MR.
+      mr: ``(X, Y, Z)`` normalised MR, or ``(X, Y, Z, 1 + E)`` with extra inputs.
       tile: ``(h, w)`` window (see :func:`slice_window`; 0 along an axis: the whole
         slice padded to ``stride``).
       context: MR neighbours on each side (2.5D input has ``2*context+1`` channels).
@@ -97,7 +107,7 @@ def predict_volume_2d(predict: PredictFn, mr: np.ndarray, tile: Sequence[int],
     Returns:
       ``(X, Y, Z)`` prediction in [-1, 1].
     """
-    x, y, z_len = mr.shape
+    x, y, z_len = mr.shape[:3]
     window = slice_window((x, y), tile, stride, min_size)
     padded = (max(x, window[0]), max(y, window[1]))
     starts = list(itertools.product(window_starts(padded[0], window[0], overlap),
@@ -154,8 +164,8 @@ def predict_volume_3d(predict: PredictFn, mr: np.ndarray, patch: Sequence[int],
     """Predicts a volume by overlapping 3D windows, blended.
 
     Args:
-      predict: ``(B, D, H, W, 1)`` -> ``(B, D, H, W, 1)``, both in [-1, 1].
-      mr: ``(X, Y, Z)`` normalised MR.
+      predict: ``(B, D, H, W, C)`` -> ``(B, D, H, W, 1)``, both in [-1, 1].
+      mr: ``(X, Y, Z)`` normalised MR (``C`` = 1), or ``(X, Y, Z, C)`` with extra inputs.
       patch: the window ``(D, H, W)`` (the training patch).
       overlap: fraction of the window shared by neighbours (0.5: stride = half a window).
       batch_size: windows per call (last batch zero-padded: one compilation).
@@ -164,7 +174,9 @@ def predict_volume_3d(predict: PredictFn, mr: np.ndarray, patch: Sequence[int],
       ``(X, Y, Z)`` prediction in [-1, 1].
     """
     patch = tuple(int(p) for p in patch)
-    original = mr.shape
+    if mr.ndim == 3:
+        mr = mr[..., None]
+    original = mr.shape[:3]
     padded_shape = tuple(max(s, p) for s, p in zip(original, patch))
     vol = crop_or_pad(mr, padded_shape, axes=(0, 1, 2), value=-1.0)
     starts = list(itertools.product(*(window_starts(s, p, overlap)
@@ -176,7 +188,7 @@ def predict_volume_3d(predict: PredictFn, mr: np.ndarray, patch: Sequence[int],
     def windows():
         for s in starts:
             sl = tuple(slice(a, a + p) for a, p in zip(s, patch))
-            yield vol[sl][..., None]
+            yield vol[sl]
 
     i = 0
     for batch, n in _batched(windows(), batch_size):

@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 from typing import Any, Callable, Mapping
 
+from sct_jax.data.prior import check_prior_config
 from sct_jax.errors import ConfigError
 from sct_jax.models.layers import precision_kwargs
 
@@ -85,6 +86,8 @@ class Method:
         validated; ``None`` for a model that predicts sCT.
       inverse: ``(config, state, ct) -> mr``, a CT -> MR generator (CycleGAN), used by
         the QA's cycle check.
+      takes_prior: its generator takes the mean-CT prior channel
+        (``config.data.prior``, :mod:`sct_jax.data.prior`) after the MR's.
     """
 
     name: str
@@ -101,10 +104,15 @@ class Method:
     load_pretrained: Callable[[Any, Any, Mapping[str, Any]], Any] | None = None
     not_an_sct_model: Callable[[Any], str | None] = _sct_model
     inverse: Callable[..., Any] | None = None
+    takes_prior: bool = False
 
     def validate(self, config) -> None:
         """Every start-up check of ``config`` for this method (``ConfigError``)."""
         precision_kwargs(config)  # an unknown model.dtype / model.remat fails here
+        if check_prior_config(config) and not self.takes_prior:
+            raise ConfigError(f"config.data.prior={config.data.prior!r}: "
+                              f"config.method={self.name!r} does not take the prior; "
+                              "set config.data.prior=''")
         self.validate_config(config)
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sct_jax.data import prior as prior_lib
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError, DataError
 from sct_jax.losses import adversarial, perceptual
@@ -48,6 +49,7 @@ def build_generator(config) -> ResnetGenerator:
                            residual=bool(g.get("residual", False)),
                            upsample=g.get("upsample", "transpose"),
                            calibration_bins=int(g.get("calibration_bins", 0)),
+                           prior_input=bool(prior_lib.extra_channels(config)),
                            **precision_kwargs(config))
 
 

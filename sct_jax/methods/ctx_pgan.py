@@ -68,4 +68,5 @@ def train_step(config, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, 
 METHOD = Method(
     name="ctx_pgan", create_state=create_state, train_step=train_step, predict=common.predict,
     samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
-    input_rule=common.input_rule, load_pretrained=common.load_vgg_weights)
+    input_rule=common.input_rule, load_pretrained=common.load_vgg_weights,
+    takes_prior=True)

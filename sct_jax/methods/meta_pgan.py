@@ -57,7 +57,7 @@ import grain
 import jax
 import jax.numpy as jnp
 
-from sct_jax.data import alignment, pipeline, preprocess
+from sct_jax.data import alignment, pipeline, preprocess, prior as prior_lib
 from sct_jax.config_utils import require
 from sct_jax.errors import ConfigError
 from sct_jax.losses import pixel
@@ -199,7 +199,7 @@ def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[st
       channel) and ``meta/ct``.
     """
     weights, loss_map, _, _, _ = _reweight(config, state["gen"], batch, rng)
-    centre = batch["mr"].shape[-1] // 2
+    centre = (batch["mr"].shape[-1] - prior_lib.extra_channels(config)) // 2
     return {"meta/weight_over_uniform": weights[0, ..., 0] * weights.size,
             "meta/l1_error_hu": loss_map[0, ..., 0] * common.HU_PER_UNIT,
             "meta/mr": batch["mr"][0, ..., centre], "meta/ct": batch["ct"][0, ..., 0]}
@@ -304,4 +304,4 @@ METHOD = Method(
     name="meta_pgan", create_state=create_state, train_step=train_step,
     predict=common.predict, samples=True, check_sampling=common.check_sampling,
     validate_config=validate_config, input_rule=common.input_rule, load_pretrained=common.load_vgg_weights,
-    train_dataset=train_dataset, image_summaries=image_summaries)
+    train_dataset=train_dataset, image_summaries=image_summaries, takes_prior=True)

@@ -24,6 +24,7 @@ from sct_jax.methods import Method
 from sct_jax.methods.common import (TrainState, apply_updates, check_body_mask_config,
                                     check_generator_options, dummy_input, reconstruction_l1,
                                     step_rng)
+from sct_jax.data import prior as prior_lib
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
@@ -37,7 +38,8 @@ def build_models(config) -> tuple[UNetGenerator, PatchDiscriminator]:
                         dtype=compute_dtype(m.get("dtype")),
                         residual=bool(m.gen.get("residual", False)),
                         upsample=m.gen.get("upsample", "transpose"),
-                        calibration_bins=int(m.gen.get("calibration_bins", 0)))
+                        calibration_bins=int(m.gen.get("calibration_bins", 0)),
+                        prior_input=bool(prior_lib.extra_channels(config)))
     disc = PatchDiscriminator(ndf=m.disc.ndf, n_layers=m.disc.n_layers, norm=m.disc.norm,
                               conv_impl=m.conv_impl, dtype=compute_dtype(m.get("dtype")))
     return gen, disc
@@ -177,4 +179,4 @@ def input_rule(config) -> tuple[int, int]:
 METHOD = Method(
     name="pix2pix", create_state=create_state, train_step=train_step, predict=predict,
     samples=True, check_sampling=check_sampling, validate_config=validate_config,
-    input_rule=input_rule)
+    input_rule=input_rule, takes_prior=True)

@@ -143,4 +143,5 @@ def image_summaries(config, state: dict, batch: dict, rng: jax.Array) -> dict[st
 METHOD = Method(
     name="reg_pgan", create_state=create_state, train_step=train_step, predict=common.predict,
     samples=True, check_sampling=common.check_sampling, validate_config=validate_config,
-    input_rule=common.input_rule, load_pretrained=common.load_vgg_weights, image_summaries=image_summaries)
+    input_rule=common.input_rule, load_pretrained=common.load_vgg_weights,
+    takes_prior=True, image_summaries=image_summaries)

@@ -386,23 +386,59 @@ class BatchStatsNorm(nn.Module):
                 + self.param("bias", nn.initializers.zeros, (c,)).astype(y.dtype))
 
 
-def generator_output(h: jax.Array, x: jax.Array, residual: bool) -> jax.Array:
+def split_extra_channels(x: jax.Array, extra_channels: int) -> tuple[jax.Array, jax.Array | None]:
+    """``(image, extras)``: the input's image channels (the MR or CBCT slices) and its
+    last ``extra_channels`` (inputs that are no image of the input modality, e.g. the
+    mean-CT prior of ``config.data.prior``; ``None`` when there are none). Calibration
+    and the residual act on the image channels only.
+
+    Raises:
+      ValueError: no image channel would be left.
+    """
+    extra = int(extra_channels)
+    if extra <= 0:
+        return x, None
+    if extra >= x.shape[-1]:
+        raise ValueError(f"{extra} extra input channels leave no image channel in an input "
+                         f"of shape {x.shape}")
+    return x[..., :-extra], x[..., -extra:]
+
+
+def last_layer_init(residual: bool, prior: jax.Array | None) -> dict:
+    """The generator's last layer's ``kernel_init``: zeros when the output corrects
+    the mean-CT prior (:func:`generator_output`), so an untrained model predicts the
+    prior exactly (the evaluation's mean training CT) and the correction grows from it,
+    as ControlNet's zero convolutions do; ``{}`` (the default init) otherwise."""
+    if residual or prior is None:
+        return {}
+    return {"kernel_init": nn.initializers.zeros}
+
+
+def generator_output(h: jax.Array, x: jax.Array, residual: bool,
+                     prior: jax.Array | None = None) -> jax.Array:
     """A generator's last activation ``h`` -> its output in ``[-1, 1]`` (float32).
 
     Args:
       h: ``(B, *spatial, C_out)`` pre-activation.
-      x: ``(B, *spatial, C_in)`` the generator's input (model units).
+      x: ``(B, *spatial, C_in)`` the generator's image input (model units).
       residual: ``False``: ``tanh(h)``. ``True``: the input's centre channel (the slice
         itself when neighbours are stacked as channels) plus ``tanh(h)``, clipped to
         ``[-1, 1]``: the network learns a correction of an input that is already an
         image of the output's kind in the output's units (a CBCT in the CT's HU
         window), and starts as the identity instead of having to learn it.
+      prior: ``(B, *spatial, 1)`` the mean training CT in CT units
+        (``config.data.prior``), or ``None``. Without ``residual`` the output is the
+        prior plus ``tanh(h)``, clipped: the network corrects the average anatomy by
+        what the MR shows, instead of having to learn to copy it through.
     """
     out = jnp.tanh(h.astype(jnp.float32))
-    if not residual:
+    if residual:
+        base = x[..., x.shape[-1] // 2:x.shape[-1] // 2 + 1]
+    elif prior is not None:
+        base = prior[..., :1]
+    else:
         return out
-    centre = x[..., x.shape[-1] // 2:x.shape[-1] // 2 + 1].astype(jnp.float32)
-    return jnp.clip(centre + out, -1.0, 1.0)
+    return jnp.clip(base.astype(jnp.float32) + out, -1.0, 1.0)
 
 
 def compute_dtype(name: str | None, config_key: str = "model.dtype") -> Any:

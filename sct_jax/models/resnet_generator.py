@@ -34,7 +34,8 @@ from flax import linen as nn
 from sct_jax.errors import ConfigError
 from sct_jax.models.calibration import IntensityCalibration
 from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
-                                   make_norm, reflect_pad, remat_block, upsample2x)
+                                   last_layer_init, make_norm, reflect_pad, remat_block,
+                                   split_extra_channels, upsample2x)
 
 # Two stride-2 downsamplings: spatial sizes must be multiples of 4 to come back intact.
 N_DOWNSAMPLINGS = 2
@@ -143,6 +144,9 @@ class ResnetGenerator(nn.Module):
       calibration_bins: 0, or the pieces of a learned piecewise-linear map of the
         input's values applied before the network (and under the residual);
         :mod:`sct_jax.models.calibration`.
+      prior_input: the input's last channel is the mean training CT
+        (``config.data.prior``): fed to the network, not calibrated, and the base the
+        output corrects unless ``residual`` (:func:`~sct_jax.models.layers.generator_output`).
     """
 
     out_channels: int = 1
@@ -156,6 +160,7 @@ class ResnetGenerator(nn.Module):
     residual: bool = False
     upsample: str = "transpose"
     calibration_bins: int = 0
+    prior_input: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -176,8 +181,11 @@ class ResnetGenerator(nn.Module):
             raise ValueError(f"expected (B, *spatial, C) with 1-3 spatial axes, "
                              f"got shape {x.shape}")
         check_resnet_input(x.shape[1:-1])
+        image, extras = split_extra_channels(x, int(self.prior_input))
         if self.calibration_bins:
-            x = IntensityCalibration(self.calibration_bins, name="calibration")(x)
+            image = IntensityCalibration(self.calibration_bins, name="calibration")(image)
+        x = image if extras is None else jnp.concatenate([image, extras.astype(image.dtype)],
+                                                         axis=-1)
         conv_bias = conv_bias_before_norm(self.norm)
         common = dict(conv_impl=self.conv_impl, dtype=self.dtype)
 
@@ -205,5 +213,5 @@ class ResnetGenerator(nn.Module):
             h = nn.relu(make_norm(self.norm, name=f"up_norm_{i}")(h))
 
         h = Conv(self.out_channels, kernel_size=7, use_bias=True, name="conv_out",
-                 **common)(reflect_pad(h, 3))
-        return generator_output(h, x, self.residual)
+                 **last_layer_init(self.residual, extras), **common)(reflect_pad(h, 3))
+        return generator_output(h, image, self.residual, prior=extras)

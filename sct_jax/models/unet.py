@@ -33,7 +33,8 @@ from flax import linen as nn
 from sct_jax.errors import ConfigError
 from sct_jax.models.calibration import IntensityCalibration
 from sct_jax.models.layers import (Conv, Dropout, conv_bias_before_norm, generator_output,
-                                   make_norm, upsample2x)
+                                   last_layer_init, make_norm, split_extra_channels,
+                                   upsample2x)
 
 
 def unet_channels(ngf: int, num_downs: int, max_mult: int = 8) -> list[int]:
@@ -92,6 +93,9 @@ class UNetGenerator(nn.Module):
       calibration_bins: 0, or the pieces of a learned piecewise-linear map of the
         input's values applied before the network (and under the residual);
         :mod:`sct_jax.models.calibration`.
+      prior_input: the input's last channel is the mean training CT
+        (``config.data.prior``): fed to the network, not calibrated, and the base the
+        output corrects unless ``residual`` (:func:`~sct_jax.models.layers.generator_output`).
     """
 
     out_channels: int = 1
@@ -105,6 +109,7 @@ class UNetGenerator(nn.Module):
     residual: bool = False
     upsample: str = "transpose"
     calibration_bins: int = 0
+    prior_input: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -129,8 +134,11 @@ class UNetGenerator(nn.Module):
             raise ConfigError(f"model.num_downs={self.num_downs}: needs at least 2 "
                               "(an outermost and an innermost level)")
         check_unet_input(x.shape[1:-1], self.num_downs)
+        image, extras = split_extra_channels(x, int(self.prior_input))
         if self.calibration_bins:
-            x = IntensityCalibration(self.calibration_bins, name="calibration")(x)
+            image = IntensityCalibration(self.calibration_bins, name="calibration")(image)
+        x = image if extras is None else jnp.concatenate([image, extras.astype(image.dtype)],
+                                                         axis=-1)
         channels = unet_channels(self.ngf, self.num_downs, self.max_mult)
         inner = self.num_downs - 1
         dropout_levels = (unet_dropout_levels(self.ngf, self.num_downs, self.max_mult)
@@ -164,5 +172,6 @@ class UNetGenerator(nn.Module):
 
         # Outermost up block; the reference keeps the default bias on this layer.
         h = nn.relu(h)
-        h = upsample2x(h, self.out_channels, use_bias=True, name="up_conv_0", **up_kw)
-        return generator_output(h, x, self.residual)
+        h = upsample2x(h, self.out_channels, use_bias=True, name="up_conv_0",
+                       **last_layer_init(self.residual, extras), **up_kw)
+        return generator_output(h, image, self.residual, prior=extras)

@@ -6,7 +6,8 @@ A run directory (``--workdir``) holds what one training wrote:
 - ``batch_spec.json``: the training batch shapes, from which a state is rebuilt
   (:func:`read_batch_spec`);
 - ``geometry.json``: the training MRs' orientation, spacing and region
-  (:func:`read_geometry`);
+  (:func:`read_geometry`), and ``prior_ct.npy``, the mean training CT template of a
+  model that takes it as input (``config.data.prior``);
 - ``checkpoints/<step>``: orbax checkpoints of the state and the data-iterator position
   (:class:`sct_jax.runs.checkpoint.Checkpointer`), the latest N and the best by
   validation MAE;
@@ -117,8 +118,14 @@ def write_geometry(geometry: geometry_lib.TrainingGeometry, workdir: str | os.Pa
 
 def read_geometry(config, workdir: str | os.PathLike) -> geometry_lib.TrainingGeometry:
     """The run's recorded training geometry; for runs older than the record, the training
-    split's (read now from the config's data, nothing written)."""
-    return geometry_lib.load(workdir) or geometry_lib.from_config(config)
+    split's (read now from the config's data, nothing written).
+
+    Raises:
+      DataError: a model that takes the mean-CT prior whose run lacks its template.
+    """
+    geometry = geometry_lib.load(workdir) or geometry_lib.from_config(config)
+    geometry_lib.check_prior(config, geometry, workdir)
+    return geometry
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
