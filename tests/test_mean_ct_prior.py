@@ -239,3 +239,15 @@ def test_a_run_or_export_without_its_template_is_refused(prior_run, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "prior_ct.npy: missing" in err[0]
     assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_the_seed03_heads_pix2pix_takes_the_prior_with_mr_input_only():
+    from sct_jax.reproduce import seed03
+
+    for size in ("small", "tiny"):
+        mr = seed03.pix2pix_config(size, 0, {"data.root": "/data/heads"})
+        assert mr.data.prior == "mean_ct" and mr.loss.l1_weight == 1000.0
+        assert mr.data.root == "/data/heads"  # a user's data keep the model settings
+        methods.get_method(mr.method).validate(mr)
+        cbct = seed03.pix2pix_config(size, 0, input="cbct")
+        assert cbct.data.prior == "" and cbct.data.input == "cbct"
