@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "mean_ct": the mean training CT, placed on each case's body box, as one more input
     # channel (sct_jax/data/prior.py); "": none.
     c.data.prior = ""
+    # CBCT input: move each training CT onto its CBCT's frame by a deformable
+    # registration before training (sct_jax/data/register.py): the residual motion
+    # between them would otherwise teach the model to blur every edge.
+    c.data.register_target = False
     c.data.patch = (64, 64, 32)
     c.data.mr_percentiles = (0.5, 99.5)
     # The input modality (sct_jax/data/modality.py): "mr" (SynthRAD Task 1) or "cbct"

@@ -270,3 +270,62 @@ def test_dose_flags_are_checked_before_anything_runs(tmp_path, capsys, monkeypat
     message = capsys.readouterr().err
     assert err.value.code == 2 and message.startswith("error: --dose: pyradplan")
     assert message.count("\n") == 1 and not out.exists()
+
+
+def test_seed03_flow_row_and_sampler_rows_sample_the_finished_run_elsewhere(tmp_path,
+                                                                             monkeypatch):
+    """The rectified-flow row trains the concat UNet by flow on the shared autoencoder
+    (MR input only); ``--samplers`` samples a finished run with each variant into its own
+    folder (never the run's), one row each, cached."""
+    from types import SimpleNamespace
+
+    from sct_jax.reproduce import seed03
+    assert [slug for _, slug, _ in seed03.chains("mr")] == [
+        "ldm_concat", "ldm_controlnet", "ldm_concat_flow", "pix2pix"]
+    assert "ldm_concat_flow" not in [slug for _, slug, _ in seed03.chains("cbct")]
+    runs = {"autoencoder": tmp_path / "ae", "diffusion": tmp_path / "d"}
+    flow = seed03.ldm_config("diffusion,concat,flow", "small", runs, 0)
+    concat = seed03.ldm_config("diffusion,concat", "small", runs, 0)
+    assert (flow.ldm.objective, concat.ldm.objective) == ("flow", "diffusion")
+    assert flow.ldm.autoencoder_workdir == concat.ldm.autoencoder_workdir
+    assert seed03.sampler_label(flow) == "Euler 30 steps"
+
+    calls = []
+
+    def predict_split(config, workdir, out_dir=None, samples=1, **_):
+        # Each variant's "sCT" is its step count, so a row scores its own predictions.
+        calls.append((config.ldm.sampler, config.ldm.sample_steps, Path(out_dir), samples))
+        for case in ("a", "b"):
+            save_volume(Path(out_dir) / case / "sct.nii.gz",
+                        np.full((2, 2, 2), config.ldm.sample_steps, np.float32), np.eye(4))
+        return Path(out_dir), [SimpleNamespace(id="a"), SimpleNamespace(id="b")]
+
+    monkeypatch.setattr(seed03.predict, "predict_split", predict_split)
+    monkeypatch.setattr(seed03.baselines, "score",
+                        lambda pairs: {"mae": float(np.mean([s.mean() for s, _ in pairs]))})
+    run, out = tmp_path / "ldm_concat_flow" / "seed0", tmp_path / "samplers"
+    references = {"a": SimpleNamespace(dose=None), "b": SimpleNamespace(dose=None)}
+    rows = seed03.sampler_rows("LDM (flow)", "ldm_concat_flow", flow, run, out, references,
+                               4, 7)
+    variants = seed03.SAMPLER_VARIANTS["ldm_concat_flow"]
+    assert [(s, n) for s, n, _, _ in calls] == list(variants)
+    assert all(d.parent.parent == out and k == 4 for _, _, d, k in calls)
+    assert not run.exists()  # the run is read, never written
+    assert [r["mae"] for r in rows] == [float(n) for _, n in variants]
+    assert rows[0]["method"] == "LDM (flow), Euler 10 steps" and rows[0]["seed"] == 7
+    assert "s per sample and head" in rows[0]["note"]
+    assert flow.ldm.sample_steps == 30  # the run's own config is left as it was
+    calls.clear()
+    again = seed03.sampler_rows("LDM (flow)", "ldm_concat_flow", flow, run, out, references,
+                                4, 7)
+    assert [(r["method"], r["mae"], r["note"]) for r in again] == [
+        (r["method"], r["mae"], r["note"]) for r in rows]
+    assert calls == []  # cached
+    assert seed03.sampler_rows("pix2pix", "pix2pix", flow, run, out, references, 4, 7) == []
+
+
+def test_samplers_flag_is_seed03s(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["seed02", "--samplers", "--out", str(tmp_path / "out")])
+    assert err.value.code == 2 and "error: --samplers: only seed03" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import jax
-
 import numpy as np
 
-from sct_jax.data import modality, phantom, pipeline, preprocess, prior as prior_lib, synthrad
+from sct_jax.data import (modality, phantom, pipeline, preprocess, prior as prior_lib,
+                          register, synthrad)
 from sct_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,8 @@ def train_dataset(config, local_batch_size: int, method_dataset=None):
     """
     splits = case_splits(config)
     prepared = prepare(config, splits["train"])
+    if register.check_register_config(config):
+        prepared = pipeline.with_registered_ct(prepared)
     if prior_lib.check_prior_config(config):
         prepared = pipeline.with_prior(prepared, prior_template(config, splits["train"]))
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())

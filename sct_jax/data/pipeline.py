@@ -23,7 +23,7 @@ import grain
 import jax
 import numpy as np
 
-from sct_jax.data import modality, preprocess, prior as prior_lib, synthrad
+from sct_jax.data import modality, preprocess, prior as prior_lib, register, synthrad
 from sct_jax.data.io import atomic_path, atomic_write_text
 from sct_jax.errors import ConfigError, DataError
 
@@ -127,6 +127,24 @@ def prepare_case(case: synthrad.Case, cache_dir: str | Path,
         ct=np.load(folder / "ct.npy", mmap_mode="r") if meta["has_ct"] else None,
         mask=np.load(folder / "mask.npy", mmap_mode="r"),
         affine=np.load(folder / "affine.npy"), folder=folder)
+
+
+def with_registered_ct(prepared: Sequence[PreparedCase]) -> list[PreparedCase]:
+    """The cases with their CT moved onto the input's frame
+    (:func:`sct_jax.data.register.register_to_input`), registered once and cached in the
+    case's folder; cases without a CT are returned as they are."""
+    out = []
+    for case in prepared:
+        if case.ct is None or case.folder is None:
+            out.append(case)
+            continue
+        path = case.folder / f"ct-registered-v{register.VERSION}.npy"
+        if not path.exists():
+            ct, _ = register.register_to_input(np.asarray(case.mr), np.asarray(case.ct),
+                                               np.asarray(case.mask) > 0)
+            _save_npy_atomic(path, ct)
+        out.append(dataclasses.replace(case, ct=np.load(path, mmap_mode="r")))
+    return out
 
 
 def with_prior(prepared: Sequence[PreparedCase], template: np.ndarray) -> list[PreparedCase]:

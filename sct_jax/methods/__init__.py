@@ -16,6 +16,7 @@ import pkgutil
 from typing import Any, Callable, Mapping
 
 from sct_jax.data.prior import check_prior_config
+from sct_jax.data.register import check_register_config
 from sct_jax.errors import ConfigError
 from sct_jax.models.layers import precision_kwargs
 
@@ -113,6 +114,7 @@ class Method:
             raise ConfigError(f"config.data.prior={config.data.prior!r}: "
                               f"config.method={self.name!r} does not take the prior; "
                               "set config.data.prior=''")
+        check_register_config(config)
         self.validate_config(config)
 
 

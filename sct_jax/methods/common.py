@@ -127,7 +127,7 @@ def validate_resnet_gan_config(config, weight_keys: tuple[str, ...]) -> None:
         if float(config.loss[key]) < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]}: must be >= 0")
     check_generator_options(config)
-    check_body_mask_config(config)
+    check_l1_config(config)
 
 
 def check_generator_options(config) -> None:
@@ -140,7 +140,7 @@ def check_generator_options(config) -> None:
         raise ConfigError(f"config.{err}") from err
 
 
-def check_body_mask_config(config) -> None:
+def check_l1_config(config) -> None:
     """ConfigError for a negative ``config.loss.body_mask_margin`` or
     ``config.loss.shift_tolerance``."""
     if body_mask_margin(config) < 0:

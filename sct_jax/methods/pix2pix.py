@@ -17,14 +17,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sct_jax.data import prior as prior_lib
 from sct_jax.data.preprocess import HU_PER_UNIT
 from sct_jax.errors import ConfigError
 from sct_jax.losses import adversarial
 from sct_jax.methods import Method
-from sct_jax.methods.common import (TrainState, apply_updates, check_body_mask_config,
-                                    check_generator_options, dummy_input, reconstruction_l1,
+from sct_jax.methods.common import (TrainState, apply_updates, check_generator_options,
+                                    check_l1_config, dummy_input, reconstruction_l1,
                                     step_rng)
-from sct_jax.data import prior as prior_lib
 from sct_jax.models.layers import compute_dtype, precision_kwargs
 from sct_jax.models.patchgan import PatchDiscriminator
 from sct_jax.models.unet import UNetGenerator, unet_dropout_levels
@@ -64,7 +64,7 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.model.remat={config.model.remat!r}: the pix2pix U-Net has "
                           "no residual blocks to rematerialise; use 'none'")
     check_generator_options(config)
-    check_body_mask_config(config)
+    check_l1_config(config)
 
 
 def create_state(config, rng: jax.Array, batch_spec: dict) -> dict[str, TrainState]:

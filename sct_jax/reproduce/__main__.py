@@ -1,7 +1,8 @@
 """``sct-reproduce seed02|seed03|synthrad_task2 [--seeds N] [--tiny] [--out DIR]
-[--data ROOT [--region R] | --atlas] [--dose [--dose_rx GY]]``: one seed's table, on the
-built-in phantom (``--atlas``: its atlas-like anatomy) or on a SynthRAD-layout dataset,
-optionally with the dose columns (:mod:`sct_jax.reproduce.dose`)."""
+[--data ROOT [--region R] | --atlas] [--dose [--dose_rx GY]] [--samplers]``: one seed's
+table, on the built-in phantom (``--atlas``: its atlas-like anatomy) or on a SynthRAD-layout
+dataset, optionally with the dose columns (:mod:`sct_jax.reproduce.dose`) and (seed03) the
+LDMs sampled with other samplers and step counts."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vgg19", help="seed02: VGG-19 .npz for CTX-pGAN")
     parser.add_argument("--only", help="train only these methods (run folder names, "
                         "comma-separated, e.g. seed02: pgan,meta_pgan_slice; seed03 and "
-                        "synthrad_task2: ldm_concat,pix2pix); the others are reported from "
+                        "synthrad_task2: ldm_concat,pix2pix; seed03 also ldm_concat_flow); the others are reported from "
                         "their "
                         "finished runs")
     parser.add_argument("--dose", action="store_true",
@@ -81,6 +82,11 @@ def main(argv=None) -> int:
                         "common anatomy, where the mean training CT is a strong baseline")
     parser.add_argument("--dose_rx", type=float, default=2.0,
                         help="with --dose: the prescription in Gy (default 2)")
+    parser.add_argument("--samplers", action="store_true",
+                        help="seed03: also sample each finished LDM (MR concat) run, "
+                        "v-prediction and rectified flow, with other samplers and step "
+                        "counts (DDIM 50; Euler and DPM-Solver++(2M) 10 and 20): one row each, "
+                        "with its seconds per sample")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.exit(2, f"error: --seeds {args.seeds}: need at least 1\n")
@@ -101,6 +107,8 @@ def main(argv=None) -> int:
             engine.require_pyradplan()
         except SctError as err:
             parser.exit(2, f"error: --dose: {err}\n")
+    if args.samplers and args.seed != "seed03":
+        parser.exit(2, f"error: --samplers: only seed03 has sampler rows (not {args.seed})\n")
     if args.atlas and args.data:
         parser.exit(2, f"error: --atlas: sets the phantom's anatomy; with --data {args.data} "
                        "there is no phantom\n")
@@ -123,6 +131,8 @@ def main(argv=None) -> int:
              "anatomy_variation": ATLAS_ANATOMY_VARIATION if args.atlas else 1.0}
     if args.seed == "seed02":
         extra.update(vgg16=args.vgg16, vgg19=args.vgg19)
+    if args.seed == "seed03":
+        extra.update(samplers=args.samplers)
     t0 = time.perf_counter()
     try:
         rows = module.run(out, args.seeds, args.tiny, **extra)

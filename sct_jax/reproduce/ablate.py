@@ -191,6 +191,7 @@ def seconds_per_step(workdir: Path) -> float:
 # nothing, so they are left out of the digest and earlier finished runs stay reusable.
 DIGEST_NEUTRAL = {("data", "input"): "mr", ("data", "cbct_window"): [-1024.0, 3000.0],
                   ("data", "folds"): 0, ("data", "fold"): 0, ("data", "prior"): "",
+                  ("data", "register_target"): False,
                   ("model", "gen", "upsample"): "transpose",
                   ("model", "gen", "calibration_bins"): 0,
                   ("loss", "body_mask"): False, ("loss", "body_mask_margin"): 0,

@@ -1,7 +1,8 @@
 """Seed 03 (brain latent diffusion vs pix2pix) on the brain phantom or your data.
 
-  sct-reproduce seed03 [--seeds 3] [--tiny] [--out runs/reproduce/seed03]
-                       [--only ldm_concat,ldm_controlnet,pix2pix] [--data ROOT [--region R]]
+  sct-reproduce seed03 [--seeds 3] [--tiny] [--out runs/reproduce/seed03] [--samplers]
+                       [--only ldm_concat,ldm_controlnet,ldm_concat_flow,pix2pix]
+                       [--data ROOT [--region R]]
 
 Per seed, trains the chained ``configs/ldm_brain.py`` runs of both conditioning modes
 (sharing one autoencoder) and pix2pix on axial slices of the same heads, then predicts
@@ -11,9 +12,14 @@ the held-out test heads and scores them:
   grid (the ``small`` default);
 - ``LDM (ControlNet)``: autoencoder -> unconditional UNet -> ControlNet on the MR (the
   seed's design);
+- ``LDM (MR concat, rectified flow)``: the MR-concat UNet trained by rectified flow (the
+  config's ``flow`` word) on the same autoencoder, sampled with 30 Euler steps (MR input
+  only);
 - ``pix2pix``: ``configs/pix2pix_pelvis.py:small`` on 64 x 96 axial slices of the heads,
   with the mean training CT as an input it corrects (``data.prior="mean_ct"``) and an L1
-  weight of 1000 (MR input only; README "The mean training CT as an input").
+  weight of 1000 (MR input only; README "The mean training CT as an input"); with CBCT
+  input (:mod:`sct_jax.reproduce.synthrad_task2`) trained on the CTs registered to their
+  CBCTs (``data.register_target``).
 
 The LDM rows give the mean of :data:`SAMPLES` samples per head and note the
 autoencoder's reconstruction MAE on the test heads (the LDM's ceiling) and, for the
@@ -24,7 +30,9 @@ noise-free CT). ``--only`` trains a subset of the model rows and reports the oth
 from their finished runs (each writes ``reproduce_row.json`` with its config digest).
 Runs live in ``<out>/<run>/seed<k>/``; a finished stage (its digest file matches the
 config) is skipped, an interrupted one resumes from its checkpoint. One
-``sct-reproduce`` process per output folder.
+``sct-reproduce`` process per output folder. ``--samplers`` adds rows of each finished
+MR-concat run sampled with other samplers and step counts (:data:`SAMPLER_VARIANTS`;
+predictions in ``<out>/samplers/``), each with its seconds per sample.
 
 ``--data ROOT [--region R]`` trains and scores the same rows on a SynthRAD-layout
 dataset instead (every config's ``data.root``; the split is the configs'
@@ -74,6 +82,10 @@ PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32)
 # anatomy). README "The mean training CT as an input" has the measurements; the CBCT rows
 # (synthrad_task2) keep their measured settings.
 PIX2PIX_BRAIN_MR = {"data.prior": "mean_ct", "loss.l1_weight": 1000.0}
+# With CBCT input (synthrad_task2) it trains on the CTs moved onto their CBCT's frame
+# (data.register_target): the heads' 1 mm of residual motion otherwise blurs every edge
+# (README "CBCT to CT").
+PIX2PIX_BRAIN_CBCT = {"data.register_target": True}
 
 
 def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int,
@@ -97,7 +109,7 @@ def pix2pix_config(size: str, seed: int, data: dict | None = None, input: str = 
     config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}{cbct}")
     brain = PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY
     brain = {**brain, "name": brain["name"] + ("_cbct" if cbct else ""),
-             **({} if cbct else PIX2PIX_BRAIN_MR)}
+             **(PIX2PIX_BRAIN_CBCT if cbct else PIX2PIX_BRAIN_MR)}
     for key, value in {**brain, **(data or {})}.items():
         ablate.set_override(config, key, value)
     config.eval.panels = False
@@ -183,6 +195,64 @@ CHAINS = (
       ("controlnet", "ldm_controlnet"))),
     ("pix2pix", "pix2pix", ()),
 )
+# The MR-concat LDM trained by rectified flow (the config's ``flow`` word) on the same
+# autoencoder: MR input only (the CBCT table, synthrad_task2, compares the defaults).
+FLOW_CHAIN = ("LDM (MR concat, rectified flow)", "ldm_concat_flow",
+              (("autoencoder", "ldm_autoencoder"), ("diffusion,concat,flow", "ldm_concat_flow")))
+# ``--samplers``: each LDM-concat run sampled again with these (sampler, steps), beside
+# its config's own (DDIM 25 steps for v-prediction, Euler 30 for rectified flow).
+SAMPLER_VARIANTS = {"ldm_concat": (("ddim", 50),),
+                    "ldm_concat_flow": (("euler", 10), ("euler", 20), ("dpmpp_2m", 10),
+                                        ("dpmpp_2m", 20))}
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler",
+                 "dpmpp_2m": "DPM-Solver++(2M)"}
+
+
+def chains(input: str = "mr") -> tuple:
+    """The table's model rows for ``input``: :data:`CHAINS`, and :data:`FLOW_CHAIN`
+    before pix2pix with MR input."""
+    return CHAINS if input != "mr" else (*CHAINS[:2], FLOW_CHAIN, *CHAINS[2:])
+
+
+def sampler_label(config) -> str:
+    """``"DDIM 25 steps"``: the sampler a config samples with."""
+    sampler = str(config.ldm.sampler)
+    return f"{SAMPLER_NAMES.get(sampler, sampler)} {int(config.ldm.sample_steps)} steps"
+
+
+def sampler_rows(label: str, slug: str, config, workdir: Path, out_dir: Path,
+                 references: dict, samples: int, seed: int) -> list[dict]:
+    """The finished run ``workdir`` of row ``slug`` sampled with each of its
+    :data:`SAMPLER_VARIANTS`.
+
+    Each variant predicts into ``out_dir/<sampler>_<steps>/predictions`` (never into the
+    run) and caches its row there; its wall time is the sampling (compilation included)
+    and its note the seconds per sample and head.
+    """
+    rows = []
+    for sampler, steps in SAMPLER_VARIANTS.get(slug, ()):
+        variant = config.copy_and_resolve_references()
+        variant.ldm.sampler, variant.ldm.sample_steps = sampler, steps
+        methods.get_method(variant.method).validate_config(variant)
+        variant_dir = Path(out_dir) / f"{sampler}_{steps}"
+        digest = ablate.config_digest(variant)
+        row = _cached_row(variant_dir, digest, references)
+        if row is None:
+            t0 = time.perf_counter()
+            pred_dir, cases = predict.predict_split(
+                variant, workdir, out_dir=variant_dir / "predictions", samples=samples)
+            wall = time.perf_counter() - t0
+            scores = baselines.score((load_volume(pred_dir / c.id / "sct.nii.gz").data,
+                                      references[c.id]) for c in cases)
+            row = baselines.row(
+                f"{label}, {sampler_label(variant)}", scores, seed, wall,
+                f"mean of {samples} samples; sampling only: "
+                f"{wall / (samples * max(len(cases), 1)):.1f} s per sample and head, "
+                "compilation included")
+            atomic_write_text(variant_dir / RESULT_FILE, json.dumps(
+                {"config_digest": digest, "row": row}, indent=1, default=str))
+        rows.append(row)
+    return rows
 
 
 def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dict,
@@ -195,24 +265,28 @@ def _chain_configs(chain, size: str, runs: dict[str, Path], seed: int, data: dic
 def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = None,
         data_root: str | None = None, region: str | None = None,
         dose_rx: float | None = None, input: str = "mr",
-        anatomy_variation: float = 1.0) -> list[dict]:
+        anatomy_variation: float = 1.0, samplers: bool = False) -> list[dict]:
     """Trains and scores both LDM conditionings and pix2pix for ``seeds`` seeds.
 
-    ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``pix2pix``); the
-    others are reported from their finished runs of the same configs, else as not run.
+    ``only``: the rows to train (``ldm_concat``, ``ldm_controlnet``, ``ldm_concat_flow``
+    (MR input), ``pix2pix``); the others are reported from their finished runs of the
+    same configs, else as not run.
     ``data_root``, ``region``: a SynthRAD-layout dataset instead of the phantom.
     ``dose_rx``: score every row by dose too, with this prescription in Gy
     (``--dose``; :mod:`sct_jax.reproduce.dose`).
     ``input``: ``"cbct"`` trains every row on CBCT input instead of MR (the configs'
     ``cbct`` settings, :mod:`sct_jax.reproduce.synthrad_task2`) and adds the CBCT itself
     as a baseline row.
+    ``samplers``: after each finished LDM-concat row, rows of its run sampled with the
+    :data:`SAMPLER_VARIANTS` (``--samplers``).
 
     Raises:
       SctError: a bad config or dataset (no cases, too few for the split), before
         anything is trained or written.
     """
 
-    slugs = [slug for _, slug, _ in CHAINS]
+    table_chains = chains(input)
+    slugs = [slug for _, slug, _ in table_chains]
     unknown = sorted(set(only or ()) - set(slugs))
     if unknown:
         raise ConfigError(f"--only {','.join(unknown)}: unknown method (expected some of "
@@ -224,7 +298,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
     # Every config is built and checked before the first run starts.
     probe = {"autoencoder": out_dir / "ldm_autoencoder" / "seed0",
              "diffusion": out_dir / "ldm_diffusion_uncond" / "seed0"}
-    for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet"):
+    for words in ("autoencoder", "diffusion,concat", "diffusion,unconditional", "controlnet",
+                  *(("diffusion,concat,flow",) if input == "mr" else ())):
         config = ldm_config(words, size, probe, 0, data, input)
         methods.get_method(config.method).validate_config(config)
     pix2pix_config(size, 0, data, input)
@@ -248,8 +323,8 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
         seed = int(first.seed) + k
         runs = {name: out_dir / name / f"seed{k}" for name in (
             "ldm_autoencoder", "ldm_concat", "ldm_diffusion_uncond", "ldm_controlnet",
-            "pix2pix")}
-        for label, slug, chain in CHAINS:
+            "ldm_concat_flow", "pix2pix")}
+        for label, slug, chain in table_chains:
             stages = (_chain_configs(chain, size, runs, seed, data, input) if chain
                       else [(pix2pix_config(size, seed, data, input), runs["pix2pix"])])
             config, workdir = stages[-1]
@@ -258,6 +333,10 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
                 row = _cached_row(workdir, digest, references)
                 if row is not None:
                     rows.append(row)
+                    if samplers:
+                        rows += sampler_rows(label, slug, config, workdir,
+                                             out_dir / "samplers" / slug / f"seed{k}",
+                                             references, samples, seed)
                 elif k == 0:
                     rows.append(baselines.row(label, {}, None,
                                               note="not run (not in --only)"))
@@ -272,7 +351,7 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
             t0 = time.perf_counter()
             if chain:
                 scores = predict_and_score(config, workdir, references, samples)
-                note = f"{ae_note}mean of {samples} samples"
+                note = f"{ae_note}{sampler_label(config)}, mean of {samples} samples"
                 if k == 0:
                     swap = mr_swap_mae(config, workdir, test_cases, references,
                                        [*test_cases, *splits["train"]])
@@ -286,6 +365,10 @@ def run(out_dir: Path, seeds: int, tiny: bool, only: tuple[str, ...] | None = No
             atomic_write_text(workdir / RESULT_FILE, json.dumps(
                 {"config_digest": digest, "row": row}, indent=1, default=str))
             rows.append(row)
+            if samplers:
+                rows += sampler_rows(label, slug, config, workdir,
+                                     out_dir / "samplers" / slug / f"seed{k}", references,
+                                     samples, seed)
 
     rows.append(baselines.constant_row(list(references.values())))
     rows += baselines.fitted_rows(first, splits["train"], test_cases, references)

@@ -35,10 +35,12 @@ LOCK_NAME = "run.lock"
 RESUME_KEYS = ("method", "model", "ldm", "data.root", "data.region", "data.mode",
                "data.crop", "data.patch", "data.context", "data.mr_percentiles",
                "data.split", "data.split_seed", "data.phantom", "data.input",
-               "data.cbct_window", "data.folds", "data.fold", "data.prior")
+               "data.cbct_window", "data.folds", "data.fold", "data.prior",
+               "data.register_target")
 # Keys a run saved before they existed had at these values.
 ABSENT_MEANS = {"data.input": "mr", "data.cbct_window": [-1024.0, 3000.0],
                 "data.folds": 0, "data.fold": 0, "data.prior": "",
+                "data.register_target": False,
                 "model.gen.upsample": "transpose", "model.gen.calibration_bins": 0,
                 "loss.body_mask": False,
                 "loss.body_mask_margin": 0, "loss.shift_tolerance": 0,
