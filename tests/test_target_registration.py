@@ -24,11 +24,17 @@ def _anatomy(shape, rng) -> np.ndarray:
     return ndimage.gaussian_filter(vol, 0.7).astype(np.float32)
 
 
-def test_registration_recovers_a_known_smooth_motion():
+@pytest.mark.parametrize("fit_voxels", [register.MAX_FIT_VOXELS, 16 ** 3])
+def test_registration_recovers_a_known_smooth_motion(fit_voxels, monkeypatch):
     """A CT moved by a known smooth field (translation + a sine, about a voxel), the
     input an intensity-scaled, noisy image of the unmoved anatomy: the registered CT is
-    close to the unmoved anatomy, and its field to the inverse of the motion, checked
-    against scipy's resampling."""
+    close to the unmoved anatomy, and its field to the motion, checked against scipy's
+    resampling; also when the field is fitted on a subsampled copy (a large volume)."""
+    monkeypatch.setattr(register, "MAX_FIT_VOXELS", fit_voxels)
+    fitted_shapes = []
+    fit = register._fit_field
+    monkeypatch.setattr(register, "_fit_field", lambda fixed, *a, **k: (
+        fitted_shapes.append(fixed.shape), fit(fixed, *a, **k))[1])
     rng = np.random.default_rng(0)
     shape = (32, 36, 28)
     truth = _anatomy(shape, rng)
@@ -52,6 +58,7 @@ def test_registration_recovers_a_known_smooth_motion():
     err = np.abs(field[inner] - np.moveaxis(motion, 0, -1)[inner])
     assert np.median(err) < 0.2, np.median(err)
     assert registered.shape == ct.shape and registered.dtype == np.float32
+    assert set(fitted_shapes) == {shape if fit_voxels > ct.size else (16, 18, 14)}
 
 
 def test_registration_on_the_phantom_cbct_reaches_the_ct_in_its_frame():

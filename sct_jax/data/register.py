@@ -38,6 +38,9 @@ LEARNING_RATE = 0.05
 SMOOTHNESS = 0.1
 COARSE_SIGMA = 1.0
 LOOKUP_BINS = 64
+# Larger volumes are registered subsampled (a real CBCT of 512 x 512 x 100 voxels by 3):
+# memory and time then stay those of about 128^3 voxels.
+MAX_FIT_VOXELS = 128 ** 3
 # Bump when the algorithm changes: cached registered CTs are named after it.
 VERSION = 1
 
@@ -107,18 +110,22 @@ def _fit_field(fixed, moving, weight, field, grid: int, steps: int, lr: float,
         return (optax.apply_updates(f, updates), state), None
 
     (field, _), _ = jax.lax.scan(step, (field, opt.init(field)), None, length=steps)
-    return field, warped(field)
+    return field
 
 
 def register_to_input(input_unit: np.ndarray, ct_unit: np.ndarray, mask: np.ndarray,
                       grid: int = GRID, steps: int = STEPS) -> tuple[np.ndarray, np.ndarray]:
     """The CT moved onto the input's frame.
 
+    Volumes above :data:`MAX_FIT_VOXELS` are registered on a copy subsampled by the
+    smallest integer factor that brings them under it (Gaussian-smoothed first); the
+    field is smooth, so it is then applied to the full-resolution CT.
+
     Args:
       input_unit: ``(X, Y, Z)`` float32 input (CBCT) in model units.
       ct_unit: ``(X, Y, Z)`` float32 CT in model units ([-1, 1]), the same grid.
       mask: ``(X, Y, Z)`` body mask of the input.
-      grid: control-point spacing in voxels.
+      grid: control-point spacing in voxels (of the volume the field is fitted on).
       steps: Adam steps per level (coarse, then fine).
 
     Returns:
@@ -126,21 +133,31 @@ def register_to_input(input_unit: np.ndarray, ct_unit: np.ndarray, mask: np.ndar
       displacement ``(X, Y, Z, 3)`` in voxels (CT sampled at ``x + field(x)``).
     """
     mask = np.asarray(mask) > 0
-    if not mask.any():
-        return np.asarray(ct_unit, np.float32), np.zeros((*ct_unit.shape, 3), np.float32)
     moving = np.asarray(ct_unit, np.float32)
+    if not mask.any():
+        return moving, np.zeros((*moving.shape, 3), np.float32)
     fixed = intensity_mapped(np.asarray(input_unit, np.float32), moving, mask)
     # The body's outline is the strongest edge: weigh a voxel beyond the mask too.
     weight = ndimage.binary_dilation(mask, iterations=1).astype(np.float32)
-    coarse = tuple(int(np.ceil(n / grid)) + 1 for n in moving.shape)
+    factor = int(np.ceil((moving.size / MAX_FIT_VOXELS) ** (1 / 3)))
+    if factor > 1:
+        def small(a):
+            return np.ascontiguousarray(
+                ndimage.gaussian_filter(a, factor / 2)[::factor, ::factor, ::factor])
+        fixed, fit_moving, weight = small(fixed), small(moving), small(weight)
+    else:
+        fit_moving = moving
+    coarse = tuple(int(np.ceil(n / grid)) + 1 for n in fit_moving.shape)
     field = jnp.zeros((*coarse, 3), jnp.float32)
     for sigma in (COARSE_SIGMA, 0.0):
         f_img = ndimage.gaussian_filter(fixed, sigma) if sigma else fixed
-        m_img = ndimage.gaussian_filter(moving, sigma) if sigma else moving
-        field, _ = _fit_field(jnp.asarray(f_img), jnp.asarray(m_img), jnp.asarray(weight),
+        m_img = ndimage.gaussian_filter(fit_moving, sigma) if sigma else fit_moving
+        field = _fit_field(jnp.asarray(f_img), jnp.asarray(m_img), jnp.asarray(weight),
                               field, grid, steps, LEARNING_RATE, SMOOTHNESS)
-    _, warped = _fit_field(jnp.asarray(fixed), jnp.asarray(moving), jnp.asarray(weight),
-                           field, grid, 0, LEARNING_RATE, SMOOTHNESS)
-    dense = jax.image.resize(field, (*moving.shape, 3), "linear")
-    return (np.clip(np.asarray(warped, np.float32), -1.0, 1.0),
-            np.asarray(dense, np.float32))
+    # The control points span the volume at any resolution; displacements scale with it.
+    dense = np.asarray(jax.image.resize(field, (*moving.shape, 3), "linear"),
+                       np.float32) * factor
+    coords = np.indices(moving.shape, dtype=np.float32) + np.moveaxis(dense, -1, 0)
+    warped = ndimage.map_coordinates(moving, coords, order=1, mode="nearest",
+                                     output=np.float32)
+    return np.clip(warped, -1.0, 1.0), dense
