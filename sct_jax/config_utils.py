@@ -9,8 +9,9 @@ computes convolutions and matmuls in bfloat16 (``config.model.dtype``; parameter
 optimizer state, norm statistics, softmax, losses and the diffusion scheduler stay
 float32), e.g. ``configs/pix2pix_pelvis.py:bf16`` or ``configs/ldm_brain.py:controlnet,bf16``.
 And ``cbct``: the same experiment on cone-beam CT input (SynthRAD Task 2,
-``config.data.input="cbct"``, the phantom's Task 2 cases; ``_cbct`` added to the name),
-e.g. ``configs/pix2pix_pelvis.py:small,cbct``. And ``atlas``: the phantom's anatomy
+``config.data.input="cbct"``, the phantom's Task 2 cases, paired training on the CTs
+registered to their CBCTs; ``_cbct`` added to the name), e.g.
+``configs/pix2pix_pelvis.py:small,cbct``. And ``atlas``: the phantom's anatomy
 pulled towards a common one (``data.phantom.anatomy_variation`` = 0.2, as data registered
 to an atlas; ``_atlas`` added to the name), where the mean training CT is a strong
 baseline, e.g. ``configs/pix2pix_pelvis.py:small,atlas``.
@@ -176,6 +177,10 @@ def accelerator_settings(c: ml_collections.ConfigDict,
             c.model.gen.calibration_bins = CBCT_CALIBRATION_BINS
         if "shift_tolerance" in c.get("loss", {}):
             c.loss.shift_tolerance = CBCT_SHIFT_TOLERANCE
+        # Paired training on the CTs moved onto their CBCT's frame (data/register.py):
+        # the residual motion otherwise teaches the model to blur every edge.
+        if c.data.mode != "unpaired_slices":
+            c.data.register_target = True
     if "atlas" in variants:
         c.data.phantom.anatomy_variation = ATLAS_ANATOMY_VARIATION
         c.name = f"{c.name}_atlas"

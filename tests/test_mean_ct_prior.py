@@ -251,5 +251,6 @@ def test_the_seed03_heads_pix2pix_takes_the_prior_with_mr_input_only():
         methods.get_method(mr.method).validate(mr)
         cbct = seed03.pix2pix_config(size, 0, input="cbct")
         assert cbct.data.prior == "" and cbct.data.input == "cbct"
-        # ... and with CBCT input trains on the CTs registered to their CBCTs.
+        # ... and with CBCT input trains on the CTs registered to their CBCTs (the
+        # cbct word's).
         assert cbct.data.register_target and not mr.data.register_target

@@ -17,9 +17,7 @@ the held-out test heads and scores them:
   only);
 - ``pix2pix``: ``configs/pix2pix_pelvis.py:small`` on 64 x 96 axial slices of the heads,
   with the mean training CT as an input it corrects (``data.prior="mean_ct"``) and an L1
-  weight of 1000 (MR input only; README "The mean training CT as an input"); with CBCT
-  input (:mod:`sct_jax.reproduce.synthrad_task2`) trained on the CTs registered to their
-  CBCTs (``data.register_target``).
+  weight of 1000 (MR input only; README "The mean training CT as an input").
 
 The LDM rows give the mean of :data:`SAMPLES` samples per head and note the
 autoencoder's reconstruction MAE on the test heads (the LDM's ceiling) and, for the
@@ -82,10 +80,6 @@ PIX2PIX_BRAIN_TINY = {"data.region": "brain", "data.phantom.shape": (32, 32, 32)
 # anatomy). README "The mean training CT as an input" has the measurements; the CBCT rows
 # (synthrad_task2) keep their measured settings.
 PIX2PIX_BRAIN_MR = {"data.prior": "mean_ct", "loss.l1_weight": 1000.0}
-# With CBCT input (synthrad_task2) it trains on the CTs moved onto their CBCT's frame
-# (data.register_target): the heads' 1 mm of residual motion otherwise blurs every edge
-# (README "CBCT to CT").
-PIX2PIX_BRAIN_CBCT = {"data.register_target": True}
 
 
 def ldm_config(words: str, size: str, runs: dict[str, Path], seed: int,
@@ -109,7 +103,7 @@ def pix2pix_config(size: str, seed: int, data: dict | None = None, input: str = 
     config = load_config_file(f"{REPO / 'configs/pix2pix_pelvis.py'}:{size}{cbct}")
     brain = PIX2PIX_BRAIN if size == "small" else PIX2PIX_BRAIN_TINY
     brain = {**brain, "name": brain["name"] + ("_cbct" if cbct else ""),
-             **(PIX2PIX_BRAIN_CBCT if cbct else PIX2PIX_BRAIN_MR)}
+             **({} if cbct else PIX2PIX_BRAIN_MR)}
     for key, value in {**brain, **(data or {})}.items():
         ablate.set_override(config, key, value)
     config.eval.panels = False

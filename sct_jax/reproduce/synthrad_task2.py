@@ -7,8 +7,8 @@
 The rows of seed 03 (:mod:`sct_jax.reproduce.seed03`: the brain LDM with each
 conditioning and pix2pix on axial slices), each trained on cone-beam CT input instead of
 MR (``config.data.input=cbct``, the ``cbct`` config word's settings: the phantom's Task 2
-cases, CBCTs normalised by a fixed HU window; pix2pix also trains on the CTs registered
-to their CBCTs, ``data.register_target``), scored on the held-out heads against the CT in
+cases, CBCTs normalised by a fixed HU window, the CTs registered to their CBCTs for
+training, ``data.register_target``), scored on the held-out heads against the CT in
 the CBCT's frame. Baselines: constant, intensity lookup (CBCT HU -> CT HU), mean
 training CT, **the CBCT itself** (its own HU as the sCT: what doing nothing gives; its
 offset, cupping, scatter, streaks and truncation are what a model must remove) and the
