@@ -105,6 +105,8 @@ def test_registered_ct_is_cached_per_case_and_cases_without_ct_pass(tmp_path, mo
     assert np.all(out[0].ct == 0.5) and out[1] is no_ct and calls == [1]
     assert np.all(pipeline.with_registered_ct([case])[0].ct == 0.5) and calls == [1]
     assert case.ct is vol and np.all(vol == 0)  # the prepared CT is not changed
+    monkeypatch.setattr(register, "STEPS", register.STEPS + 1)  # another setting
+    assert np.all(pipeline.with_registered_ct([case])[0].ct == 0.5) and calls == [1, 1]
 
 
 def test_register_target_is_for_paired_cbct_input_only():

@@ -138,7 +138,7 @@ def with_registered_ct(prepared: Sequence[PreparedCase]) -> list[PreparedCase]:
         if case.ct is None or case.folder is None:
             out.append(case)
             continue
-        path = case.folder / f"ct-registered-v{register.VERSION}.npy"
+        path = case.folder / register.cache_name()
         if not path.exists():
             ct, _ = register.register_to_input(np.asarray(case.mr), np.asarray(case.ct),
                                                np.asarray(case.mask) > 0)

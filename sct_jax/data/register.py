@@ -20,6 +20,7 @@ motion of up to a few voxels, not for a CT from another day.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,19 @@ LOOKUP_BINS = 64
 # Larger volumes are registered subsampled (a real CBCT of 512 x 512 x 100 voxels by 3):
 # memory and time then stay those of about 128^3 voxels.
 MAX_FIT_VOXELS = 128 ** 3
-# Bump when the algorithm changes: cached registered CTs are named after it.
+# Bump when the algorithm changes: cached registered CTs are named after it and the
+# settings above (:func:`cache_name`).
 VERSION = 1
+
+
+def cache_name() -> str:
+    """``"ct-registered-v1-<hash>.npy"``: the file a prepared case caches its registered CT
+    in, named after :data:`VERSION` and the settings, so a changed setting registers
+    again rather than reading a CT registered another way."""
+    settings = (GRID, STEPS, LEARNING_RATE, SMOOTHNESS, COARSE_SIGMA, LOOKUP_BINS,
+                MAX_FIT_VOXELS)
+    digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:10]
+    return f"ct-registered-v{VERSION}-{digest}.npy"
 
 
 def check_register_config(config) -> bool:

@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samplers", action="store_true",
                         help="seed03: also sample each finished LDM (MR concat) run, "
                         "v-prediction and rectified flow, with other samplers and step "
-                        "counts (DDIM 50; Euler and DPM-Solver++(2M) 10 and 20): one row each, "
-                        "with its seconds per sample")
+                        "counts (DDIM 50; Euler 10, 20; DPM-Solver++(2M) 10, 20, 30): one "
+                        "row each, with its seconds per sample")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.exit(2, f"error: --seeds {args.seeds}: need at least 1\n")

@@ -197,7 +197,7 @@ FLOW_CHAIN = ("LDM (MR concat, rectified flow)", "ldm_concat_flow",
 # its config's own (DDIM 25 steps for v-prediction, Euler 30 for rectified flow).
 SAMPLER_VARIANTS = {"ldm_concat": (("ddim", 50),),
                     "ldm_concat_flow": (("euler", 10), ("euler", 20), ("dpmpp_2m", 10),
-                                        ("dpmpp_2m", 20))}
+                                        ("dpmpp_2m", 20), ("dpmpp_2m", 30))}
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler",
                  "dpmpp_2m": "DPM-Solver++(2M)"}
 
